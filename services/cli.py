@@ -1,0 +1,118 @@
+"""`ddk` command line: one subcommand per job.
+
+Every subcommand is declared here (so ``ddk --help`` is fast and imports no engine) and runs a
+function of its service, imported only when that subcommand runs.
+
+Exit codes: 0 success; 2 bad usage or bad input (one-line message on stderr); 1 failure.
+Implementations raise :class:`UsageError` for bad input; anything else is a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+
+class UsageError(Exception):
+    """Bad usage or bad input: the CLI prints ``ddk: error: <message>`` and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _lazy(target: str):
+    """'module:function' -> a callable that imports the module only when called."""
+
+    def run(args: argparse.Namespace) -> int | None:
+        module, func = target.split(":")
+        return getattr(importlib.import_module(module), func)(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ddk", description="DDK: domain-aware knowledge distillation of LLMs.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    # ddk fixtures
+    p = sub.add_parser("fixtures", help="build the local demo kit (corpus, tokenizer, teacher, student)")
+    p.add_argument("--out", required=True, help="kit directory (reused when already finished)")
+    p.add_argument("--quick", action="store_true", help="small models, few steps (tests; under 3 minutes)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--force", action="store_true", help="rebuild even if a finished kit is in --out")
+    p.set_defaults(func=_lazy("services.trainer.fixtures:main"))
+
+    # ddk teacher serve
+    teacher = sub.add_parser("teacher", help="the teacher service").add_subparsers(
+        dest="teacher_command", metavar="COMMAND", parser_class=_Parser)
+    teacher.required = True
+    p = teacher.add_parser("serve", help="serve a teacher model's top-k log-probabilities over HTTP")
+    p.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
+    p.add_argument("--backend", choices=["auto", "vllm", "hf"], default="auto")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100)
+    p.set_defaults(func=_lazy("services.teacher.server:main"))
+
+    # ddk controller serve
+    controller = sub.add_parser("controller", help="the controller service").add_subparsers(
+        dest="controller_command", metavar="COMMAND", parser_class=_Parser)
+    controller.required = True
+    p = controller.add_parser("serve", help="serve DDK domain weights over HTTP")
+    p.add_argument("--db", default="ddk-controller.sqlite", help="SQLite file (created if absent)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8200)
+    p.add_argument("--token-file", default=None, help="file holding the bearer token required for writes")
+    p.set_defaults(func=_lazy("services.controller.server:main"))
+
+    # ddk train
+    p = sub.add_parser("train", help="run a distillation under Ray Train")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted config key; VALUE is parsed as YAML (repeatable)")
+    p.set_defaults(func=_lazy("services.trainer.train:main"))
+
+    # ddk eval
+    p = sub.add_parser("eval", help="per-domain validation perplexity of a model")
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--data", required=True, help="data.yaml or a kit/data directory")
+    p.add_argument("--teacher", default=None, help="teacher URL: also report student/teacher ratios")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_lazy("services.trainer.evaluate:main"))
+
+    # ddk demo
+    p = sub.add_parser("demo", help="end to end: kit, teacher + controller, a DDK run, report")
+    p.add_argument("--quick", action="store_true", help="small kit and a short run (under 10 minutes)")
+    p.add_argument("--out", default="ddk-demo", help="output directory (default ./ddk-demo)")
+    p.set_defaults(func=_lazy("services.trainer.demo:main"))
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code = args.func(args)
+    except UsageError as e:
+        print(f"ddk: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddk: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # failure: a one-line message; the traceback only at DEBUG
+        logging.getLogger("ddk").debug("failure", exc_info=True)
+        print(f"ddk: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
