@@ -57,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["auto", "vllm", "hf"], default="auto")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--max-top-k", type=int, default=64, help="largest top_k a request may ask (default 64)")
+    p.add_argument("--max-batch-tokens", type=int, default=16384,
+                   help="most tokens (B x L) in one request and in one engine batch (default 16384)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for the engine; more get 503 + Retry-After (default 64)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="longest sequence (default: the model's)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="request body limit (default 16 x max-batch-tokens + 4 KiB)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="engine dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM memory fraction (default 0.9 on GPU, 0.3 on CPU, where 0.92 fails)")
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM: skip graph compilation (faster start)")
     p.set_defaults(func=_lazy("services.teacher.server:main"))
 
     # ddk controller serve
@@ -83,13 +96,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data.yaml or a kit/data directory")
     p.add_argument("--teacher", default=None, help="teacher URL: also report student/teacher ratios")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default: data.seq_len of a train config given as --data, else 128)")
+    p.add_argument("--sequences", type=int, default=None,
+                   help="validation sequences per domain (default: eval.sequences_per_domain of a train config, else 32)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     p.set_defaults(func=_lazy("services.trainer.evaluate:main"))
 
     # ddk demo
     p = sub.add_parser("demo", help="end to end: kit, teacher + controller, a DDK run, report")
     p.add_argument("--quick", action="store_true", help="small kit and a short run (under 10 minutes)")
     p.add_argument("--out", default="ddk-demo", help="output directory (default ./ddk-demo)")
+    p.add_argument("--kit", default=None, help="use this finished kit instead of building one in OUT/kit")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 60 quick, 600 otherwise)")
     p.set_defaults(func=_lazy("services.trainer.demo:main"))
+
+    # ddk compare
+    p = sub.add_parser("compare", help="the paper's comparison: the same run under several policies and seeds")
+    p.add_argument("config", help="train config YAML (e.g. a kit's train.yaml)")
+    p.add_argument("--policies", default="cpt,kd,ddk_raw,ddk",
+                   help="comma-separated, from cpt, kd, ddk_raw, ddk (default: all four)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per policy (default 1)")
+    p.add_argument("--out", default="ddk-compare", help="output directory (default ./ddk-compare)")
+    p.add_argument("--teacher-model", default=None,
+                   help="start a local teacher on this model (default: use the config's teacher.urls)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every run (repeatable)")
+    p.set_defaults(func=_lazy("services.trainer.compare:main"))
 
     return parser
 
@@ -115,4 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m services.cli` runs this file as __main__; go through the importable module so that
+    # services raise the same UsageError class that main() catches.
+    from services.cli import main as _main
+
+    sys.exit(_main())

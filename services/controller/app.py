@@ -1,0 +1,345 @@
+"""The controller's HTTP API (FastAPI): runs, evaluations -> DDK weights, history, SSE push, metrics, page.
+
+A thin layer over :mod:`services.controller.store` (state, transactions) and
+:mod:`services.controller.mixture` (the math). Contract: "Controller HTTP API (v1)" in ARCHITECTURE.md.
+
+Errors are always JSON ``{"detail": "<field>: <why>"}``: 404 unknown run, 409 conflicting spec or old step,
+422 bad input (including NaN/Infinity, which Python's JSON parser would otherwise accept), 413 bodies over
+the limit, 401/403 for writes without / with a wrong bearer token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.controller.spec import Invalid, check_run_spec
+from services.controller.store import Conflict, NotFound, Store
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: a run spec or an evaluation is a few KB even with hundreds of domains
+STATIC = Path(__file__).parent / "static"
+WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+# -- request bodies --------------------------------------------------------------------------------------
+class RunCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    run_id: str
+    domains: list[str]
+    policy: str = "ddk"
+    alpha: float = 0.5
+    interval_steps: int = Field(default=1000, strict=True)
+    initial_weights: dict[str, float] | None = None
+
+
+class EvaluationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    step: int = Field(strict=True)
+    student_loss: dict[str, float]
+    teacher_loss: dict[str, float] | None = None
+
+
+# -- the push --------------------------------------------------------------------------------------------
+class Broker:
+    """Wakes every SSE subscriber of a run when a new version is recorded (in this process).
+
+    A wake-up carries no data: the subscriber reads the versions after the last one it sent from the store,
+    so it never skips a version even when two evaluations finish out of order.
+    """
+
+    def __init__(self) -> None:
+        self._subs: dict[str, set[asyncio.Event]] = {}
+
+    def subscribe(self, run_id: str) -> asyncio.Event:
+        ev = asyncio.Event()
+        self._subs.setdefault(run_id, set()).add(ev)
+        return ev
+
+    def unsubscribe(self, run_id: str, ev: asyncio.Event) -> None:
+        subs = self._subs.get(run_id, set())
+        subs.discard(ev)
+        if not subs:
+            self._subs.pop(run_id, None)
+
+    def publish(self, run_id: str) -> None:
+        for ev in self._subs.get(run_id, ()):
+            ev.set()
+
+    def count(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+
+def sse_event(weights: dict) -> str:
+    """One SSE message: the id is the version (so EventSource's Last-Event-ID resumes), data the JSON."""
+    return f"id: {weights['version']}\ndata: {json.dumps(weights)}\n\n"
+
+
+# -- middleware ------------------------------------------------------------------------------------------
+class Guard:
+    """Pure ASGI middleware: bearer token on writes, then the body-size limit.
+
+    Done here rather than as FastAPI dependencies so it runs before the body is parsed: an unauthenticated
+    or oversized request is refused without reading (or being confused by) its body.
+    """
+
+    def __init__(self, app, token: str | None, max_body: int = MAX_BODY_BYTES):
+        self.app, self.token, self.max_body = app, token, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in WRITE_METHODS:
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.token is not None:
+            auth = headers.get("authorization", "")
+            if not auth.lower().startswith("bearer "):
+                return await _reply(send, 401, "authorization: this controller needs 'Authorization: Bearer <token>' "
+                                               "for writes", {"www-authenticate": "Bearer"})
+            if not hmac.compare_digest(auth[7:].strip().encode(), self.token.encode()):
+                return await _reply(send, 403, "authorization: wrong token")
+        try:
+            declared = int(headers.get("content-length", "0"))
+        except ValueError:
+            return await _reply(send, 400, "content-length: not an integer")
+        if declared > self.max_body:
+            return await _reply(send, 413, f"body: larger than {self.max_body} bytes")
+        # read the whole body (also when chunked), refusing it as soon as it passes the limit, then replay it
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return await _reply(send, 413, f"body: larger than {self.max_body} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+async def _reply(send, status: int, detail: str, headers: dict | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    hdrs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body})
+
+
+class CountRequests:
+    """Pure ASGI middleware: count requests by method, route template and status for /metrics."""
+
+    def __init__(self, app, counter: Counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "other")
+            self.counter.labels(scope["method"], route, str(status["code"])).inc()
+
+
+# -- the app ---------------------------------------------------------------------------------------------
+def create_app(db: str | Path, token: str | None = None, *, keepalive_s: float = 15.0,
+               should_stop: Callable[[], bool] = lambda: False) -> FastAPI:
+    """Build the controller app on the SQLite file ``db``.
+
+    token:       when set, writes need ``Authorization: Bearer <token>``; reads stay open.
+    keepalive_s: SSE keep-alive comment period (also how often a stream re-reads the store, catching
+                 versions written by another process on the same file).
+    should_stop: polled by open SSE streams so that a shutting-down server ends them promptly.
+    """
+    store = Store(db)
+    broker = Broker()
+    registry = CollectorRegistry()
+    requests_total = Counter("ddk_controller_requests", "HTTP requests", ["method", "route", "status"],
+                             registry=registry)
+    Gauge("ddk_controller_sse_subscribers", "open SSE streams", registry=registry).set_function(broker.count)
+    registry.register(_StoreCollector(store))
+
+    app = FastAPI(title="ddk controller", version="1",
+                  description="DDK domain weights: per-domain losses in, sampling mixture out.")
+    app.state.store, app.state.broker = store, broker
+
+    # errors: always {"detail": "<field>: <why>"}
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": _describe(exc.errors())}, status_code=422)
+
+    @app.exception_handler(Invalid)
+    async def _invalid(request: Request, exc: Invalid):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(request: Request, exc: NotFound):
+        return JSONResponse({"detail": str(exc.args[0])}, status_code=404)
+
+    @app.exception_handler(Conflict)
+    async def _conflict(request: Request, exc: Conflict):
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    # -- endpoints -------------------------------------------------------------------------------------
+    @app.get("/healthz")
+    def healthz():
+        store.ping()
+        return {"status": "ok"}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.post("/v1/runs", status_code=201)
+    def create_run(body: RunCreate):
+        spec = check_run_spec(body.run_id, body.domains, body.policy, body.alpha, body.interval_steps,
+                              body.initial_weights)
+        run, created = store.create_run(spec)
+        return JSONResponse(run, status_code=201 if created else 200)
+
+    @app.get("/v1/runs")
+    def list_runs():
+        return {"runs": store.list_runs()}
+
+    @app.get("/v1/runs/{run_id}")
+    def get_run(run_id: str):
+        return store.get_run(run_id)
+
+    @app.post("/v1/runs/{run_id}/evaluations")
+    async def post_evaluation(run_id: str, body: EvaluationIn):
+        weights = await run_in_threadpool(store.add_evaluation, run_id, body.step, body.student_loss,
+                                          body.teacher_loss)
+        broker.publish(run_id)
+        return weights
+
+    @app.get("/v1/runs/{run_id}/weights")
+    def get_weights(run_id: str):
+        return store.weights(run_id)
+
+    @app.get("/v1/runs/{run_id}/history")
+    def history(run_id: str):
+        return {"versions": store.history(run_id)}
+
+    @app.get("/v1/runs/{run_id}/events")
+    async def events(run_id: str, request: Request):
+        current = await run_in_threadpool(store.weights, run_id)  # 404 before the stream starts
+        try:
+            resume_after = int(request.headers.get("last-event-id", ""))
+        except ValueError:
+            resume_after = -1
+        wake = broker.subscribe(run_id)
+
+        async def stream():
+            try:
+                yield "retry: 2000\n\n"
+                last = resume_after
+                # the current weights first, so a subscriber needs no separate GET to start
+                if current["version"] > last:
+                    yield sse_event(current)
+                    last = current["version"]
+                idle = 0.0
+                while not should_stop():
+                    try:
+                        await asyncio.wait_for(wake.wait(), timeout=1.0)  # 1 s: notice shutdown promptly
+                    except asyncio.TimeoutError:
+                        idle += 1.0
+                        if idle < keepalive_s:
+                            continue
+                    wake.clear()
+                    newer = await run_in_threadpool(store.weights_since, run_id, last)
+                    for w in newer:
+                        yield sse_event(w)
+                        last = w["version"]
+                    if not newer and idle >= keepalive_s:
+                        yield ": keep-alive\n\n"
+                    idle = 0.0
+            finally:
+                broker.unsubscribe(run_id, wake)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics():
+        return PlainTextResponse(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+    app.add_middleware(Guard, token=token)
+    app.add_middleware(CountRequests, counter=requests_total)  # outermost: counts 401/403/413 too
+    return app
+
+
+class _StoreCollector:
+    """Prometheus collector that reads totals and current weights from the store at scrape time."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def collect(self):
+        counts = self.store.counts()
+        runs = GaugeMetricFamily("ddk_controller_runs", "runs in the store")
+        runs.add_metric([], counts["runs"])
+        evals = GaugeMetricFamily("ddk_controller_evaluations", "evaluations recorded (all runs)")
+        evals.add_metric([], counts["evaluations"])
+        version = GaugeMetricFamily("ddk_controller_weights_version", "current weights version", labels=["run_id"])
+        weight = GaugeMetricFamily("ddk_controller_weight", "current sampling weight", labels=["run_id", "domain"])
+        for run_id, w in self.store.current_all():
+            version.add_metric([run_id], w["version"])
+            for domain, value in w["weights"].items():
+                weight.add_metric([run_id, domain], value)
+        yield from (runs, evals, version, weight)
+
+    def describe(self):
+        return []  # collected lazily: registering must not query the store
+
+
+def _describe(errors) -> str:
+    """Pydantic errors -> one line naming the fields, e.g. "student_loss.code: Input should be a finite number"."""
+    parts = []
+    for e in errors:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "json_invalid":
+            parts.append(f"body: malformed JSON ({e.get('ctx', {}).get('error', e.get('msg'))})")
+        else:
+            parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
+    return "; ".join(parts)

@@ -1,0 +1,180 @@
+"""Python client of the controller HTTP API (used by the trainer).
+
+Retries connection errors and 5xx answers with exponential backoff (a controller restart is survivable:
+its state is in SQLite); 4xx answers are the caller's mistake and raise :class:`ControllerError` at once.
+``post_evaluation`` is safe to retry: the controller refuses a step it has already recorded (409), and
+when that happens on a retry (the first attempt was applied but its answer lost) the client returns the
+recorded weights instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+class ControllerError(Exception):
+    """A 4xx answer (bad request, unknown run, conflict); not retried."""
+
+    def __init__(self, status: int, detail):
+        super().__init__(f"{status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class ControllerUnavailable(Exception):
+    """Connection errors or 5xx answers after all retries."""
+
+
+class ControllerClient:
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 10.0, max_retries: int = 5,
+                 backoff: float = 0.5):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=self._headers)
+
+    # -- plumbing --------------------------------------------------------------------------------------
+    def _sleep(self, attempt: int) -> None:
+        time.sleep(min(self.backoff * (2 ** attempt), 30.0))
+
+    def _request(self, method: str, path: str, body: dict | None = None,
+                 on_retry_conflict=None) -> dict:
+        """One call with retries; ``on_retry_conflict`` resolves a 409 that follows a failed attempt."""
+        last_error: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self._sleep(attempt - 1)
+            try:
+                r = self._http.request(method, path, json=body)
+            except httpx.TransportError as e:
+                last_error = e
+                log.warning("controller %s %s: %s (attempt %d)", method, path, e, attempt + 1)
+                continue
+            if r.status_code >= 500:
+                last_error = ControllerError(r.status_code, _detail(r))
+                log.warning("controller %s %s: HTTP %d (attempt %d)", method, path, r.status_code, attempt + 1)
+                continue
+            if r.status_code == 409 and attempt and on_retry_conflict is not None:
+                resolved = on_retry_conflict()
+                if resolved is not None:
+                    return resolved
+            if r.status_code >= 400:
+                raise ControllerError(r.status_code, _detail(r))
+            return r.json()
+        raise ControllerUnavailable(f"controller {self.url} {method} {path}: {last_error}")
+
+    # -- API -------------------------------------------------------------------------------------------
+    def create_run(self, run_id, domains, policy="ddk", alpha=0.5, interval_steps=1000,
+                   initial_weights=None) -> dict:
+        """Create the run, or return it if it exists with the same spec (409 ControllerError otherwise)."""
+        body = {"run_id": run_id, "domains": list(domains), "policy": policy, "alpha": alpha,
+                "interval_steps": interval_steps}
+        if initial_weights is not None:
+            body["initial_weights"] = dict(initial_weights)
+        return self._request("POST", "/v1/runs", body)
+
+    def get_run(self, run_id) -> dict:
+        return self._request("GET", f"/v1/runs/{run_id}")
+
+    def list_runs(self) -> dict:
+        return self._request("GET", "/v1/runs")
+
+    def post_evaluation(self, run_id, step, student_loss: dict, teacher_loss: dict | None = None) -> dict:
+        """Record an evaluation; returns the new weights {"version", "step", "weights", ...}."""
+        body = {"step": int(step), "student_loss": {k: float(v) for k, v in student_loss.items()}}
+        if teacher_loss is not None:
+            body["teacher_loss"] = {k: float(v) for k, v in teacher_loss.items()}
+
+        def already_recorded():
+            # an earlier attempt reached the controller; its version is the current one if its step matches
+            current = self.get_weights(run_id)
+            return current if current.get("step") == int(step) else None
+
+        return self._request("POST", f"/v1/runs/{run_id}/evaluations", body, on_retry_conflict=already_recorded)
+
+    def get_weights(self, run_id) -> dict:
+        """The current {"version", "step", "weights", "updated_at"}; version 0 = the initial weights."""
+        return self._request("GET", f"/v1/runs/{run_id}/weights")
+
+    def history(self, run_id) -> dict:
+        return self._request("GET", f"/v1/runs/{run_id}/history")
+
+    def events(self, run_id) -> Iterator[dict]:
+        """Server-Sent Events: yields the current weights, then each new weights version as it is recorded.
+
+        Reconnects (with backoff, resuming after the last version seen) when the stream drops; raises
+        ControllerUnavailable after max_retries consecutive failures and ControllerError on a 4xx.
+        """
+        last_version = None
+        failures = 0
+        # no read timeout shorter than the server's keep-alive period (15 s): idle streams are normal
+        timeout = httpx.Timeout(self.timeout, read=max(60.0, self.timeout))
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last_version is not None:
+                headers["Last-Event-ID"] = str(last_version)
+            try:
+                with self._http.stream("GET", f"/v1/runs/{run_id}/events", headers=headers,
+                                       timeout=timeout) as r:
+                    if 400 <= r.status_code < 500:
+                        r.read()
+                        raise ControllerError(r.status_code, _detail(r))
+                    if r.status_code != 200:
+                        raise httpx.TransportError(f"HTTP {r.status_code}")
+                    failures = 0
+                    for data in parse_sse(r.iter_lines()):
+                        event = json.loads(data)
+                        if last_version is not None and event["version"] <= last_version:
+                            continue
+                        last_version = event["version"]
+                        yield event
+            except httpx.TransportError as e:
+                log.warning("controller events %s: %s", run_id, e)
+            failures += 1
+            if failures > self.max_retries:
+                raise ControllerUnavailable(f"controller {self.url} events for {run_id}: stream keeps failing")
+            self._sleep(failures - 1)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[str]:
+    """The ``data`` of each Server-Sent Event (multi-line data joined by newlines); comments are skipped."""
+    data: list[str] = []
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if not line:
+            if data:
+                yield "\n".join(data)
+            data = []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            if value.startswith(" "):
+                value = value[1:]
+            if field == "data":
+                data.append(value)
+
+
+def _detail(r: httpx.Response):
+    try:
+        return r.json().get("detail", r.text)
+    except (ValueError, AttributeError):
+        return r.text

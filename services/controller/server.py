@@ -1,0 +1,49 @@
+"""`ddk controller serve`: run the controller app on uvicorn.
+
+Binds 127.0.0.1 unless told otherwise: the controller has no TLS, so exposing it is a deliberate choice
+(use --token-file then, so only holders of the token can change a run's weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sqlite3
+from pathlib import Path
+
+import uvicorn
+
+from services.cli import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def read_token(path: str) -> str:
+    """The bearer token: the file's content without surrounding whitespace; empty or unreadable -> exit 2."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--token-file: cannot read {path}: {e}") from None
+    if not token:
+        raise UsageError(f"--token-file: {path} is empty")
+    if any(c.isspace() for c in token):
+        raise UsageError(f"--token-file: {path} holds whitespace inside the token")
+    return token
+
+
+def main(args: argparse.Namespace) -> int:
+    from services.controller.app import create_app
+
+    token = read_token(args.token_file) if args.token_file else None
+    server: uvicorn.Server | None = None
+    try:
+        app = create_app(args.db, token, should_stop=lambda: server is not None and server.should_exit)
+    except sqlite3.Error as e:
+        raise UsageError(f"--db: cannot open {args.db}: {e}") from None
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
+                            timeout_graceful_shutdown=5, timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    log.info("controller on http://%s:%d (db %s, writes %s)", args.host, args.port, args.db,
+             "need a bearer token" if token else "open")
+    server.run()
+    return 0 if server.started else 1

@@ -1,0 +1,122 @@
+"""Validation of a run's spec and of an evaluation's losses (pure, no I/O).
+
+Every check raises :class:`Invalid` whose message starts with the offending field, so the HTTP layer can
+answer 422 ``{"detail": "<field>: <why>"}`` and the user knows what to fix.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from services.controller.mixture import POLICIES, uniform
+
+# run ids appear in URLs and file names: keep them to a safe alphabet
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+MAX_DOMAINS = 1024
+MAX_DOMAIN_NAME = 200
+# initial weights must sum to 1 within this (they are then renormalised exactly)
+SUM_TOLERANCE = 1e-6
+
+
+class Invalid(ValueError):
+    """Bad input; the message names the field (-> HTTP 422)."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    run_id: str
+    domains: tuple[str, ...]
+    policy: str = "ddk"
+    alpha: float = 0.5
+    interval_steps: int = 1000
+    initial_weights: dict[str, float] | None = None  # None: uniform
+
+    def effective_initial_weights(self) -> dict[str, float]:
+        return dict(self.initial_weights) if self.initial_weights is not None else uniform(self.domains)
+
+    def same_as(self, other: RunSpec) -> bool:
+        """Same run: used to tell an idempotent re-create (200) from a conflicting one (409)."""
+        if (self.run_id, self.domains, self.policy, self.interval_steps) != (
+                other.run_id, other.domains, other.policy, other.interval_steps):
+            return False
+        if not math.isclose(self.alpha, other.alpha, rel_tol=0, abs_tol=1e-12):
+            return False
+        a, b = self.effective_initial_weights(), other.effective_initial_weights()
+        return all(math.isclose(a[d], b[d], rel_tol=0, abs_tol=1e-9) for d in self.domains)
+
+
+def _finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_run_spec(run_id: str, domains: Sequence[str], policy: str = "ddk", alpha: float = 0.5,
+                   interval_steps: int = 1000,
+                   initial_weights: Mapping[str, float] | None = None) -> RunSpec:
+    """Validate a run spec and return it normalised (initial weights rescaled to sum exactly 1)."""
+    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
+        raise Invalid("run_id: 1-128 characters of letters, digits and . _ : - (starting with a letter or digit)")
+    if not isinstance(domains, (list, tuple)) or not domains:
+        raise Invalid("domains: must be a non-empty list of names")
+    if len(domains) > MAX_DOMAINS:
+        raise Invalid(f"domains: at most {MAX_DOMAINS}")
+    for d in domains:
+        if not isinstance(d, str) or not d.strip() or len(d) > MAX_DOMAIN_NAME:
+            raise Invalid(f"domains: each name must be a non-empty string of at most {MAX_DOMAIN_NAME} characters")
+    if len(set(domains)) != len(domains):
+        dupes = sorted({d for d in domains if list(domains).count(d) > 1})
+        raise Invalid(f"domains: duplicate names {dupes}")
+    if policy not in POLICIES:
+        raise Invalid(f"policy: must be one of {list(POLICIES)}, got {policy!r}")
+    if not _finite_number(alpha) or not 0.0 <= alpha <= 1.0:
+        raise Invalid(f"alpha: must be a number in [0, 1], got {alpha!r}")
+    if not isinstance(interval_steps, int) or isinstance(interval_steps, bool) or interval_steps < 1:
+        raise Invalid(f"interval_steps: must be an integer >= 1, got {interval_steps!r}")
+    weights = None
+    if initial_weights is not None:
+        weights = _check_distribution("initial_weights", initial_weights, domains)
+    return RunSpec(run_id, tuple(domains), policy, float(alpha), int(interval_steps), weights)
+
+
+def _check_distribution(field: str, weights: Mapping[str, float], domains: Sequence[str]) -> dict[str, float]:
+    check_domains(field, weights, domains)
+    for d in domains:
+        w = weights[d]
+        if not _finite_number(w) or w < 0:
+            raise Invalid(f"{field}.{d}: must be a finite number >= 0, got {w!r}")
+    total = sum(float(weights[d]) for d in domains)
+    if abs(total - 1.0) > SUM_TOLERANCE:
+        raise Invalid(f"{field}: must sum to 1 (got {total!r})")
+    return {d: float(weights[d]) / total for d in domains}
+
+
+def check_domains(field: str, values: Mapping[str, object], domains: Sequence[str]) -> None:
+    """The keys must be exactly the run's domains."""
+    if not isinstance(values, Mapping):
+        raise Invalid(f"{field}: must be an object {{domain: number}}")
+    unknown = [k for k in values if k not in domains]
+    if unknown:
+        raise Invalid(f"{field}: unknown domain {unknown[0]!r} (run domains: {list(domains)})")
+    missing = [d for d in domains if d not in values]
+    if missing:
+        raise Invalid(f"{field}: missing domain {missing[0]!r}")
+
+
+def check_losses(field: str, losses: Mapping[str, float], domains: Sequence[str]) -> dict[str, float]:
+    """Per-domain losses in nats per token: exactly the run's domains, finite and >= 0."""
+    check_domains(field, losses, domains)
+    out = {}
+    for d in domains:
+        v = losses[d]
+        if not _finite_number(v) or v < 0:
+            raise Invalid(f"{field}.{d}: must be a finite number >= 0 (nats per token), got {v!r}")
+        out[d] = float(v)
+    return out
+
+
+def check_step(step) -> int:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise Invalid(f"step: must be an integer >= 0, got {step!r}")
+    return step

@@ -1,0 +1,255 @@
+"""The controller's state in one SQLite file: runs, and every weights version with its evaluation.
+
+Why SQLite with WAL: one file that survives a crash or restart, readers never block the writer, and several
+threads (or even several server processes on the same file) can record evaluations safely. Each evaluation
+is one ``BEGIN IMMEDIATE`` transaction -- take the write lock, read the last version, compute the next
+weights, insert -- so two concurrent evaluations can never both build on the same previous version, and a
+retried POST for a step that was already recorded is refused instead of applied twice.
+
+Version 0 of a run holds its initial weights (step NULL, no losses); version n >= 1 is the n-th evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from services.controller import mixture
+from services.controller.spec import Invalid, RunSpec, check_losses, check_step
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id          TEXT PRIMARY KEY,
+    domains         TEXT NOT NULL,      -- JSON list, in order
+    policy          TEXT NOT NULL,
+    alpha           REAL NOT NULL,
+    interval_steps  INTEGER NOT NULL,
+    initial_weights TEXT,               -- JSON object or NULL (uniform)
+    created_at      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    run_id        TEXT NOT NULL REFERENCES runs(run_id),
+    version       INTEGER NOT NULL,
+    step          INTEGER,              -- NULL for version 0
+    student_loss  TEXT,                 -- JSON objects {domain: value}; NULL for version 0
+    teacher_loss  TEXT,
+    ratio         TEXT,
+    weights       TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    PRIMARY KEY (run_id, version)
+);
+"""
+
+
+class NotFound(LookupError):
+    """Unknown run (-> 404)."""
+
+
+class Conflict(Exception):
+    """A different spec for an existing run, or an evaluation for an old step (-> 409)."""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _loads(text: str | None):
+    return None if text is None else json.loads(text)
+
+
+class Store:
+    """SQLite-backed store. Thread-safe: each thread uses its own connection."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(SCHEMA)
+
+    # -- connections -----------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        # one connection per thread, reused (opening one per call costs ~0.1 ms, but re-reading the schema
+        # every time is wasteful); autocommit mode, so transactions are exactly the ones we BEGIN below
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA foreign_keys=ON")
+            con.execute("PRAGMA busy_timeout=30000")
+            self._local.con = con
+        return con
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction holding SQLite's write lock from the start (no lost updates)."""
+        con = self._connect()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+    # -- runs ------------------------------------------------------------------------------------------
+    def create_run(self, spec: RunSpec) -> tuple[dict, bool]:
+        """Create a run (version 0 = its initial weights); return (run, created).
+
+        The same spec again returns the existing run with created=False; a different one raises Conflict.
+        """
+        with self._write() as con:
+            row = con.execute("SELECT * FROM runs WHERE run_id = ?", (spec.run_id,)).fetchone()
+            if row is not None:
+                existing = _spec(row)
+                if not existing.same_as(spec):
+                    raise Conflict(f"run_id: run {spec.run_id!r} exists with a different spec "
+                                   f"(domains {list(existing.domains)}, policy {existing.policy!r}, "
+                                   f"alpha {existing.alpha}, interval_steps {existing.interval_steps})")
+                created = False
+            else:
+                ts = now()
+                con.execute(
+                    "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (spec.run_id, json.dumps(list(spec.domains)), spec.policy, spec.alpha, spec.interval_steps,
+                     None if spec.initial_weights is None else json.dumps(spec.initial_weights), ts))
+                con.execute(
+                    "INSERT INTO versions (run_id, version, step, weights, created_at) VALUES (?, 0, NULL, ?, ?)",
+                    (spec.run_id, json.dumps(spec.effective_initial_weights()), ts))
+                created = True
+                log.info("created run %s: %d domains, policy %s", spec.run_id, len(spec.domains), spec.policy)
+        return self.get_run(spec.run_id), created
+
+    def get_spec(self, run_id: str) -> RunSpec:
+        row = self._connect().execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"run_id: no run {run_id!r}")
+        return _spec(row)
+
+    def get_run(self, run_id: str) -> dict:
+        """The run object: its spec, created_at and current weights."""
+        row = self._connect().execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"run_id: no run {run_id!r}")
+        return self._run_object(row)
+
+    def list_runs(self) -> list[dict]:
+        rows = self._connect().execute("SELECT * FROM runs ORDER BY created_at, run_id").fetchall()
+        return [self._run_object(r) for r in rows]
+
+    def _run_object(self, row: sqlite3.Row) -> dict:
+        return {
+            "run_id": row["run_id"],
+            "domains": json.loads(row["domains"]),
+            "policy": row["policy"],
+            "alpha": row["alpha"],
+            "interval_steps": row["interval_steps"],
+            "initial_weights": _loads(row["initial_weights"]),
+            "created_at": row["created_at"],
+            "weights": self.weights(row["run_id"]),
+        }
+
+    # -- evaluations -----------------------------------------------------------------------------------
+    def add_evaluation(self, run_id: str, step: int, student_loss: Mapping[str, float],
+                       teacher_loss: Mapping[str, float] | None = None) -> dict:
+        """Record one evaluation and the weights it yields, atomically; return the weights object.
+
+        Teacher losses are required on a run's first evaluation (except for ``fixed``, whose weights do not
+        depend on them, so a CPT baseline without a teacher can still report) and reused until sent again.
+        """
+        step = check_step(step)
+        with self._write() as con:
+            row = con.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"run_id: no run {run_id!r}")
+            spec = _spec(row)
+            student = check_losses("student_loss", student_loss, spec.domains)
+            teacher = None if teacher_loss is None else check_losses("teacher_loss", teacher_loss, spec.domains)
+
+            last = con.execute("SELECT * FROM versions WHERE run_id = ? ORDER BY version DESC LIMIT 1",
+                               (run_id,)).fetchone()
+            first = last["version"] == 0
+            if not first and step <= last["step"]:
+                raise Conflict(f"step: {step} is not after the last recorded step {last['step']} "
+                               f"(version {last['version']}); evaluations must come in increasing steps")
+            if teacher is None and not first:
+                teacher = _loads(last["teacher_loss"])  # reuse the teacher's losses from the last evaluation
+            if teacher is None and spec.policy != "fixed":
+                raise Invalid("teacher_loss: required on the first evaluation of a run")
+
+            weights = mixture.next_weights(
+                spec.policy, spec.domains, student, teacher,
+                previous=None if first else json.loads(last["weights"]),
+                initial=spec.effective_initial_weights(), alpha=spec.alpha)
+            ratio = None if teacher is None else mixture.ratio(student, teacher)
+            version = last["version"] + 1
+            ts = now()
+            con.execute(
+                "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, version, step, json.dumps(student), None if teacher is None else json.dumps(teacher),
+                 None if ratio is None else json.dumps(ratio), json.dumps(weights), ts))
+        log.info("run %s step %d -> version %d", run_id, step, version)
+        return {"version": version, "step": step, "weights": weights, "updated_at": ts}
+
+    # -- reads -----------------------------------------------------------------------------------------
+    def weights(self, run_id: str) -> dict:
+        """The current weights object: {"version", "step", "weights", "updated_at"}."""
+        row = self._connect().execute(
+            "SELECT version, step, weights, created_at FROM versions WHERE run_id = ? "
+            "ORDER BY version DESC LIMIT 1", (run_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"run_id: no run {run_id!r}")
+        return {"version": row["version"], "step": row["step"], "weights": json.loads(row["weights"]),
+                "updated_at": row["created_at"]}
+
+    def history(self, run_id: str) -> list[dict]:
+        """Every version in order, with its step, losses, ratios and weights."""
+        rows = self._connect().execute("SELECT * FROM versions WHERE run_id = ? ORDER BY version",
+                                       (run_id,)).fetchall()
+        if not rows:
+            raise NotFound(f"run_id: no run {run_id!r}")
+        return [{"version": r["version"], "step": r["step"], "student_loss": _loads(r["student_loss"]),
+                 "teacher_loss": _loads(r["teacher_loss"]), "ratio": _loads(r["ratio"]),
+                 "weights": json.loads(r["weights"]), "created_at": r["created_at"]} for r in rows]
+
+    def weights_since(self, run_id: str, version: int) -> list[dict]:
+        """Weights objects of the versions after ``version``, in order (the SSE push catches up with these)."""
+        rows = self._connect().execute(
+            "SELECT version, step, weights, created_at FROM versions WHERE run_id = ? AND version > ? "
+            "ORDER BY version", (run_id, version)).fetchall()
+        return [{"version": r["version"], "step": r["step"], "weights": json.loads(r["weights"]),
+                 "updated_at": r["created_at"]} for r in rows]
+
+    def counts(self) -> dict:
+        """Totals for /metrics: runs and evaluations (versions >= 1)."""
+        con = self._connect()
+        runs = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+        evals = con.execute("SELECT COUNT(*) FROM versions WHERE version > 0").fetchone()[0]
+        return {"runs": runs, "evaluations": evals}
+
+    def current_all(self) -> list[tuple[str, dict]]:
+        """(run_id, weights object) for every run, for /metrics."""
+        rows = self._connect().execute(
+            "SELECT v.run_id, v.version, v.step, v.weights, v.created_at FROM versions v "
+            "JOIN (SELECT run_id, MAX(version) AS m FROM versions GROUP BY run_id) l "
+            "ON v.run_id = l.run_id AND v.version = l.m ORDER BY v.run_id").fetchall()
+        return [(r["run_id"], {"version": r["version"], "step": r["step"], "weights": json.loads(r["weights"]),
+                               "updated_at": r["created_at"]}) for r in rows]
+
+    def ping(self) -> None:
+        self._connect().execute("SELECT 1").fetchone()
+
+
+def _spec(row: sqlite3.Row) -> RunSpec:
+    return RunSpec(row["run_id"], tuple(json.loads(row["domains"])), row["policy"], row["alpha"],
+                   row["interval_steps"], _loads(row["initial_weights"]))
