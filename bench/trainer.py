@@ -1,0 +1,188 @@
+"""Trainer throughput: does the prefetching teacher feed hide the teacher, and does DDK cost time?
+
+Prints one table. Same kit, steps, batch and seed for every row; the trainer loop runs in this process
+(worker.run with a LocalContext: one rank, no Ray, so Ray's start-up is not in the numbers), pinned to
+one core; the teacher service (and the controller) run pinned to another core (``taskset``), so the
+two really run side by side as on separate machines.
+
+Rows:
+  teacher alone     back-to-back ``TeacherClient.topk`` on batches of the training shape
+  (a) precomputed   the KD loop (fixed mixture) with the teacher's outputs replayed from memory:
+                    the student's own speed
+  (b) live teacher  the same loop with the teacher service behind the prefetching feed
+  (c) DDK           (b) with the DDK mixture (evaluations posted to the controller, weights applied)
+Ratios: (b)/(a) (target >= 0.9: the feed hides the teacher), DDK wall / fixed-mixture KD wall (target
+<= 1.05), and end-to-end distillation tokens/s over the slower of teacher alone and student alone.
+tokens = predicted positions (batch x seq_len) per step; tokens/s from the steps' own time (the
+evaluations every K steps are in the wall times only).
+
+Run:  .venv/bin/python bench/trainer.py [--steps 40] [--batch-size 8] [--interval 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from services.trainer.launcher import free_port, kill_group  # noqa: E402
+
+
+def start(argv: list[str], core: int | None, log_path: Path) -> tuple[str, subprocess.Popen]:
+    import httpx
+
+    port = free_port()
+    prefix = ["taskset", "-c", str(core)] if core is not None else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(prefix + [sys.executable, "-m", "services.cli", *argv, "--port", str(port)], cwd=REPO,
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{argv[:2]} exited; see {log_path}")
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return url, proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    kill_group(proc)
+    raise TimeoutError(f"{argv[:2]} not healthy")
+
+
+class Replay:
+    """A teacher that answers from memory: outputs recorded beforehand, keyed by the batch's token ids."""
+
+    def __init__(self, table: dict[bytes, object]):
+        self.table, self.misses = table, 0
+
+    def topk(self, ids, top_k):
+        return self.table[np.asarray(ids, dtype=np.int64).tobytes()]
+
+
+def precompute(client, loop_config: dict, steps: int) -> dict[bytes, object]:
+    """The fixed-mixture run's batches (deterministic from the seed) and their teacher outputs."""
+    from transformers import AutoTokenizer
+
+    from services.trainer.config import TrainConfig
+    from services.trainer.data import load_domain_specs, prepare_domains
+    from services.trainer.sampler import DomainSampler
+
+    cfg = TrainConfig.model_validate(loop_config["config"])
+    tok = AutoTokenizer.from_pretrained(cfg.student.model)
+    domains = prepare_domains(load_domain_specs(cfg.data.file), tok, cfg.data.seq_len, cfg.data.cache_dir)
+    names = sorted(domains)
+    sampler = DomainSampler({n: len(domains[n].train) for n in names}, seed=cfg.seed, rank=0, world_size=1,
+                            tokens_per_block=cfg.data.seq_len)
+    table = {}
+    for step in range(steps):
+        rows = sampler.draw(step, loop_config["initial_weights"], cfg.train.batch_size)
+        ids = torch.from_numpy(np.stack([domains[d].train[i] for d, i in rows]).astype(np.int64))
+        table[ids.numpy().tobytes()] = client.topk(ids, cfg.kd.top_k)
+    return table
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kit", default=str(REPO / ".cache" / "kit-quick"))
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--interval", type=int, default=10, help="mixture.interval_steps")
+    ap.add_argument("--top-k", type=int, default=16)
+    ap.add_argument("--backend", default="hf", help="teacher backend (hf|vllm|auto)")
+    ap.add_argument("--teacher-core", type=int, default=0)
+    ap.add_argument("--trainer-core", type=int, default=1)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from services.teacher.client import TeacherClient
+    from services.trainer.config import config_to_dict, load_config
+    from services.trainer.fixtures import build_kit
+    from services.trainer.train import prepare
+    from services.trainer.worker import LocalContext, run
+
+    kit = build_kit(Path(args.kit), quick=True, seed=0)
+    cores = os.sched_getaffinity(0)
+    pin = len(cores) >= 2 and {args.teacher_core, args.trainer_core} <= cores
+    work = Path(tempfile.mkdtemp(prefix="ddk-bench-trainer-"))
+    teacher_url, tproc = start(["teacher", "serve", "--model", str(kit / "teacher"), "--backend", args.backend],
+                               args.teacher_core if pin else None, work / "teacher.log")
+    ctrl_url, cproc = start(["controller", "serve", "--db", str(work / "c.sqlite")],
+                            args.teacher_core if pin else None, work / "controller.log")
+    if pin:
+        os.sched_setaffinity(0, {args.trainer_core})
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    rows: list[tuple[str, str, str]] = []
+    try:
+        def config(name: str, policy: str) -> dict:
+            cfg = load_config(str(kit / "train.yaml"), [
+                f"run_id=bench-{name}-{int(time.time())}", f"output_dir={work / name}",
+                f"teacher.urls=[{teacher_url}]", f"controller.url={ctrl_url}", f"train.steps={args.steps}",
+                f"train.batch_size={args.batch_size}", f"mixture.interval_steps={args.interval}",
+                f"mixture.policy={policy}", f"kd.top_k={args.top_k}", f"checkpoint.every_steps={args.steps}",
+                "ray.num_workers=1", f"data.cache_dir={work / 'tokens'}"])
+            lc = prepare(cfg)
+            lc["config"] = config_to_dict(cfg)
+            return lc
+
+        seq_len = config_to_dict(load_config(str(kit / "train.yaml"), []))["data"]["seq_len"]
+        tokens_per_step = args.batch_size * seq_len
+        client = TeacherClient(teacher_url)
+
+        # teacher alone: the feed's pattern (one request at a time), batches of the training shape
+        lc_fixed = config("a", "fixed")
+        table = precompute(client, lc_fixed, args.steps)
+        batches = [torch.from_numpy(np.frombuffer(k, dtype=np.int64).reshape(args.batch_size, -1).copy())
+                   for k in table]
+        t0 = time.perf_counter()
+        for ids in batches:
+            client.topk(ids, args.top_k)
+        teacher_tps = tokens_per_step * len(batches) / (time.perf_counter() - t0)
+
+        a = run(lc_fixed, LocalContext(work / "a"), teacher_client=Replay(table))
+        b = run(config("b", "fixed"), LocalContext(work / "b"))
+        c = run(config("c", "ddk"), LocalContext(work / "c"))
+        client.close()
+
+        e2e_ref = min(teacher_tps, a["tokens_per_s"])
+        rows += [
+            ("teacher engine alone (topk, 1 in flight)", f"{teacher_tps:,.0f} tok/s", ""),
+            ("(a) student, teacher precomputed", f"{a['tokens_per_s']:,.0f} tok/s", f"wall {a['wall_s']:.1f} s"),
+            ("(b) student + live teacher (prefetch)", f"{b['tokens_per_s']:,.0f} tok/s",
+             f"waited {b['teacher_wait_s']:.2f} s, wall {b['wall_s']:.1f} s"),
+            ("(c) DDK + live teacher", f"{c['tokens_per_s']:,.0f} tok/s",
+             f"waited {c['teacher_wait_s']:.2f} s, wall {c['wall_s']:.1f} s"),
+            ("(b)/(a)  [target >= 0.9]", f"{b['tokens_per_s'] / a['tokens_per_s']:.3f}", ""),
+            ("DDK wall / fixed KD wall  [target <= 1.05]", f"{c['wall_s'] / b['wall_s']:.3f}", ""),
+            ("e2e (b) / min(teacher alone, student alone)", f"{b['tokens_per_s'] / e2e_ref:.3f}", ""),
+        ]
+    finally:
+        kill_group(cproc)
+        kill_group(tproc)
+
+    print(f"\ntrainer bench: kit {kit.name}, {args.steps} steps x batch {args.batch_size} x seq_len {seq_len}, "
+          f"top-k {args.top_k}, K={args.interval}, teacher backend {args.backend}, "
+          f"{'teacher on core %d, trainer on core %d' % (args.teacher_core, args.trainer_core) if pin else 'not pinned'}")
+    w = max(len(r[0]) for r in rows)
+    v = max(len(r[1]) for r in rows)
+    for name, value, note in rows:
+        print(f"  {name.ljust(w)}  {value.rjust(v)}  {note}")
+    print(f"(work dir {work})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

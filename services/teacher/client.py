@@ -1,0 +1,211 @@
+"""Python client of the teacher service, used by the trainer.
+
+``TeacherClient(urls).topk(input_ids, top_k)`` sends one request per batch, reads the binary frames
+as they stream in and writes each into preallocated tensors ``[B, L-1, k]``. It keeps one
+keep-alive ``httpx.Client`` per replica, spreads batches round-robin over the replicas, and
+retries with exponential backoff: a replica that refuses connections or breaks a stream is skipped
+for ``cooldown`` seconds and then tried again; a 503 (queue full, loading) is retried after the
+server's Retry-After. Safe to share between threads (the trainer prefetches from one).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import torch
+
+from .wire import DTYPES, MEDIA_TYPE, FrameReader, WireError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherOutput:
+    ids: torch.Tensor  # int64 [B, L-1, k]   top-k token ids, sorted by logprob descending
+    logprobs: torch.Tensor  # float32 [B, L-1, k] natural-log probs at temperature 1, full-vocab normalised
+    target_logprob: torch.Tensor  # float32 [B, L-1]    logprob of the actual next token input_ids[:, 1:]
+
+
+class TeacherUnavailable(Exception):
+    """No replica answered after all retries."""
+
+
+class TeacherRequestError(ValueError):
+    """The teacher rejected the request (4xx other than 503): retrying would not help."""
+
+    def __init__(self, status: int, detail) -> None:
+        super().__init__(f"teacher answered {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class _Retryable(Exception):
+    """One attempt failed in a way another attempt may fix."""
+
+    def __init__(self, message: str, *, replica_down: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.replica_down = replica_down
+        self.retry_after = retry_after
+
+
+class _Replica:
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)))
+        self.down_until = 0.0
+
+
+class TeacherClient:
+    def __init__(self, urls: str | list[str], *, dtype: str = "float16", timeout: float = 120.0,
+                 max_retries: int = 8, backoff: float = 0.5, cooldown: float = 5.0) -> None:
+        if isinstance(urls, str):
+            urls = [u for u in urls.split(",") if u.strip()]
+        if not urls:
+            raise ValueError("urls: at least one teacher URL is required")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
+        self.max_retries = int(max_retries)
+        self.backoff = float(backoff)
+        self.cooldown = float(cooldown)
+        self._replicas = [_Replica(u.strip(), timeout) for u in urls]
+        self._rr = itertools.count()
+        self._lock = threading.Lock()
+
+    # -- replica choice ---------------------------------------------------------------------
+    def _pick(self, tried: set[int]) -> _Replica:
+        """Next replica round-robin, skipping ones marked down (and, within one call, ones already
+        tried); when every replica is down, the one whose cool-down ends first."""
+        n = len(self._replicas)
+        now = time.monotonic()
+        with self._lock:
+            start = next(self._rr)
+        order = [(start + i) % n for i in range(n)]
+        for pool in ([i for i in order if self._replicas[i].down_until <= now and i not in tried],
+                     [i for i in order if self._replicas[i].down_until <= now]):
+            if pool:
+                return self._replicas[pool[0]]
+        return min(self._replicas, key=lambda r: r.down_until)
+
+    def _call(self, what: str, attempt_fn):
+        """Run ``attempt_fn(replica)`` with failover and exponential backoff."""
+        tried: set[int] = set()
+        last: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            rep = self._pick(tried)
+            tried.add(self._replicas.index(rep))
+            try:
+                return attempt_fn(rep)
+            except _Retryable as e:
+                last = e
+                if e.replica_down:
+                    rep.down_until = time.monotonic() + self.cooldown
+                log.warning("teacher %s on %s failed (attempt %d/%d): %s", what, rep.url, attempt + 1,
+                            self.max_retries + 1, e)
+                if attempt == self.max_retries:
+                    break
+                alive_other = any(r.down_until <= time.monotonic() and r is not rep for r in self._replicas)
+                if e.replica_down and alive_other and len(tried) < len(self._replicas):
+                    continue  # fail over at once to a replica not tried yet
+                delay = min(30.0, self.backoff * 2 ** attempt) * (0.75 + 0.5 * random.random())
+                if e.retry_after is not None:
+                    delay = max(delay, e.retry_after)
+                time.sleep(delay)
+                if len(tried) >= len(self._replicas):
+                    tried.clear()
+        raise TeacherUnavailable(f"teacher {what} failed on every replica after "
+                                 f"{self.max_retries + 1} attempts: {last}")
+
+    @staticmethod
+    def _check_status(r: httpx.Response) -> None:
+        if r.status_code == 200:
+            return
+        try:
+            r.read()
+            detail = r.json()["detail"]
+        except Exception:  # not our JSON error body (a proxy, a crash): keep what there is
+            try:
+                detail = r.text[:500]
+            except Exception:
+                detail = "(no body)"
+        if r.status_code in (429, 503) or r.status_code >= 500:
+            ra = r.headers.get("retry-after")
+            retry_after = float(ra) if ra and ra.replace(".", "", 1).isdigit() else None
+            raise _Retryable(f"{r.status_code}: {detail}", replica_down=r.status_code >= 500 and r.status_code != 503,
+                             retry_after=retry_after)
+        raise TeacherRequestError(r.status_code, detail)
+
+    # -- API --------------------------------------------------------------------------------
+    def info(self) -> dict:
+        """``GET /v1/info`` of a replica: model, backend, vocab_size, max_seq_len, max_top_k,
+        tokenizer_fingerprint."""
+
+        def attempt(rep: _Replica) -> dict:
+            try:
+                r = rep.http.get("/v1/info")
+            except httpx.TransportError as e:
+                raise _Retryable(f"{type(e).__name__}: {e}", replica_down=True) from None
+            self._check_status(r)
+            return r.json()
+
+        return self._call("info", attempt)
+
+    def topk(self, input_ids, top_k: int) -> TeacherOutput:
+        """Top-k of the teacher for every position of ``input_ids`` [B, L] (tensor or equal-length lists)."""
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids: expected [B, L], got shape {tuple(input_ids.shape)}")
+            rows = input_ids.detach().to("cpu", torch.int64).tolist()
+        else:
+            rows = [[int(t) for t in row] for row in input_ids]
+        if not rows or len({len(r) for r in rows}) != 1 or len(rows[0]) < 2:
+            raise ValueError("input_ids: need a non-empty batch of equal-length sequences of >= 2 ids")
+        b, length, k = len(rows), len(rows[0]), int(top_k)
+        body = json.dumps({"input_ids": rows, "top_k": k, "dtype": self.dtype}, separators=(",", ":")).encode()
+        headers = {"Accept": MEDIA_TYPE, "Content-Type": "application/json"}
+
+        def attempt(rep: _Replica) -> TeacherOutput:
+            out = TeacherOutput(ids=torch.empty((b, length - 1, k), dtype=torch.int64),
+                                logprobs=torch.empty((b, length - 1, k), dtype=torch.float32),
+                                target_logprob=torch.empty((b, length - 1), dtype=torch.float32))
+            seen = np.zeros(b, dtype=bool)
+            reader = FrameReader()
+            try:
+                with rep.http.stream("POST", "/v1/topk", content=body, headers=headers) as r:
+                    self._check_status(r)
+                    for chunk in r.iter_bytes():
+                        for f in reader.feed(chunk):
+                            if not 0 <= f.index < b or seen[f.index] or f.ids.shape != (length - 1, k):
+                                raise WireError(f"unexpected frame index={f.index} shape={f.ids.shape}")
+                            seen[f.index] = True
+                            out.ids[f.index].copy_(torch.from_numpy(f.ids.astype(np.int64)))
+                            out.logprobs[f.index].copy_(torch.from_numpy(f.logprobs.astype(np.float32)))
+                            out.target_logprob[f.index].copy_(torch.from_numpy(f.target_logprob.astype(np.float32)))
+                reader.close()
+            except httpx.TransportError as e:  # refused, reset, broken stream: try another replica
+                raise _Retryable(f"{type(e).__name__}: {e}", replica_down=True) from None
+            except WireError as e:
+                raise _Retryable(f"bad stream: {e}", replica_down=True) from None
+            if not seen.all():
+                raise _Retryable(f"stream ended after {int(seen.sum())} of {b} sequences", replica_down=True)
+            return out
+
+        return self._call("topk", attempt)
+
+    def close(self) -> None:
+        for rep in self._replicas:
+            rep.http.close()
+
+    def __enter__(self) -> "TeacherClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

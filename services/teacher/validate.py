@@ -1,0 +1,92 @@
+"""Parse and check a ``POST /v1/topk`` body (pure: bytes in, arrays out, no I/O).
+
+Every problem raises :class:`RequestError` with the HTTP status the contract asks for (422 for
+malformed input, 413 for too much of it) and a one-line detail that names the field, so a client
+can tell what to fix and the server never answers 500 for bad input.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from .wire import DTYPES
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass
+class TopKRequest:
+    input_ids: np.ndarray  # int64 [B, L]
+    top_k: int
+    dtype: str  # logprob type of binary frames: "float16" | "float32"
+
+
+def _strict_int(v) -> bool:
+    return type(v) is int  # bool is a subclass of int; JSON true/false are not token ids
+
+
+def parse_topk_request(body: bytes, *, vocab_size: int, max_seq_len: int, max_top_k: int,
+                       max_batch_tokens: int) -> TopKRequest:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(422, f"body: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise RequestError(422, "body: expected a JSON object with input_ids and top_k")
+    unknown = set(doc) - {"input_ids", "top_k", "dtype"}
+    if unknown:
+        raise RequestError(422, f"body: unknown field(s) {sorted(unknown)}")
+
+    top_k = doc.get("top_k")
+    if "top_k" not in doc:
+        raise RequestError(422, "top_k: required")
+    if not _strict_int(top_k) or not 1 <= top_k <= max_top_k:
+        raise RequestError(422, f"top_k: must be an integer in 1..{max_top_k}, got {top_k!r}")
+
+    dtype = doc.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise RequestError(422, f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
+
+    rows = doc.get("input_ids")
+    if "input_ids" not in doc:
+        raise RequestError(422, "input_ids: required")
+    if not isinstance(rows, list) or not rows:
+        raise RequestError(422, "input_ids: must be a non-empty list of token-id lists")
+    for i, row in enumerate(rows):
+        if not isinstance(row, list):
+            raise RequestError(422, f"input_ids[{i}]: must be a list of token ids")
+    length = len(rows[0])
+    for i, row in enumerate(rows):
+        if len(row) != length:
+            raise RequestError(422, f"input_ids[{i}]: has {len(row)} ids but input_ids[0] has "
+                                    f"{length}; all sequences must have the same length")
+    if length < 2:
+        raise RequestError(422, f"input_ids: sequences must have at least 2 ids, got {length}")
+    if length > max_seq_len:
+        raise RequestError(413, f"input_ids: sequence length {length} exceeds max_seq_len {max_seq_len}")
+    if len(rows) * length > max_batch_tokens:
+        raise RequestError(413, f"input_ids: {len(rows)} x {length} = {len(rows) * length} tokens "
+                                f"exceed the limit of {max_batch_tokens} per request")
+    if {type(v) for row in rows for v in row} != {int}:
+        for i, row in enumerate(rows):
+            for j, v in enumerate(row):
+                if not _strict_int(v):
+                    raise RequestError(422, f"input_ids[{i}][{j}]: must be an integer token id, got {v!r}")
+    try:
+        ids = np.array(rows, dtype=np.int64)
+    except OverflowError:
+        raise RequestError(422, "input_ids: token id out of the 64-bit integer range") from None
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        i, j = (int(x) for x in np.argwhere(bad)[0])
+        raise RequestError(422, f"input_ids[{i}][{j}]: token id {int(ids[i, j])} outside the "
+                                f"vocabulary 0..{vocab_size - 1}")
+    return TopKRequest(input_ids=ids, top_k=top_k, dtype=dtype)

@@ -1,0 +1,189 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint directory (one per saved step, written by every Ray worker into the same folder, which
+Ray Train merges in storage) holds:
+
+    model.safetensors        the student's weights (rank 0)
+    state.safetensors        every tensor of the training state: AdamW moments, RNG state (rank 0)
+    state.json               step, weights + version, LR schedule, optimiser hyper-parameters (rank 0);
+                             tensors appear there as {"__tensor__": key} pointers into state.safetensors
+    rank-<r>.json            worker r's own state (its sampler), with rank-<r>.safetensors for its tensors
+
+`torch.save` would pickle, and a pickle in a checkpoint is code that runs on load. Instead
+:func:`flatten` walks a nested state (dicts, lists, tuples, scalars, tensors, numpy arrays) and
+splits it into a JSON-able skeleton plus a flat {key: tensor} map that safetensors can store;
+:func:`unflatten` puts it back together, numpy arrays and tuples included, so optimiser and sampler
+states round-trip exactly (``optimizer.load_state_dict`` accepts the result as is).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_JSON = "state.json"
+STATE_TENSORS = "state.safetensors"
+MODEL_TENSORS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _rank_stem(rank: int) -> str:
+    return f"rank-{rank}"
+
+
+# --------------------------------------------------------------------------------------------
+# pure: nested state <-> (JSON skeleton, flat tensors)
+# --------------------------------------------------------------------------------------------
+
+def flatten(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split ``obj`` into a JSON-able skeleton and {key: tensor}.
+
+    Dict keys become strings in JSON, so int keys (as in ``optimizer.state_dict()["state"]``) are
+    recorded and restored. Floats that JSON cannot hold (inf, nan) are stored as 0-d tensors.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            tensors[path] = x.detach().cpu().contiguous()
+            return {"__tensor__": path}
+        if isinstance(x, np.ndarray):
+            tensors[path] = torch.from_numpy(np.ascontiguousarray(x))
+            return {"__ndarray__": path}
+        if isinstance(x, np.generic):
+            return walk(x.item(), path)
+        if isinstance(x, dict):
+            keys = list(x.keys())
+            if all(isinstance(k, str) for k in keys):
+                return {"__dict__": {k: walk(v, f"{path}.{k}") for k, v in x.items()}}
+            if all(isinstance(k, int) and not isinstance(k, bool) for k in keys):
+                return {"__intdict__": [[k, walk(v, f"{path}.{k}")] for k, v in x.items()]}
+            raise TypeError(f"cannot checkpoint a dict with keys of mixed/unsupported types at {path!r}")
+        if isinstance(x, tuple):
+            return {"__tuple__": [walk(v, f"{path}.{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(x)]
+        if isinstance(x, float) and not np.isfinite(x):
+            tensors[path] = torch.tensor(x, dtype=torch.float64)
+            return {"__float__": path}
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"cannot checkpoint a value of type {type(x).__name__} at {path!r}")
+
+    return walk(obj, prefix or "state"), tensors
+
+
+def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten`."""
+    if isinstance(skeleton, list):
+        return [unflatten(v, tensors) for v in skeleton]
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__ndarray__" in skeleton:
+            return tensors[skeleton["__ndarray__"]].numpy().copy()
+        if "__float__" in skeleton:
+            return float(tensors[skeleton["__float__"]].item())
+        if "__tuple__" in skeleton:
+            return tuple(unflatten(v, tensors) for v in skeleton["__tuple__"])
+        if "__intdict__" in skeleton:
+            return {int(k): unflatten(v, tensors) for k, v in skeleton["__intdict__"]}
+        if "__dict__" in skeleton:
+            return {k: unflatten(v, tensors) for k, v in skeleton["__dict__"].items()}
+        raise ValueError(f"unknown checkpoint node {sorted(skeleton)}")
+    return skeleton
+
+
+# --------------------------------------------------------------------------------------------
+# files
+# --------------------------------------------------------------------------------------------
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def save_state(directory: str | Path, state: dict[str, Any], name: str = "state") -> None:
+    """Write ``state`` (nested) as ``<name>.json`` + ``<name>.safetensors`` in ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    skeleton, tensors = flatten(state)
+    save_file(tensors, str(directory / f"{name}.safetensors"))
+    _write_json(directory / f"{name}.json", {"format": FORMAT_VERSION, "state": skeleton})
+
+
+def load_state(directory: str | Path, name: str = "state") -> dict[str, Any]:
+    directory = Path(directory)
+    doc = json.loads((directory / f"{name}.json").read_text())
+    if doc.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{directory / (name + '.json')}: unsupported checkpoint format {doc.get('format')!r}")
+    tensors = load_file(str(directory / f"{name}.safetensors"))
+    return unflatten(doc["state"], tensors)
+
+
+def save_model(directory: str | Path, model: torch.nn.Module) -> None:
+    """The student's parameters and buffers (tied weights stored once: safetensors refuses shared memory)."""
+    state = {}
+    seen: dict[int, str] = {}
+    for k, v in model.state_dict().items():
+        ptr = v.data_ptr()
+        if ptr in seen and v.numel() > 0:
+            continue  # tied to an earlier tensor; load_state_dict(strict=False) + tie_weights restores it
+        seen[ptr] = k
+        state[k] = v.detach().cpu().contiguous()
+    save_file(state, str(Path(directory) / MODEL_TENSORS))
+
+
+def load_model(directory: str | Path, model: torch.nn.Module) -> None:
+    state = load_file(str(Path(directory) / MODEL_TENSORS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint has tensors the model lacks: {unexpected[:5]}")
+    if missing and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    # anything still missing that is not tied to a loaded tensor is an error
+    loaded = {p.data_ptr() for k, p in model.state_dict().items() if k in state}
+    really_missing = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+    if really_missing:
+        raise ValueError(f"checkpoint lacks tensors of the model: {really_missing[:5]}")
+
+
+def save_checkpoint(directory: str | Path, *, rank: int, step: int, model: torch.nn.Module | None,
+                    optimizer: torch.optim.Optimizer | None, scheduler: Any | None,
+                    weights: dict[str, float], version: int, rank_state: dict[str, Any],
+                    extra: dict[str, Any] | None = None) -> None:
+    """Write this worker's part of the checkpoint after ``step`` optimiser steps.
+
+    Rank 0 writes the shared part (model, optimiser, schedule, step, mixture); every rank writes
+    its own ``rank-<r>`` files (its sampler state), so a resumed worker continues its own stream.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        assert model is not None and optimizer is not None
+        save_model(directory, model)
+        save_state(directory, {
+            "step": int(step),
+            "weights": {k: float(v) for k, v in weights.items()},
+            "version": int(version),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "torch_rng": torch.get_rng_state(),
+            "extra": extra or {},
+        })
+    save_state(directory, {"step": int(step), **rank_state}, name=_rank_stem(rank))
+
+
+def load_checkpoint(directory: str | Path, *, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(shared state, this rank's state or None when the checkpoint has no file for this rank)."""
+    directory = Path(directory)
+    shared = load_state(directory)
+    own = load_state(directory, _rank_stem(rank)) if (directory / f"{_rank_stem(rank)}.json").exists() else None
+    return shared, own

@@ -1,0 +1,296 @@
+"""The training config: one YAML file (plus ``--set a.b=VALUE`` overrides) -> a validated :class:`TrainConfig`.
+
+Why pydantic with ``extra="forbid"`` everywhere: a typo in a key (``kd.gama``) must stop the run before Ray
+starts, not silently fall back to a default. Every problem surfaces as ``services.cli.UsageError`` with a
+one-line message that starts with the dotted key, e.g. ``train.steps: must be greater than 0``.
+
+Paths: relative paths written in the config file resolve against the file's directory (so a config can sit
+next to its data); paths given with ``--set`` resolve against the current directory (as a shell user expects).
+After loading, every path in the config is absolute, because Ray workers do not share the driver's cwd.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from services.cli import UsageError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherSection(_Section):
+    urls: list[str] = Field(default_factory=list)
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _one_url(cls, v: Any) -> Any:  # `teacher.urls: http://...` (a single string) is a list of one
+        return [v] if isinstance(v, str) else v
+
+
+class ControllerSection(_Section):
+    url: str | None = None
+    token_file: str | None = None
+
+
+class StudentSection(_Section):
+    model: str
+
+
+class DomainEntry(_Section):
+    """One inline domain, the same form as an entry of data.yaml's ``domains``."""
+
+    name: str = Field(min_length=1)
+    files: list[str] = Field(min_length=1)
+    val_files: list[str] | None = None
+
+    @field_validator("files", "val_files", mode="before")
+    @classmethod
+    def _one_file(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class DataSection(_Section):
+    file: str | None = None
+    domains: list[DomainEntry] | None = None
+    seq_len: int = Field(128, gt=1)
+    val_fraction: float = Field(0.05, gt=0, lt=1)  # for inline domains without val_files
+    cache_dir: str | None = None  # tokenised cache; None -> services.trainer.data.default_cache_dir()
+
+
+class TrainSection(_Section):
+    steps: int = Field(gt=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class KDSection(_Section):
+    gamma: float = Field(0.2, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(16, gt=0)
+
+
+class MixtureSection(_Section):
+    policy: Literal["ddk", "ddk_raw", "fixed"] = "ddk"
+    interval_steps: int = Field(1000, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)
+    initial_weights: dict[str, float] | None = None
+
+    @field_validator("initial_weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None:
+            if any(w < 0 for w in v.values()):
+                raise ValueError("weights must be >= 0")
+            if not v or sum(v.values()) <= 0:
+                raise ValueError("weights must have a positive sum")
+        return v
+
+
+class EvalSection(_Section):
+    sequences_per_domain: int = Field(32, gt=0)
+    batch_size: int = Field(16, gt=0)
+
+
+class RaySection(_Section):
+    address: str = ""
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+
+
+class CheckpointSection(_Section):
+    every_steps: int = Field(100, gt=0)
+    keep: int = Field(2, ge=1)
+
+
+class TrainConfig(_Section):
+    run_id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    controller: ControllerSection = Field(default_factory=ControllerSection)
+    student: StudentSection
+    data: DataSection
+    train: TrainSection
+    kd: KDSection = Field(default_factory=KDSection)
+    mixture: MixtureSection = Field(default_factory=MixtureSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    ray: RaySection = Field(default_factory=RaySection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    output_dir: str | None = None  # None -> ./runs/<run_id> (filled in by load_config)
+    seed: int = 0
+
+    @property
+    def cpt(self) -> bool:
+        """Continued pre-training: CE only, the teacher is never asked for top-k during training."""
+        return self.kd.gamma == 0
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "TrainConfig":
+        # Messages start with the dotted key; _format_error passes them through unchanged.
+        if (self.data.file is None) == (self.data.domains is None):
+            raise ValueError("data: give exactly one of data.file or data.domains")
+        if self.data.domains is not None:
+            names = [d.name for d in self.data.domains]
+            if len(set(names)) != len(names):
+                raise ValueError("data.domains: domain names must be unique")
+        if self.kd.gamma > 0 and not self.teacher.urls:
+            raise ValueError("teacher.urls: required when kd.gamma > 0")
+        if self.mixture.policy in ("ddk", "ddk_raw"):
+            if not self.teacher.urls:
+                raise ValueError(f"teacher.urls: required for mixture.policy {self.mixture.policy} "
+                                 "(the weights need teacher losses)")
+            if not self.controller.url:
+                raise ValueError(f"controller.url: required for mixture.policy {self.mixture.policy}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+SECTIONS = tuple(TrainConfig.model_fields)
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    """Make the path-valued keys of a (partial) raw config absolute against ``base``, in place."""
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, str) and v and not os.path.isabs(os.path.expanduser(v)):
+            return str((base / v).resolve())
+        return os.path.expanduser(v) if isinstance(v, str) else v
+
+    for section, key in (("student", "model"), ("data", "file"), ("data", "cache_dir"),
+                         ("controller", "token_file")):
+        sec = raw.get(section)
+        if isinstance(sec, dict) and key in sec:
+            sec[key] = fix(sec[key])
+    if "output_dir" in raw:
+        raw["output_dir"] = fix(raw["output_dir"])
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("domains"), list):
+        for entry in data["domains"]:
+            if isinstance(entry, dict):
+                for key in ("files", "val_files"):
+                    if isinstance(entry.get(key), list):
+                        entry[key] = [fix(p) for p in entry[key]]
+                    elif isinstance(entry.get(key), str):
+                        entry[key] = [fix(entry[key])]
+
+
+def _apply_override(raw: dict, item: str, cwd: Path) -> None:
+    """``a.b=VALUE`` -> raw["a"]["b"] = yaml.safe_load(VALUE), path values resolved against ``cwd``."""
+    if "=" not in item:
+        raise UsageError(f"--set {item}: expected KEY=VALUE")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UsageError(f"--set {item}: bad key {key!r}")
+    if parts[0] not in SECTIONS:
+        raise UsageError(f"{key}: unknown key {parts[0]!r} (known: {', '.join(SECTIONS)})")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise UsageError(f"{key}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+    # Build the override as its own small tree so its paths resolve against the cwd, then graft it.
+    patch: dict = {}
+    node = patch
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    _resolve_paths(patch, cwd)
+    node, src = raw, patch
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node, src = node[p], src[p]
+    node[parts[-1]] = src[parts[-1]]
+
+
+_PYDANTIC_PREFIXES = (("Input should be ", "must be "), ("Value error, ", ""), ("String should ", "must "),
+                      ("List should ", "must "), ("Dictionary should ", "must "))
+
+
+def _format_error(err: ValidationError) -> str:
+    """First pydantic error -> 'dotted.key: message' (one line)."""
+    e = err.errors()[0]
+    loc = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(e["loc"]))
+    msg = e["msg"]
+    for old, new in _PYDANTIC_PREFIXES:
+        if msg.startswith(old):
+            msg = new + msg[len(old):]
+    if e["type"] == "missing":
+        msg = "is required"
+    elif e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "string_pattern_mismatch" and loc == "run_id":
+        msg = "must be 1-64 characters of A-Z a-z 0-9 . _ -"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def validate_config(raw: dict) -> TrainConfig:
+    """Validate an already-resolved raw dict; errors -> UsageError('dotted.key: message')."""
+    try:
+        cfg = TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UsageError(_format_error(err)) from None
+    if cfg.output_dir is None:
+        cfg.output_dir = str((Path.cwd() / "runs" / cfg.run_id).resolve())
+    return cfg
+
+
+def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read the YAML config at ``path``, apply ``--set`` overrides, resolve paths, validate.
+
+    Checks that local inputs exist (student.model, data.file, inline data files, controller.token_file), so a
+    wrong path is exit 2 here rather than a failure inside a Ray worker.
+    """
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"config {path}: cannot read ({e.strerror or e})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UsageError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"config {path}: expected a mapping of sections at the top level")
+    for key in raw:
+        if key not in SECTIONS:
+            raise UsageError(f"{key}: unknown key (known: {', '.join(SECTIONS)})")
+    _resolve_paths(raw, p.resolve().parent)
+    cwd = Path.cwd()
+    for item in overrides:
+        _apply_override(raw, item, cwd)
+    cfg = validate_config(raw)
+    _check_paths(cfg)
+    return cfg
+
+
+def _check_paths(cfg: TrainConfig) -> None:
+    if not Path(cfg.student.model).is_dir():
+        raise UsageError(f"student.model: no such directory: {cfg.student.model}")
+    if cfg.data.file is not None and not Path(cfg.data.file).exists():
+        raise UsageError(f"data.file: no such file or directory: {cfg.data.file}")
+    for i, d in enumerate(cfg.data.domains or []):
+        for key in ("files", "val_files"):
+            for f in getattr(d, key) or []:
+                if not Path(f).exists():
+                    raise UsageError(f"data.domains[{i}].{key}: domain {d.name}: no such file: {f}")
+    if cfg.controller.token_file is not None and not Path(cfg.controller.token_file).is_file():
+        raise UsageError(f"controller.token_file: no such file: {cfg.controller.token_file}")
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    """JSON/YAML-safe plain dict of the full config (defaults included); loads back with validate_config."""
+    return cfg.model_dump(mode="json")

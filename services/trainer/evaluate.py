@@ -1,0 +1,174 @@
+"""Per-domain validation loss of a model (and of the teacher), and the ``ddk eval`` command.
+
+The DDK weights compare student and teacher on *the same* validation blocks: the first
+``sequences_per_domain`` validation blocks of each domain (deterministic, see data.py). A block of
+``seq_len + 1`` tokens gives ``seq_len`` next-token predictions; the loss is their mean in nats per token,
+and perplexity is ``exp(loss)``. The teacher's loss on a block is the mean of ``-target_logprob`` the teacher
+service returns for it -- the same predictions, since row j of the teacher's answer is its distribution over
+``block[j + 1]`` given ``block[: j + 1]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from services.cli import UsageError
+from services.trainer.data import PackedDomain
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def evaluate_loss(model, blocks: np.ndarray, batch_size: int, device: str | torch.device = "cpu") -> float:
+    """Mean next-token CE (nats per token) of ``model`` over ``blocks`` ``[n, seq_len + 1]``."""
+    if len(blocks) == 0:
+        raise ValueError("blocks: nothing to evaluate")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(blocks), batch_size):
+            chunk = torch.from_numpy(np.asarray(blocks[i:i + batch_size], dtype=np.int64)).to(device)
+            logits = model(input_ids=chunk[:, :-1]).logits.float()
+            labels = chunk[:, 1:]
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                     reduction="sum").item()
+            count += labels.numel()
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def evaluation_blocks(domain: PackedDomain, sequences_per_domain: int) -> np.ndarray:
+    """The blocks every evaluation of this domain uses: the first ``sequences_per_domain`` of its val split."""
+    return domain.val[:sequences_per_domain]
+
+
+def evaluate_domains(model, domains: dict[str, PackedDomain], sequences_per_domain: int, batch_size: int,
+                     device: str | torch.device = "cpu") -> dict[str, float]:
+    """``{domain: student loss}`` on each domain's evaluation blocks."""
+    return {name: evaluate_loss(model, evaluation_blocks(d, sequences_per_domain), batch_size, device)
+            for name, d in domains.items()}
+
+
+def teacher_losses_from_client(client, domains: dict[str, PackedDomain], sequences_per_domain: int,
+                               top_k: int, batch_size: int = 16) -> dict[str, float]:
+    """``{domain: teacher loss}``: mean ``-target_logprob`` from the teacher service over the same blocks."""
+    out: dict[str, float] = {}
+    for name, d in domains.items():
+        blocks = evaluation_blocks(d, sequences_per_domain)
+        total, count = 0.0, 0
+        for i in range(0, len(blocks), batch_size):
+            ids = torch.from_numpy(np.asarray(blocks[i:i + batch_size], dtype=np.int64))
+            target = client.topk(ids, top_k).target_logprob.double()
+            total += -target.sum().item()
+            count += target.numel()
+        out[name] = total / count
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ddk eval
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def format_table(rows: list[dict], with_teacher: bool) -> str:
+    head = ["domain", "tokens", "loss", "PPL"] + (["teacher PPL", "ratio"] if with_teacher else [])
+    lines = []
+    for r in rows:
+        cells = [r["domain"], str(r["tokens"]), f"{r['loss']:.4f}", f"{r['ppl']:.3f}"]
+        if with_teacher:
+            cells += [f"{r['teacher_ppl']:.3f}", f"{r['ratio']:.3f}"]
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[j]) for c in lines)) for j, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if j == 0 else c.rjust(w)  # noqa: E731
+                                  for j, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+
+
+def _train_config_defaults(path: Path) -> dict:
+    """seq_len and sequences per domain from a train config passed as ``--data`` (else nothing)."""
+    import yaml
+
+    if not path.is_file() or path.suffix not in (".yaml", ".yml"):
+        return {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}  # load_domain_specs reports it
+    if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
+        return {}
+    out = {}
+    if isinstance(raw["data"].get("seq_len"), int):
+        out["seq_len"] = raw["data"]["seq_len"]
+    if isinstance(raw.get("eval"), dict) and isinstance(raw["eval"].get("sequences_per_domain"), int):
+        out["sequences"] = raw["eval"]["sequences_per_domain"]
+    return out
+
+
+def main(args) -> int:
+    """``ddk eval --model PATH --data DATA [--teacher URL] [--json]``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.fingerprint import tokenizer_fingerprint
+    from services.trainer.data import load_domain_specs, prepare_domains
+
+    model_dir = Path(args.model).expanduser()
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"--model: no Hugging Face model directory at {model_dir}")
+    if not Path(args.data).expanduser().exists():
+        raise UsageError(f"--data: no such file or directory: {args.data}")
+    defaults = _train_config_defaults(Path(args.data).expanduser())
+    seq_len = int(getattr(args, "seq_len", None) or defaults.get("seq_len", 128))
+    n_seq = int(getattr(args, "sequences", None) or defaults.get("sequences", 32))
+    batch_size = int(getattr(args, "batch_size", None) or 16)
+    if seq_len < 2 or n_seq < 1 or batch_size < 1:
+        raise UsageError("--seq-len must be >= 2, --sequences and --batch-size >= 1")
+
+    specs = load_domain_specs(args.data)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    domains = prepare_domains(specs, tokenizer, seq_len)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=False).float().to(device)
+    losses = evaluate_domains(model, domains, n_seq, batch_size, device)
+
+    teacher_losses = None
+    if args.teacher:
+        from services.teacher.client import TeacherClient
+
+        client = TeacherClient(args.teacher)
+        try:
+            info = client.info()
+            if info.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
+                raise UsageError(f"--teacher: tokenizer fingerprint {info.get('tokenizer_fingerprint')} differs "
+                                 f"from the model's {tokenizer_fingerprint(tokenizer)}")
+            teacher_losses = teacher_losses_from_client(client, domains, n_seq, top_k=1, batch_size=batch_size)
+        finally:
+            client.close()
+
+    rows = []
+    for name, d in domains.items():
+        blocks = d.val[:n_seq]
+        row = {"domain": name, "tokens": int(blocks.shape[0] * (blocks.shape[1] - 1)),
+               "loss": losses[name], "ppl": _ppl(losses[name])}
+        if teacher_losses is not None:
+            row["teacher_loss"] = teacher_losses[name]
+            row["teacher_ppl"] = _ppl(teacher_losses[name])
+            row["ratio"] = row["ppl"] / row["teacher_ppl"]
+        rows.append(row)
+
+    if args.json:
+        print(json.dumps({"model": str(model_dir.resolve()), "seq_len": seq_len, "sequences_per_domain": n_seq,
+                          "domains": {r.pop("domain"): r for r in rows}}, indent=2))
+    else:
+        print(format_table(rows, teacher_losses is not None))
+    return 0

@@ -1,0 +1,196 @@
+"""Teacher feed: draw the next batches and fetch their teacher outputs ahead of the student.
+
+The student's forward/backward and the teacher's top-k request for the *next* batch run at the same
+time: a background thread draws batches from the sampler, asks the teacher service for their top-k
+log-probabilities and puts the finished batches into a bounded queue; the training loop takes them
+in step order and records how long it waited (``teacher_wait_s``, ~0 when the teacher keeps up).
+
+Weights and prefetching. A batch must be drawn with the domain weights in force at its step, and
+the weights change only when an evaluation (at an interval boundary, or a late retry after the
+controller was unreachable) returns a new version. So the feed is given a *window* of steps
+``[start, stop)`` and one set of weights, and prefetches only inside it; the loop schedules the
+next window once the new weights are known. When weights change inside a window the loop calls
+:meth:`TeacherFeed.cancel`: queued batches are dropped and the sampler is rewound to its state
+after the last batch actually trained on, so discarded draws leave no trace (the sampler's state
+is snapshotted with every batch for that reason; it is also what a checkpoint stores).
+
+The sampler is only touched by the producer thread while a window is active and by the caller
+otherwise, so no lock is needed around it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEPTH = 4  # batches fetched ahead; small: each holds [B, L, k] teacher outputs
+
+
+class Sampler(Protocol):
+    def draw(self, step: int, weights: dict[str, float], batch_size: int) -> list[tuple[str, int]]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Batch:
+    """One step's training batch."""
+
+    step: int                      # optimiser steps completed before this batch (0-based step index)
+    version: int                   # weights version it was drawn under
+    rows: list[tuple[str, int]]    # (domain, block index) per row
+    input_ids: torch.Tensor        # int64 [B, seq_len + 1]: inputs are [:, :-1], labels [:, 1:]
+    teacher: Any | None            # TeacherOutput for input_ids (rows j predict token j+1), None for CPT
+    sampler_state: dict            # the sampler's state right after drawing this batch
+    fetch_s: float                 # time the producer spent on the teacher request
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class TeacherFeed:
+    """Bounded prefetch of (batch, teacher outputs) over a window of steps with fixed weights.
+
+    ``blocks(rows) -> np.ndarray [B, seq_len + 1]`` gathers the token blocks of the drawn rows;
+    ``teacher`` is a :class:`~services.teacher.client.TeacherClient` (or anything with ``topk``),
+    or None when the loss needs no teacher (CPT): then no request is ever made.
+    """
+
+    def __init__(self, sampler: Sampler, blocks: Callable[[Sequence[tuple[str, int]]], np.ndarray],
+                 batch_size: int, teacher: Any | None = None, top_k: int = 0,
+                 depth: int = DEFAULT_DEPTH):
+        if depth < 1:
+            raise ValueError("depth must be >= 1")
+        self.sampler = sampler
+        self.blocks = blocks
+        self.batch_size = batch_size
+        self.teacher = teacher
+        self.top_k = top_k
+        self.depth = depth
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._window: tuple[int, int] | None = None
+        self._version: int | None = None
+        self._next_step: int | None = None          # the step next() expects
+        self._consumed_state = copy.deepcopy(sampler.state_dict())
+        self.wait_s_total = 0.0
+
+    # -- window control ------------------------------------------------------------------------
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """The active window [start, stop), or None when idle."""
+        return self._window
+
+    @property
+    def version(self) -> int | None:
+        """The weights version of the active window (None when idle)."""
+        return self._version if self._window is not None else None
+
+    def covers(self, step: int) -> bool:
+        return self._window is not None and self._window[0] <= step < self._window[1] \
+            and self._next_step == step
+
+    def schedule(self, start: int, stop: int, weights: dict[str, float], version: int) -> None:
+        """Prefetch batches for steps ``start .. stop-1`` drawn with ``weights``."""
+        if stop <= start:
+            raise ValueError(f"empty window [{start}, {stop})")
+        self.cancel()
+        self.sampler.load_state_dict(copy.deepcopy(self._consumed_state))
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self.depth)
+        self._window = (start, stop)
+        self._version = version
+        self._next_step = start
+        self._thread = threading.Thread(
+            target=self._produce, name=f"teacher-feed-{start}",
+            args=(start, stop, dict(weights), version, self._stop, self._queue), daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        """Stop prefetching; drop queued batches; rewind the sampler to the last consumed batch."""
+        if self._thread is not None:
+            self._stop.set()
+            while self._thread.is_alive():
+                try:  # unblock a producer waiting on a full queue
+                    self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self._thread.join()
+            self._thread = None
+        self._window = None
+        self._next_step = None
+        self.sampler.load_state_dict(copy.deepcopy(self._consumed_state))
+
+    def close(self) -> None:
+        self.cancel()
+
+    # -- consumer ------------------------------------------------------------------------------
+    def next(self, step: int) -> tuple[Batch, float]:
+        """The batch for ``step`` and the seconds spent waiting for it."""
+        if not self.covers(step):
+            raise RuntimeError(f"step {step} is outside the feed's window {self._window} "
+                               f"(next expected {self._next_step})")
+        t0 = time.perf_counter()
+        item = self._queue.get()
+        waited = time.perf_counter() - t0
+        if isinstance(item, _Failure):
+            self._thread.join()
+            self._thread = None
+            self._window = None
+            raise item.exc
+        assert item.step == step, (item.step, step)
+        self._consumed_state = item.sampler_state
+        self._next_step = step + 1
+        if self._next_step >= self._window[1]:
+            self._thread.join()
+            self._thread = None
+            self._window = None
+        self.wait_s_total += waited
+        return item, waited
+
+    def state_dict(self) -> dict:
+        """The sampler's state after the last batch handed out (what a checkpoint must store)."""
+        return copy.deepcopy(self._consumed_state)
+
+    # -- producer ------------------------------------------------------------------------------
+    def _produce(self, start: int, stop: int, weights: dict[str, float], version: int,
+                 stop_event: threading.Event, out: queue.Queue) -> None:
+        try:
+            for step in range(start, stop):
+                if stop_event.is_set():
+                    return
+                rows = self.sampler.draw(step, weights, self.batch_size)
+                state = copy.deepcopy(self.sampler.state_dict())
+                ids = torch.from_numpy(np.asarray(self.blocks(rows), dtype=np.int64))
+                t0 = time.perf_counter()
+                teacher = self.teacher.topk(ids, self.top_k) if self.teacher is not None else None
+                batch = Batch(step=step, version=version, rows=list(rows), input_ids=ids,
+                              teacher=teacher, sampler_state=state,
+                              fetch_s=time.perf_counter() - t0)
+                while not stop_event.is_set():
+                    try:
+                        out.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # handed to the consumer, raised in the training loop
+            log.debug("teacher feed failed", exc_info=True)
+            while not stop_event.is_set():
+                try:
+                    out.put(_Failure(e), timeout=0.1)
+                    return
+                except queue.Full:
+                    continue

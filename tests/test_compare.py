@@ -1,0 +1,59 @@
+"""Pure parts of `ddk compare` and `ddk demo`: policy configs, aggregation over seeds, report tables."""
+
+import math
+
+import pytest
+
+from services.cli import UsageError
+from services.trainer.compare import aggregate, format_report, heldout_blocks, policy_overrides
+from services.trainer.demo import format_markdown, format_weights_history, report_table
+
+
+def test_policy_overrides_match_the_paper_baselines():
+    natural = {"a": 0.75, "b": 0.25}
+    assert policy_overrides("cpt", natural, None) == {
+        "mixture.policy": "fixed", "mixture.initial_weights": natural, "kd.gamma": 0}
+    assert policy_overrides("kd", natural, None) == {"mixture.policy": "fixed", "mixture.initial_weights": natural}
+    # the config's own fixed mixture wins over the natural proportions
+    assert policy_overrides("kd", natural, {"a": 0.5, "b": 0.5})["mixture.initial_weights"] == {"a": 0.5, "b": 0.5}
+    assert policy_overrides("ddk", natural, None) == {"mixture.policy": "ddk"}
+    assert policy_overrides("ddk_raw", natural, None) == {"mixture.policy": "ddk_raw"}
+    with pytest.raises(UsageError, match="--policies"):
+        policy_overrides("dkd", natural, None)
+
+
+def test_aggregate_means_spreads_and_worst_domain():
+    results = {
+        "kd": [{"ratio": {"a": 1.2, "b": 2.0}, "tokens": {"a": 30, "b": 10}},
+               {"ratio": {"a": 1.4, "b": 1.8}, "tokens": {"a": 34, "b": 6}}],
+        "ddk": [{"ratio": {"a": 1.3, "b": 1.5}, "tokens": {"a": 10, "b": 30}}],
+    }
+    agg = aggregate(results, ["a", "b"])
+    assert agg["kd"]["ratio"]["a"]["mean"] == pytest.approx(1.3)
+    assert agg["kd"]["ratio"]["a"]["spread"] == pytest.approx(0.1)
+    assert agg["kd"]["mean_ratio"] == pytest.approx((1.6 + 1.6) / 2)
+    assert agg["kd"]["worst_domain"] == "b" and agg["kd"]["worst_ratio"] == pytest.approx(1.9)
+    assert agg["kd"]["tokens"] == {"a": 32, "b": 8}
+    assert agg["ddk"]["ratio"]["b"]["spread"] == 0.0 and agg["ddk"]["seeds"] == 1
+    report = format_report(agg, ["a", "b"], {"a": 1.5, "b": 2.5}, "ddk compare x", "note")
+    assert "| kd |" in report and "| ddk |" in report and "lowest mean ratio: **ddk** (1.400)" in report
+    # the most-lagging domain is b (2.5); ddk lowered it by 1.0, kd by 0.6
+    assert "(b, initial ratio 2.500): **ddk**" in report
+
+
+def test_heldout_blocks_skip_the_steering_blocks():
+    val = list(range(10))
+    assert heldout_blocks(val, 4, 3) == [4, 5, 6]
+    assert heldout_blocks(val, 4, 100) == [4, 5, 6, 7, 8, 9]
+    assert heldout_blocks(val, 10, 3) == [0, 1, 2]  # too few: the steering ones
+
+
+def test_demo_report_rows():
+    rows = report_table({"a": 1.0}, {"a": 2.0}, {"a": 1.5})
+    r = rows[0]
+    assert r["teacher_ppl"] == pytest.approx(math.e)
+    assert r["ratio_before"] == pytest.approx(math.e) and r["ratio_after"] == pytest.approx(math.exp(0.5))
+    assert "| a | 2.72 | 7.39 | 4.48 | 2.718 | 1.649 |" in format_markdown(rows)
+    hist = {"versions": [{"version": 0, "step": 0, "weights": {"a": 0.5, "b": 0.5}},
+                         {"version": 1, "step": 0, "weights": {"a": 0.25, "b": 0.75}}]}
+    assert "| 1 | 0 | 0.250 | 0.750 |" in format_weights_history(hist)
