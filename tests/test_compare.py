@@ -57,3 +57,62 @@ def test_demo_report_rows():
     hist = {"versions": [{"version": 0, "step": 0, "weights": {"a": 0.5, "b": 0.5}},
                          {"version": 1, "step": 0, "weights": {"a": 0.25, "b": 0.75}}]}
     assert "| 1 | 0 | 0.250 | 0.750 |" in format_weights_history(hist)
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+
+@pytest.mark.slow
+def test_compare_kd_vs_ddk_end_to_end(kit, tmp_path):
+    """`ddk compare` with 2 policies and 1 seed on the quick kit, real teacher/controller/Ray.
+
+    The report names every domain and policy; kd's mixture stays at the data's natural proportions at
+    every step, while ddk moves its draws toward the domain where the student lags the teacher most."""
+    import json
+    import subprocess
+    import sys
+
+    from services.trainer.compare import tokens_per_domain
+
+    out = tmp_path / "cmp"
+    sets = ["train.steps=12", "mixture.interval_steps=4", "checkpoint.every_steps=100", "ray.num_workers=1",
+            "train.batch_size=8", "eval.sequences_per_domain=8", f"data.cache_dir={tmp_path / 'cache'}"]
+    argv = [sys.executable, "-m", "services.cli", "compare", str(kit / "train.yaml"), "--policies", "kd,ddk",
+            "--seeds", "1", "--out", str(out), "--teacher-model", str(kit / "teacher")]
+    for s in sets:
+        argv += ["--set", s]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+    report = (out / "report.md").read_text()
+    domains = sorted(p.name for p in (kit / "data").iterdir())
+    for name in domains + ["kd", "ddk", "initial student"]:
+        assert name in report, name
+    assert (out / "compare.png").stat().st_size > 1000
+
+    data = json.loads((out / "report.json").read_text())
+    natural, initial = data["natural_proportions"], data["initial"]
+    lagging = max(initial, key=initial.get)
+
+    def steps(policy):
+        path = out / "runs" / f"ddk-demo-{policy}-s0" / "metrics.jsonl"
+        return path, [json.loads(line) for line in path.read_text().splitlines()
+                      if json.loads(line).get("event") == "step"]
+
+    kd_path, kd_steps = steps("kd")
+    ddk_path, ddk_steps = steps("ddk")
+    assert [r["step"] for r in kd_steps] == list(range(1, 13)) or len(kd_steps) == 12
+    for r in kd_steps:  # fixed stays at its proportions
+        assert r["weights"] == pytest.approx(natural, abs=1e-9)
+    # ddk: after its first evaluation the lagging domain weighs more than its natural share ...
+    assert ddk_steps[-1]["weights"][lagging] > natural[lagging] + 0.1
+    # ... and received more student tokens than under kd (96 rows drawn each: the gap is far beyond noise)
+    kd_tokens, ddk_tokens = tokens_per_domain(kd_path, 128), tokens_per_domain(ddk_path, 128)
+    assert sum(kd_tokens.values()) == sum(ddk_tokens.values()) == 12 * 8 * 128
+    assert ddk_tokens[lagging] > kd_tokens.get(lagging, 0)
+    # the report's token table carries the same counts
+    assert data["policies"]["ddk"]["tokens"][lagging] == ddk_tokens[lagging]
+
+    # finished runs are reused: a second invocation trains nothing
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("finished before, reused") == 2

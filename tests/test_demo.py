@@ -51,9 +51,11 @@ def ports_in_log(text: str) -> list[int]:
 
 
 def port_bound(port: int) -> bool:
+    """A listener (or any bound socket) holds the port; TIME_WAIT leftovers of closed connections do not."""
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -30,7 +30,10 @@ def free_port() -> int:
 
 
 def port_is_bound(port: int) -> bool:
+    """True while a socket holds the port. SO_REUSEADDR so that connections lingering in TIME_WAIT
+    (normal after a server closes them) do not count: only a live listener or bound socket does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -72,7 +72,7 @@ class _Progress(threading.Thread):
     def __init__(self, path: Path, total: int):
         super().__init__(name="ddk-progress", daemon=True)
         self.path, self.total = path, total
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         from tqdm import tqdm
@@ -80,7 +80,7 @@ class _Progress(threading.Thread):
         bar = tqdm(total=self.total, desc="train", unit="step", dynamic_ncols=True)
         pos, buf = 0, ""
         try:
-            while not self._stop.wait(0.5):
+            while not self._halt.wait(0.5):
                 if not self.path.exists():
                     continue
                 size = self.path.stat().st_size
@@ -107,7 +107,7 @@ class _Progress(threading.Thread):
             bar.close()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
 
 
@@ -187,7 +187,7 @@ def launch(cfg, loop_config: dict):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from services.trainer.worker import train_loop_per_worker
+    from services.trainer.worker import run_storage, train_loop_per_worker
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     env["TOKENIZERS_PARALLELISM"] = "false"
@@ -204,7 +204,7 @@ def launch(cfg, loop_config: dict):
             scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu),
             run_config=RunConfig(
                 name=cfg.run_id,
-                storage_path=str(Path(cfg.output_dir) / "ray"),
+                storage_path=str(run_storage(cfg.output_dir, cfg.run_id).parent),
                 failure_config=FailureConfig(max_failures=max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             ),
