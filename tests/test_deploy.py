@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -628,6 +629,94 @@ def test_kustomize_renders_everything_into_one_namespace():
     assert "secret.yaml" not in listed  # never overwrite the real token with the placeholder
 
 
+# ----------------------------------------------------------------------------- the README's deploy section
+
+def readme_deploy() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("<!-- section: deploy -->")
+    return text[start:text.index("<!-- section:", start + 1)]
+
+
+def readme_commands() -> list[list[str]]:
+    """The simple commands of the section's bash blocks: continuations joined, comments dropped,
+    split at && ; | &, leading VAR=value assignments removed."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme_deploy(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+            lex.whitespace_split = True
+            words = []
+            for token in [*lex, ";"]:
+                if token in (";", "&&", "||", "|", "&"):
+                    while words and re.fullmatch(r"\w+=.*", words[0]):
+                        words.pop(0)
+                    if words:
+                        commands.append(words)
+                    words = []
+                else:
+                    words.append(token)
+    return commands
+
+
+def test_readme_deploy_files_exist():
+    section = readme_deploy()
+    paths = set(re.findall(r"(?<![\w/.-])((?:deploy|scripts)/[\w./-]*\w|docker-compose\.yml|\.env\.example)", section))
+    assert {"docker-compose.yml", ".env.example", "deploy/ray/cluster.yaml", "deploy/ray/submit.sh",
+            "deploy/k8s"} <= paths
+    for path in paths:
+        assert (REPO / path).exists(), f"README deploy section names {path}, which does not exist"
+
+
+def test_readme_deploy_commands_match_the_real_clis_and_files():
+    """Every ray, ddk, submit.sh, docker run, make, kubectl and curl command of the section."""
+    from services.controller.app import create_app
+
+    commands = readme_commands()
+    kinds = {w[0] for w in commands}
+    assert {"ray", "deploy/ray/submit.sh", "docker", "kubectl", "curl", "make"} <= kinds, kinds
+    compose_images = {s["image"] for s in compose()["services"].values()}
+    k8s_names = {d["metadata"]["name"] for d in k8s_docs()}
+    makefile = (REPO / "Makefile").read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        routes = [r.path for r in create_app(Path(tmp) / "c.sqlite").routes]
+    minimal = {"run_id": "x", "student": {"model": "/workspace/student"}, "data": {"file": "/workspace/data.yaml"},
+               "train": {"steps": 10}}
+    checked = 0
+    for words in commands:
+        name, args = words[0], words[1:]
+        if name == "ray":
+            parse_ray(args)
+        elif name == "ddk":
+            parse_ddk(args)
+        elif name == "deploy/ray/submit.sh":  # what the script runs: ddk train CONFIG --set ray.address=auto ...
+            sets = set_keys(["train", args[0], "--set", "ray.address=auto", *args[1:]])
+            assert set(sets) <= CONTRACT_KEYS, set(sets) - CONTRACT_KEYS
+            _validate_train_config(minimal, sets)
+        elif name == "docker" and args[0] == "run":
+            (image,) = [w for w in args if re.match(r"ddk/\w+:", w)]
+            assert image in compose_images, f"{image}: not an image docker-compose.yml builds"
+            rest = args[args.index(image) + 1:]
+            if rest:  # arguments to the image's ENTRYPOINT, `ddk`
+                parse_ddk(rest)
+        elif name == "make":
+            for target in args:
+                assert re.search(rf"^{re.escape(target)}:", makefile, re.M), f"no `make {target}`"
+        elif name == "kubectl":
+            for word in args:
+                for ref in re.findall(r"(?:^|[/=])(ddk-[a-z-]+)$", word):
+                    assert ref in k8s_names, f"kubectl names {ref}, which deploy/k8s does not define"
+        elif name == "curl":
+            (url,) = [w for w in args if w.startswith("http")]
+            path = re.sub(r"^https?://[^/]+", "", url)
+            assert any(re.fullmatch(re.sub(r"\{\w+\}", "[^/]+", r), path) for r in routes), f"no controller route {path}"
+            assert port_of(url) == CONTROLLER_PORT
+            assert path.split("/")[3] == env_example()["RUN_ID"], "the compose run's id"
+        else:
+            continue
+        checked += 1
+    assert checked >= 10
+
+
 # ----------------------------------------------------------------------------- the topology, for real
 
 class RayNode:
@@ -682,6 +771,12 @@ def _get_json(url: str, timeout: float = 5.0):
     return r.json()
 
 
+def _state(dashboard: str, resource: str) -> list[dict]:
+    """Ray's state API over HTTP (what `ray list nodes|actors` reads), without importing Ray here."""
+    reply = _get_json(f"{dashboard}/api/v0/{resource}?limit=1000&detail=1", timeout=30)
+    return reply["data"]["result"]["result"]
+
+
 def _wait_for(predicate, what: str, timeout: float, procs=()):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -698,78 +793,109 @@ def _wait_for(predicate, what: str, timeout: float, procs=()):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_two_node_ray_cluster_runs_a_ray_job_against_teacher_and_controller(kit, tmp_path):
     """The deployment's topology without containers: Ray head + a second Ray node, teacher and
     controller as separate processes, and `ddk train` submitted as a Ray Job by deploy/ray/submit.sh
     (the command the README gives). The run completes, the controller holds its weights, and the
-    Ray Train workers ran on both nodes."""
+    Ray Train workers ran on both nodes.
+
+    Everything uses ports of its own and Ray keeps its files in a temp dir of its own, so other Ray
+    clusters on the machine are neither seen nor touched. About 2 minutes on 2 idle cores."""
     if not (REPO / "services" / "trainer" / "train.py").exists():
         pytest.skip("services/trainer/train.py not written yet")
-    from procs import free_port, service
+    from procs import DDK, free_port, stop, wait_healthy
 
     temp_dir = tempfile.mkdtemp(prefix="ddkray-", dir="/tmp")  # short: Ray's socket paths have a limit
     gcs, dashboard = free_port(), free_port()
+    dash = f"http://127.0.0.1:{dashboard}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no outside cluster leaks in
-    env.update(PATH=f"{VENV_BIN}:{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
+    # RAY_AUTH_MODE: `ray start` turns token authentication on when ~/.ray/auth_token exists (any local
+    # ray.init() on this machine writes one); a fresh container has none, so the deployment runs without.
+    env.update(PATH=f"{VENV_BIN}:{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+
+    def node_args():  # what both nodes share, and ports of each node's own (Ray's defaults are fixed ones)
+        return [f"--temp-dir={temp_dir}", "--num-cpus=1", "--num-gpus=0",
+                f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+                "--disable-usage-stats"]
+
     run_id = f"deploy-{os.getpid()}"
     token_file = tmp_path / "token"
     token_file.write_text("deploy-test-token\n")
     nodes: list[RayNode] = []
+    services: dict[str, tuple[subprocess.Popen, str]] = {}
+    logs = []
     try:
-        # one logical CPU per node, so that 2 Ray Train workers need both nodes
-        nodes.append(RayNode(["--head", f"--port={gcs}", f"--temp-dir={temp_dir}", "--num-cpus=1",
-                              "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                              f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={free_port()}",
-                              f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
-                             env, tmp_path / "ray-head.log"))
-        dash = f"http://127.0.0.1:{dashboard}"
-        _wait_for(lambda: _get_json(f"{dash}/api/version"), "Ray head dashboard", 90, [nodes[0].proc])
-        nodes.append(RayNode([f"--address=127.0.0.1:{gcs}", f"--temp-dir={temp_dir}", "--num-cpus=1",
-                              "--num-gpus=0", f"--dashboard-agent-listen-port={free_port()}",
-                              "--disable-usage-stats"], env, tmp_path / "ray-worker.log"))
+        # One logical CPU per node, so that 2 Ray Train workers need both nodes. The teacher and the
+        # controller start while Ray does (on 2 cores, starting is mostly waiting).
+        nodes.append(RayNode(["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                              f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+                              *node_args()], env, tmp_path / "ray-head.log"))
+        for name, args in (("teacher", ["teacher", "serve", "--model", str(kit / "teacher"), "--backend", "hf"]),
+                           ("controller", ["controller", "serve", "--db", str(tmp_path / "controller.sqlite"),
+                                           "--token-file", str(token_file)])):
+            port = free_port()
+            logs.append(open(tmp_path / f"{name}.log", "wb"))
+            proc = subprocess.Popen(DDK + args + ["--host", "127.0.0.1", "--port", str(port)], cwd=REPO,
+                                    stdout=logs[-1], stderr=subprocess.STDOUT, start_new_session=True)
+            services[name] = proc, f"http://127.0.0.1:{port}"
+
+        def gcs_up():
+            with socket.create_connection(("127.0.0.1", gcs), timeout=2):
+                return True
+
+        _wait_for(gcs_up, "Ray head GCS", 90, [nodes[0].proc])
+        nodes.append(RayNode([f"--address=127.0.0.1:{gcs}", *node_args()], env, tmp_path / "ray-worker.log"))
+        for name, (proc, url) in services.items():
+            wait_healthy(f"{url}/healthz", proc, timeout=120)
 
         def two_nodes_alive():
-            from ray.util.state import list_nodes
-
-            return len(list_nodes(address=dash, filters=[("state", "=", "ALIVE")])) == 2
+            return sum(n["state"] == "ALIVE" for n in _state(dash, "nodes")) == 2
 
         _wait_for(two_nodes_alive, "2 Ray nodes alive", 90, [n.proc for n in nodes])
 
-        with service(["teacher", "serve", "--model", str(kit / "teacher"), "--backend", "hf",
-                      "--host", "127.0.0.1"], log_path=tmp_path / "teacher.log") as (teacher_url, _), \
-             service(["controller", "serve", "--db", str(tmp_path / "controller.sqlite"), "--host", "127.0.0.1",
-                      "--token-file", str(token_file)], log_path=tmp_path / "controller.log") as (controller_url, _):
-            submit = subprocess.run(
-                ["bash", str(SUBMIT), str(kit / "train.yaml"),
-                 "--set", f"run_id={run_id}",
-                 "--set", f"teacher.urls=[\"{teacher_url}\"]",
-                 "--set", f"controller.url={controller_url}",
-                 "--set", f"controller.token_file={token_file}",
-                 "--set", "train.steps=6", "--set", "mixture.interval_steps=3", "--set", "train.batch_size=2",
-                 "--set", "ray.num_workers=2", "--set", "ray.use_gpu=false", "--set", "eval.sequences_per_domain=8",
-                 "--set", f"data.cache_dir={kit.parent / 'token-cache'}",
-                 "--set", f"output_dir={tmp_path / 'out'}"],
-                cwd=REPO, env={**env, "RAY_ADDRESS": dash}, capture_output=True, text=True, timeout=240)
-            assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
+        teacher_url, controller_url = services["teacher"][1], services["controller"][1]
+        # Ray Train's helper actors look their cluster up when RAY_ADDRESS is unset; with other Ray
+        # clusters on this machine they could pick another one (a container only ever has its own).
+        pin_cluster = "--runtime-env-json=" + json.dumps({"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs}"}},
+                                                          separators=(",", ":"))
+        submit = subprocess.run(
+            ["bash", str(SUBMIT), str(kit / "train.yaml"),
+             "--set", f"run_id={run_id}",
+             "--set", f"teacher.urls=[\"{teacher_url}\"]",
+             "--set", f"controller.url={controller_url}",
+             "--set", f"controller.token_file={token_file}",
+             "--set", "train.steps=4", "--set", "mixture.interval_steps=2", "--set", "train.batch_size=2",
+             "--set", "ray.num_workers=2", "--set", "ray.use_gpu=false", "--set", "eval.sequences_per_domain=4",
+             "--set", f"data.cache_dir={kit.parent / 'token-cache'}",
+             "--set", f"output_dir={tmp_path / 'out'}"],
+            cwd=REPO, env={**env, "RAY_ADDRESS": dash, "DDK_SUBMIT_ARGS": pin_cluster}, capture_output=True,
+            text=True, timeout=360)
+        (tmp_path / "submit.log").write_text(submit.stdout + "\n--- stderr ---\n" + submit.stderr)
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
 
-            weights = _get_json(f"{controller_url}/v1/runs/{run_id}/weights")
-            history = _get_json(f"{controller_url}/v1/runs/{run_id}/history")["versions"]
-
-        domains = {d["name"] for d in yaml.safe_load((kit / "data.yaml").read_text())["domains"]}
-        assert set(weights["weights"]) == domains
-        assert abs(sum(weights["weights"].values()) - 1) < 1e-6
-        # evaluations at step 0 and every 3 steps: versions 1.. at steps 0, 3 (and 6 if evaluated at the end)
-        steps = [v["step"] for v in history if v["version"] > 0]
-        assert steps[:2] == [0, 3] and weights["version"] >= 2
-
-        # the two Ray Train workers ran on two different nodes
-        from ray.util.state import list_actors
-
-        workers = [a for a in list_actors(address=dash, limit=1000, detail=True)
-                   if "TrainWorker" in (a.class_name or "")]
-        assert len({a.node_id for a in workers}) == 2, [(a.class_name, a.node_id) for a in workers]
+        weights = _get_json(f"{controller_url}/v1/runs/{run_id}/weights")
+        history = _get_json(f"{controller_url}/v1/runs/{run_id}/history")["versions"]
+        jobs = _get_json(f"{dash}/api/jobs/")
+        workers = [a for a in _state(dash, "actors") if "TrainWorker" in (a.get("class_name") or "")]
     finally:
+        for proc, _ in services.values():
+            stop(proc)
+        for log in logs:
+            log.close()
         for node in reversed(nodes):
             node.stop(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+    # one Ray Job (the `ddk train` driver on the cluster), and it succeeded
+    (job,) = [j for j in jobs if j.get("type") == "SUBMISSION"]
+    assert job["status"] == "SUCCEEDED" and job["entrypoint"].startswith("ddk train "), job
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+    domains = {d["name"] for d in yaml.safe_load((kit / "data.yaml").read_text())["domains"]}
+    assert set(weights["weights"]) == domains
+    assert abs(sum(weights["weights"].values()) - 1) < 1e-6
+    # evaluations at step 0 and every 2 steps: versions 1.. at steps 0, 2 (and 4 if evaluated at the end)
+    steps = [v["step"] for v in history if v["version"] > 0]
+    assert steps[:2] == [0, 2] and weights["version"] == max(v["version"] for v in history) >= 2
+    # the two Ray Train workers ran on two different nodes
+    assert len({a["node_id"] for a in workers}) == 2, [(a["class_name"], a["node_id"]) for a in workers]
