@@ -1,10 +1,13 @@
 """Teacher throughput: engine in-process vs. through the service, and vLLM's own server.
 
 Prints one table. Same model, same batch, same run for every row; tokens = input tokens scored
-(batch x seq_len); each row is the median of --reps timed runs after one warm-up.
+(batch x seq_len). For each engine the in-process engine, its service (and, for vllm, vLLM's
+OpenAI server) are all up at once and timed in interleaved rounds (one warm-up each, then --reps
+rounds calling every row in turn; the median per row), so that the changing load of a shared
+machine falls on all rows alike and the ratios stay meaningful.
 
 Rows, for each engine (hf, vllm):
-  (a) in-process    ``engine.topk(batch)`` in this process
+  (a) in-process    ``engine.topk(batch)`` in this process (from a worker thread, as in the service)
   (b) service       ``ddk teacher serve`` + ``TeacherClient.topk`` (binary frames decoded into tensors)
   (b8) service x8   the same batch split over 8 concurrent clients (server-side batching)
 and
@@ -19,8 +22,8 @@ vllm (b) >= 1.5 x (c), binary <= 1/8 of JSON's bytes.
 of the service, and the fraction of the H200's ~790 TFLOP/s bf16 peak reached, from 2 x params x
 tokens/s. Skipped (exit 0) without CUDA.
 
-Run:  .venv/bin/python bench/teacher.py [--model DIR] [--batch 32] [--seq 256] [--top-k 16]
-      .venv/bin/python bench/teacher.py --gpu
+Run:  .venv/bin/python bench/teacher.py [--model DIR] [--batch 32] [--seq 256] [--top-k 16] [--reps 5]
+      .venv/bin/python bench/teacher.py --gpu [--gpu-batch 64] [--gpu-seq 1024]
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,8 +41,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import torch
+# OpenMP threads that spin while waiting for work take the cores from each other on a shared machine:
+# with other jobs running, the same hf forward measured 2-5x slower with the default wait policy than
+# with PASSIVE (the servers started below inherit the setting, so all rows run alike). Set before torch
+# loads its OpenMP runtime; pass OMP_WAIT_POLICY=ACTIVE to measure the default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -56,35 +63,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tree_rss(pid: int) -> int:
+def tree_rss(pid: int, exclude: frozenset = frozenset()) -> int:
+    """RSS of a process and its descendants, leaving out the subtrees rooted at ``exclude``."""
     import psutil
 
+    def walk(p):
+        if p.pid in exclude:
+            return 0
+        try:
+            total = p.memory_info().rss
+            kids = p.children()
+        except psutil.NoSuchProcess:
+            return 0
+        return total + sum(walk(q) for q in kids)
+
     try:
-        p = psutil.Process(pid)
-        procs = [p] + p.children(recursive=True)
+        return walk(psutil.Process(pid))
     except psutil.NoSuchProcess:
         return 0
-    total = 0
-    for q in procs:
-        try:
-            total += q.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 class RssWatch:
     """Samples the RSS of a process tree in the background; ``peak`` in bytes."""
 
-    def __init__(self, pid: int, every: float = 0.2) -> None:
+    def __init__(self, pid: int, every: float = 0.2, exclude=()) -> None:
         self.pid, self.every, self.peak = pid, every, 0
+        self.exclude = frozenset(exclude)
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(self.pid))
+            self.peak = max(self.peak, tree_rss(self.pid, self.exclude))
             self._stop.wait(self.every)
 
     def stop(self) -> int:
@@ -130,17 +141,6 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-def timed(fn, reps: int) -> float:
-    """Median seconds of ``reps`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def make_batch(model: Path, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     cfg = json.loads((model / "config.json").read_text())
     g = torch.Generator().manual_seed(seed)
@@ -149,42 +149,94 @@ def make_batch(model: Path, batch: int, seq: int, seed: int = 0) -> torch.Tensor
 
 # -- rows ------------------------------------------------------------------------------------
 
-def bench_in_process(backend: str, model: Path, ids: torch.Tensor, k: int, reps: int, opts: dict) -> dict:
-    from services.teacher.engines import load_engine
+def rounds(fns: dict, reps: int) -> dict:
+    """Median seconds of each function: one warm-up call each, then ``reps`` rounds that call every
+    function in turn. Interleaving spreads the changing load of a shared machine over all rows alike,
+    so the ratios between rows hold even when the absolute numbers move."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
-    t0 = time.perf_counter()
-    engine = load_engine(model, backend, max_top_k=max(64, k), **opts)
-    start_s = time.perf_counter() - t0
-    seqs = list(ids.numpy())
-    try:
-        sec = timed(lambda: engine.topk(seqs, k), reps)
-    finally:
-        engine.close()
-    return {"tok_s": ids.numel() / sec, "start_s": start_s}
+
+def ddk_service_argv(backend: str, model: Path, k: int, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "services.cli", "teacher", "serve", "--model", str(model),
+            "--backend", backend, "--max-top-k", str(max(64, k)), *extra]
 
 
-def bench_service(backend: str, model: Path, ids: torch.Tensor, k: int, reps: int, workdir: Path,
-                  extra: list[str]) -> dict:
+def vllm_openai_argv(model: Path, k: int, gmu: float) -> list[str]:
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--max-logprobs", str(max(64, k)), "--no-enable-prefix-caching", "--disable-log-stats"]
+    if not torch.cuda.is_available():
+        argv += ["--dtype", "float32"]
+    return argv + ["--gpu-memory-utilization", str(gmu)]
+
+
+def bench_engine(backend: str, model: Path, ids: torch.Tensor, k: int, reps: int, workdir: Path, *,
+                 opts: dict, extra: list[str], openai_gmu: float | None = None) -> dict:
+    """Rows (a), (b), (b8) for one engine, and (c) when ``openai_gmu`` is given, all measured in the
+    same interleaved rounds; bytes per position of each media type; start-up time and peak RSS."""
     import httpx
 
     from services.teacher.client import TeacherClient
+    from services.teacher.engines import load_engine
 
-    t0 = time.perf_counter()
-    url, proc = start_server([sys.executable, "-m", "services.cli", "teacher", "serve", "--model", str(model),
-                              "--backend", backend, "--max-top-k", str(max(64, k)), *extra],
-                             workdir / f"serve-{backend}.log")
-    start_s = time.perf_counter() - t0
-    watch = RssWatch(proc.pid)
+    procs, watches, res = [], {}, {"start_s": {}, "rss": {}}
+    seqs = list(ids.numpy())
+    positions = ids.shape[0] * (ids.shape[1] - 1)
     try:
-        with TeacherClient(url, dtype="float16") as client:
-            sec = timed(lambda: client.topk(ids, k), reps)
-            parts = torch.chunk(ids, 8)
-            clients = [TeacherClient(url, dtype="float16") for _ in parts]
-            with ThreadPoolExecutor(len(parts)) as pool:
-                sec8 = timed(lambda: list(pool.map(lambda cp: cp[0].topk(cp[1], k), zip(clients, parts))), reps)
-            for c in clients:
-                c.close()
-        positions = ids.shape[0] * (ids.shape[1] - 1)
+        t0 = time.perf_counter()
+        url, proc = start_server(ddk_service_argv(backend, model, k, extra), workdir / f"serve-{backend}.log")
+        procs.append(proc)
+        res["start_s"]["b"] = time.perf_counter() - t0
+        watches["b"] = RssWatch(proc.pid)
+        url_c = None
+        if openai_gmu is not None:
+            t0 = time.perf_counter()
+            url_c, proc_c = start_server(vllm_openai_argv(model, k, openai_gmu), workdir / "vllm-openai.log")
+            procs.append(proc_c)
+            res["start_s"]["c"] = time.perf_counter() - t0
+            watches["c"] = RssWatch(proc_c.pid)
+        # the in-process engine: this process and its own children (vLLM's engine process), not the servers
+        watches["a"] = RssWatch(os.getpid(), exclude={p.pid for p in procs})
+        t0 = time.perf_counter()
+        engine = load_engine(model, backend, max_top_k=max(64, k), **opts)
+        res["start_s"]["a"] = time.perf_counter() - t0
+        client = TeacherClient(url, dtype="float16")
+        parts = torch.chunk(ids, 8)
+        clients = [TeacherClient(url, dtype="float16") for _ in parts]
+        pool = ThreadPoolExecutor(8)
+        # (a) calls the engine from one long-lived worker thread, as the service's batcher does: on
+        # this machine the same torch forward ran up to ~1.8x faster there than from the main thread
+        # (under load), and (a) must be the service's own engine speed for (b)/(a) to mean anything.
+        engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        fns = {"a": lambda: engine_thread.submit(engine.topk, seqs, k).result(),
+               "b": lambda: client.topk(ids, k),
+               "b8": lambda: list(pool.map(lambda cp: cp[0].topk(cp[1], k), zip(clients, parts)))}
+        if url_c is not None:
+            http_c = httpx.Client(base_url=url_c, timeout=600, limits=httpx.Limits(max_connections=16))
+            model_name = http_c.get("/v1/models").json()["data"][0]["id"]
+            sizes_c = []
+
+            def one_c(row):
+                r = http_c.post("/v1/completions", json={"model": model_name, "prompt": row, "max_tokens": 1,
+                                                         "prompt_logprobs": k, "temperature": 1.0})
+                r.raise_for_status()
+                sizes_c.append(len(r.content))
+                plp = r.json()["choices"][0]["prompt_logprobs"]
+                assert len(plp) == len(row)
+                return plp
+
+            rows = ids.tolist()
+            fns["c"] = lambda: list(pool.map(one_c, rows))  # 8 concurrent requests, one sequence each
+        print(f"  {backend}: measuring {', '.join(fns)} in {reps} interleaved rounds", flush=True)
+        sec = rounds(fns, reps)
+        res["tok_s"] = {name: ids.numel() / s for name, s in sec.items()}
         sizes = {}
         for name, body, accept in (("binary float16", {"dtype": "float16"}, "application/x-ddk-topk"),
                                    ("binary float32", {"dtype": "float32"}, "application/x-ddk-topk"),
@@ -193,47 +245,21 @@ def bench_service(backend: str, model: Path, ids: torch.Tensor, k: int, reps: in
                            headers={"Accept": accept}, timeout=600)
             r.raise_for_status()
             sizes[name] = len(r.content) / positions
+        if url_c is not None:
+            sizes["JSON (vLLM OpenAI server)"] = statistics.mean(sizes_c) / (ids.shape[1] - 1)
+            http_c.close()
+        res["bytes"] = sizes
+        pool.shutdown()
+        engine_thread.shutdown()
+        for c in [client, *clients]:
+            c.close()
+        engine.close()
     finally:
-        peak = watch.stop()
-        stop_server(proc)
-    return {"tok_s": ids.numel() / sec, "tok_s_8": ids.numel() / sec8, "start_s": start_s,
-            "rss": peak, "bytes": sizes}
-
-
-def bench_vllm_openai(model: Path, ids: torch.Tensor, k: int, reps: int, workdir: Path, gmu: float) -> dict:
-    import httpx
-
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--max-logprobs", str(max(64, k)), "--no-enable-prefix-caching", "--disable-log-stats"]
-    if not torch.cuda.is_available():
-        argv += ["--dtype", "float32", "--gpu-memory-utilization", str(gmu)]
-    t0 = time.perf_counter()
-    url, proc = start_server(argv, workdir / "vllm-openai.log")
-    start_s = time.perf_counter() - t0
-    watch = RssWatch(proc.pid)
-    sizes = []
-    rows = ids.tolist()
-    try:
-        client = httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=16))
-        model_name = client.get("/v1/models").json()["data"][0]["id"]
-
-        def one(row):
-            r = client.post("/v1/completions", json={"model": model_name, "prompt": row, "max_tokens": 1,
-                                                     "prompt_logprobs": k, "temperature": 1.0})
-            r.raise_for_status()
-            sizes.append(len(r.content))
-            plp = r.json()["choices"][0]["prompt_logprobs"]
-            assert len(plp) == len(row)
-            return plp
-
-        with ThreadPoolExecutor(8) as pool:
-            sec = timed(lambda: list(pool.map(one, rows)), reps)
-        client.close()
-    finally:
-        peak = watch.stop()
-        stop_server(proc)
-    return {"tok_s": ids.numel() / sec, "start_s": start_s, "rss": peak,
-            "bytes_per_pos": statistics.mean(sizes) / (ids.shape[1] - 1)}
+        for name, w in watches.items():
+            res["rss"][name] = w.stop()
+        for proc in procs:
+            stop_server(proc)
+    return res
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -252,59 +278,64 @@ def cpu_main(args) -> None:
 
         model = build_kit(REPO / ".cache" / "kit-quick", quick=True, seed=0) / "teacher"
     cfg = json.loads((model / "config.json").read_text())
-    seq = min(args.seq, cfg.get("max_position_embeddings", args.seq))
+    # vLLM (engine and OpenAI server) generates one token after each prompt, so a prompt may use
+    # at most max_position_embeddings - 1 positions.
+    seq = min(args.seq, cfg.get("max_position_embeddings", args.seq + 1) - 1)
     ids = make_batch(model, args.batch, seq)
     workdir = Path(tempfile.mkdtemp(prefix="ddk-bench-teacher-"))
     picked = choose_backend("auto")
     print(f"model {model} ({cfg.get('num_hidden_layers')} layers, hidden "
           f"{cfg.get('hidden_size')}, vocab {cfg['vocab_size']}); batch {args.batch} x {seq}, top-k {args.top_k}; "
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; auto picks '{picked}'; logs in {workdir}",
+          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+          f"auto picks '{picked}'; logs in {workdir}",
           flush=True)
-    rows, results = [], {}
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    results = {}
     for backend in args.backends:
-        opts = {"gpu_memory_utilization": args.gpu_memory_utilization} if backend == "vllm" else {}
-        extra = ["--gpu-memory-utilization", str(args.gpu_memory_utilization)] if backend == "vllm" else []
-        a = bench_in_process(backend, model, ids, args.top_k, args.reps, opts)
-        print(f"  {backend} in-process: {a['tok_s']:,.0f} tok/s", flush=True)
-        b = bench_service(backend, model, ids, args.top_k, args.reps, workdir, extra)
-        print(f"  {backend} service: {b['tok_s']:,.0f} tok/s", flush=True)
-        results[backend] = (a, b)
-        rows += [(f"{backend} (a) in-process", a["tok_s"], a["start_s"], None),
-                 (f"{backend} (b) service, 1 client", b["tok_s"], b["start_s"], b["rss"]),
-                 (f"{backend} (b8) service, 8 clients", b["tok_s_8"], None, None)]
-    c = None
-    if not args.skip_openai and "vllm" in args.backends:
-        c = bench_vllm_openai(model, ids, args.top_k, args.reps, workdir, args.gpu_memory_utilization)
-        rows.append(("vllm (c) OpenAI server, 8 concurrent", c["tok_s"], c["start_s"], c["rss"]))
-    a_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        gmu = args.gpu_memory_utilization
+        opts = {"max_batch_tokens": 16384}  # the server's default, so (a) and (b) run the same engine
+        extra = []
+        if backend == "vllm":
+            opts["gpu_memory_utilization"] = gmu
+            extra = ["--gpu-memory-utilization", str(gmu)]
+        with_c = backend == "vllm" and not args.skip_openai
+        results[backend] = bench_engine(backend, model, ids, args.top_k, args.reps, workdir, opts=opts,
+                                        extra=extra, openai_gmu=gmu if with_c else None)
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
+    labels = {"a": "(a) in-process", "b": "(b) service, 1 client", "b8": "(b8) service, 8 clients",
+              "c": "(c) vLLM OpenAI server, 8 concurrent"}
     print()
-    print(f"{'row':40s} {'tokens/s':>12s} {'start s':>9s} {'peak RSS':>12s}")
-    for name, tok_s, start_s, rss in rows:
-        print(f"{name:40s} {tok_s:12,.0f} {'' if start_s is None else f'{start_s:9.1f}':>9s} "
-              f"{'' if rss is None else fmt_gib(rss):>12s}")
-    print(f"{'(this process, in-process rows)':40s} {'':12s} {'':9s} {fmt_gib(a_rss):>12s}")
+    print(f"| {'row':42s} | {'tokens/s':>9s} | {'start s':>7s} | {'peak RSS':>9s} |")
+    print(f"|{'-' * 44}|{'-' * 11}|{'-' * 9}|{'-' * 11}|")
+    for backend, r in results.items():
+        for key, tok_s in r["tok_s"].items():
+            start = r["start_s"].get(key)
+            rss = r["rss"].get("b" if key == "b8" else key)
+            name = labels[key] if key == "c" else f"{backend} {labels[key]}"
+            print(f"| {name:42s} | {tok_s:9,.0f} | {'' if start is None else f'{start:7.1f}':>7s} | "
+                  f"{'' if rss is None or key == 'b8' else fmt_gib(rss):>9s} |")
     print()
-    any_b = next(iter(results.values()))[1]
-    print("bytes per scored position (top-%d):" % args.top_k)
-    for name, v in any_b["bytes"].items():
-        print(f"  {name:28s} {v:10.1f}")
-    if c is not None:
-        print(f"  {'JSON (vLLM OpenAI server)':28s} {c['bytes_per_pos']:10.1f}")
+    sizes = {}
+    for r in results.values():
+        sizes.update(r["bytes"])
+    print(f"bytes per scored position (top-{args.top_k}):")
+    for name, v in sizes.items():
+        print(f"  {name:28s} {v:8.1f}")
     print()
-    print("ratios:")
-    for backend, (a, b) in results.items():
-        mark = "  <- auto" if backend == picked else ""
-        print(f"  {backend}: (b)/(a) = {b['tok_s'] / a['tok_s']:.2f}   (b8)/(a) = {b['tok_s_8'] / a['tok_s']:.2f}{mark}")
-    if c is not None and "vllm" in results:
-        print(f"  vllm service (b) / OpenAI server (c) = {results['vllm'][1]['tok_s'] / c['tok_s']:.2f}; "
-              f"(b8)/(c) = {results['vllm'][1]['tok_s_8'] / c['tok_s']:.2f}")
-    sizes = any_b["bytes"]
-    print(f"  binary float16 / JSON (ddk) bytes = {sizes['binary float16'] / sizes['JSON (ddk)']:.3f}")
-    if c is not None:
-        print(f"  binary float16 / JSON (vLLM) bytes = {sizes['binary float16'] / c['bytes_per_pos']:.3f}")
-    if len(results) == 2:
-        print(f"  in-process hf / vllm = {results['hf'][0]['tok_s'] / results['vllm'][0]['tok_s']:.2f}")
+    print("ratios (targets: (b)/(a) >= 0.9 for the engine auto picks; vllm (b)/(c) >= 1.5; binary/JSON <= 0.125):")
+    for backend, r in results.items():
+        t = r["tok_s"]
+        mark = "  <- auto picks this engine here" if backend == picked else ""
+        print(f"  {backend}: (b)/(a) = {t['b'] / t['a']:.2f}   (b8)/(a) = {t['b8'] / t['a']:.2f}{mark}")
+        if "c" in t:
+            print(f"  {backend}: (b)/(c) = {t['b'] / t['c']:.2f}   (b8)/(c) = {t['b8'] / t['c']:.2f}")
+    for json_name in ("JSON (ddk)", "JSON (vLLM OpenAI server)"):
+        if json_name in sizes:
+            print(f"  binary float16 / {json_name} bytes = {sizes['binary float16'] / sizes[json_name]:.3f}")
+    if {"hf", "vllm"} <= set(results):
+        print(f"  in-process hf / vllm = {results['hf']['tok_s']['a'] / results['vllm']['tok_s']['a']:.2f}; "
+              f"service hf / vllm = {results['hf']['tok_s']['b'] / results['vllm']['tok_s']['b']:.2f}")
 
 
 def make_random_llama_1b(path: Path) -> int:
@@ -313,7 +344,7 @@ def make_random_llama_1b(path: Path) -> int:
 
     cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
-                      tie_word_embeddings=False, torch_dtype="bfloat16")
+                      tie_word_embeddings=False, dtype="bfloat16")
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
@@ -331,42 +362,44 @@ def gpu_main(args) -> None:
     model = workdir / "llama-1b"
     params = make_random_llama_1b(model)
     batch, seq, k = args.gpu_batch, args.gpu_seq, args.top_k
+    peak = args.peak_tflops * 1e12
     ids = make_batch(model, batch, seq)
     print(f"random Llama {params / 1e9:.2f}B params, bf16, on {torch.cuda.get_device_name()}; "
-          f"batch {batch} x {seq}, top-k {k}", flush=True)
+          f"batch {batch} x {seq}, top-k {k}; peak taken as {args.peak_tflops:g} TFLOP/s bf16", flush=True)
     rows = []
     for backend in args.backends:
-        opts = {"dtype": "bfloat16", "max_seq_len": seq}
-        if backend == "vllm":
-            opts.update(gpu_memory_utilization=0.6, max_batch_tokens=batch * seq)
-        a = bench_in_process(backend, model, ids, k, args.reps, opts)
-        gc.collect()
-        torch.cuda.empty_cache()  # hand the memory back before the service starts
+        opts = {"dtype": "bfloat16", "max_seq_len": seq, "max_batch_tokens": batch * seq}
         extra = ["--dtype", "bfloat16", "--max-batch-tokens", str(batch * seq), "--max-seq-len", str(seq)]
-        if backend == "vllm":
-            extra += ["--gpu-memory-utilization", "0.6"]
-        b = bench_service(backend, model, ids, k, args.reps, workdir, extra)
-        for name, tok_s in ((f"{backend} (a) in-process", a["tok_s"]), (f"{backend} (b) service", b["tok_s"]),
-                            (f"{backend} (b8) service, 8 clients", b["tok_s_8"])):
-            rows.append((name, tok_s, 2 * params * tok_s / H200_BF16_PEAK))
-    print(f"\n{'row':36s} {'tokens/s':>12s} {'of 790 TFLOP/s':>15s}")
+        if backend == "vllm":  # the in-process engine and the service share the card
+            opts["gpu_memory_utilization"] = 0.4
+            extra += ["--gpu-memory-utilization", "0.4"]
+        r = bench_engine(backend, model, ids, k, args.reps, workdir, opts=opts, extra=extra)
+        gc.collect()
+        torch.cuda.empty_cache()
+        for key, name in (("a", "(a) in-process"), ("b", "(b) service"), ("b8", "(b8) service, 8 clients")):
+            tok_s = r["tok_s"][key]
+            rows.append((f"{backend} {name}", tok_s, 2 * params * tok_s / peak))
+    print(f"\n| {'row':34s} | {'tokens/s':>10s} | {'of peak':>7s} |")
+    print(f"|{'-' * 36}|{'-' * 12}|{'-' * 9}|")
     for name, tok_s, frac in rows:
-        print(f"{name:36s} {tok_s:12,.0f} {100 * frac:14.1f}%")
+        print(f"| {name:34s} | {tok_s:10,.0f} | {100 * frac:6.1f}% |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="teacher model dir (default: the quick kit's teacher)")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=256, help="sequence length (capped at the model's)")
+    p.add_argument("--seq", type=int, default=256, help="sequence length (capped at the model's positions - 1)")
     p.add_argument("--top-k", type=int, default=16)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--backends", default="hf,vllm", type=lambda s: [x for x in s.split(",") if x])
     p.add_argument("--skip-openai", action="store_true", help="skip row (c)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.15, help="vLLM on CPU (default 0.15)")
     p.add_argument("--gpu", action="store_true", help="GPU mode: random 1B Llama in bf16")
     p.add_argument("--gpu-batch", type=int, default=64)
     p.add_argument("--gpu-seq", type=int, default=1024)
+    p.add_argument("--peak-tflops", type=float, default=790.0,
+                   help="the card's dense bf16 peak for the fraction column (H200: about 790)")
     args = p.parse_args()
     import logging
 

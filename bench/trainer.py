@@ -16,7 +16,15 @@ Ratios: (b)/(a) (target >= 0.9: the feed hides the teacher), DDK wall / fixed-mi
 tokens = predicted positions (batch x seq_len) per step; tokens/s from the steps' own time (the
 evaluations every K steps are in the wall times only).
 
-Run:  .venv/bin/python bench/trainer.py [--steps 40] [--batch-size 8] [--interval 10]
+Sizing. (b)/(a) can only reach 1 when the teacher alone produces faster than the student consumes
+(teacher and student are meant to sit on separate hardware, the teacher's sized to keep up). The quick
+kit's student is so small (2 x 64) that its training step outruns the kit teacher's forward pass on one
+core, so by default (``--student teacher-sized``) the bench trains a student of the teacher's own shape
+(random initialisation, the kit's tokenizer): its forward + backward costs about three teacher forwards.
+``--student kit`` trains the kit's student instead: then the teacher is the bottleneck and the last ratio
+(end to end over the slower of the two) is the number that matters.
+
+Run:  .venv/bin/python bench/trainer.py [--steps 40] [--batch-size 8] [--interval 10] [--student kit]
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,6 +103,20 @@ def precompute(client, loop_config: dict, steps: int) -> dict[bytes, object]:
     return table
 
 
+def teacher_sized_student(kit: Path, target: Path) -> Path:
+    """A randomly initialised student with the teacher's architecture and the kit's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(kit / "teacher", trust_remote_code=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(target, safe_serialization=True)
+    for f in (kit / "student").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, target / f.name)
+    return target
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kit", default=str(REPO / ".cache" / "kit-quick"))
@@ -102,6 +125,9 @@ def main() -> int:
     ap.add_argument("--interval", type=int, default=10, help="mixture.interval_steps")
     ap.add_argument("--top-k", type=int, default=16)
     ap.add_argument("--backend", default="hf", help="teacher backend (hf|vllm|auto)")
+    ap.add_argument("--student", choices=("teacher-sized", "kit"), default="teacher-sized",
+                    help="the student trained (see Sizing above)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, runs)")
     ap.add_argument("--teacher-core", type=int, default=0)
     ap.add_argument("--trainer-core", type=int, default=1)
     args = ap.parse_args()
@@ -121,6 +147,7 @@ def main() -> int:
                                args.teacher_core if pin else None, work / "teacher.log")
     ctrl_url, cproc = start(["controller", "serve", "--db", str(work / "c.sqlite")],
                             args.teacher_core if pin else None, work / "controller.log")
+    student = kit / "student" if args.student == "kit" else teacher_sized_student(kit, work / "student")
     if pin:
         os.sched_setaffinity(0, {args.trainer_core})
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -133,6 +160,7 @@ def main() -> int:
                 f"teacher.urls=[{teacher_url}]", f"controller.url={ctrl_url}", f"train.steps={args.steps}",
                 f"train.batch_size={args.batch_size}", f"mixture.interval_steps={args.interval}",
                 f"mixture.policy={policy}", f"kd.top_k={args.top_k}", f"checkpoint.every_steps={args.steps}",
+                f"student.model={student}",
                 "ray.num_workers=1", f"data.cache_dir={work / 'tokens'}"])
             lc = prepare(cfg)
             lc["config"] = config_to_dict(cfg)
@@ -172,15 +200,18 @@ def main() -> int:
     finally:
         kill_group(cproc)
         kill_group(tproc)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
     print(f"\ntrainer bench: kit {kit.name}, {args.steps} steps x batch {args.batch_size} x seq_len {seq_len}, "
-          f"top-k {args.top_k}, K={args.interval}, teacher backend {args.backend}, "
+          f"top-k {args.top_k}, K={args.interval}, teacher backend {args.backend}, student {args.student}, "
           f"{'teacher on core %d, trainer on core %d' % (args.teacher_core, args.trainer_core) if pin else 'not pinned'}")
     w = max(len(r[0]) for r in rows)
     v = max(len(r[1]) for r in rows)
     for name, value, note in rows:
         print(f"  {name.ljust(w)}  {value.rjust(v)}  {note}")
-    print(f"(work dir {work})")
+    if args.keep:
+        print(f"(work dir {work})")
     return 0
 
 

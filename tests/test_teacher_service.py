@@ -164,7 +164,7 @@ def test_hf_engine_matches_reference_with_mixed_lengths_and_k(model_dir, ref_mod
 
 # -- HTTP ------------------------------------------------------------------------------------
 
-def test_health_is_503_while_loading_then_info(server, model_dir):
+def test_health_is_503_while_loading_then_info(server, client, model_dir):
     from transformers import AutoTokenizer
 
     from services.fingerprint import tokenizer_fingerprint
@@ -179,6 +179,7 @@ def test_health_is_503_while_loading_then_info(server, model_dir):
     assert info["max_seq_len"] == cfg["max_position_embeddings"]
     assert info["max_top_k"] == 64
     assert info["tokenizer_fingerprint"] == tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_dir))
+    assert client.info() == info  # what the trainer reads to refuse a mismatched student
 
 
 def test_binary_frames_match_reference_and_json(server, client, batch, ref):
@@ -314,21 +315,36 @@ def test_full_queue_answers_503_with_retry_after(server, batch):
 
 # -- client failover -------------------------------------------------------------------------
 
-def test_failover_when_a_replica_dies_mid_stream_and_comes_back(model_dir, ref_model, tmp_path):
-    """Two replicas; one is killed while batches stream; every batch still completes with the
-    right numbers. Restarted on its port, it gets traffic again after the cool-down."""
+def test_failover_when_a_replica_dies_mid_stream_and_comes_back(server, model_dir, ref_model, tmp_path):
+    """Two replicas (A, started here, and the module's server as B) and a stream of batches; A is
+    killed while one of them is in flight on it. Every batch still completes with the right
+    numbers; restarted on its port, A gets traffic again after the cool-down.
+
+    To make "in flight" certain rather than a race, A is frozen (SIGSTOP) first: the next batch
+    the client sends to A waits on the open connection, and only then is A killed (SIGKILL)."""
     from services.teacher.client import TeacherClient
 
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 2000, (12, 16, SEQ), generator=g)
+    ids = torch.randint(0, 2000, (8, 8, SEQ), generator=g)
     port_a = free_port()
-    (a, proc_a), (b, proc_b) = (start_teacher(model_dir, "--backend", "hf", port=port_a, log_path=tmp_path / "a.log"),
-                                start_teacher(model_dir, "--backend", "hf", log_path=tmp_path / "b.log"))
+    a, proc_a = start_teacher(model_dir, "--backend", "hf", port=port_a, log_path=tmp_path / "a.log")
+    b = server["url"]
     proc_a2 = None
     try:
         wait_healthy(a + "/healthz", proc_a)
-        wait_healthy(b + "/healthz", proc_b)
         client = TeacherClient([a, b], dtype="float32", backoff=0.05, cooldown=1.0, max_retries=6)
+        in_flight_on_a = [0]  # requests sent to A whose response has not begun
+
+        def on_request(request):  # httpx event hooks of the client's per-replica keep-alive clients
+            if request.url.port == port_a:
+                in_flight_on_a[0] += 1
+
+        def on_response(response):
+            if response.request.url.port == port_a:
+                in_flight_on_a[0] -= 1
+
+        for rep in client._replicas:
+            rep.http.event_hooks = {"request": [on_request], "response": [on_response]}
         outs, done = [], threading.Event()
 
         def run():
@@ -338,16 +354,29 @@ def test_failover_when_a_replica_dies_mid_stream_and_comes_back(model_dir, ref_m
 
         t = threading.Thread(target=run)
         t.start()
-        while len(outs) < 3:
+        while len(outs) < 3 and t.is_alive():
             time.sleep(0.005)
-        os.killpg(proc_a.pid, signal.SIGKILL)  # A dies with requests in flight
+        os.kill(proc_a.pid, signal.SIGSTOP)  # A's uvicorn process stops answering
+        deadline = time.monotonic() + 60
+        while True:  # until a batch has been waiting on A for a while (the client sends one within 2 batches)
+            assert time.monotonic() < deadline, "no batch went to replica A"
+            if in_flight_on_a[0] > 0:
+                time.sleep(0.3)
+                if in_flight_on_a[0] > 0:
+                    break
+            time.sleep(0.01)
+        assert not done.is_set()
+        os.killpg(proc_a.pid, signal.SIGKILL)  # A dies with the request in flight
         proc_a.wait(10)
         t.join(120)
         assert done.is_set() and len(outs) == len(ids)
-        for batch, out in zip(ids, outs):
-            check_against_reference(out, batch, 4, reference_logprobs(ref_model, batch))
-
+        # restart A on its port now, so that its start-up overlaps the reference check
         _, proc_a2 = start_teacher(model_dir, "--backend", "hf", port=port_a, log_path=tmp_path / "a2.log")
+        flat = ids.reshape(-1, SEQ)
+        got = type("Out", (), {k: torch.cat([getattr(o, k) for o in outs])
+                               for k in ("ids", "logprobs", "target_logprob")})
+        check_against_reference(got, flat, 4, reference_logprobs(ref_model, flat))
+
         wait_healthy(a + "/healthz", proc_a2)
         time.sleep(1.0)  # the cool-down
         for batch in ids[:4]:
@@ -355,8 +384,10 @@ def test_failover_when_a_replica_dies_mid_stream_and_comes_back(model_dir, ref_m
         assert metric(a, "ddk_teacher_requests_total", '{status="200"}') >= 1
         client.close()
     finally:
-        for p in (proc_a, proc_b, proc_a2):
+        for p in (proc_a, proc_a2):
             if p is not None:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGCONT)
                 stop(p)
 
 

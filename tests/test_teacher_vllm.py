@@ -117,6 +117,27 @@ def test_vllm_server_bad_input_and_concurrency(vllm_server, data):
         check(out, ids[i:i + 1], 4, ref[i:i + 1])
 
 
+def test_vllm_server_scores_its_advertised_max_seq_len(vllm_server, model_dir):
+    """A sequence of exactly /v1/info's max_seq_len is scored (vLLM needs room for the one token it
+    generates after a prompt, so this is one less than the model's positions); one more is 413."""
+    from transformers import AutoModelForCausalLM
+
+    from services.teacher.client import TeacherClient
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    with TeacherClient(vllm_server, dtype="float32") as c:
+        n = c.info()["max_seq_len"]
+        assert n >= cfg["max_position_embeddings"] - 1
+        ids = torch.randint(0, cfg["vocab_size"], (1, n), generator=torch.Generator().manual_seed(5))
+        out = c.topk(ids, 2)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), dim=-1)
+    check(out, ids, 2, ref)
+    r = httpx.post(vllm_server + "/v1/topk", json={"input_ids": [[1] * (n + 1)], "top_k": 2})
+    assert r.status_code == 413 and "max_seq_len" in r.json()["detail"]
+
+
 # -- the prompt-logprobs parser on vLLM's own containers -------------------------------------
 
 def test_rows_from_prompt_logprobs_flat_and_dict_forms():

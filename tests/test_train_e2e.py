@@ -147,8 +147,8 @@ def test_resume_after_worker_death_and_restart_matches_uninterrupted(kit, server
     teacher, controller = servers
     ref_out, ref_history = reference
     out = workdir / "resumed"
-    env = {"DDK_FAULT_AT_STEPS": "6,10", "DDK_RAY_MAX_FAILURES": "1"}
-    first = _run_train(kit, out, "e2e-resume", teacher, controller, env=env)
+    first = _run_train(kit, out, "e2e-resume", teacher, controller, "ray.max_failures=1",
+                       env={"DDK_FAULT_AT_STEPS": "6,10"})
     assert first.returncode == 1, first.stderr[-3000:]  # the second death exceeded max_failures
     assert (out / ".fault-6").exists() and (out / ".fault-10").exists()
     done = [r["step"] for r in _lines(out) if r["event"] == "step"]

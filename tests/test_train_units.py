@@ -98,6 +98,45 @@ def test_checkpoint_without_rank_file(tmp_path):
     assert own is None and shared["step"] == 1
 
 
+def _save_two_ranks(d, step, m, o):
+    for r in (0, 1):
+        ckpt.save_checkpoint(d, rank=r, step=step, model=m if r == 0 else None, optimizer=o if r == 0 else None,
+                             scheduler=None, weights={"a": 1.0}, version=1, rank_state={"sampler": {"r": r}},
+                             world_size=2)
+
+
+def test_latest_complete_skips_partial_checkpoints(tmp_path):
+    """Discovery of a checkpoint Ray Train never registered: only folders with every part readable count."""
+    m = _tiny_model()
+    o = torch.optim.AdamW(m.parameters())
+    assert ckpt.latest_complete(tmp_path / "missing") is None
+    for step in (4, 8, 12, 16):
+        _save_two_ranks(tmp_path / ckpt.checkpoint_name(step), step, m, o)
+    (tmp_path / ckpt.checkpoint_name(16) / "rank-1.json").unlink()  # a rank's files never arrived
+    half = tmp_path / ckpt.checkpoint_name(12) / "model.safetensors"
+    half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])  # copy cut short
+    (tmp_path / "step-00000020").mkdir()  # empty
+    assert ckpt.complete_step(tmp_path / ckpt.checkpoint_name(8)) == 8
+    assert ckpt.complete_step(tmp_path / ckpt.checkpoint_name(12)) is None
+    assert ckpt.latest_complete(tmp_path) == (8, tmp_path / ckpt.checkpoint_name(8))
+
+
+def test_resume_point_prefers_the_newest_complete_checkpoint(tmp_path):
+    m = _tiny_model()
+    o = torch.optim.AdamW(m.parameters())
+    assert ckpt.resume_point(None, tmp_path) is None  # fresh start
+    for step in (4, 8):
+        _save_two_ranks(tmp_path / ckpt.checkpoint_name(step), step, m, o)
+    four, eight = tmp_path / ckpt.checkpoint_name(4), tmp_path / ckpt.checkpoint_name(8)
+    assert ckpt.resume_point(eight, tmp_path) == (8, eight, True)  # Ray knows the latest
+    assert ckpt.resume_point(four, tmp_path) == (8, eight, False)  # Ray lost step 8's registration
+    assert ckpt.resume_point(four, None) == (4, four, True)  # storage not visible: Ray's choice
+    assert ckpt.resume_point(None, tmp_path) == (8, eight, False)  # Ray lost every registration
+    (four / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        ckpt.resume_point(four, None)
+
+
 # ------------------------------------------------------------------------------------------------ feed
 
 class FakeTeacher:

@@ -132,6 +132,7 @@ def test_config_to_dict_round_trips(setup):
     ({"controller": {"url": "http://x", "token_file": "nope"}}, [], "controller.token_file:"),
     ({}, ["train.steps"], "--set train.steps: expected KEY=VALUE"),
     ({}, ["train.steps=[1"], "train.steps: value is not valid YAML"),
+    ({}, ["ray.max_failures=-1"], "ray.max_failures: must be greater than or equal to 0"),
 ])
 def test_errors_name_the_key(setup, changes, overrides, key):
     _, write = setup

@@ -47,6 +47,11 @@ class RunCreate(BaseModel):
     initial_weights: dict[str, float] | None = None
 
 
+class ErrorBody(BaseModel):
+    """Every error answer: ``{"detail": "<field>: <why>"}`` (declared so the OpenAPI schema says so)."""
+    detail: str
+
+
 class EvaluationIn(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     step: int = Field(strict=True)
@@ -192,7 +197,8 @@ def create_app(db: str | Path, token: str | None = None, *, keepalive_s: float =
     registry.register(_StoreCollector(store))
 
     app = FastAPI(title="ddk controller", version="1",
-                  description="DDK domain weights: per-domain losses in, sampling mixture out.")
+                  description="DDK domain weights: per-domain losses in, sampling mixture out.",
+                  responses={422: {"model": ErrorBody, "description": "Bad input"}})  # not FastAPI's list form
     app.state.store, app.state.broker = store, broker
 
     # errors: always {"detail": "<field>: <why>"}

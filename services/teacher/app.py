@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
 
@@ -145,7 +145,7 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
             return _error(503, "loading", {"Retry-After": "5"})
         return state["info"]
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # so the OpenAPI schema says text/plain
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -166,7 +166,8 @@ class VLLMEngine:
     (the 0.92 default fails to start; 0.3 works), spawns its engine process (the caller needs the
     ``if __name__ == "__main__"`` guard), and its attention kernel accepts only some head sizes.
     One short warm-up request runs in the constructor so that a model vLLM cannot run fails at
-    start, not on the first trainer batch.
+    start, not on the first trainer batch. vLLM must generate one token after each prompt, so
+    ``max_seq_len`` is one less than vLLM's ``max_model_len``.
     """
 
     backend = "vllm"
@@ -194,13 +195,17 @@ class VLLMEngine:
                       enable_prefix_caching=False, skip_tokenizer_init=True,
                       trust_remote_code=False, enforce_eager=enforce_eager, seed=0)
         if max_seq_len:
-            kwargs["max_model_len"] = int(max_seq_len)
+            # vLLM counts the one token it must generate (max_tokens >= 1) against max_model_len
+            limit = cfg.get("max_position_embeddings")
+            kwargs["max_model_len"] = int(max_seq_len) + 1 if not limit else min(int(max_seq_len) + 1, int(limit))
         if max_batch_tokens:
             kwargs["max_num_batched_tokens"] = int(max_batch_tokens)
         self.llm = LLM(model=self.model, **kwargs)
         mc = self.llm.llm_engine.model_config
         self.vocab_size = int(mc.get_vocab_size())
-        self.max_seq_len = int(mc.max_model_len)
+        # A prompt plus the one generated token must fit in max_model_len, so the longest sequence
+        # this engine can score is one shorter (255 on a model with 256 positions).
+        self.max_seq_len = int(mc.max_model_len) - 1
         self.max_top_k = int(min(max_top_k, self.vocab_size))
         self._params: dict[int, object] = {}
         self.topk([[0, 0]], 1)  # warm-up: fail now if the engine cannot run this model

@@ -37,7 +37,7 @@ def parse_topk_request(body: bytes, *, vocab_size: int, max_seq_len: int, max_to
                        max_batch_tokens: int) -> TopKRequest:
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
         raise RequestError(422, f"body: not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise RequestError(422, "body: expected a JSON object with input_ids and top_k")
@@ -52,7 +52,7 @@ def parse_topk_request(body: bytes, *, vocab_size: int, max_seq_len: int, max_to
         raise RequestError(422, f"top_k: must be an integer in 1..{max_top_k}, got {top_k!r}")
 
     dtype = doc.get("dtype", "float32")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or object here is not hashable: 422, not 500
         raise RequestError(422, f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
 
     rows = doc.get("input_ids")

@@ -158,7 +158,7 @@ def load_model(directory: str | Path, model: torch.nn.Module) -> None:
 def save_checkpoint(directory: str | Path, *, rank: int, step: int, model: torch.nn.Module | None,
                     optimizer: torch.optim.Optimizer | None, scheduler: Any | None,
                     weights: dict[str, float], version: int, rank_state: dict[str, Any],
-                    extra: dict[str, Any] | None = None) -> None:
+                    extra: dict[str, Any] | None = None, world_size: int = 1) -> None:
     """Write this worker's part of the checkpoint after ``step`` optimiser steps.
 
     Rank 0 writes the shared part (model, optimiser, schedule, step, mixture); every rank writes
@@ -171,6 +171,7 @@ def save_checkpoint(directory: str | Path, *, rank: int, step: int, model: torch
         save_model(directory, model)
         save_state(directory, {
             "step": int(step),
+            "world_size": int(world_size),
             "weights": {k: float(v) for k, v in weights.items()},
             "version": int(version),
             "optimizer": optimizer.state_dict(),
@@ -187,3 +188,73 @@ def load_checkpoint(directory: str | Path, *, rank: int) -> tuple[dict[str, Any]
     shared = load_state(directory)
     own = load_state(directory, _rank_stem(rank)) if (directory / f"{_rank_stem(rank)}.json").exists() else None
     return shared, own
+
+
+# --------------------------------------------------------------------------------------------
+# discovery: the newest complete checkpoint in a storage folder
+# --------------------------------------------------------------------------------------------
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{int(step):08d}"
+
+
+def _loads(directory: Path, name: str) -> dict[str, Any] | None:
+    """``<name>.json`` + ``<name>.safetensors`` fully readable (a half-copied file fails here)."""
+    try:
+        return load_state(directory, name)
+    except Exception:  # OSError, JSON and safetensors errors alike: not (yet) a usable file
+        return None
+
+
+def complete_step(directory: str | Path) -> int | None:
+    """The step of the checkpoint in ``directory`` when every part of it is there and readable, else None.
+
+    Complete means: the shared state, the model and the state of every rank that wrote it (``world_size``
+    in the shared state) all load. A folder half-copied or half-deleted when a process died is not complete.
+    """
+    directory = Path(directory)
+    shared = _loads(directory, "state")
+    if shared is None or "step" not in shared:
+        return None
+    try:
+        load_file(str(directory / MODEL_TENSORS))
+    except Exception:
+        return None
+    for r in range(int(shared.get("world_size", 1))):
+        own = _loads(directory, _rank_stem(r))
+        if own is None or own.get("step") != shared["step"]:
+            return None
+    return int(shared["step"])
+
+
+def latest_complete(root: str | Path) -> tuple[int, Path] | None:
+    """(step, folder) of the newest complete ``step-*`` checkpoint under ``root``, or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    for d in sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")),
+                    key=lambda p: p.name, reverse=True):
+        step = complete_step(d)
+        if step is not None:
+            return step, d
+    return None
+
+
+def resume_point(registered: str | Path | None, storage: str | Path | None) -> tuple[int, Path, bool] | None:
+    """Where to resume: (step, folder, registered?) or None for a fresh start.
+
+    ``registered`` is the checkpoint Ray Train hands back (its latest registered one), ``storage`` the
+    run's folder in Ray Train's storage. Ray registers a report only when its controller next polls the
+    workers, so a crash right after a report can leave a complete, newer checkpoint in storage that Ray
+    does not know about; the newer of the two wins (an incomplete registered one never does, and when
+    it is the only one there is, this raises ValueError rather than start the run over).
+    """
+    reg_step = complete_step(registered) if registered is not None else None
+    found = latest_complete(storage) if storage is not None else None
+    if found is not None and (reg_step is None or found[0] > reg_step):
+        return found[0], found[1], False
+    if reg_step is not None:
+        return reg_step, Path(registered), True
+    if registered is not None:  # starting over would silently discard the run: refuse
+        raise ValueError(f"the latest checkpoint {registered} is incomplete and no other complete one was found")
+    return None

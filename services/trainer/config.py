@@ -106,6 +106,7 @@ class RaySection(_Section):
     address: str = ""
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
+    max_failures: int | None = Field(None, ge=0)  # worker-group restarts; None: $DDK_RAY_MAX_FAILURES or 3
 
 
 class CheckpointSection(_Section):

@@ -34,7 +34,7 @@ from services.cli import UsageError
 log = logging.getLogger("ddk.trainer")
 
 DEFAULT_MAX_FAILURES = 3
-MAX_FAILURES_ENV = "DDK_RAY_MAX_FAILURES"  # until the config grows ray.max_failures
+MAX_FAILURES_ENV = "DDK_RAY_MAX_FAILURES"  # when ray.max_failures is not set
 FORWARDED_ENV = ("DDK_FAULT_AT_STEPS", "DDK_CACHE_DIR")  # passed on to the Ray workers when set
 
 
@@ -78,7 +78,8 @@ class _Progress(threading.Thread):
         from tqdm import tqdm
 
         bar = tqdm(total=self.total, desc="train", unit="step", dynamic_ncols=True)
-        pos, buf = 0, ""
+        # a restarted run's file still holds the last attempt's lines until rank 0 truncates it: skip them
+        pos, buf = (self.path.stat().st_size if self.path.exists() else 0), ""
         try:
             while not self._halt.wait(0.5):
                 if not self.path.exists():
@@ -196,7 +197,9 @@ def launch(cfg, loop_config: dict):
         ray.init(address=cfg.ray.address or None, runtime_env={"env_vars": env}, include_dashboard=False,
                  logging_level=logging.WARNING)
         started = True
-    max_failures = int(getattr(cfg.ray, "max_failures", None) or os.environ.get(MAX_FAILURES_ENV, DEFAULT_MAX_FAILURES))
+    max_failures = cfg.ray.max_failures
+    if max_failures is None:
+        max_failures = int(os.environ.get(MAX_FAILURES_ENV, DEFAULT_MAX_FAILURES))
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,

@@ -54,15 +54,20 @@ MAX_RETRY_GAP = 32  # steps between two attempts to reach an unreachable control
 # contexts: where the loop runs
 
 class RayContext:
-    """Inside a Ray Train worker: rank/world from Ray, checkpoints reported to Ray Train's storage."""
+    """Inside a Ray Train worker: rank/world from Ray, checkpoints reported to Ray Train's storage.
 
-    def __init__(self) -> None:
+    ``storage`` is the run's folder in Ray Train's storage (``output_dir/ray/<run_id>``), where the
+    checkpoints land. See :meth:`restored` for why the loop looks there as well as asking Ray.
+    """
+
+    def __init__(self, storage: str | Path | None = None) -> None:
         import ray.train
 
         c = ray.train.get_context()
         self.rank = c.get_world_rank()
         self.world_size = c.get_world_size()
         self.local_world_size = c.get_local_world_size()
+        self.storage = Path(storage) if storage is not None else None
 
     def device(self) -> torch.device:
         import ray.train.torch
@@ -76,14 +81,44 @@ class RayContext:
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[Path | None]:
+        """The checkpoint to resume from: the newer of Ray's latest and the newest complete one in storage.
+
+        Ray Train registers a reported checkpoint when its controller next polls the workers (every 2 s).
+        A worker that dies within that window loses the registration, although every rank has already
+        written its files to storage: Ray would then resume from the checkpoint before. So rank 0 also
+        scans the storage folder for the newest complete checkpoint (every file present and readable,
+        checkpoint.complete_step) and takes whichever is newer; its choice is broadcast so that every
+        rank loads the same step.
+        """
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as d:
-            yield Path(d)
+        with contextlib.ExitStack() as stack:
+            ray_dir = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint is not None else None
+            choice = [-1, 0]  # [step, source]: source 0 none, 1 Ray's checkpoint, 2 found in storage
+            if self.rank == 0:
+                point = ckpt.resume_point(ray_dir, self.storage)
+                if point is not None:
+                    step, folder, registered = point
+                    choice = [step, 1 if registered else 2]
+                    if not registered:
+                        log.warning("%s is a complete checkpoint newer than Ray Train's latest registered one "
+                                    "(%s), reported just before a failure: resuming from it", folder, ray_dir)
+            if _distributed(self.world_size):
+                t = torch.tensor(choice, dtype=torch.int64, device=_comm_device(self.device()))
+                dist.broadcast(t, src=0)
+                choice = t.cpu().tolist()
+            step, source = choice
+            if source == 0:
+                yield None
+            elif source == 1:
+                yield ray_dir
+            else:
+                d = self.storage / ckpt.checkpoint_name(step)
+                if not d.is_dir():
+                    raise RuntimeError(f"rank {self.rank}: checkpoint {d} chosen by rank 0 is not visible here; "
+                                       "on a multi-node cluster output_dir must be on shared storage")
+                yield d
 
     def report(self, metrics: dict, directory: Path | None, name: str | None) -> None:
         import ray.train
@@ -110,8 +145,9 @@ class LocalContext:
     def _saved(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return sorted((p for p in self.root.iterdir() if p.name.startswith("step-") and (p / ckpt.STATE_JSON).exists()),
-                      key=lambda p: p.name)
+        # complete ones only: a copy cut short (full disk, crash) must not be resumed from
+        return sorted((p for p in self.root.iterdir()
+                       if p.name.startswith("step-") and ckpt.complete_step(p) is not None), key=lambda p: p.name)
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[Path | None]:
@@ -122,7 +158,7 @@ class LocalContext:
         if directory is None:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        target = self.root / (name or f"step-{metrics['step']:08d}")
+        target = self.root / (name or ckpt.checkpoint_name(metrics["step"]))
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(directory, target)
@@ -193,6 +229,11 @@ def is_eval_step(step: int, interval: int, total: int) -> bool:
 def window_end(step: int, interval: int, total: int) -> int:
     """The next interval boundary after ``step`` (where new weights may arrive), capped at ``total``."""
     return min((step // interval + 1) * interval, total)
+
+
+def run_storage(output_dir: str | Path, run_id: str) -> Path:
+    """The run's folder in Ray Train's storage: ``RunConfig(storage_path=output_dir/ray, name=run_id)``."""
+    return Path(output_dir) / "ray" / run_id
 
 
 def _faults(output_dir: Path) -> set[int]:
@@ -278,7 +319,7 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker, train_loop_config=config)``)."""
     logging.basicConfig(level=config.get("log_level", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(config, RayContext())
+    run(config, RayContext(storage=run_storage(config["config"]["output_dir"], config["config"]["run_id"])))
 
 
 def run(config: dict, ctx, teacher_client: Any | None = None) -> dict:
@@ -487,8 +528,8 @@ def _save_and_report(ctx, step, model, optimizer, scheduler, weights, version, f
         ckpt.save_checkpoint(tmp, rank=ctx.rank, step=step, model=model if ctx.rank == 0 else None,
                              optimizer=optimizer if ctx.rank == 0 else None,
                              scheduler=scheduler if ctx.rank == 0 else None, weights=weights, version=version,
-                             rank_state={"sampler": feed.state_dict()}, extra=extra)
-        ctx.report({"step": step, "loss": loss, "version": version}, Path(tmp), f"step-{step:08d}")
+                             rank_state={"sampler": feed.state_dict()}, extra=extra, world_size=ctx.world_size)
+        ctx.report({"step": step, "loss": loss, "version": version}, Path(tmp), ckpt.checkpoint_name(step))
 
 
 def _export(model, tokenizer, target: Path) -> None:
