@@ -219,7 +219,10 @@ def bench_engine(backend: str, model: Path, ids: torch.Tensor, k: int, reps: int
                "b": lambda: client.topk(ids, k),
                "b8": lambda: list(pool.map(lambda cp: cp[0].topk(cp[1], k), zip(clients, parts)))}
         if url_c is not None:
-            http_c = httpx.Client(base_url=url_c, timeout=600, limits=httpx.Limits(max_connections=16))
+            # keep-alive shorter than the server's (uvicorn's 5 s), so a connection the server is
+            # closing is never reused ("Server disconnected without sending a response")
+            http_c = httpx.Client(base_url=url_c, timeout=600,
+                                  limits=httpx.Limits(max_connections=16, keepalive_expiry=1.0))
             model_name = http_c.get("/v1/models").json()["data"][0]["id"]
             sizes_c = []
 

@@ -59,7 +59,11 @@ class _Retryable(Exception):
 class _Replica:
     def __init__(self, url: str, timeout: float) -> None:
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)))
+        # keep-alive expiry below the server's 30 s idle timeout (server.py): a connection the
+        # server may be closing is never reused
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+                                 limits=httpx.Limits(max_connections=100, max_keepalive_connections=20,
+                                                     keepalive_expiry=5.0))
         self.down_until = 0.0
 
 

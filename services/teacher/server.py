@@ -52,8 +52,10 @@ def main(args: argparse.Namespace) -> int:
     app = create_app(lambda: load_engine(model, backend, **options), model_dir=model,
                      max_batch_tokens=max_batch_tokens, max_queue=max_queue,
                      max_body_bytes=getattr(args, "max_body_bytes", None), on_load_error=on_load_error)
+    # Idle keep-alive connections stay open longer than the client keeps them (5 s, client.py), so
+    # the client never reuses a connection the server is just closing.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=5)
+                            access_log=False, timeout_graceful_shutdown=5, timeout_keep_alive=30)
     server = uvicorn.Server(config)
     server.run()
     if failure:
