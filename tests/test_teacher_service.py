@@ -441,6 +441,24 @@ def test_client_gives_up_with_teacher_unavailable_and_reports_4xx():
     assert issubclass(TeacherRequestError, ValueError)
 
 
+def test_client_retries_for_its_time_budget_then_gives_up():
+    """Without max_retries the client keeps trying a dead teacher for retry_for seconds (a restart
+    takes time), with waits capped at max_backoff, and then raises TeacherUnavailable."""
+    import time
+
+    from services.teacher.client import TeacherClient, TeacherUnavailable
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with TeacherClient(dead, backoff=0.05, max_backoff=0.2, retry_for=1.5) as c:
+        t0 = time.monotonic()
+        with pytest.raises(TeacherUnavailable) as err:
+            c.topk([[1, 2, 3]], 2)
+        took = time.monotonic() - t0
+    assert 1.0 <= took < 10.0
+    attempts = int(str(err.value).split(" after ")[1].split()[0])
+    assert attempts >= 5  # many short waits, not a handful of long ones
+
+
 def test_client_raises_request_error_on_4xx_without_retrying(server):
     from services.teacher.client import TeacherClient, TeacherRequestError
 

@@ -69,7 +69,8 @@ class _Replica:
 
 class TeacherClient:
     def __init__(self, urls: str | list[str], *, dtype: str = "float16", timeout: float = 120.0,
-                 max_retries: int = 8, backoff: float = 0.5, cooldown: float = 5.0) -> None:
+                 max_retries: int | None = None, retry_for: float = 300.0, backoff: float = 0.5,
+                 max_backoff: float = 10.0, cooldown: float = 5.0) -> None:
         if isinstance(urls, str):
             urls = [u for u in urls.split(",") if u.strip()]
         if not urls:
@@ -77,8 +78,12 @@ class TeacherClient:
         if dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.dtype = dtype
-        self.max_retries = int(max_retries)
+        # retries are budgeted in time (a teacher restart takes seconds to minutes), and optionally
+        # also in attempts; the wait between attempts grows exponentially up to max_backoff
+        self.max_retries = None if max_retries is None else int(max_retries)
+        self.retry_for = float(retry_for)
         self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
         self.cooldown = float(cooldown)
         self._replicas = [_Replica(u.strip(), timeout) for u in urls]
         self._rr = itertools.count()
@@ -100,10 +105,13 @@ class TeacherClient:
         return min(self._replicas, key=lambda r: r.down_until)
 
     def _call(self, what: str, attempt_fn):
-        """Run ``attempt_fn(replica)`` with failover and exponential backoff."""
+        """Run ``attempt_fn(replica)`` with failover and exponential backoff, for at most ``retry_for``
+        seconds (and ``max_retries`` retries when set)."""
         tried: set[int] = set()
         last: Exception | None = None
-        for attempt in range(self.max_retries + 1):
+        deadline = time.monotonic() + self.retry_for
+        attempt = 0
+        while True:
             rep = self._pick(tried)
             tried.add(self._replicas.index(rep))
             try:
@@ -112,21 +120,23 @@ class TeacherClient:
                 last = e
                 if e.replica_down:
                     rep.down_until = time.monotonic() + self.cooldown
-                log.warning("teacher %s on %s failed (attempt %d/%d): %s", what, rep.url, attempt + 1,
-                            self.max_retries + 1, e)
-                if attempt == self.max_retries:
+                log.warning("teacher %s on %s failed (attempt %d): %s", what, rep.url, attempt + 1, e)
+                if self.max_retries is not None and attempt >= self.max_retries:
                     break
+                attempt += 1
                 alive_other = any(r.down_until <= time.monotonic() and r is not rep for r in self._replicas)
                 if e.replica_down and alive_other and len(tried) < len(self._replicas):
                     continue  # fail over at once to a replica not tried yet
-                delay = min(30.0, self.backoff * 2 ** attempt) * (0.75 + 0.5 * random.random())
+                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.75 + 0.5 * random.random())
                 if e.retry_after is not None:
                     delay = max(delay, e.retry_after)
+                if time.monotonic() + delay > deadline:
+                    break
                 time.sleep(delay)
                 if len(tried) >= len(self._replicas):
                     tried.clear()
-        raise TeacherUnavailable(f"teacher {what} failed on every replica after "
-                                 f"{self.max_retries + 1} attempts: {last}")
+        raise TeacherUnavailable(f"teacher {what} failed on every replica after {attempt + 1} attempts "
+                                 f"({self.retry_for:.0f} s budget): {last}")
 
     @staticmethod
     def _check_status(r: httpx.Response) -> None:
