@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -245,7 +246,8 @@ def fake_build(monkeypatch):
         root.mkdir(parents=True)
         (root / "teacher").mkdir()
         (root / "teacher" / "config.json").write_text("{}")
-        fx.write_text(root / "kit.json", json.dumps({"format": fx.KIT_FORMAT, "quick": quick, "seed": seed}))
+        fx.write_text(root / "kit.json", json.dumps({"format": fx.KIT_FORMAT, "quick": quick, "seed": seed,
+                                                     "spec": asdict(spec)}))
 
     monkeypatch.setattr(fx, "_build", build)
     return calls
@@ -273,6 +275,17 @@ def test_half_written_kit_is_not_taken_as_finished(tmp_path, fake_build):
         fx.build_kit(out, quick=False)  # a different kit is not silently reused or replaced
     fx.build_kit(out, quick=True, force=True)
     assert len(fake_build) == 2
+
+
+def test_kit_built_with_other_sizes_is_not_reused(tmp_path, fake_build, monkeypatch):
+    out = tmp_path / "kit"
+    fx.build_kit(out, quick=True)
+    monkeypatch.setattr(fx, "QUICK", replace(fx.QUICK, student=replace(fx.QUICK.student, steps=1)))
+    with pytest.raises(UsageError, match="other sizes"):
+        fx.build_kit(out, quick=True)
+    assert len(fake_build) == 1
+    fx.build_kit(out, quick=True, force=True)
+    assert len(fake_build) == 2 and fx.read_finished_kit(out)["spec"]["student"]["steps"] == 1
 
 
 def test_failed_build_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):

@@ -95,8 +95,11 @@ def format_report(agg: dict, domains: list[str], initial: dict[str, float], comm
                  f"{initial[lagging]:.3f}): **{top}** (ratio down by {gains[top]:.3f})")
     if "ddk" in agg and "ddk_raw" in agg:
         d, r = agg["ddk"]["mean_ratio"], agg["ddk_raw"]["mean_ratio"]
-        lines.append(f"- smoothing: ddk {d:.3f} vs ddk_raw {r:.3f} mean ratio "
-                     f"({'smoothing better' if d < r else 'smoothing not better'})")
+        noise = max(agg["ddk"]["mean_ratio_spread"], agg["ddk_raw"]["mean_ratio_spread"], 5e-4)
+        verdict = ("no measurable difference" if abs(d - r) <= noise
+                   else "smoothing better" if d < r else "smoothing not better")
+        lines.append(f"- smoothing: ddk {d:.4f} vs ddk_raw {r:.4f} mean ratio ({verdict}; "
+                     f"differences within the seed spread or 0.0005 count as none)")
     return "\n".join(lines) + "\n"
 
 
