@@ -4,8 +4,10 @@ Ray start costs ~30 s on 2 cores, so the module makes four launches and checks e
 
 * ``reference``: a 12-step DDK run (K=4, batch 4 per worker, checkpoints every 4 steps);
 * ``resumed``: the same run under another run_id, where the last worker dies after step 6 (Ray replaces it
-  and resumes from the step-4 checkpoint) and again after step 10 with no failures left (the run stops,
-  exit 1), then is started again (resumes from the step-8 checkpoint) -- it must end like ``reference``;
+  and resumes from the step-4 checkpoint) and again after step 10 with no failures left
+  (``ray.max_failures=1``: the run stops, exit 1), then is started again and resumes from the step-8
+  checkpoint -- it must end like ``reference``. (When steps are fast, Ray Train may not have registered
+  step 8 before the death at step 10; the worker then finds it in storage, checkpoint.resume_point.)
 * a tokenizer mismatch (exit 2 before Ray) and a CPT run (no teacher URL at all).
 """
 

@@ -421,6 +421,7 @@ def run(config: dict, ctx, teacher_client: Any | None = None) -> dict:
     faults = _faults(out_dir) if rank == world - 1 else set()
     tokens_per_step = cfg.train.batch_size * seq_len * world
     t_start, tokens_done, wait_total, step_time_total = time.perf_counter(), 0, 0.0, 0.0
+    step_cpu_total = 0.0  # CPU time of this process (loop + feed thread) during the steps, for benchmarks
     model.train()
     try:
         while True:
@@ -452,7 +453,7 @@ def run(config: dict, ctx, teacher_client: Any | None = None) -> dict:
             # 3. the batch, drawn with these weights (prefetched up to the next boundary)
             if not feed.covers(step) or feed.version != version:
                 feed.schedule(step, window_end(step, K, total), weights, version)  # drops stale batches
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             batch, waited = feed.next(step)
 
             # 4. the update
@@ -475,6 +476,7 @@ def run(config: dict, ctx, teacher_client: Any | None = None) -> dict:
             rows = [sum(1 for dn, _ in batch.rows if dn == n) for n in names]
             sums = all_reduce_sum([loss.item(), parts["ce"].item(), parts["kl"].item(), waited] + rows, world, device)
             dt = time.perf_counter() - t0
+            step_cpu_total += time.process_time() - c0
             tokens_done += tokens_per_step
             wait_total += waited
             step_time_total += dt
@@ -501,6 +503,7 @@ def run(config: dict, ctx, teacher_client: Any | None = None) -> dict:
 
     summary = {"step": step, "version": version, "weights": weights, "wall_s": time.perf_counter() - t_start,
                "tokens": tokens_done, "tokens_per_s": tokens_done / step_time_total if step_time_total else 0.0,
+               "step_s": step_time_total, "step_cpu_s": step_cpu_total,
                "teacher_wait_s": wait_total}
     if rank == 0:
         if controller.pending is not None:
