@@ -6,6 +6,9 @@ import os
 import sys
 from pathlib import Path
 
+# as `ddk` does (services/cli.py): sleeping, not spinning, OpenMP threads for the tests' own torch work
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
