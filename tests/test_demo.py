@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from services.trainer.launcher import port_is_bound as port_bound  # a listener holds it; TIME_WAIT does not
+
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
@@ -48,19 +50,6 @@ def wait_gone(marker: str, timeout: float = 30.0) -> list[int]:
 
 def ports_in_log(text: str) -> list[int]:
     return [int(p) for p in re.findall(r"port (\d+)\)", text)]
-
-
-def port_bound(port: int) -> bool:
-    """A listener (or any bound socket) holds the port; TIME_WAIT leftovers of closed connections do not."""
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
 
 
 def start_demo(out: Path, kit: Path, marker: str, steps: int) -> subprocess.Popen:
