@@ -53,13 +53,13 @@ def _lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _val_loss(model_dir: Path, kit: Path, seq_len: int, n: int = 8) -> float:
-    """Mean next-token CE over the first n validation blocks of every domain, computed here from scratch."""
+def _val_loss(model_dir: Path, kit: Path, seq_len: int, n: int = 8) -> dict[str, float]:
+    """Per domain, the mean next-token CE over its first n validation blocks, computed here from scratch."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
-    losses = []
+    losses = {}
     for val in sorted((kit / "data").glob("*/val.jsonl")):
         ids: list[int] = []
         for line in val.read_text().splitlines():
@@ -69,9 +69,9 @@ def _val_loss(model_dir: Path, kit: Path, seq_len: int, n: int = 8) -> float:
         blocks = torch.tensor(ids[: n * (seq_len + 1)]).view(-1, seq_len + 1)
         with torch.no_grad():
             logits = model(input_ids=blocks[:, :-1]).logits
-        losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                        blocks[:, 1:].reshape(-1)).item())
-    return float(np.mean(losses))
+        losses[val.parent.name] = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).item()
+    return losses
 
 
 def _topk_requests(teacher: str) -> float:
@@ -142,7 +142,14 @@ def test_ddk_run_follows_controller_and_improves_student(kit, reference):
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
     assert not list(final.glob("*.bin")) and not list(final.glob("*.pt"))
     seq_len = json.loads((out / "config.json").read_text())["data"]["seq_len"]
-    assert _val_loss(final, kit, seq_len) < _val_loss(kit / "student", kit, seq_len) - 0.01
+    before, after = _val_loss(kit / "student", kit, seq_len), _val_loss(final, kit, seq_len)
+    # DDK spends most of the 12 steps on the lagging domain, so the unweighted mean over domains may not move
+    # (measured: -0.04..+0.01); the loss on the mixture the student was trained on must drop, and the most
+    # sampled domain most of all (measured in a plain-PyTorch replay of these settings with the step-1 weights, 4 seeds: -0.08..-0.09 and -0.13..-0.17).
+    mixture = {d: float(np.mean([r["weights"][d] for r in steps])) for d in before}
+    focus = max(mixture, key=mixture.get)
+    assert sum(mixture[d] * (after[d] - before[d]) for d in before) < -0.02, (mixture, before, after)
+    assert after[focus] < before[focus] - 0.05, (focus, before, after)
 
 
 def test_resume_after_worker_death_and_restart_matches_uninterrupted(kit, servers, workdir, reference):
