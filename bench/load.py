@@ -24,8 +24,6 @@ import ipaddress
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,13 +38,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common import tree_rss  # noqa: E402
 from services.teacher.wire import MEDIA_TYPE, FrameReader, WireError  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from services.trainer.launcher import free_port, kill_group, wait_healthy  # noqa: E402
 
 
 def is_loopback(url: str) -> bool:
@@ -57,16 +51,6 @@ def is_loopback(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def tree_rss(pid: int) -> int:
-    import psutil
-
-    try:
-        p = psutil.Process(pid)
-        return sum(q.memory_info().rss for q in [p] + p.children(recursive=True))
-    except psutil.Error:
-        return 0
 
 
 def queue_depth(url: str) -> float | None:
@@ -84,17 +68,12 @@ def start_teacher(model: Path, backend: str, max_queue: int, log: Path) -> tuple
            "--port", str(port), "--max-queue", str(max_queue)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the teacher exited with {proc.returncode}; see {log}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return url, proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("the teacher did not become healthy in 600 s")
+    try:
+        wait_healthy(url + "/healthz", proc, 600, log_path=log)
+    except (RuntimeError, TimeoutError) as e:
+        kill_group(proc)
+        raise SystemExit(f"the teacher did not start: {e}") from None
+    return url, proc
 
 
 class Client(threading.Thread):
@@ -215,12 +194,8 @@ def main() -> int:
         sampler.join(5)
         healthy_after = httpx.get(url + "/healthz", timeout=10).status_code == 200
     finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        if proc is not None:
+            kill_group(proc, timeout=30)
 
     out = stats["outcomes"]
     total = sum(out.values())

@@ -52,35 +52,10 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common import tree_rss  # noqa: E402
+from services.trainer.launcher import free_port, kill_group, wait_healthy  # noqa: E402
+
 H200_BF16_PEAK = 790e12
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tree_rss(pid: int, exclude: frozenset = frozenset()) -> int:
-    """RSS of a process and its descendants, leaving out the subtrees rooted at ``exclude``."""
-    import psutil
-
-    def walk(p):
-        if p.pid in exclude:
-            return 0
-        try:
-            total = p.memory_info().rss
-            kids = p.children()
-        except psutil.NoSuchProcess:
-            return 0
-        return total + sum(walk(q) for q in kids)
-
-    try:
-        return walk(psutil.Process(pid))
-    except psutil.NoSuchProcess:
-        return 0
 
 
 class RssWatch:
@@ -105,40 +80,21 @@ class RssWatch:
 
 
 def start_server(argv: list[str], log_path: Path, timeout: float = 600) -> tuple[str, subprocess.Popen]:
-    import httpx
-
     port = free_port()
     proc = subprocess.Popen(argv + ["--port", str(port)], cwd=REPO, stdout=open(log_path, "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
     health = "/health" if "vllm.entrypoints" in " ".join(argv) else "/healthz"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}); see {log_path}")
-        try:
-            if httpx.get(url + health, timeout=2).status_code == 200:
-                return url, proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise TimeoutError(f"server not healthy after {timeout}s; see {log_path}")
+    try:
+        wait_healthy(url + health, proc, timeout, log_path=Path(log_path))
+    except TimeoutError:
+        stop_server(proc)
+        raise
+    return url, proc
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    import signal
-
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(10)
+    kill_group(proc, timeout=30)
 
 
 def make_batch(model: Path, batch: int, seq: int, seed: int = 0) -> torch.Tensor:

@@ -48,30 +48,22 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from services.trainer.launcher import free_port, kill_group  # noqa: E402
+from services.trainer.launcher import free_port, kill_group, wait_healthy  # noqa: E402
 
 
 def start(argv: list[str], core: int | None, log_path: Path) -> tuple[str, subprocess.Popen]:
-    import httpx
-
     port = free_port()
     prefix = ["taskset", "-c", str(core)] if core is not None else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(prefix + [sys.executable, "-m", "services.cli", *argv, "--port", str(port)], cwd=REPO,
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{argv[:2]} exited; see {log_path}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return url, proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    kill_group(proc)
-    raise TimeoutError(f"{argv[:2]} not healthy")
+    try:
+        wait_healthy(url + "/healthz", proc, 300, log_path=log_path)
+    except TimeoutError:
+        kill_group(proc)
+        raise
+    return url, proc
 
 
 class Replay:

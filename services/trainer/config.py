@@ -12,7 +12,6 @@ After loading, every path in the config is absolute, because Ray workers do not 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 

@@ -58,6 +58,25 @@ def kill_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     proc.wait(timeout=10)
 
 
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 300.0,
+                 log_path: Path | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail early (with the log's tail) if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:] if log_path and log_path.exists() else ""
+            cmd = " ".join(map(str, proc.args)) if isinstance(proc.args, (list, tuple)) else str(proc.args)
+            raise RuntimeError(f"`{cmd[:200]}` exited with code {proc.returncode} before {url} was healthy; "
+                               f"log tail:\n{tail}")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} not healthy after {timeout:.0f}s")
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: ask Linux to SIGTERM us when the parent dies (even by SIGKILL)."""
     try:
@@ -112,18 +131,7 @@ class Services:
 
     def wait_healthy(self, name: str, url: str, timeout: float = 300.0) -> None:
         proc = next(p for n, p, _ in self.procs if n == name)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{name} exited with code {proc.returncode} while starting; log tail:\n{tail}")
-            try:
-                if httpx.get(url, timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"{name} not healthy at {url} after {timeout:.0f}s")
+        wait_healthy(url, proc, timeout, log_path=self.log_dir / f"{name}.log")
 
     def run(self, name: str, argv: list[str], env: dict | None = None) -> int:
         """Run a child to completion in its own group (killed with it on interrupt); its exit code."""
