@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="the paper's comparison: the same run under several policies and seeds")
     p.add_argument("config", help="train config YAML (e.g. a kit's train.yaml)")
     p.add_argument("--policies", default="cpt,kd,ddk_raw,ddk",
-                   help="comma-separated, from cpt, kd, ddk_raw, ddk (default: all four)")
+                   help="comma-separated, from cpt, kd, kd_uniform, ddk_raw, ddk (default: the paper's four, "
+                        "cpt,kd,ddk_raw,ddk)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per policy (default 1)")
     p.add_argument("--out", default="ddk-compare", help="output directory (default ./ddk-compare)")
     p.add_argument("--teacher-model", default=None,

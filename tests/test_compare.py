@@ -16,6 +16,9 @@ def test_policy_overrides_match_the_paper_baselines():
     assert policy_overrides("kd", natural, None) == {"mixture.policy": "fixed", "mixture.initial_weights": natural}
     # the config's own fixed mixture wins over the natural proportions
     assert policy_overrides("kd", natural, {"a": 0.5, "b": 0.5})["mixture.initial_weights"] == {"a": 0.5, "b": 0.5}
+    # uniform: 1/N whatever the data's proportions or the config's mixture
+    assert policy_overrides("kd_uniform", natural, {"a": 0.9, "b": 0.1}) == {
+        "mixture.policy": "fixed", "mixture.initial_weights": {"a": 0.5, "b": 0.5}}
     assert policy_overrides("ddk", natural, None) == {"mixture.policy": "ddk"}
     assert policy_overrides("ddk_raw", natural, None) == {"mixture.policy": "ddk_raw"}
     with pytest.raises(UsageError, match="--policies"):
@@ -39,6 +42,20 @@ def test_aggregate_means_spreads_and_worst_domain():
     assert "| kd |" in report and "| ddk |" in report and "lowest mean ratio: **ddk** (1.400)" in report
     # the most-lagging domain is b (2.5); ddk lowered it by 1.0, kd by 0.6
     assert "(b, initial ratio 2.500): **ddk**" in report
+
+
+def test_report_verdicts_count_differences_within_the_seed_spread_as_none():
+    def runs(*means):  # one policy, one seed per mean, both domains at that ratio
+        return [{"ratio": {"a": m, "b": m}, "tokens": {"a": 1, "b": 1}} for m in means]
+
+    agg = aggregate({"ddk": runs(1.10, 1.12), "ddk_raw": runs(1.115), "kd_uniform": runs(1.20, 1.22)}, ["a", "b"])
+    report = format_report(agg, ["a", "b"], {"a": 1.5, "b": 1.5}, "ddk compare x", "note")
+    # ddk 1.11 +- 0.01 vs ddk_raw 1.115: inside the spread
+    assert "smoothing: ddk 1.1100 vs ddk_raw 1.1150 mean ratio (no measurable difference" in report
+    # ddk 1.11 vs kd_uniform 1.21 +- 0.01: outside it
+    assert "uniform mixture: ddk 1.1100 vs kd_uniform 1.2100 mean ratio (ddk better" in report
+    agg = aggregate({"ddk": runs(1.30), "kd_uniform": runs(1.20)}, ["a", "b"])
+    assert "(ddk not better" in format_report(agg, ["a", "b"], {"a": 1.5, "b": 1.5}, "c", "n")
 
 
 def test_heldout_blocks_skip_the_steering_blocks():
