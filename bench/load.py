@@ -38,9 +38,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import tree_rss  # noqa: E402
+from common import start_server, tree_rss  # noqa: E402
 from services.teacher.wire import MEDIA_TYPE, FrameReader, WireError  # noqa: E402
-from services.trainer.launcher import free_port, kill_group, wait_healthy  # noqa: E402
+from services.trainer.launcher import kill_group  # noqa: E402
 
 
 def is_loopback(url: str) -> bool:
@@ -63,17 +63,12 @@ def queue_depth(url: str) -> float | None:
 
 
 def start_teacher(model: Path, backend: str, max_queue: int, log: Path) -> tuple[str, subprocess.Popen]:
-    port = free_port()
     cmd = [sys.executable, "-m", "services.cli", "teacher", "serve", "--model", str(model), "--backend", backend,
-           "--port", str(port), "--max-queue", str(max_queue)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+           "--max-queue", str(max_queue)]
     try:
-        wait_healthy(url + "/healthz", proc, 600, log_path=log)
+        return start_server(cmd, log, timeout=600)
     except (RuntimeError, TimeoutError) as e:
-        kill_group(proc)
         raise SystemExit(f"the teacher did not start: {e}") from None
-    return url, proc
 
 
 class Client(threading.Thread):

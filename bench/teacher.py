@@ -33,7 +33,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,8 +51,8 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import tree_rss  # noqa: E402
-from services.trainer.launcher import free_port, kill_group, wait_healthy  # noqa: E402
+from common import start_server, tree_rss  # noqa: E402
+from services.trainer.launcher import kill_group  # noqa: E402
 
 H200_BF16_PEAK = 790e12
 
@@ -77,24 +76,6 @@ class RssWatch:
         self._stop.set()
         self._t.join()
         return self.peak
-
-
-def start_server(argv: list[str], log_path: Path, timeout: float = 600) -> tuple[str, subprocess.Popen]:
-    port = free_port()
-    proc = subprocess.Popen(argv + ["--port", str(port)], cwd=REPO, stdout=open(log_path, "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    health = "/health" if "vllm.entrypoints" in " ".join(argv) else "/healthz"
-    try:
-        wait_healthy(url + health, proc, timeout, log_path=Path(log_path))
-    except TimeoutError:
-        stop_server(proc)
-        raise
-    return url, proc
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    kill_group(proc, timeout=30)
 
 
 def make_batch(model: Path, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
@@ -154,7 +135,8 @@ def bench_engine(backend: str, model: Path, ids: torch.Tensor, k: int, reps: int
         url_c = None
         if openai_gmu is not None:
             t0 = time.perf_counter()
-            url_c, proc_c = start_server(vllm_openai_argv(model, k, openai_gmu), workdir / "vllm-openai.log")
+            url_c, proc_c = start_server(vllm_openai_argv(model, k, openai_gmu), workdir / "vllm-openai.log",
+                                         health="/health")
             procs.append(proc_c)
             res["start_s"]["c"] = time.perf_counter() - t0
             watches["c"] = RssWatch(proc_c.pid)
@@ -217,7 +199,7 @@ def bench_engine(backend: str, model: Path, ids: torch.Tensor, k: int, reps: int
         for name, w in watches.items():
             res["rss"][name] = w.stop()
         for proc in procs:
-            stop_server(proc)
+            kill_group(proc, timeout=30)
     return res
 
 

@@ -48,22 +48,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from services.trainer.launcher import free_port, kill_group, wait_healthy  # noqa: E402
+from common import start_server  # noqa: E402
+from services.trainer.launcher import kill_group  # noqa: E402
 
 
 def start(argv: list[str], core: int | None, log_path: Path) -> tuple[str, subprocess.Popen]:
-    port = free_port()
     prefix = ["taskset", "-c", str(core)] if core is not None else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(prefix + [sys.executable, "-m", "services.cli", *argv, "--port", str(port)], cwd=REPO,
-                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url + "/healthz", proc, 300, log_path=log_path)
-    except TimeoutError:
-        kill_group(proc)
-        raise
-    return url, proc
+    return start_server(prefix + [sys.executable, "-m", "services.cli", *argv], log_path, timeout=300,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 class Replay:

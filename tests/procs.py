@@ -8,14 +8,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from services.trainer.launcher import free_port, kill_group, wait_healthy  # noqa: F401  (re-exported)
+from services.trainer.launcher import free_port, kill_group, wait_healthy  # noqa: F401  (re-exported for tests)
 
 REPO = Path(__file__).resolve().parent.parent
 DDK = [sys.executable, "-m", "services.cli"]
-
-
-# one implementation for the CLI's launcher and the tests: stop = SIGTERM the group, SIGKILL what lingers
-stop = kill_group
 
 
 @contextmanager
@@ -32,6 +28,6 @@ def service(args: list[str], health_path: str = "/healthz", port: int | None = N
         wait_healthy(url + health_path, proc, timeout)
         yield url, proc
     finally:
-        stop(proc)
+        kill_group(proc)
         if log_path:
             log.close()

@@ -804,7 +804,7 @@ def test_two_node_ray_cluster_runs_a_ray_job_against_teacher_and_controller(kit,
     clusters on the machine are neither seen nor touched. About 2 minutes on 2 idle cores."""
     if not (REPO / "services" / "trainer" / "train.py").exists():
         pytest.skip("services/trainer/train.py not written yet")
-    from procs import DDK, free_port, stop, wait_healthy
+    from procs import DDK, free_port, kill_group, wait_healthy
 
     temp_dir = tempfile.mkdtemp(prefix="ddkray-", dir="/tmp")  # short: Ray's socket paths have a limit
     gcs, dashboard = free_port(), free_port()
@@ -880,7 +880,7 @@ def test_two_node_ray_cluster_runs_a_ray_job_against_teacher_and_controller(kit,
         workers = [a for a in _state(dash, "actors") if "TrainWorker" in (a.get("class_name") or "")]
     finally:
         for proc, _ in services.values():
-            stop(proc)
+            kill_group(proc)
         for log in logs:
             log.close()
         for node in reversed(nodes):

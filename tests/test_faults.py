@@ -34,7 +34,7 @@ import httpx
 import pytest
 import torch
 
-from procs import DDK, REPO, free_port, stop, wait_healthy
+from procs import DDK, REPO, free_port, kill_group, wait_healthy
 
 TIMEOUT = 600  # one run, on a loaded 2-core machine
 NO_RETRY = {"DDK_RAY_MAX_FAILURES": "0"}
@@ -72,7 +72,7 @@ class Proc:
 
     def close(self) -> None:
         if self.popen is not None and self.popen.poll() is None:
-            stop(self.popen)
+            kill_group(self.popen)
 
 
 def teacher(kit: Path, log: Path) -> Proc:
@@ -148,7 +148,7 @@ class Train:
             try:
                 p.wait(60)
             except subprocess.TimeoutExpired:
-                stop(p)
+                kill_group(p)
 
     def log(self) -> str:
         return self.proc.log.read_text(errors="replace")

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from procs import DDK, REPO, free_port, stop, wait_healthy
+from procs import DDK, REPO, free_port, kill_group, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +125,7 @@ def server(model_dir, tmp_path_factory):
         wait_healthy(url + "/healthz", proc, 120)
         yield {"url": url, "proc": proc, "first_health": first, "log": log}
     finally:
-        stop(proc)
+        kill_group(proc)
 
 
 @pytest.fixture(scope="module")
@@ -388,7 +388,7 @@ def test_failover_when_a_replica_dies_mid_stream_and_comes_back(server, model_di
             if p is not None:
                 if p.poll() is None:
                     os.killpg(p.pid, signal.SIGCONT)
-                stop(p)
+                kill_group(p)
 
 
 def test_client_retries_a_stream_cut_mid_frame(server, client, batch):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from procs import DDK, REPO, free_port, stop, wait_healthy
+from procs import DDK, REPO, free_port, kill_group, wait_healthy
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
@@ -46,7 +46,7 @@ def vllm_server(model_dir, tmp_path_factory):
         print(log.read_text()[-4000:])
         raise
     finally:
-        stop(proc, timeout=30)
+        kill_group(proc, timeout=30)
 
 
 @pytest.fixture(scope="module")

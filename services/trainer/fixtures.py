@@ -334,11 +334,12 @@ def build_kit(out, quick: bool = False, seed: int = 0, force: bool = False) -> P
         info = read_finished_kit(out)
         spec = QUICK if quick else DEFAULT
         if info is not None and not force:
-            if info.get("quick") == bool(quick) and info.get("seed") == seed and same_spec(info, spec):
+            same_sizes = same_spec(info, spec)
+            if info.get("quick") == bool(quick) and info.get("seed") == seed and same_sizes:
                 log.info("reusing the finished kit in %s", out)
                 return out
             raise UsageError(f"--out {out} holds a kit built with quick={info.get('quick')} "
-                             f"seed={info.get('seed')}{'' if same_spec(info, spec) else ' and other sizes'}; "
+                             f"seed={info.get('seed')}{'' if same_sizes else ' and other sizes'}; "
                              f"pass --force to rebuild or choose another directory")
         # under the lock no other build of this kit runs: any .tmp-* beside it is a killed build's
         for stale in out.parent.glob(f"{out.name}.tmp-*"):
