@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from services.trainer.launcher import free_port, kill_group, wait_healthy
+from ddk.launcher import free_port, kill_group, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 

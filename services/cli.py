@@ -4,7 +4,8 @@ Every subcommand is declared here (so ``ddk --help`` is fast and imports no engi
 function of its service, imported only when that subcommand runs.
 
 Exit codes: 0 success; 2 bad usage or bad input (one-line message on stderr); 1 failure.
-Implementations raise :class:`UsageError` for bad input; anything else is a failure.
+Implementations raise :class:`ddk.errors.UsageError` for bad input; anything else is a failure.
+Nothing imports this module: it imports the services (lazily, per subcommand), never the reverse.
 """
 
 from __future__ import annotations
@@ -12,17 +13,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 
-# Idle OpenMP threads sleep instead of spinning (set before any subcommand imports torch; inherited by
-# the teacher, the train driver and its Ray workers). Where the teacher, the trainer's workers and other
-# jobs share a few cores, spinning threads made steps 2-5x slower (measured on the 2-core VM; README).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-class UsageError(Exception):
-    """Bad usage or bad input: the CLI prints ``ddk: error: <message>`` and exits 2."""
+from ddk.errors import UsageError
+from ddk.runtime import set_process_defaults
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small models, few steps (tests; under 3 minutes)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--force", action="store_true", help="rebuild even if a finished kit is in --out")
-    p.set_defaults(func=_lazy("services.trainer.fixtures:main"))
+    p.set_defaults(func=_lazy("ddk.kit.fixtures:main"))
 
     # ddk teacher serve
     teacher = sub.add_parser("teacher", help="the teacher service").add_subparsers(
@@ -76,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="vLLM memory fraction (default 0.9 on GPU, 0.3 on CPU, where 0.92 fails)")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM: skip graph compilation (faster start)")
-    p.set_defaults(func=_lazy("services.teacher.server:main"))
+    p.set_defaults(func=_lazy("ddk.teacher.server:main"))
 
     # ddk controller serve
     controller = sub.add_parser("controller", help="the controller service").add_subparsers(
@@ -87,14 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8200)
     p.add_argument("--token-file", default=None, help="file holding the bearer token required for writes")
-    p.set_defaults(func=_lazy("services.controller.server:main"))
+    p.set_defaults(func=_lazy("ddk.controller.server:main"))
 
     # ddk train
     p = sub.add_parser("train", help="run a distillation under Ray Train")
     p.add_argument("config", help="YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted config key; VALUE is parsed as YAML (repeatable)")
-    p.set_defaults(func=_lazy("services.trainer.train:main"))
+    p.set_defaults(func=_lazy("ddk.trainer.launch:main"))
 
     # ddk eval
     p = sub.add_parser("eval", help="per-domain validation perplexity of a model")
@@ -107,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequences", type=int, default=None,
                    help="validation sequences per domain (default: eval.sequences_per_domain of a train config, else 32)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
-    p.set_defaults(func=_lazy("services.trainer.evaluate:main"))
+    p.set_defaults(func=_lazy("ddk.trainer.evaluate:main"))
 
     # ddk demo
     p = sub.add_parser("demo", help="end to end: kit, teacher + controller, a DDK run, report")
@@ -115,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="ddk-demo", help="output directory (default ./ddk-demo)")
     p.add_argument("--kit", default=None, help="use this finished kit instead of building one in OUT/kit")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 60 quick, 600 otherwise)")
-    p.set_defaults(func=_lazy("services.trainer.demo:main"))
+    p.set_defaults(func=_lazy("ddk.experiments.demo:main"))
 
     # ddk compare
     p = sub.add_parser("compare", help="the paper's comparison: the same run under several policies and seeds")
@@ -129,12 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a local teacher on this model (default: use the config's teacher.urls)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key for every run (repeatable)")
-    p.set_defaults(func=_lazy("services.trainer.compare:main"))
+    p.set_defaults(func=_lazy("ddk.experiments.compare:main"))
 
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_process_defaults()  # before any subcommand imports torch
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -155,8 +150,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m services.cli` runs this file as __main__; go through the importable module so that
-    # services raise the same UsageError class that main() catches.
-    from services.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

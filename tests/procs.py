@@ -8,10 +8,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from services.trainer.launcher import free_port, kill_group, wait_healthy  # noqa: F401  (re-exported for tests)
+from ddk.launcher import free_port, kill_group, wait_healthy  # noqa: F401  (re-exported for tests)
 
 REPO = Path(__file__).resolve().parent.parent
-DDK = [sys.executable, "-m", "services.cli"]
+DDK = [sys.executable, "-m", "ddk.cli"]
 
 
 @contextmanager

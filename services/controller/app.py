@@ -1,7 +1,7 @@
 """The controller's HTTP API (FastAPI): runs, evaluations -> DDK weights, history, SSE push, metrics, page.
 
-A thin layer over :mod:`services.controller.store` (state, transactions) and
-:mod:`services.controller.mixture` (the math). Contract: "Controller HTTP API (v1)" in ARCHITECTURE.md.
+A thin layer over :mod:`ddk.controller.store` (state, transactions) and
+:mod:`ddk.controller.mixture` (the math). Contract: "Controller HTTP API (v1)" in ARCHITECTURE.md.
 
 Errors are always JSON ``{"detail": "<field>: <why>"}``: 404 unknown run, 409 conflicting spec or old step,
 422 bad input (including NaN/Infinity, which Python's JSON parser would otherwise accept), 413 bodies over
@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.controller.spec import Invalid, check_run_spec
-from services.controller.store import Conflict, NotFound, Store
+from ddk.controller.spec import Invalid, check_run_spec
+from ddk.controller.store import Conflict, NotFound, Store
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import uvicorn
 
-from services.cli import UsageError
+from ddk.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def read_token(path: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from services.controller.app import create_app
+    from ddk.controller.app import create_app
 
     token = read_token(args.token_file) if args.token_file else None
     server: uvicorn.Server | None = None

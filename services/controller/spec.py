@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from services.controller.mixture import POLICIES, uniform
+from ddk.controller.mixture import POLICIES, uniform
 
 # run ids appear in URLs and file names: keep them to a safe alphabet
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from services.controller import mixture
-from services.controller.spec import Invalid, RunSpec, check_losses, check_step
+from ddk.controller import mixture
+from ddk.controller.spec import Invalid, RunSpec, check_losses, check_step
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ def tokenizer_fingerprint_of(model_dir: str | Path | None) -> str | None:
         return None
     from transformers import AutoTokenizer
 
-    from services.fingerprint import tokenizer_fingerprint
+    from ddk.fingerprint import tokenizer_fingerprint
 
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from services.cli import UsageError
+    from ddk.errors import UsageError
 
     from .app import create_app
     from .engines import choose_backend, load_engine

@@ -1,7 +1,7 @@
 """The training config: one YAML file (plus ``--set a.b=VALUE`` overrides) -> a validated :class:`TrainConfig`.
 
 Why pydantic with ``extra="forbid"`` everywhere: a typo in a key (``kd.gama``) must stop the run before Ray
-starts, not silently fall back to a default. Every problem surfaces as ``services.cli.UsageError`` with a
+starts, not silently fall back to a default. Every problem surfaces as ``ddk.cli.UsageError`` with a
 one-line message that starts with the dotted key, e.g. ``train.steps: must be greater than 0``.
 
 Paths: relative paths written in the config file resolve against the file's directory (so a config can sit
@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from services.cli import UsageError
+from ddk.errors import UsageError
 
 
 class _Section(BaseModel):
@@ -61,7 +61,7 @@ class DataSection(_Section):
     domains: list[DomainEntry] | None = None
     seq_len: int = Field(128, gt=1)
     val_fraction: float = Field(0.05, gt=0, lt=1)  # for inline domains without val_files
-    cache_dir: str | None = None  # tokenised cache; None -> services.trainer.data.default_cache_dir()
+    cache_dir: str | None = None  # tokenised cache; None -> ddk.trainer.data.default_cache_dir()
 
 
 class TrainSection(_Section):

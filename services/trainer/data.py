@@ -32,8 +32,8 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from services.cli import UsageError
-from services.fingerprint import tokenizer_fingerprint
+from ddk.errors import UsageError
+from ddk.fingerprint import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from services.cli import UsageError
-from services.trainer.data import PackedDomain
+from ddk.errors import UsageError
+from ddk.trainer.data import PackedDomain
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ def main(args) -> int:
     """``ddk eval --model PATH --data DATA [--teacher URL] [--json]``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.fingerprint import tokenizer_fingerprint
-    from services.trainer.data import load_domain_specs, prepare_domains
+    from ddk.fingerprint import tokenizer_fingerprint
+    from ddk.trainer.data import load_domain_specs, prepare_domains
 
     model_dir = Path(args.model).expanduser()
     if not (model_dir / "config.json").is_file():
@@ -143,7 +143,7 @@ def main(args) -> int:
 
     teacher_losses = None
     if args.teacher:
-        from services.teacher.client import TeacherClient
+        from ddk.teacher.client import TeacherClient
 
         client = TeacherClient(args.teacher)
         try:

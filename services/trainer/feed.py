@@ -64,7 +64,7 @@ class TeacherFeed:
     """Bounded prefetch of (batch, teacher outputs) over a window of steps with fixed weights.
 
     ``blocks(rows) -> np.ndarray [B, seq_len + 1]`` gathers the token blocks of the drawn rows;
-    ``teacher`` is a :class:`~services.teacher.client.TeacherClient` (or anything with ``topk``),
+    ``teacher`` is a :class:`~ddk.teacher.client.TeacherClient` (or anything with ``topk``),
     or None when the loss needs no teacher (CPT): then no request is ever made.
     """
 

@@ -1,0 +1,157 @@
+"""``ddk demo [--quick] [--out DIR]``: the whole system, end to end, on the embedded default kit.
+
+1. build (or reuse) the demo kit: corpus, tokenizer, teacher and student (``ddk fixtures``);
+2. start the teacher and the controller as child processes on free loopback ports;
+3. run a DDK distillation with 2 Ray workers (``ddk train`` on the kit's ``train.yaml``);
+4. stop the services (also on Ctrl-C or failure: no orphan processes, no ports left bound);
+5. measure teacher, student-before and student-after perplexity per domain, and write ``report.md``.
+
+Outputs in DIR (default ``./ddk-demo``): ``report.md``, ``weights.png``, ``ratios.png``, ``final/`` (the
+distilled student, Hugging Face format), ``metrics.jsonl``, ``logs/``, ``kit/`` (unless ``--kit`` is given).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from ddk.errors import UsageError
+
+log = logging.getLogger("ddk.demo")
+
+# The run on each kit: quick ends in minutes on 2 cores; the default runs several intervals.
+QUICK_RUN = {"train.steps": 60, "mixture.interval_steps": 20, "checkpoint.every_steps": 20}
+DEFAULT_RUN = {"train.steps": 600, "mixture.interval_steps": 100, "checkpoint.every_steps": 100}
+
+
+def per_domain_losses(model_path: Path, data_yaml: Path, seq_len: int, sequences: int,
+                      teacher_url: str | None = None) -> tuple[dict, dict | None]:
+    """(student loss per domain, teacher loss per domain or None) on the validation blocks."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ddk.trainer.data import default_cache_dir, load_domain_specs, prepare_domains
+    from ddk.trainer.evaluate import evaluate_domains, teacher_losses_from_client
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+    domains = prepare_domains(load_domain_specs(str(data_yaml)), tokenizer, seq_len, default_cache_dir())
+    model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=False, dtype=torch.float32)
+    student = evaluate_domains(model, domains, sequences, 16, "cpu")
+    teacher = None
+    if teacher_url:
+        from ddk.teacher.client import TeacherClient
+
+        client = TeacherClient([teacher_url])
+        try:
+            teacher = teacher_losses_from_client(client, domains, sequences, top_k=1)
+        finally:
+            client.close()
+    return student, teacher
+
+
+def report_table(teacher: dict, before: dict, after: dict) -> list[dict]:
+    """One row per domain: perplexities and student/teacher ratios before and after. Pure."""
+    rows = []
+    for d in sorted(teacher):
+        rows.append({"domain": d, "teacher_ppl": math.exp(teacher[d]),
+                     "student_ppl_before": math.exp(before[d]), "student_ppl_after": math.exp(after[d]),
+                     "ratio_before": math.exp(before[d] - teacher[d]), "ratio_after": math.exp(after[d] - teacher[d])})
+    return rows
+
+
+def format_markdown(rows: list[dict]) -> str:
+    head = ("| domain | teacher PPL | student PPL before | student PPL after | ratio before | ratio after |\n"
+            "|---|---:|---:|---:|---:|---:|\n")
+    body = "".join(f"| {r['domain']} | {r['teacher_ppl']:.2f} | {r['student_ppl_before']:.2f} | "
+                   f"{r['student_ppl_after']:.2f} | {r['ratio_before']:.3f} | {r['ratio_after']:.3f} |\n"
+                   for r in rows)
+    return head + body
+
+
+def format_weights_history(history: dict) -> str:
+    versions = history.get("versions", [])
+    if not versions:
+        return ""
+    domains = sorted(versions[0]["weights"])
+    out = "| version | step | " + " | ".join(domains) + " |\n|---|---:|" + "---:|" * len(domains) + "\n"
+    for v in versions:
+        step = "" if v["version"] == 0 else v["step"]
+        out += f"| {v['version']} | {step} | " + " | ".join(f"{v['weights'][d]:.3f}" for d in domains) + " |\n"
+    return out
+
+
+def run_demo(out: Path, quick: bool, kit: Path | None = None, steps: int | None = None) -> Path:
+    import httpx
+
+    from ddk.kit.fixtures import build_kit
+    from ddk.launcher import Services, free_port
+
+    out.mkdir(parents=True, exist_ok=True)
+    kit = Path(kit) if kit else build_kit(out / "kit", quick=quick, seed=0)
+    import yaml
+
+    train_cfg = yaml.safe_load((kit / "train.yaml").read_text())
+    seq_len = int(train_cfg["data"]["seq_len"])
+    sequences = int(train_cfg.get("eval", {}).get("sequences_per_domain", 32))
+    run = dict(QUICK_RUN if quick else DEFAULT_RUN)
+    if steps:
+        run["train.steps"] = steps
+    run_id = "ddk-demo-quick" if quick else "ddk-demo"
+
+    with Services(out / "logs") as services:
+        tport, cport = free_port(), free_port()
+        teacher_url, controller_url = f"http://127.0.0.1:{tport}", f"http://127.0.0.1:{cport}"
+        services.start("teacher", ["teacher", "serve", "--model", str(kit / "teacher"), "--backend", "auto"], tport)
+        services.start("controller", ["controller", "serve", "--db", str(out / "controller.sqlite")], cport)
+        services.wait_healthy("controller", controller_url + "/healthz")
+        services.wait_healthy("teacher", teacher_url + "/healthz")
+
+        log.info("measuring the teacher and the initial student")
+        before, teacher = per_domain_losses(kit / "student", kit / "data.yaml", seq_len, sequences, teacher_url)
+
+        overrides = {"run_id": run_id, "teacher.urls": json.dumps([teacher_url]), "controller.url": controller_url,
+                     "output_dir": str(out.resolve()), "ray.num_workers": 2, **run}
+        argv = ["train", str(kit / "train.yaml")]
+        for k, v in overrides.items():
+            argv += ["--set", f"{k}={v}"]
+        print(f"ddk demo: distilling for {run['train.steps']} steps (2 Ray workers); log {out / 'logs' / 'train.log'}",
+              flush=True)
+        code = services.run("train", argv)
+        if code != 0:
+            tail = (out / "logs" / "train.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"ddk train exited with {code}; log tail:\n{tail}")
+        history = httpx.get(f"{controller_url}/v1/runs/{run_id}/history", timeout=10).json()
+
+    after, _ = per_domain_losses(out / "final", kit / "data.yaml", seq_len, sequences)
+    rows = report_table(teacher, before, after)
+    table = format_markdown(rows)
+    mean_before = sum(r["ratio_before"] for r in rows) / len(rows)
+    mean_after = sum(r["ratio_after"] for r in rows) / len(rows)
+    report = (f"# ddk demo ({'quick' if quick else 'default'})\n\n"
+              f"Kit: `{kit}`; run `{run_id}`: {run['train.steps']} steps, DDK every "
+              f"{run['mixture.interval_steps']} steps, 2 Ray workers.\n"
+              f"Validation perplexity per domain ({sequences} sequences of {seq_len} tokens each):\n\n{table}\n"
+              f"Mean student/teacher ratio: {mean_before:.3f} before, {mean_after:.3f} after.\n\n"
+              f"## Domain weights per version (controller history)\n\n{format_weights_history(history)}\n"
+              f"Plots: `weights.png` (weights over steps), `ratios.png` (ratio over steps). "
+              f"Final student: `final/`.\n")
+    (out / "report.md").write_text(report)
+    (out / "report.json").write_text(json.dumps({"rows": rows, "history": history}, indent=1))
+    print("\n" + table)
+    print(f"mean ratio {mean_before:.3f} -> {mean_after:.3f}")
+    print(f"report: {out / 'report.md'}\nplots: {out / 'weights.png'}, {out / 'ratios.png'}\n"
+          f"final model: {out / 'final'}")
+    return out / "report.md"
+
+
+def main(args) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a directory")
+    kit = getattr(args, "kit", None)
+    if kit and not (Path(kit) / "kit.json").exists():
+        raise UsageError(f"--kit: {kit} is not a finished kit (no kit.json); build one with `ddk fixtures --out {kit}`")
+    run_demo(out, quick=args.quick, kit=Path(kit) if kit else None, steps=getattr(args, "steps", None))
+    return 0

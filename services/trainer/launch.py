@@ -1,0 +1,257 @@
+"""``ddk train CONFIG [--set key=value ...]``: the driver of a distillation run under Ray Train.
+
+What the driver does, in order (everything that can be wrong with the input is found before Ray starts):
+
+1. load and validate the config (config.py; bad keys/values -> exit 2);
+2. compare the student's tokenizer fingerprint with the teacher's ``/v1/info`` (exit 2 when they differ:
+   top-k ids of one vocabulary mean nothing to a student of another), and check ``kd.top_k`` and
+   ``data.seq_len`` against what the teacher serves;
+3. tokenise the domains once into the memory-mapped cache (workers only map it);
+4. compute the teacher's per-domain validation losses once, from its ``target_logprob`` (they never change);
+5. create the run at the controller (the same spec again is fine; a different spec under the same
+   ``run_id`` is exit 2) and read its initial weights;
+6. start the workers: ``TorchTrainer`` with a fixed run name (``run_id``) and storage path
+   (``output_dir/ray``), so starting the same run again resumes from its latest checkpoint (Ray Train V2
+   reloads the run's checkpoint list from that folder), and ``FailureConfig(max_failures)`` so a worker
+   that dies is replaced and the group resumes from the last checkpoint within the same ``fit()``;
+7. while ``fit()`` runs, a thread tails ``metrics.jsonl`` (written by rank 0) into a progress bar;
+8. at the end: ``weights.png``, ``ratios.png``, ``summary.json`` and a per-domain table.
+
+The per-step work is in worker.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from ddk.errors import UsageError
+
+log = logging.getLogger("ddk.trainer")
+
+DEFAULT_MAX_FAILURES = 3
+MAX_FAILURES_ENV = "DDK_RAY_MAX_FAILURES"  # when ray.max_failures is not set
+FORWARDED_ENV = ("DDK_FAULT_AT_STEPS", "DDK_CACHE_DIR")  # passed on to the Ray workers when set
+
+
+def check_teacher(info: dict, fingerprint: str, cfg, student_vocab: int) -> None:
+    """Refuse (UsageError -> exit 2) a teacher the student cannot learn from. Pure: ``info`` is /v1/info."""
+    theirs = info.get("tokenizer_fingerprint")
+    if theirs != fingerprint:
+        raise UsageError(f"teacher.urls: the teacher's tokenizer fingerprint {theirs} differs from "
+                         f"student.model's {fingerprint} (they must share one tokenizer)")
+    if cfg.kd.gamma > 0 and cfg.kd.top_k > int(info.get("max_top_k", cfg.kd.top_k)):
+        raise UsageError(f"kd.top_k: {cfg.kd.top_k} is more than the teacher serves (max_top_k {info['max_top_k']})")
+    if cfg.data.seq_len + 1 > int(info.get("max_seq_len", cfg.data.seq_len + 1)):
+        raise UsageError(f"data.seq_len: blocks of {cfg.data.seq_len + 1} tokens exceed the teacher's "
+                         f"max_seq_len {info['max_seq_len']}")
+    if int(info.get("vocab_size", 0)) > student_vocab:
+        raise UsageError(f"student.model: vocabulary of {student_vocab} is smaller than the teacher's "
+                         f"{info['vocab_size']}")
+
+
+def resolve_initial_weights(cfg, names: list[str]) -> dict[str, float] | None:
+    """``mixture.initial_weights`` checked against the domains and normalised (None: uniform)."""
+    w = cfg.mixture.initial_weights
+    if w is None:
+        return None
+    unknown = sorted(set(w) - set(names))
+    if unknown:
+        raise UsageError(f"mixture.initial_weights: unknown domain {unknown[0]!r} (domains: {', '.join(names)})")
+    total = sum(w.values())
+    return {n: float(w.get(n, 0.0)) / total for n in names}
+
+
+class _Progress(threading.Thread):
+    """Tails metrics.jsonl into a tqdm bar until stopped (the driver's view of rank 0's progress)."""
+
+    def __init__(self, path: Path, total: int):
+        super().__init__(name="ddk-progress", daemon=True)
+        self.path, self.total = path, total
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total, desc="train", unit="step", dynamic_ncols=True)
+        # a restarted run's file still holds the last attempt's lines until rank 0 truncates it: skip them
+        pos, buf = (self.path.stat().st_size if self.path.exists() else 0), ""
+        try:
+            while not self._halt.wait(0.5):
+                if not self.path.exists():
+                    continue
+                size = self.path.stat().st_size
+                if size < pos:  # rewritten on resume: start over
+                    pos, buf = 0, ""
+                with open(self.path, encoding="utf-8") as fh:
+                    fh.seek(pos)
+                    buf += fh.read()
+                    pos = fh.tell()
+                *lines, buf = buf.split("\n")
+                for line in lines:
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if r.get("event") == "step":
+                        bar.n = int(r["step"])
+                        bar.set_postfix(loss=f"{r['loss']:.3f}", v=r.get("version"),
+                                        tok_s=f"{r['tokens_per_s']:.0f}", refresh=False)
+                        bar.refresh()
+                    elif r.get("event") == "eval" and r.get("version") is None:
+                        bar.write(f"step {r['step']}: controller unreachable, keeping the previous weights")
+        finally:
+            bar.close()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+
+def prepare(cfg) -> dict:
+    """Steps 2-5: the checks, the data cache, teacher losses and the controller run. Returns the workers'
+    ``train_loop_config``."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ddk.fingerprint import tokenizer_fingerprint
+    from ddk.trainer.config import config_to_dict
+    from ddk.trainer.data import default_cache_dir, load_domain_specs, prepare_domains
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.student.model, trust_remote_code=False)
+        student_vocab = int(AutoConfig.from_pretrained(cfg.student.model, trust_remote_code=False).vocab_size)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"student.model: cannot load a tokenizer and config from {cfg.student.model} ({e})") from None
+    fingerprint = tokenizer_fingerprint(tokenizer)
+
+    client = None
+    if cfg.teacher.urls:
+        from ddk.teacher.client import TeacherClient
+
+        client = TeacherClient(cfg.teacher.urls)
+        check_teacher(client.info(), fingerprint, cfg, student_vocab)
+
+    if cfg.data.cache_dir is None:
+        cfg.data.cache_dir = str(default_cache_dir())  # the same folder for every worker
+    source = cfg.data.file if cfg.data.file is not None else {
+        "domains": [d.model_dump(exclude_none=True) for d in cfg.data.domains], "val_fraction": cfg.data.val_fraction}
+    domains = prepare_domains(load_domain_specs(source), tokenizer, cfg.data.seq_len, cfg.data.cache_dir)
+    names = sorted(domains)
+    for n in names:
+        if len(domains[n].val) < 1:
+            raise UsageError(f"data: domain {n} has no validation block")
+    initial = resolve_initial_weights(cfg, names)
+
+    teacher_loss = None
+    if client is not None:
+        from ddk.trainer.evaluate import teacher_losses_from_client
+
+        try:
+            teacher_loss = teacher_losses_from_client(client, domains, cfg.eval.sequences_per_domain, top_k=1,
+                                                      batch_size=cfg.eval.batch_size)
+        finally:
+            client.close()
+        log.info("teacher validation loss: %s", ", ".join(f"{n} {teacher_loss[n]:.4f}" for n in names))
+
+    token = Path(cfg.controller.token_file).read_text().strip() if cfg.controller.token_file else None
+    if cfg.controller.url:
+        from ddk.controller.client import ControllerClient, ControllerError
+
+        cc = ControllerClient(cfg.controller.url, token)
+        try:
+            cc.create_run(cfg.run_id, names, policy=cfg.mixture.policy, alpha=cfg.mixture.alpha,
+                          interval_steps=cfg.mixture.interval_steps, initial_weights=initial)
+        except ControllerError as e:
+            if e.status == 409:
+                raise UsageError(f"run_id: {cfg.run_id} exists at the controller with a different spec "
+                                 f"({e.detail})") from None
+            raise UsageError(f"controller.url: the controller refused the run ({e.status}: {e.detail})") from None
+        finally:
+            if hasattr(cc, "close"):
+                cc.close()
+    # Version 0 is the initial mixture (the controller's too). It is only in force until the evaluation at
+    # step 0, which comes before any training; a resumed run takes its weights from the checkpoint.
+    weights, version = initial or {n: 1.0 / len(names) for n in names}, 0
+
+    return {"config": config_to_dict(cfg), "teacher_loss": teacher_loss, "initial_weights": weights,
+            "initial_version": version, "controller_token": token,
+            "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel())}
+
+
+def launch(cfg, loop_config: dict):
+    """Step 6: Ray Train. Returns the ``Result``."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ddk.trainer.loop import run_storage, train_loop_per_worker
+
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address or None, runtime_env={"env_vars": env}, include_dashboard=False,
+                 logging_level=logging.WARNING)
+        started = True
+    max_failures = cfg.ray.max_failures
+    if max_failures is None:
+        max_failures = int(os.environ.get(MAX_FAILURES_ENV, DEFAULT_MAX_FAILURES))
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu),
+            run_config=RunConfig(
+                name=cfg.run_id,
+                storage_path=str(run_storage(cfg.output_dir, cfg.run_id).parent),
+                failure_config=FailureConfig(max_failures=max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            ),
+        )
+        return trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def finish(out: Path) -> dict:
+    """Step 8: plots, summary.json and the table."""
+    from ddk.trainer.metrics import plot_ratios, plot_weights
+    from ddk.trainer.metrics import METRICS, format_summary, read_metrics, summarize
+
+    records = read_metrics(out / METRICS)
+    plot_weights(records, out / "weights.png")
+    plot_ratios(records, out / "ratios.png")
+    summary = summarize(records)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def main(args) -> int:
+    from ddk.trainer.config import config_to_dict, load_config
+    from ddk.trainer.loop import log_origin
+    from ddk.trainer.metrics import METRICS
+
+    cfg = load_config(args.config, args.overrides)
+    log_origin()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    loop_config = prepare(cfg)
+    loop_config["config"] = config_to_dict(cfg)  # with the resolved cache_dir
+    (out / "config.json").write_text(json.dumps(loop_config["config"], indent=1))
+
+    t0 = time.perf_counter()
+    progress = _Progress(out / METRICS, cfg.train.steps)
+    progress.start()
+    try:
+        launch(cfg, loop_config)
+    finally:
+        progress.stop()
+    log.info("training finished in %.1f s; outputs in %s", time.perf_counter() - t0, out)
+    finish(out)
+    return 0

@@ -1,0 +1,77 @@
+"""`ddk demo` end to end (slow): real teacher, controller, Ray workers; and nothing left behind.
+
+Every process the demo starts inherits a marker in its environment; after the demo (finished or
+killed half-way) no live process may carry it, so no service, engine or Ray process was orphaned.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ddk.launcher import port_is_bound as port_bound  # a listener holds it; TIME_WAIT does not
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def marked_pids(marker: str) -> list[int]:
+    needle = f"DDK_TEST_MARKER={marker}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle in fh.read():
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def wait_gone(marker: str, timeout: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = marked_pids(marker)
+        if not left:
+            return []
+        time.sleep(0.5)
+    return marked_pids(marker)
+
+
+def ports_in_log(text: str) -> list[int]:
+    return [int(p) for p in re.findall(r"port (\d+)\)", text)]
+
+
+def start_demo(out: Path, kit: Path, marker: str, steps: int) -> subprocess.Popen:
+    env = {**os.environ, "DDK_TEST_MARKER": marker}
+    return subprocess.Popen([sys.executable, "-m", "ddk.cli", "demo", "--quick", "--kit", str(kit),
+                             "--out", str(out), "--steps", str(steps)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_demo_quick_end_to_end(kit, tmp_path):
+    marker = uuid.uuid4().hex
+    out = tmp_path / "demo"
+    proc = start_demo(out, kit, marker, steps=16)
+    output, _ = proc.communicate(timeout=600)
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    for name in ("report.md", "weights.png", "ratios.png", "metrics.jsonl", "final/config.json",
+                 "final/model.safetensors"):
+        assert (out / name).exists(), name
+    report = (out / "report.md").read_text()
+    for domain in (kit / "data").iterdir():
+        assert f"| {domain.name} |" in report
+    assert "ratio before" in report and "Domain weights per version" in report
+    assert wait_gone(marker) == [], "processes left running after the demo"
+    ports = ports_in_log(text)
+    assert len(ports) >= 2 and not any(port_bound(p) for p in ports)

@@ -1,0 +1,177 @@
+"""Train config: defaults, --set overrides, path resolution, and one-line errors naming the dotted key."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddk.errors import UsageError
+from ddk.trainer.config import TrainConfig, config_to_dict, load_config, validate_config
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """A config dir with a student dir and a data.yaml next to the config file."""
+    cfg_dir = tmp_path / "conf"
+    (cfg_dir / "student").mkdir(parents=True)
+    (cfg_dir / "data.yaml").write_text("domains: []\n")
+    (cfg_dir / "token").write_text("secret\n")
+    base = {
+        "run_id": "r1",
+        "teacher": {"urls": ["http://127.0.0.1:8100"]},
+        "controller": {"url": "http://127.0.0.1:8200"},
+        "student": {"model": "student"},
+        "data": {"file": "data.yaml"},
+        "train": {"steps": 10},
+    }
+
+    def write(raw=None, **changes) -> Path:
+        raw = json.loads(json.dumps(raw if raw is not None else base))
+        for dotted, value in changes.items():
+            node = raw
+            *parents, leaf = dotted.split("__")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        path = cfg_dir / "train.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return cfg_dir, write
+
+
+def usage_message(path, overrides=()):
+    with pytest.raises(UsageError) as e:
+        load_config(str(path), list(overrides))
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_defaults_and_paths(setup, monkeypatch, tmp_path):
+    cfg_dir, write = setup
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(write()))
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.student.model == str(cfg_dir / "student")          # against the config file's dir
+    assert cfg.data.file == str(cfg_dir / "data.yaml")
+    assert cfg.output_dir == str(tmp_path / "runs" / "r1")        # default: ./runs/<run_id>
+    assert (cfg.data.seq_len, cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_steps) == (128, 8, 3e-4, 0)
+    assert (cfg.train.weight_decay, cfg.train.grad_clip) == (0.0, 1.0)
+    assert (cfg.kd.gamma, cfg.kd.temperature, cfg.kd.top_k) == (0.2, 1.0, 16)
+    assert (cfg.mixture.policy, cfg.mixture.interval_steps, cfg.mixture.alpha) == ("ddk", 1000, 0.5)
+    assert cfg.mixture.initial_weights is None
+    assert (cfg.eval.sequences_per_domain, cfg.eval.batch_size) == (32, 16)
+    assert (cfg.ray.address, cfg.ray.num_workers, cfg.ray.use_gpu) == ("", 2, False)
+    assert (cfg.checkpoint.every_steps, cfg.checkpoint.keep, cfg.seed) == (100, 2, 0)
+    assert cfg.cpt is False
+
+
+def test_overrides_parse_yaml_and_resolve_against_cwd(setup, monkeypatch, tmp_path):
+    cfg_dir, write = setup
+    work = tmp_path / "work"
+    (work / "other-student").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    cfg = load_config(str(write(output_dir="out")), [
+        "train.steps=25", "train.lr=1e-3", "teacher.urls=[http://a:1, http://b:2]",
+        "student.model=other-student", "mixture.initial_weights={x: 1, y: 3}", "ray.use_gpu=true",
+        "seed=5"])
+    assert cfg.train.steps == 25 and cfg.train.lr == 1e-3 and cfg.seed == 5 and cfg.ray.use_gpu is True
+    assert cfg.teacher.urls == ["http://a:1", "http://b:2"]
+    assert cfg.student.model == str(work / "other-student")        # --set: against the cwd
+    assert cfg.output_dir == str(cfg_dir / "out")                  # in the file: against its dir
+    assert cfg.mixture.initial_weights == {"x": 1.0, "y": 3.0}
+
+
+def test_inline_domains_resolve_against_config_dir(setup):
+    cfg_dir, write = setup
+    (cfg_dir / "a.jsonl").write_text('{"text": "x"}\n')
+    path = write(data={"domains": [{"name": "a", "files": ["a.jsonl"]}], "seq_len": 16})
+    cfg = load_config(str(path))
+    assert cfg.data.domains[0].files == [str(cfg_dir / "a.jsonl")]
+    assert cfg.data.file is None and cfg.data.seq_len == 16
+
+
+def test_cpt_needs_no_teacher(setup):
+    _, write = setup
+    cfg = load_config(str(write(teacher={}, controller={}, kd__gamma=0, mixture__policy="fixed")))
+    assert cfg.cpt is True and cfg.teacher.urls == []
+
+
+def test_config_to_dict_round_trips(setup):
+    _, write = setup
+    cfg = load_config(str(write()), ["mixture.initial_weights={a: 1}"])
+    d = config_to_dict(cfg)
+    json.dumps(d)
+    assert validate_config(yaml.safe_load(yaml.safe_dump(d))) == cfg
+
+
+@pytest.mark.parametrize("changes, overrides, key", [
+    ({"train__steps": 0}, [], "train.steps: must be greater than 0"),
+    ({}, ["train.steps=-3"], "train.steps: must be greater than 0"),
+    ({"kd__gama": 0.3}, [], "kd.gama: unknown key"),
+    ({}, ["trian.steps=3"], "trian.steps: unknown key"),
+    ({}, ["train.batchsize=3"], "train.batchsize: unknown key"),
+    ({"run_id": "bad id!"}, [], "run_id:"),
+    ({"mixture__policy": "smooth"}, [], "mixture.policy:"),
+    ({"mixture__alpha": 1.5}, [], "mixture.alpha:"),
+    ({"mixture__initial_weights": {"a": -1}}, [], "mixture.initial_weights:"),
+    ({"kd__temperature": 0}, [], "kd.temperature:"),
+    ({"train__lr": "fast"}, [], "train.lr:"),
+    ({"teacher": {}}, [], "teacher.urls: required when kd.gamma > 0"),
+    ({"controller": {}}, [], "controller.url: required for mixture.policy ddk"),
+    ({"data": {"file": "data.yaml", "domains": [{"name": "a", "files": ["x"]}]}}, [], "data:"),
+    ({"data": {"seq_len": 64}}, [], "data:"),
+    ({"student": {}}, [], "student.model: is required"),
+    ({"student": {"model": "missing-dir"}}, [], "student.model: no such directory"),
+    ({"data": {"file": "nope.yaml"}}, [], "data.file: no such file"),
+    ({"controller": {"url": "http://x", "token_file": "nope"}}, [], "controller.token_file:"),
+    ({}, ["train.steps"], "--set train.steps: expected KEY=VALUE"),
+    ({}, ["train.steps=[1"], "train.steps: value is not valid YAML"),
+    ({}, ["ray.max_failures=-1"], "ray.max_failures: must be greater than or equal to 0"),
+])
+def test_errors_name_the_key(setup, changes, overrides, key):
+    _, write = setup
+    msg = usage_message(write(**changes), overrides)
+    assert msg.startswith(key), msg
+
+
+def test_missing_train_section(setup):
+    cfg_dir, write = setup
+    raw = {"run_id": "r", "student": {"model": "student"}, "data": {"file": "data.yaml"}, "kd": {"gamma": 0},
+           "mixture": {"policy": "fixed"}}
+    assert usage_message(write(raw)).startswith("train: is required")
+
+
+def test_unreadable_or_bad_files(tmp_path):
+    assert "cannot read" in usage_message(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_id: [unclosed\n")
+    assert "not valid YAML" in usage_message(bad)
+    bad.write_text("- a\n- b\n")
+    assert "mapping" in usage_message(bad)
+    bad.write_text("runid: x\n")
+    assert usage_message(bad).startswith("runid: unknown key")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ddk.trainer.launch") is None,
+                    reason="services/trainer/launch.py not written yet")
+def test_cli_train_bad_config_exits_2(setup, capsys):
+    from ddk.cli import main
+
+    _, write = setup
+    assert main(["train", str(write(train__steps=0))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.steps" in err
+
+
+@pytest.mark.slow
+def test_the_kit_train_yaml_loads(kit):
+    cfg = load_config(str(kit / "train.yaml"))
+    assert cfg.student.model == str(kit / "student") and cfg.data.file == str(kit / "data.yaml")
+    assert cfg.output_dir == str(kit / "runs" / cfg.run_id)
+    assert cfg.mixture.policy == "ddk" and cfg.teacher.urls and cfg.controller.url

@@ -1,0 +1,135 @@
+"""Pure parts of `ddk compare` and `ddk demo`: policy configs, aggregation over seeds, report tables."""
+
+import math
+
+import pytest
+
+from ddk.errors import UsageError
+from ddk.experiments.compare import aggregate, format_report, heldout_blocks, policy_overrides
+from ddk.experiments.demo import format_markdown, format_weights_history, report_table
+
+
+def test_policy_overrides_match_the_paper_baselines():
+    natural = {"a": 0.75, "b": 0.25}
+    assert policy_overrides("cpt", natural, None) == {
+        "mixture.policy": "fixed", "mixture.initial_weights": natural, "kd.gamma": 0}
+    assert policy_overrides("kd", natural, None) == {"mixture.policy": "fixed", "mixture.initial_weights": natural}
+    # the config's own fixed mixture wins over the natural proportions
+    assert policy_overrides("kd", natural, {"a": 0.5, "b": 0.5})["mixture.initial_weights"] == {"a": 0.5, "b": 0.5}
+    # uniform: 1/N whatever the data's proportions or the config's mixture
+    assert policy_overrides("kd_uniform", natural, {"a": 0.9, "b": 0.1}) == {
+        "mixture.policy": "fixed", "mixture.initial_weights": {"a": 0.5, "b": 0.5}}
+    assert policy_overrides("ddk", natural, None) == {"mixture.policy": "ddk"}
+    assert policy_overrides("ddk_raw", natural, None) == {"mixture.policy": "ddk_raw"}
+    with pytest.raises(UsageError, match="--policies"):
+        policy_overrides("dkd", natural, None)
+
+
+def test_aggregate_means_spreads_and_worst_domain():
+    results = {
+        "kd": [{"ratio": {"a": 1.2, "b": 2.0}, "tokens": {"a": 30, "b": 10}},
+               {"ratio": {"a": 1.4, "b": 1.8}, "tokens": {"a": 34, "b": 6}}],
+        "ddk": [{"ratio": {"a": 1.3, "b": 1.5}, "tokens": {"a": 10, "b": 30}}],
+    }
+    agg = aggregate(results, ["a", "b"])
+    assert agg["kd"]["ratio"]["a"]["mean"] == pytest.approx(1.3)
+    assert agg["kd"]["ratio"]["a"]["spread"] == pytest.approx(0.1)
+    assert agg["kd"]["mean_ratio"] == pytest.approx((1.6 + 1.6) / 2)
+    assert agg["kd"]["worst_domain"] == "b" and agg["kd"]["worst_ratio"] == pytest.approx(1.9)
+    assert agg["kd"]["tokens"] == {"a": 32, "b": 8}
+    assert agg["ddk"]["ratio"]["b"]["spread"] == 0.0 and agg["ddk"]["seeds"] == 1
+    report = format_report(agg, ["a", "b"], {"a": 1.5, "b": 2.5}, "ddk compare x", "note")
+    assert "| kd |" in report and "| ddk |" in report and "lowest mean ratio: **ddk** (1.400)" in report
+    # the most-lagging domain is b (2.5); ddk lowered it by 1.0, kd by 0.6
+    assert "(b, initial ratio 2.500): **ddk**" in report
+
+
+def test_report_verdicts_count_differences_within_the_seed_spread_as_none():
+    def runs(*means):  # one policy, one seed per mean, both domains at that ratio
+        return [{"ratio": {"a": m, "b": m}, "tokens": {"a": 1, "b": 1}} for m in means]
+
+    agg = aggregate({"ddk": runs(1.10, 1.12), "ddk_raw": runs(1.115), "kd_uniform": runs(1.20, 1.22)}, ["a", "b"])
+    report = format_report(agg, ["a", "b"], {"a": 1.5, "b": 1.5}, "ddk compare x", "note")
+    # ddk 1.11 +- 0.01 vs ddk_raw 1.115: inside the spread
+    assert "smoothing: ddk 1.1100 vs ddk_raw 1.1150 mean ratio (no measurable difference" in report
+    # ddk 1.11 vs kd_uniform 1.21 +- 0.01: outside it
+    assert "uniform mixture: ddk 1.1100 vs kd_uniform 1.2100 mean ratio (ddk better" in report
+    agg = aggregate({"ddk": runs(1.30), "kd_uniform": runs(1.20)}, ["a", "b"])
+    assert "(ddk not better" in format_report(agg, ["a", "b"], {"a": 1.5, "b": 1.5}, "c", "n")
+
+
+def test_heldout_blocks_skip_the_steering_blocks():
+    val = list(range(10))
+    assert heldout_blocks(val, 4, 3) == [4, 5, 6]
+    assert heldout_blocks(val, 4, 100) == [4, 5, 6, 7, 8, 9]
+    assert heldout_blocks(val, 10, 3) == [0, 1, 2]  # too few: the steering ones
+
+
+def test_demo_report_rows():
+    rows = report_table({"a": 1.0}, {"a": 2.0}, {"a": 1.5})
+    r = rows[0]
+    assert r["teacher_ppl"] == pytest.approx(math.e)
+    assert r["ratio_before"] == pytest.approx(math.e) and r["ratio_after"] == pytest.approx(math.exp(0.5))
+    assert "| a | 2.72 | 7.39 | 4.48 | 2.718 | 1.649 |" in format_markdown(rows)
+    hist = {"versions": [{"version": 0, "step": 0, "weights": {"a": 0.5, "b": 0.5}},
+                         {"version": 1, "step": 0, "weights": {"a": 0.25, "b": 0.75}}]}
+    assert "| 1 | 0 | 0.250 | 0.750 |" in format_weights_history(hist)
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+
+@pytest.mark.slow
+def test_compare_kd_vs_ddk_end_to_end(kit, tmp_path):
+    """`ddk compare` with 2 policies and 1 seed on the quick kit, real teacher/controller/Ray.
+
+    The report names every domain and policy; kd's mixture stays at the data's natural proportions at
+    every step, while ddk moves its draws toward the domain where the student lags the teacher most."""
+    import json
+    import subprocess
+    import sys
+
+    from ddk.experiments.compare import tokens_per_domain
+
+    out = tmp_path / "cmp"
+    sets = ["train.steps=12", "mixture.interval_steps=4", "checkpoint.every_steps=100", "ray.num_workers=1",
+            "train.batch_size=8", "eval.sequences_per_domain=8", f"data.cache_dir={tmp_path / 'cache'}"]
+    argv = [sys.executable, "-m", "ddk.cli", "compare", str(kit / "train.yaml"), "--policies", "kd,ddk",
+            "--seeds", "1", "--out", str(out), "--teacher-model", str(kit / "teacher")]
+    for s in sets:
+        argv += ["--set", s]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+    report = (out / "report.md").read_text()
+    domains = sorted(p.name for p in (kit / "data").iterdir())
+    for name in domains + ["kd", "ddk", "initial student"]:
+        assert name in report, name
+    assert (out / "compare.png").stat().st_size > 1000
+
+    data = json.loads((out / "report.json").read_text())
+    natural, initial = data["natural_proportions"], data["initial"]
+    lagging = max(initial, key=initial.get)
+
+    def steps(policy):
+        path = out / "runs" / f"ddk-demo-{policy}-s0" / "metrics.jsonl"
+        return path, [json.loads(line) for line in path.read_text().splitlines()
+                      if json.loads(line).get("event") == "step"]
+
+    kd_path, kd_steps = steps("kd")
+    ddk_path, ddk_steps = steps("ddk")
+    assert [r["step"] for r in kd_steps] == list(range(1, 13)) or len(kd_steps) == 12
+    for r in kd_steps:  # fixed stays at its proportions
+        assert r["weights"] == pytest.approx(natural, abs=1e-9)
+    # ddk: after its first evaluation the lagging domain weighs more than its natural share ...
+    assert ddk_steps[-1]["weights"][lagging] > natural[lagging] + 0.1
+    # ... and received more student tokens than under kd (96 rows drawn each: the gap is far beyond noise)
+    kd_tokens, ddk_tokens = tokens_per_domain(kd_path, 128), tokens_per_domain(ddk_path, 128)
+    assert sum(kd_tokens.values()) == sum(ddk_tokens.values()) == 12 * 8 * 128
+    assert ddk_tokens[lagging] > kd_tokens.get(lagging, 0)
+    # the report's token table carries the same counts
+    assert data["policies"]["ddk"]["tokens"][lagging] == ddk_tokens[lagging]
+
+    # finished runs are reused: a second invocation trains nothing
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("finished before, reused") == 2

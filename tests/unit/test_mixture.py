@@ -1,0 +1,197 @@
+"""DDK mixture math and spec validation: hand-computed cases and property-based invariants (no I/O)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from ddk.controller.mixture import next_weights, ratio
+from ddk.controller.spec import Invalid, check_losses, check_run_spec
+
+D2 = ["a", "b"]
+
+
+# -- hand-computed cases ---------------------------------------------------------------------------------
+def test_first_evaluation_is_softmax_of_ppl_ratio():
+    # student 2 and 1 nats, teacher 1 and 1 nats: q = (e^1, e^0) = (e, 1); softmax(q)
+    w = next_weights("ddk", D2, {"a": 2.0, "b": 1.0}, {"a": 1.0, "b": 1.0}, previous=None)
+    e = math.e
+    assert w["a"] == pytest.approx(math.exp(e) / (math.exp(e) + math.exp(1)), rel=1e-12)
+    assert w["b"] == pytest.approx(math.exp(1) / (math.exp(e) + math.exp(1)), rel=1e-12)
+    assert w["a"] == pytest.approx(0.8479073926, abs=1e-9)  # by hand: e^e = 15.1543, e = 2.71828
+
+
+def test_later_evaluation_smooths_towards_uniform():
+    # q equal on both domains: psi/sum(psi) = r_prev, so r = 0.5 * r_prev + 0.5 / 2
+    w = next_weights("ddk", D2, {"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 1.0}, previous={"a": 0.25, "b": 0.75})
+    assert w == pytest.approx({"a": 0.375, "b": 0.625}, abs=1e-12)
+
+    # r_prev uniform, q = (2, 1) (student a is ln 2 nats worse): psi ∝ (e^2, e) -> (e/(e+1), 1/(e+1))
+    w = next_weights("ddk", D2, {"a": 1.0 + math.log(2), "b": 3.0}, {"a": 1.0, "b": 3.0},
+                     previous={"a": 0.5, "b": 0.5}, alpha=0.5)
+    e = math.e
+    assert w["a"] == pytest.approx(0.5 * e / (e + 1) + 0.25, rel=1e-12)
+    assert w["b"] == pytest.approx(0.5 * 1 / (e + 1) + 0.25, rel=1e-12)
+
+
+def test_alpha_changes_the_floor():
+    # alpha 0.8 and 3 domains: floor (1-0.8)/3; equal q keeps r_prev's shape
+    prev = {"a": 0.6, "b": 0.3, "c": 0.1}
+    losses = {"a": 2.0, "b": 2.0, "c": 2.0}
+    w = next_weights("ddk", ["a", "b", "c"], losses, losses, previous=prev, alpha=0.8)
+    assert w == pytest.approx({"a": 0.8 * 0.6 + 0.2 / 3, "b": 0.8 * 0.3 + 0.2 / 3, "c": 0.8 * 0.1 + 0.2 / 3})
+
+
+def test_ddk_raw_ignores_previous_weights():
+    w = next_weights("ddk_raw", D2, {"a": 2.0, "b": 1.0}, {"a": 1.0, "b": 1.0}, previous={"a": 0.01, "b": 0.99})
+    e = math.e
+    assert w["a"] == pytest.approx(math.exp(e) / (math.exp(e) + math.e), rel=1e-12)
+
+
+def test_fixed_keeps_initial_weights():
+    init = {"a": 0.7, "b": 0.3}
+    assert next_weights("fixed", D2, {"a": 9.0, "b": 0.0}, {"a": 0.0, "b": 0.0}, None, initial=init) == init
+    assert next_weights("fixed", D2, {"a": 9.0, "b": 0.0}, None, {"a": 0.1, "b": 0.9}) == {"a": 0.5, "b": 0.5}
+
+
+def test_ratio_is_ppl_student_over_teacher():
+    r = ratio({"a": 3.0, "b": 1.0}, {"a": 1.0, "b": 1.5})
+    assert r["a"] == pytest.approx(math.exp(3.0) / math.exp(1.0))
+    assert r["b"] == pytest.approx(math.exp(1.0) / math.exp(1.5))
+    assert math.isfinite(ratio({"a": 1e4}, {"a": 0.0})["a"])  # clipped, still JSON-serialisable
+
+
+def test_huge_gaps_do_not_overflow():
+    # q = exp(1e4) overflows a double; the lagging domain simply takes everything softmax can give
+    w = next_weights("ddk_raw", D2, {"a": 1e4, "b": 0.0}, {"a": 0.0, "b": 0.0}, None)
+    assert w == {"a": 1.0, "b": 0.0}
+    w = next_weights("ddk", D2, {"a": 1e4, "b": 1e4}, {"a": 0.0, "b": 0.0}, previous={"a": 0.2, "b": 0.8})
+    assert w == pytest.approx({"a": 0.35, "b": 0.65})  # equal (astronomical) q: r_prev shape kept
+    w = next_weights("ddk", D2, {"a": 0.0, "b": 1e4}, {"a": 1e4, "b": 0.0}, previous={"a": 0.999, "b": 0.001})
+    assert w == pytest.approx({"a": 0.25, "b": 0.75})
+
+
+def test_losses_must_cover_the_domains():
+    with pytest.raises(ValueError, match="student_loss"):
+        next_weights("ddk", D2, {"a": 1.0}, {"a": 1.0, "b": 1.0}, None)
+    with pytest.raises(ValueError, match="teacher_loss"):
+        next_weights("ddk", D2, {"a": 1.0, "b": 1.0}, None, None)
+
+
+# -- properties ------------------------------------------------------------------------------------------
+loss = st.floats(min_value=0.0, max_value=1e4, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def evaluations(draw):
+    n = draw(st.integers(1, 8))
+    domains = [f"d{i}" for i in range(n)]
+    student = {d: draw(loss) for d in domains}
+    teacher = {d: draw(loss) for d in domains}
+    raw = [draw(st.floats(0.0, 1.0)) for _ in domains]
+    assume(sum(raw) > 1e-6)
+    prev = {d: x / sum(raw) for d, x in zip(domains, raw)}
+    alpha = draw(st.floats(0.0, 1.0))
+    return domains, student, teacher, prev, alpha
+
+
+def _is_distribution(w, domains):
+    return (list(w) == domains and all(math.isfinite(x) and x >= 0 for x in w.values())
+            and sum(w.values()) == pytest.approx(1.0, abs=1e-9))
+
+
+@settings(max_examples=300, deadline=None)
+@given(evaluations())
+def test_weights_are_always_a_distribution(case):
+    domains, student, teacher, prev, alpha = case
+    for policy in ("ddk", "ddk_raw"):
+        for previous in (None, prev):
+            w = next_weights(policy, domains, student, teacher, previous, alpha=alpha)
+            assert _is_distribution(w, domains)
+    w = next_weights("ddk", domains, student, teacher, prev, alpha=alpha)
+    floor = (1 - alpha) / len(domains)
+    assert all(x >= floor for x in w.values())
+
+
+@settings(max_examples=200, deadline=None)
+@given(evaluations(), st.floats(0.0, 1e4))
+def test_equal_gaps_give_uniform_softmax_and_keep_the_previous_shape(case, shift):
+    domains, student, _, prev, alpha = case
+    teacher = {d: shift for d in domains}
+    student = {d: shift + 0.3 for d in domains}  # every domain lags by the same 0.3 nats
+    n = len(domains)
+    assert next_weights("ddk", domains, student, teacher, None) == pytest.approx({d: 1 / n for d in domains})
+    w = next_weights("ddk", domains, student, teacher, prev, alpha=alpha)
+    assert w == pytest.approx({d: alpha * prev[d] + (1 - alpha) / n for d in domains}, abs=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(evaluations())
+def test_matches_the_naive_formula_when_it_does_not_overflow(case):
+    domains, student, teacher, prev, alpha = case
+    # keep gaps within [-2, 2) so that exp(exp(gap)) fits a double, then compute the paper's formulas literally
+    teacher = {d: 50.0 + teacher[d] % 50.0 for d in domains}
+    student = {d: teacher[d] + student[d] % 4.0 - 2.0 for d in domains}
+    q = {d: math.exp(student[d]) / math.exp(teacher[d]) for d in domains}  # PPL_S / PPL_T, literally
+    z = sum(math.exp(q[d]) for d in domains)
+    softmax = {d: math.exp(q[d]) / z for d in domains}
+    assert next_weights("ddk", domains, student, teacher, None) == pytest.approx(softmax, rel=1e-9, abs=1e-300)
+    psi = {d: prev[d] * math.exp(q[d]) for d in domains}
+    s = sum(psi.values())
+    smooth = {d: alpha * psi[d] / s + (1 - alpha) / len(domains) for d in domains}
+    assert next_weights("ddk", domains, student, teacher, prev, alpha=alpha) == pytest.approx(smooth, rel=1e-9,
+                                                                                              abs=1e-15)
+
+
+@settings(max_examples=100, deadline=None)
+@given(evaluations())
+def test_a_domain_that_lags_more_never_gets_less(case):
+    domains, student, teacher, _, _ = case
+    w = next_weights("ddk_raw", domains, student, teacher, None)
+    gaps = {d: student[d] - teacher[d] for d in domains}
+    for a in domains:
+        for b in domains:
+            if gaps[a] > gaps[b]:
+                assert w[a] >= w[b]
+
+
+# -- spec validation -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(run_id="", domains=["a"]), "run_id"),
+    (dict(run_id="a/b", domains=["a"]), "run_id"),
+    (dict(run_id="r", domains=[]), "domains"),
+    (dict(run_id="r", domains=["a", "a"]), "domains"),
+    (dict(run_id="r", domains=["a", ""]), "domains"),
+    (dict(run_id="r", domains=["a"], policy="kd"), "policy"),
+    (dict(run_id="r", domains=["a"], alpha=-0.1), "alpha"),
+    (dict(run_id="r", domains=["a"], alpha=float("nan")), "alpha"),
+    (dict(run_id="r", domains=["a"], interval_steps=0), "interval_steps"),
+    (dict(run_id="r", domains=["a", "b"], initial_weights={"a": 1.0}), "initial_weights"),
+    (dict(run_id="r", domains=["a", "b"], initial_weights={"a": 0.5, "b": 0.6}), "initial_weights"),
+    (dict(run_id="r", domains=["a", "b"], initial_weights={"a": 1.5, "b": -0.5}), "initial_weights.b"),
+])
+def test_bad_run_specs_name_the_field(kwargs, field):
+    with pytest.raises(Invalid) as e:
+        check_run_spec(**kwargs)
+    assert str(e.value).startswith(field + ":") or str(e.value).startswith(field + ".")
+
+
+def test_good_run_spec_is_normalised():
+    spec = check_run_spec("r", ["a", "b"], "fixed", 0.5, 10, {"a": 0.25 + 1e-11, "b": 0.75})
+    assert sum(spec.initial_weights.values()) == pytest.approx(1.0, abs=1e-15)
+    assert spec.same_as(check_run_spec("r", ["a", "b"], "fixed", 0.5, 10, {"a": 0.25, "b": 0.75}))
+    assert not spec.same_as(check_run_spec("r", ["a", "b"], "fixed", 0.5, 11, {"a": 0.25, "b": 0.75}))
+    assert check_run_spec("r", ["a", "b"]).same_as(check_run_spec("r", ["a", "b"], initial_weights={"a": .5, "b": .5}))
+
+
+@pytest.mark.parametrize("losses, field", [
+    ({"a": 1.0}, "student_loss"), ({"a": 1.0, "b": 1.0, "c": 1.0}, "student_loss"),
+    ({"a": -1.0, "b": 1.0}, "student_loss.a"), ({"a": float("inf"), "b": 1.0}, "student_loss.a"),
+    ({"a": float("nan"), "b": 1.0}, "student_loss.a"),
+])
+def test_bad_losses(losses, field):
+    with pytest.raises(Invalid, match="^" + field.replace(".", r"\.")):
+        check_losses("student_loss", losses, ["a", "b"])

@@ -1,0 +1,355 @@
+"""Unit tests of the trainer loop's pure parts: checkpoint files, teacher feed, metrics resume, controller retry."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ddk.errors import UsageError
+from ddk.trainer import checkpoint as ckpt
+from ddk.trainer.feed import TeacherFeed
+from ddk.trainer.metrics import kept_after_resume, ratios, summarize, truncate_metrics, read_metrics
+from ddk.trainer.sampler import DomainSampler
+from ddk.trainer.loop import Controller, is_eval_step, window_end
+from ddk.trainer.optim import lr_lambda
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def _train(model, opt, sched, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(5, 4, generator=g)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def test_flatten_roundtrip_keeps_types():
+    state = {"a": 1, "b": [1.5, None, "x"], "t": (0.9, 0.95), "n": np.arange(6).reshape(2, 3),
+             "m": {3: torch.ones(2), 7: {"k": torch.zeros(1, dtype=torch.int64)}}, "inf": float("inf"),
+             "flag": True}
+    skel, tensors = ckpt.flatten(state)
+    json.dumps(skel)  # the skeleton is plain JSON
+    back = ckpt.unflatten(json.loads(json.dumps(skel)), tensors)
+    assert back["a"] == 1 and back["b"] == [1.5, None, "x"] and back["t"] == (0.9, 0.95)
+    assert isinstance(back["n"], np.ndarray) and back["n"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert set(back["m"]) == {3, 7} and torch.equal(back["m"][3], torch.ones(2))
+    assert back["m"][7]["k"].dtype == torch.int64
+    assert back["inf"] == float("inf") and back["flag"] is True
+
+
+def test_flatten_refuses_objects():
+    with pytest.raises(TypeError):
+        ckpt.flatten({"f": object()})
+
+
+def test_checkpoint_resume_equals_uninterrupted(tmp_path):
+    """AdamW + LR schedule saved at step 3 and restored continue exactly like the uninterrupted run."""
+    def make(seed=0):
+        m = _tiny_model(seed)
+        o = torch.optim.AdamW(m.parameters(), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+        s = torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(2, 6))
+        return m, o, s
+
+    m1, o1, s1 = make()
+    _train(m1, o1, s1, 3, seed=1)
+    ckpt.save_checkpoint(tmp_path, rank=0, step=3, model=m1, optimizer=o1, scheduler=s1,
+                         weights={"a": 0.25, "b": 0.75}, version=2, rank_state={"sampler": {"cursors": {"a": 4}}},
+                         extra={"teacher_loss": {"a": 1.0}})
+    ckpt.save_checkpoint(tmp_path, rank=1, step=3, model=None, optimizer=None, scheduler=None,
+                         weights={}, version=2, rank_state={"sampler": {"cursors": {"a": 9}}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.safetensors", "rank-0.json", "rank-0.safetensors", "rank-1.json", "rank-1.safetensors",
+        "state.json", "state.safetensors"]
+    _train(m1, o1, s1, 3, seed=2)
+
+    m2, o2, s2 = make(seed=5)  # different init: everything must come from the checkpoint
+    shared, own = ckpt.load_checkpoint(tmp_path, rank=1)
+    ckpt.load_model(tmp_path, m2)
+    o2.load_state_dict(shared["optimizer"])
+    s2.load_state_dict(shared["scheduler"])
+    assert shared["step"] == 3 and shared["version"] == 2 and shared["weights"] == {"a": 0.25, "b": 0.75}
+    assert own["sampler"] == {"cursors": {"a": 9}} and shared["extra"]["teacher_loss"] == {"a": 1.0}
+    _train(m2, o2, s2, 3, seed=2)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=0, atol=0)
+    assert s1.get_last_lr() == s2.get_last_lr()
+
+
+def test_checkpoint_without_rank_file(tmp_path):
+    m = _tiny_model()
+    o = torch.optim.AdamW(m.parameters())
+    ckpt.save_checkpoint(tmp_path, rank=0, step=1, model=m, optimizer=o, scheduler=None, weights={"a": 1.0},
+                         version=0, rank_state={})
+    shared, own = ckpt.load_checkpoint(tmp_path, rank=3)
+    assert own is None and shared["step"] == 1
+
+
+def _save_two_ranks(d, step, m, o):
+    for r in (0, 1):
+        ckpt.save_checkpoint(d, rank=r, step=step, model=m if r == 0 else None, optimizer=o if r == 0 else None,
+                             scheduler=None, weights={"a": 1.0}, version=1, rank_state={"sampler": {"r": r}},
+                             world_size=2)
+
+
+def test_latest_complete_skips_partial_checkpoints(tmp_path):
+    """Discovery of a checkpoint Ray Train never registered: only folders with every part readable count."""
+    m = _tiny_model()
+    o = torch.optim.AdamW(m.parameters())
+    assert ckpt.latest_complete(tmp_path / "missing") is None
+    for step in (4, 8, 12, 16):
+        _save_two_ranks(tmp_path / ckpt.checkpoint_name(step), step, m, o)
+    (tmp_path / ckpt.checkpoint_name(16) / "rank-1.json").unlink()  # a rank's files never arrived
+    half = tmp_path / ckpt.checkpoint_name(12) / "model.safetensors"
+    half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])  # copy cut short
+    (tmp_path / "step-00000020").mkdir()  # empty
+    assert ckpt.complete_step(tmp_path / ckpt.checkpoint_name(8)) == 8
+    assert ckpt.complete_step(tmp_path / ckpt.checkpoint_name(12)) is None
+    assert ckpt.latest_complete(tmp_path) == (8, tmp_path / ckpt.checkpoint_name(8))
+
+
+def test_resume_point_prefers_the_newest_complete_checkpoint(tmp_path):
+    m = _tiny_model()
+    o = torch.optim.AdamW(m.parameters())
+    assert ckpt.resume_point(None, tmp_path) is None  # fresh start
+    for step in (4, 8):
+        _save_two_ranks(tmp_path / ckpt.checkpoint_name(step), step, m, o)
+    four, eight = tmp_path / ckpt.checkpoint_name(4), tmp_path / ckpt.checkpoint_name(8)
+    assert ckpt.resume_point(eight, tmp_path) == (8, eight, True)  # Ray knows the latest
+    assert ckpt.resume_point(four, tmp_path) == (8, eight, False)  # Ray lost step 8's registration
+    assert ckpt.resume_point(four, None) == (4, four, True)  # storage not visible: Ray's choice
+    assert ckpt.resume_point(None, tmp_path) == (8, eight, False)  # Ray lost every registration
+    (four / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        ckpt.resume_point(four, None)
+
+
+# ------------------------------------------------------------------------------------------------ feed
+
+class FakeTeacher:
+    """Answers topk with recognisable tensors; optional latency; counts calls."""
+
+    def __init__(self, delay=0.0, fail_at=None):
+        self.delay, self.fail_at, self.calls = delay, fail_at, 0
+        self.lock = threading.Lock()
+
+    def topk(self, ids, top_k):
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+        if self.fail_at is not None and n >= self.fail_at:
+            raise RuntimeError("teacher down")
+        time.sleep(self.delay)
+        B, L = ids.shape
+        return SimpleNamespace(ids=ids[:, 1:, None].repeat(1, 1, top_k), logprobs=torch.zeros(B, L - 1, top_k),
+                               target_logprob=torch.zeros(B, L - 1))
+
+
+SIZES = {"a": 50, "b": 30, "c": 20}
+
+
+def _blocks(rows):
+    return np.array([[hash(d) % 97, i, i + 1] for d, i in rows], dtype=np.int32)
+
+
+def test_feed_matches_sampler_and_teacher_pairs():
+    sampler = DomainSampler(SIZES, seed=3)
+    ref = DomainSampler(SIZES, seed=3)
+    w = {"a": 0.2, "b": 0.5, "c": 0.3}
+    teacher = FakeTeacher()
+    feed = TeacherFeed(sampler, _blocks, batch_size=4, teacher=teacher, top_k=2, depth=2)
+    feed.schedule(0, 5, w, version=1)
+    for step in range(5):
+        batch, waited = feed.next(step)
+        assert batch.step == step and batch.version == 1 and waited >= 0
+        assert batch.rows == ref.draw(step, w, 4)
+        # the teacher output belongs to this batch's ids
+        assert torch.equal(batch.teacher.ids[:, :, 0], batch.input_ids[:, 1:])
+    assert feed.window is None and teacher.calls == 5
+    assert feed.state_dict()["cursors"] == ref.state_dict()["cursors"]
+    with pytest.raises(RuntimeError):
+        feed.next(5)  # outside any window: nothing is prefetched past the boundary
+
+
+def test_feed_never_prefetches_past_window_or_depth():
+    teacher = FakeTeacher()
+    feed = TeacherFeed(DomainSampler(SIZES, seed=0), _blocks, batch_size=2, teacher=teacher, top_k=1, depth=2)
+    feed.schedule(0, 4, {"a": 1.0, "b": 1.0, "c": 1.0}, version=0)
+    time.sleep(0.5)
+    assert teacher.calls == 3  # 2 queued + 1 waiting to be queued, never more
+    for s in range(4):
+        feed.next(s)
+    time.sleep(0.2)
+    assert teacher.calls == 4  # the window ended at 4
+
+
+def test_feed_cancel_rewinds_sampler_so_new_weights_apply_cleanly():
+    """Batches prefetched under old weights are dropped; the rest equals drawing with the new weights."""
+    w_old, w_new = {"a": 1.0, "b": 0.0, "c": 0.0}, {"a": 0.0, "b": 0.0, "c": 1.0}
+    feed = TeacherFeed(DomainSampler(SIZES, seed=1), _blocks, batch_size=3, teacher=FakeTeacher(), top_k=1)
+    feed.schedule(0, 8, w_old, version=1)
+    got = [feed.next(s)[0] for s in range(2)]
+    time.sleep(0.2)  # let it prefetch steps 2.. under the old weights
+    feed.schedule(2, 8, w_new, version=2)
+    got += [feed.next(s)[0] for s in range(2, 8)]
+    ref = DomainSampler(SIZES, seed=1)
+    expect = [ref.draw(s, w_old if s < 2 else w_new, 3) for s in range(8)]
+    assert [b.rows for b in got] == expect
+    assert all(b.version == (1 if b.step < 2 else 2) for b in got)
+    assert {d for b in got[2:] for d, _ in b.rows} == {"c"}
+    assert feed.state_dict()["cursors"] == ref.state_dict()["cursors"]
+
+
+def test_feed_overlaps_teacher_latency():
+    """With a teacher as fast as the step, the loop waits for about one request, not one per step."""
+    delay, steps = 0.1, 8
+    feed = TeacherFeed(DomainSampler(SIZES, seed=0), _blocks, batch_size=2, teacher=FakeTeacher(delay), top_k=1)
+    feed.schedule(0, steps, {"a": 1.0, "b": 1.0, "c": 1.0}, version=0)
+    waited = 0.0
+    for s in range(steps):
+        _, w = feed.next(s)
+        waited += w
+        time.sleep(delay * 1.2)  # the student's step
+    assert waited < 0.5 * steps * delay, waited
+
+
+def test_feed_without_teacher_makes_no_calls_and_raises_producer_errors():
+    feed = TeacherFeed(DomainSampler(SIZES, seed=0), _blocks, batch_size=2, teacher=None)
+    feed.schedule(0, 3, {"a": 1.0}, version=0)
+    assert all(feed.next(s)[0].teacher is None for s in range(3))
+    bad = TeacherFeed(DomainSampler(SIZES, seed=0), _blocks, batch_size=2, teacher=FakeTeacher(fail_at=2), top_k=1)
+    bad.schedule(0, 5, {"a": 1.0}, version=0)
+    bad.next(0)
+    with pytest.raises(RuntimeError, match="teacher down"):
+        bad.next(1)
+    bad.close()
+
+
+# ------------------------------------------------------------------------------------------------ loop pieces
+
+def test_schedule_helpers():
+    assert [s for s in range(11) if is_eval_step(s, 4, 10)] == [0, 4, 8, 10]
+    assert window_end(0, 4, 10) == 4 and window_end(5, 4, 10) == 8 and window_end(9, 4, 10) == 10
+    f = lr_lambda(2, 10, floor=0.1)
+    assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0) and f(2) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(0.1) and f(6) == pytest.approx(0.55)
+
+
+def _records():
+    rows = [{"event": "eval", "step": 0}]
+    for s in range(1, 9):
+        rows.append({"event": "step", "step": s})
+        if s % 4 == 0:
+            rows.append({"event": "eval", "step": s})
+    rows.append({"event": "end", "step": 8})
+    return rows
+
+
+def test_metrics_kept_after_resume(tmp_path):
+    recs = _records()
+    assert kept_after_resume(recs, None) == []
+    kept = kept_after_resume(recs, 4)  # the eval at 4 comes after checkpoint 4: redone
+    assert [(r["event"], r["step"]) for r in kept] == [("eval", 0)] + [("step", s) for s in range(1, 5)]
+    kept = kept_after_resume(recs, 6)
+    assert kept[-1] == {"event": "step", "step": 6} and {"event": "eval", "step": 4} in kept
+    p = tmp_path / "metrics.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"torn')
+    assert truncate_metrics(p, 6) == len(kept) and read_metrics(p) == kept
+
+
+def test_ratios_and_summary():
+    q = ratios({"a": 2.0, "b": 1.0}, {"a": 1.0, "b": 1.0})
+    assert q["a"] == pytest.approx(np.e) and q["b"] == pytest.approx(1.0)
+    recs = [{"event": "eval", "step": 0, "student_loss": {"a": 3.0}, "teacher_loss": {"a": 1.0},
+             "ratio": {"a": 7.0}, "version": 1, "weights": {"a": 1.0}},
+            {"event": "step", "step": 1, "loss": 2.5, "tokens": 100, "teacher_wait_s": 0.5, "step_s": 2.0,
+             "version": 1, "weights": {"a": 1.0}},
+            {"event": "eval", "step": 1, "student_loss": {"a": 2.0}, "teacher_loss": {"a": 1.0},
+             "ratio": {"a": 2.7}, "version": 2, "weights": {"a": 1.0}}]
+    s = summarize(recs)
+    assert s["domains"]["a"]["student_loss_start"] == 3.0 and s["domains"]["a"]["student_loss_end"] == 2.0
+    assert s["version"] == 2 and s["tokens_per_s"] == 50.0 and s["teacher_wait_s"] == 0.5
+
+
+class FakeControllerClient:
+    def __init__(self, fail=0, conflict=False):
+        self.fail, self.conflict, self.posts = fail, conflict, []
+
+    def post_evaluation(self, run_id, step, student_loss, teacher_loss=None):
+        from ddk.controller.client import ControllerError, ControllerUnavailable
+
+        self.posts.append(step)
+        if self.fail:
+            self.fail -= 1
+            raise ControllerUnavailable("down")
+        if self.conflict:
+            raise ControllerError(409, "step already recorded")
+        return {"version": len(self.posts), "step": step, "weights": {"a": 0.9, "b": 0.1}}
+
+    def history(self, run_id):
+        return {"versions": [{"version": 0, "step": None, "weights": {"a": 0.5, "b": 0.5}},
+                             {"version": 1, "step": 0, "weights": {"a": 0.3, "b": 0.7}},
+                             {"version": 2, "step": 4, "weights": {"a": 0.6, "b": 0.4}}]}
+
+    def get_weights(self, run_id):
+        return {"version": 2, "step": 4, "weights": {"a": 0.6, "b": 0.4}}
+
+
+def test_controller_keeps_weights_and_retries_with_growing_gaps():
+    c = Controller(None, None, "r", {"a": 0.5, "b": 0.5}, 0)
+    c.client = FakeControllerClient(fail=3)
+    c.submit(4, {"a": 1.0, "b": 1.0}, None)
+    attempts = []
+    for step in range(4, 20):
+        n = len(c.client.posts)
+        answer = c.try_post(step)
+        if len(c.client.posts) > n:
+            attempts.append(step)
+        if answer is not None:
+            break
+    assert attempts == [4, 5, 7, 11]  # gaps 1, 2, 4; the fourth try gets through
+    assert step == 11 and c.version == 4 and c.weights == {"a": 0.9, "b": 0.1} and c.pending is None
+
+
+def test_controller_409_takes_the_recorded_version():
+    c = Controller(None, None, "r", {"a": 0.5, "b": 0.5}, 0)
+    c.client = FakeControllerClient(conflict=True)
+    c.submit(0, {"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 1.0})
+    ans = c.try_post(0)
+    assert ans["version"] == 1 and c.weights == {"a": 0.3, "b": 0.7}
+
+
+def test_controller_absent_keeps_fixed_weights():
+    c = Controller(None, None, "r", {"a": 0.25, "b": 0.75}, 0)
+    c.submit(0, {"a": 1.0, "b": 1.0}, None)
+    assert c.try_post(0) == {"version": 0, "step": 0, "weights": {"a": 0.25, "b": 0.75}}
+
+
+def test_check_teacher_refuses_mismatch():
+    from ddk.trainer.launch import check_teacher
+
+    cfg = SimpleNamespace(kd=SimpleNamespace(gamma=0.2, top_k=8), data=SimpleNamespace(seq_len=64))
+    info = {"tokenizer_fingerprint": "abc", "max_top_k": 16, "max_seq_len": 128, "vocab_size": 100}
+    check_teacher(info, "abc", cfg, 100)
+    with pytest.raises(UsageError, match="teacher.urls"):
+        check_teacher(info, "abd", cfg, 100)
+    with pytest.raises(UsageError, match="kd.top_k"):
+        check_teacher({**info, "max_top_k": 4}, "abc", cfg, 100)
+    with pytest.raises(UsageError, match="data.seq_len"):
+        check_teacher({**info, "max_seq_len": 64}, "abc", cfg, 100)
+    with pytest.raises(UsageError, match="student.model"):
+        check_teacher(info, "abc", cfg, 90)
