@@ -1,0 +1,74 @@
+"""The vocabulary the three services share: one name for one idea (pure, no I/O, no third-party imports).
+
+- **policies**: how the controller turns evaluations into weights (``ddk``, ``ddk_raw``, ``fixed``);
+- **arms**: what ``ddk compare`` runs side by side; each arm is a policy plus a loss and a starting mixture
+  (``cpt`` is CE only, ``kd`` the fixed natural mixture, ``kd_uniform`` the fixed uniform one, ``ddk_raw`` and
+  ``ddk`` the two DDK policies);
+- **run_id**: the one rule for a run's name (it is a URL segment, a folder name and Ray Train's run name);
+- **ratio**: q = PPL_S / PPL_T per domain, the number the whole method turns on;
+- **weights version**: ``{version, step, weights, updated_at}``, what the controller serves and the trainer draws with;
+- **interval_steps**: K, the optimiser steps between two evaluations (one name in the config, the controller's
+  run spec and the API).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Mapping
+from typing import TypedDict
+
+# -- policies (controller) and arms (ddk compare) ------------------------------------------------------------
+POLICIES = ("ddk", "ddk_raw", "fixed")
+DDK_POLICIES = ("ddk", "ddk_raw")  # the policies that need the teacher's losses
+ARMS = ("cpt", "kd", "kd_uniform", "ddk_raw", "ddk")
+PAPER_ARMS = ("cpt", "kd", "ddk_raw", "ddk")  # the paper's comparison, ddk compare's default
+
+# -- run ids -------------------------------------------------------------------------------------------------
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+RUN_ID_RULE = "1-128 characters of letters, digits and . _ - (starting with a letter or digit)"
+_RUN_ID = re.compile(RUN_ID_PATTERN)
+
+
+def is_run_id(value: object) -> bool:
+    """True when ``value`` is a valid run id (:data:`RUN_ID_RULE`)."""
+    return isinstance(value, str) and _RUN_ID.match(value) is not None
+
+
+# -- the student/teacher ratio -------------------------------------------------------------------------------
+# exp(x) overflows a double just above 709.78; a larger loss gap gives the largest finite double.
+MAX_EXP = 709.0
+
+
+def ratio(student_loss: Mapping[str, float], teacher_loss: Mapping[str, float]) -> dict[str, float]:
+    """q[d] = PPL_S[d] / PPL_T[d] = exp(loss_S[d] - loss_T[d]) per domain of ``student_loss``.
+
+    Losses are mean cross-entropies in nats per token. A ratio too large for a double (gap > ~709 nats) is
+    clipped to the largest finite double so that it stays JSON-serialisable; the mixture math never uses it.
+    """
+    out = {}
+    for d in student_loss:
+        gap = float(student_loss[d]) - float(teacher_loss[d])
+        out[d] = math.exp(gap) if gap <= MAX_EXP else sys.float_info.max
+    return out
+
+
+# -- a weights version ---------------------------------------------------------------------------------------
+class WeightsVersion(TypedDict):
+    """One version of a run's mixture, as the controller serves it (``GET /v1/runs/{run_id}/weights``).
+
+    ``version`` 0 is the initial mixture (``step`` None); version v > 0 answers the evaluation at ``step``.
+    ``updated_at`` is when it was recorded: ISO 8601 UTC with milliseconds (``2026-12-01T21:00:00.000Z``).
+    """
+
+    version: int
+    step: int | None
+    weights: dict[str, float]
+    updated_at: str
+
+
+def weights_version(version: int, step: int | None, weights: Mapping[str, float],
+                    updated_at: str) -> WeightsVersion:
+    return WeightsVersion(version=int(version), step=None if step is None else int(step),
+                          weights={d: float(w) for d, w in weights.items()}, updated_at=str(updated_at))
