@@ -32,8 +32,13 @@ _RUN_ID = re.compile(RUN_ID_PATTERN)
 
 
 def is_run_id(value: object) -> bool:
-    """True when ``value`` is a valid run id (:data:`RUN_ID_RULE`)."""
-    return isinstance(value, str) and _RUN_ID.match(value) is not None
+    """True when ``value`` is a valid run id (:data:`RUN_ID_RULE`).
+
+    ``fullmatch``, not ``match``: Python's ``$`` also matches before a trailing newline, and ``"run\\n"`` is
+    not a name a URL segment or a folder should carry. (JSON Schema and pydantic read :data:`RUN_ID_PATTERN`
+    with ``$`` as the end of the text, which is the same rule.)
+    """
+    return isinstance(value, str) and _RUN_ID.fullmatch(value) is not None
 
 
 # -- the student/teacher ratio -------------------------------------------------------------------------------
@@ -70,5 +75,6 @@ class WeightsVersion(TypedDict):
 
 def weights_version(version: int, step: int | None, weights: Mapping[str, float],
                     updated_at: str) -> WeightsVersion:
+    """The one constructor of a :class:`WeightsVersion` (plain JSON types, the domains in their order)."""
     return WeightsVersion(version=int(version), step=None if step is None else int(step),
                           weights={d: float(w) for d, w in weights.items()}, updated_at=str(updated_at))

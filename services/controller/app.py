@@ -16,18 +16,20 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_type_hints
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ddk.controller.spec import Invalid, check_run_spec
 from ddk.controller.store import Conflict, NotFound, Store
+from ddk.vocab import WeightsVersion
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,14 @@ class EvaluationIn(BaseModel):
     step: int = Field(strict=True)
     student_loss: dict[str, float]
     teacher_loss: dict[str, float] | None = None
+
+
+# -- answers ---------------------------------------------------------------------------------------------
+# A weights version, declared for the OpenAPI schema: built from ddk.vocab.WeightsVersion's fields, so the API's
+# model and the one type cannot drift apart (pydantic on Python 3.11 does not take a typing.TypedDict itself).
+WeightsOut = create_model(
+    "WeightsOut", __doc__=WeightsVersion.__doc__,
+    **{name: (tp, ...) for name, tp in get_type_hints(WeightsVersion).items()})
 
 
 # -- the push --------------------------------------------------------------------------------------------
@@ -89,7 +99,7 @@ class Broker:
         return sum(len(s) for s in self._subs.values())
 
 
-def sse_event(weights: dict) -> str:
+def sse_event(weights: WeightsVersion) -> str:
     """One SSE message: the id is the version (so EventSource's Last-Event-ID resumes), data the JSON."""
     return f"id: {weights['version']}\ndata: {json.dumps(weights)}\n\n"
 
@@ -252,14 +262,14 @@ def create_app(db: str | Path, token: str | None = None, *, keepalive_s: float =
     def get_run(run_id: str):
         return store.get_run(run_id)
 
-    @app.post("/v1/runs/{run_id}/evaluations")
+    @app.post("/v1/runs/{run_id}/evaluations", response_model=WeightsOut)
     async def post_evaluation(run_id: str, body: EvaluationIn):
         weights = await run_in_threadpool(store.add_evaluation, run_id, body.step, body.student_loss,
                                           body.teacher_loss)
         broker.publish(run_id)
         return weights
 
-    @app.get("/v1/runs/{run_id}/weights")
+    @app.get("/v1/runs/{run_id}/weights", response_model=WeightsOut)
     def get_weights(run_id: str):
         return store.weights(run_id)
 

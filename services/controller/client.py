@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import httpx
 
+from ddk.vocab import WeightsVersion
+
 log = logging.getLogger(__name__)
 
 
@@ -88,8 +90,9 @@ class ControllerClient:
     def list_runs(self) -> dict:
         return self._request("GET", "/v1/runs")
 
-    def post_evaluation(self, run_id, step, student_loss: dict, teacher_loss: dict | None = None) -> dict:
-        """Record an evaluation; returns the new weights {"version", "step", "weights", ...}."""
+    def post_evaluation(self, run_id, step, student_loss: dict,
+                        teacher_loss: dict | None = None) -> WeightsVersion:
+        """Record an evaluation; returns the new weights {"version", "step", "weights", "updated_at"}."""
         body = {"step": int(step), "student_loss": {k: float(v) for k, v in student_loss.items()}}
         if teacher_loss is not None:
             body["teacher_loss"] = {k: float(v) for k, v in teacher_loss.items()}
@@ -101,14 +104,14 @@ class ControllerClient:
 
         return self._request("POST", f"/v1/runs/{run_id}/evaluations", body, on_retry_conflict=already_recorded)
 
-    def get_weights(self, run_id) -> dict:
+    def get_weights(self, run_id) -> WeightsVersion:
         """The current {"version", "step", "weights", "updated_at"}; version 0 = the initial weights."""
         return self._request("GET", f"/v1/runs/{run_id}/weights")
 
     def history(self, run_id) -> dict:
         return self._request("GET", f"/v1/runs/{run_id}/history")
 
-    def events(self, run_id) -> Iterator[dict]:
+    def events(self, run_id) -> Iterator[WeightsVersion]:
         """Server-Sent Events: yields the current weights, then each new weights version as it is recorded.
 
         Reconnects (with backoff, resuming after the last version seen) when the stream drops; raises

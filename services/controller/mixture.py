@@ -26,31 +26,19 @@ result is finite, non-negative and sums to 1 for any finite losses.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping, Sequence
 
-POLICIES = ("ddk", "ddk_raw", "fixed")
+# The policy names and q = PPL_S / PPL_T (for display and the history) are the shared vocabulary's; they are
+# re-exported here for the callers that read them as mixture.POLICIES / mixture.ratio.
+from ddk.vocab import MAX_EXP as _MAX_EXP  # beyond this a q gap is treated as +inf (weight 0)
+from ddk.vocab import POLICIES, ratio
 
-# exp(x) overflows a double just above 709.78; beyond this the gap is treated as +inf (weight 0).
-_MAX_EXP = 709.0
+__all__ = ["POLICIES", "next_weights", "prior_times_exp_q", "ratio", "uniform"]
 
 
 def uniform(domains: Sequence[str]) -> dict[str, float]:
     """Equal weight on every domain (the default initial mixture)."""
     return {d: 1.0 / len(domains) for d in domains}
-
-
-def ratio(student_loss: Mapping[str, float], teacher_loss: Mapping[str, float]) -> dict[str, float]:
-    """q = PPL_S / PPL_T per domain, for display and the history.
-
-    A ratio too large for a double (loss gap > ~709 nats) is clipped to the largest finite double so that it
-    stays JSON-serialisable; the weights never use this clipped value.
-    """
-    out = {}
-    for d in student_loss:
-        gap = student_loss[d] - teacher_loss[d]
-        out[d] = math.exp(gap) if gap <= _MAX_EXP else sys.float_info.max
-    return out
 
 
 def _exp_q_gaps(gaps: Sequence[float], support: Sequence[bool]) -> list[float]:

@@ -32,9 +32,10 @@ def read_token(path: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    token = read_token(args.token_file) if args.token_file else None  # a bad token file fails before the imports
+
     from ddk.controller.app import create_app
 
-    token = read_token(args.token_file) if args.token_file else None
     server: uvicorn.Server | None = None
     try:
         app = create_app(args.db, token, should_stop=lambda: server is not None and server.should_exit)

@@ -7,14 +7,15 @@ answer 422 ``{"detail": "<field>: <why>"}`` and the user knows what to fix.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ddk.controller.mixture import POLICIES, uniform
+from ddk.controller.mixture import uniform
 
-# run ids appear in URLs and file names: keep them to a safe alphabet
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# run ids appear in URLs, folder names and Ray Train's run name: the one rule is ddk.vocab's (RUN_ID_RULE),
+# checked here when a run is created; reads of an unknown id are simply 404
+from ddk.vocab import POLICIES, RUN_ID_RULE, is_run_id
+
 MAX_DOMAINS = 1024
 MAX_DOMAIN_NAME = 200
 # initial weights must sum to 1 within this (they are then renormalised exactly)
@@ -56,8 +57,8 @@ def check_run_spec(run_id: str, domains: Sequence[str], policy: str = "ddk", alp
                    interval_steps: int = 1000,
                    initial_weights: Mapping[str, float] | None = None) -> RunSpec:
     """Validate a run spec and return it normalised (initial weights rescaled to sum exactly 1)."""
-    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
-        raise Invalid("run_id: 1-128 characters of letters, digits and . _ : - (starting with a letter or digit)")
+    if not is_run_id(run_id):
+        raise Invalid(f"run_id: {RUN_ID_RULE}")
     if not isinstance(domains, (list, tuple)) or not domains:
         raise Invalid("domains: must be a non-empty list of names")
     if len(domains) > MAX_DOMAINS:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ddk.controller import mixture
 from ddk.controller.spec import Invalid, RunSpec, check_losses, check_step
+from ddk.vocab import WeightsVersion, ratio, weights_version
 
 log = logging.getLogger(__name__)
 
@@ -191,26 +192,25 @@ class Store:
                 spec.policy, spec.domains, student, teacher,
                 previous=None if first else json.loads(last["weights"]),
                 initial=spec.effective_initial_weights(), alpha=spec.alpha)
-            ratio = None if teacher is None else mixture.ratio(student, teacher)
+            q = None if teacher is None else ratio(student, teacher)
             version = last["version"] + 1
             ts = now()
             con.execute(
                 "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, version, step, json.dumps(student), None if teacher is None else json.dumps(teacher),
-                 None if ratio is None else json.dumps(ratio), json.dumps(weights), ts))
+                 None if q is None else json.dumps(q), json.dumps(weights), ts))
         log.info("run %s step %d -> version %d", run_id, step, version)
-        return {"version": version, "step": step, "weights": weights, "updated_at": ts}
+        return weights_version(version, step, weights, ts)
 
     # -- reads -----------------------------------------------------------------------------------------
-    def weights(self, run_id: str) -> dict:
+    def weights(self, run_id: str) -> WeightsVersion:
         """The current weights object: {"version", "step", "weights", "updated_at"}."""
         row = self._connect().execute(
             "SELECT version, step, weights, created_at FROM versions WHERE run_id = ? "
             "ORDER BY version DESC LIMIT 1", (run_id,)).fetchone()
         if row is None:
             raise NotFound(f"run_id: no run {run_id!r}")
-        return {"version": row["version"], "step": row["step"], "weights": json.loads(row["weights"]),
-                "updated_at": row["created_at"]}
+        return _weights_version(row)
 
     def history(self, run_id: str) -> list[dict]:
         """Every version in order, with its step, losses, ratios and weights."""
@@ -222,13 +222,12 @@ class Store:
                  "teacher_loss": _loads(r["teacher_loss"]), "ratio": _loads(r["ratio"]),
                  "weights": json.loads(r["weights"]), "created_at": r["created_at"]} for r in rows]
 
-    def weights_since(self, run_id: str, version: int) -> list[dict]:
+    def weights_since(self, run_id: str, version: int) -> list[WeightsVersion]:
         """Weights objects of the versions after ``version``, in order (the SSE push catches up with these)."""
         rows = self._connect().execute(
             "SELECT version, step, weights, created_at FROM versions WHERE run_id = ? AND version > ? "
             "ORDER BY version", (run_id, version)).fetchall()
-        return [{"version": r["version"], "step": r["step"], "weights": json.loads(r["weights"]),
-                 "updated_at": r["created_at"]} for r in rows]
+        return [_weights_version(r) for r in rows]
 
     def counts(self) -> dict:
         """Totals for /metrics: runs and evaluations (versions >= 1)."""
@@ -237,17 +236,21 @@ class Store:
         evals = con.execute("SELECT COUNT(*) FROM versions WHERE version > 0").fetchone()[0]
         return {"runs": runs, "evaluations": evals}
 
-    def current_all(self) -> list[tuple[str, dict]]:
+    def current_all(self) -> list[tuple[str, WeightsVersion]]:
         """(run_id, weights object) for every run, for /metrics."""
         rows = self._connect().execute(
             "SELECT v.run_id, v.version, v.step, v.weights, v.created_at FROM versions v "
             "JOIN (SELECT run_id, MAX(version) AS m FROM versions GROUP BY run_id) l "
             "ON v.run_id = l.run_id AND v.version = l.m ORDER BY v.run_id").fetchall()
-        return [(r["run_id"], {"version": r["version"], "step": r["step"], "weights": json.loads(r["weights"]),
-                               "updated_at": r["created_at"]}) for r in rows]
+        return [(r["run_id"], _weights_version(r)) for r in rows]
 
     def ping(self) -> None:
         self._connect().execute("SELECT 1").fetchone()
+
+
+def _weights_version(row: sqlite3.Row) -> WeightsVersion:
+    """A versions row -> the weights object the API serves (the row's created_at is its updated_at)."""
+    return weights_version(row["version"], row["step"], json.loads(row["weights"]), row["created_at"])
 
 
 def _spec(row: sqlite3.Row) -> RunSpec:

@@ -3,6 +3,10 @@
 Covers every endpoint and error of the contract, the Python client (retries, lost answers, SSE), the push
 to several subscribers, a SIGKILL restart, concurrent writers, bearer-token auth, and the web page in
 headless Chromium.
+
+Three server processes in all: one module-scoped server that every test only talking HTTP shares (each test
+on its own run ids), and, for the SIGKILL restart, one server that is killed and one that restarts on its
+file, the restart with a token file so that the auth tests run on it too.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import pytest
 from procs import REPO, free_port, service
 
 from ddk.controller.client import ControllerClient, ControllerError, ControllerUnavailable
+from ddk.vocab import is_run_id
 
 pytestmark = pytest.mark.slow
 
@@ -37,9 +42,17 @@ def server(tmp_path_factory):
         yield url
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def client(server):
     with ControllerClient(server, max_retries=2, backoff=0.05) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def http():
+    """One plain HTTP client for the module's raw requests: httpx.get/post build a client, and with it an SSL
+    context (~30 ms), on every call. No keep-alive, so each request still has its own connection as before."""
+    with httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)) as c:
         yield c
 
 
@@ -53,9 +66,9 @@ def new_run(client, policy="ddk", **kw) -> str:
 
 
 # -- runs --------------------------------------------------------------------------------------------------
-def test_create_run_is_idempotent_and_conflicts_on_a_different_spec(server):
+def test_create_run_is_idempotent_and_conflicts_on_a_different_spec(http, server):
     body = {"run_id": "idem", "domains": DOMAINS, "policy": "ddk", "alpha": 0.5, "interval_steps": 10}
-    r = httpx.post(f"{server}/v1/runs", json=body)
+    r = http.post(f"{server}/v1/runs", json=body)
     assert r.status_code == 201
     run = r.json()
     assert run["run_id"] == "idem" and run["domains"] == DOMAINS and run["initial_weights"] is None
@@ -63,14 +76,14 @@ def test_create_run_is_idempotent_and_conflicts_on_a_different_spec(server):
     assert run["weights"]["weights"] == pytest.approx({d: 1 / 3 for d in DOMAINS})
     assert set(run) == {"run_id", "domains", "policy", "alpha", "interval_steps", "initial_weights", "created_at",
                         "weights"}
-    again = httpx.post(f"{server}/v1/runs", json=body)
+    again = http.post(f"{server}/v1/runs", json=body)
     assert again.status_code == 200 and again.json() == run
     for change in ({"alpha": 0.4}, {"policy": "ddk_raw"}, {"interval_steps": 11}, {"domains": ["code", "prose"]},
                    {"initial_weights": {"code": 0.5, "prose": 0.25, "legal": 0.25}}):
-        r = httpx.post(f"{server}/v1/runs", json={**body, **change})
+        r = http.post(f"{server}/v1/runs", json={**body, **change})
         assert r.status_code == 409 and r.json()["detail"].startswith("run_id:")
-    assert httpx.get(f"{server}/v1/runs/idem").json() == run
-    assert "idem" in [x["run_id"] for x in httpx.get(f"{server}/v1/runs").json()["runs"]]
+    assert http.get(f"{server}/v1/runs/idem").json() == run
+    assert "idem" in [x["run_id"] for x in http.get(f"{server}/v1/runs").json()["runs"]]
 
 
 @pytest.mark.parametrize("change, field", [
@@ -89,18 +102,32 @@ def test_create_run_is_idempotent_and_conflicts_on_a_different_spec(server):
     ({"run_id": None}, "run_id"),
     ({"colour": "blue"}, "colour"),
 ])
-def test_bad_run_specs_are_422_naming_the_field(server, change, field):
+def test_bad_run_specs_are_422_naming_the_field(http, server, change, field):
     body = {"run_id": "bad", "domains": DOMAINS, **change}
-    r = httpx.post(f"{server}/v1/runs", json=body)
+    r = http.post(f"{server}/v1/runs", json=body)
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith(field), r.json()
 
 
-def test_unknown_run_is_404(server):
+@pytest.mark.parametrize("run_id", ["a" * 128, "A.b_c-9", "a" * 129, "a:b", "-a", "a\n", "a/b", ""])
+def test_the_run_id_rule_is_the_vocab_one(http, server, run_id):
+    """The controller accepts exactly the run ids ddk.vocab accepts (1-128 of [A-Za-z0-9._-], first alnum)."""
+    r = http.post(f"{server}/v1/runs", json={"run_id": run_id, "domains": DOMAINS})
+    if is_run_id(run_id):
+        assert r.status_code == 201, r.text
+        assert http.get(f"{server}/v1/runs/{run_id}").json()["run_id"] == run_id
+    else:
+        assert r.status_code == 422 and r.json()["detail"].startswith("run_id:"), r.text
+    assert is_run_id(run_id) == (run_id in ("a" * 128, "A.b_c-9"))  # 128 accepted; 129, ':' refused
+    if run_id == "a:b":  # a read by path of an id that cannot exist is an unknown run, not a 422
+        assert http.get(f"{server}/v1/runs/a:b/weights").status_code == 404
+
+
+def test_unknown_run_is_404(http, server):
     for path in ("", "/weights", "/history", "/events"):
-        r = httpx.get(f"{server}/v1/runs/nope{path}")
+        r = http.get(f"{server}/v1/runs/nope{path}")
         assert r.status_code == 404 and "nope" in r.json()["detail"]
-    r = httpx.post(f"{server}/v1/runs/nope/evaluations", json={"step": 0, "student_loss": {"code": 1.0}})
+    r = http.post(f"{server}/v1/runs/nope/evaluations", json={"step": 0, "student_loss": {"code": 1.0}})
     assert r.status_code == 404
 
 
@@ -139,12 +166,12 @@ def test_fixed_and_raw_policies(client):
     assert w["weights"] == pytest.approx({d: 1 / 3 for d in DOMAINS})
 
 
-def test_old_steps_are_409_and_never_double_applied(client, server):
+def test_old_steps_are_409_and_never_double_applied(http, client, server):
     run = new_run(client)
     client.post_evaluation(run, 0, {"code": 1.0, "prose": 1.0, "legal": 1.0}, TEACHER)
     client.post_evaluation(run, 10, {"code": 1.0, "prose": 1.0, "legal": 1.0})
     for step in (10, 5):
-        r = httpx.post(f"{server}/v1/runs/{run}/evaluations",
+        r = http.post(f"{server}/v1/runs/{run}/evaluations",
                        json={"step": step, "student_loss": {"code": 1.0, "prose": 1.0, "legal": 1.0}})
         assert r.status_code == 409 and r.json()["detail"].startswith("step")
     assert client.get_weights(run)["version"] == 2
@@ -170,19 +197,19 @@ def test_old_steps_are_409_and_never_double_applied(client, server):
     ('[1, 2, 3]', "body"),
     ('', "body"),
 ])
-def test_bad_evaluations_are_422_naming_the_field(client, server, body, field):
+def test_bad_evaluations_are_422_naming_the_field(http, client, server, body, field):
     run = new_run(client)
     text = body % json.dumps(TEACHER) if "%s" in body else body
-    r = httpx.post(f"{server}/v1/runs/{run}/evaluations", content=text,
+    r = http.post(f"{server}/v1/runs/{run}/evaluations", content=text,
                    headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith(field), r.json()
     assert client.get_weights(run)["version"] == 0
 
 
-def test_oversized_bodies_are_413(server):
+def test_oversized_bodies_are_413(http, server):
     big = {"run_id": "big", "domains": ["d" * 100 + str(i) for i in range(12000)]}
-    r = httpx.post(f"{server}/v1/runs", json=big)
+    r = http.post(f"{server}/v1/runs", json=big)
     assert r.status_code == 413 and r.json()["detail"].startswith("body")
 
     def chunks():  # no Content-Length: the limit holds for chunked bodies too
@@ -191,15 +218,15 @@ def test_oversized_bodies_are_413(server):
             yield b'"' + b"x" * 500 + b'",'
         yield b'"y"]}'
 
-    r = httpx.post(f"{server}/v1/runs", content=chunks(), headers={"content-type": "application/json"})
+    r = http.post(f"{server}/v1/runs", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
-    assert httpx.get(f"{server}/v1/runs/big").status_code == 404
+    assert http.get(f"{server}/v1/runs/big").status_code == 404
 
 
-def test_metrics(client, server):
+def test_metrics(http, client, server):
     run = new_run(client)
     client.post_evaluation(run, 0, {"code": 1.0, "prose": 1.0, "legal": 1.0}, TEACHER)
-    text = httpx.get(f"{server}/metrics").text
+    text = http.get(f"{server}/metrics").text
     values = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -352,50 +379,64 @@ def test_eight_concurrent_writers_lose_nothing(client, server):
         assert by_version[w["version"]]["student_loss"]["code"] == float(step)
 
 
-# -- restart -----------------------------------------------------------------------------------------------
-def test_sigkill_restart_keeps_history_and_weights(tmp_path):
-    db = tmp_path / "c.sqlite"
+# -- restart, and auth on the restarted server --------------------------------------------------------------
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory):
+    """A server SIGKILLed after three evaluations, then restarted on its file with ``--token-file``.
+
+    Yields (url, history and weights of run "persist" before the kill). Restarting with a token also shows that
+    the state does not depend on how the server is configured; the auth tests use this same process.
+    """
+    tmp = tmp_path_factory.mktemp("restart")
+    db, token_file = tmp / "c.sqlite", tmp / "token"
+    token_file.write_text(TOKEN + "\n")
     port = free_port()
     with service(["controller", "serve", "--db", str(db)], port=port, timeout=60) as (url, proc):
         with ControllerClient(url) as c:
             c.create_run("persist", DOMAINS, interval_steps=10)
             for step in (0, 10, 20):
                 c.post_evaluation("persist", step, {"code": 2.0 - step / 20, "prose": 2.5, "legal": 1.0}, TEACHER)
-            before_hist, before_w = c.history("persist"), c.get_weights("persist")
+            before = c.history("persist"), c.get_weights("persist")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-    with service(["controller", "serve", "--db", str(db)], port=port, timeout=60) as (url, proc):
-        with ControllerClient(url) as c:
-            assert c.history("persist") == before_hist
-            assert c.get_weights("persist") == before_w
-            with pytest.raises(ControllerError):
-                c.post_evaluation("persist", 20, {"code": 1.0, "prose": 1.0, "legal": 1.0})
-            assert c.post_evaluation("persist", 30, {"code": 1.0, "prose": 1.0, "legal": 1.0})["version"] == 4
+    with service(["controller", "serve", "--db", str(db), "--token-file", str(token_file)], port=port,
+                 timeout=60) as (url, proc):
+        yield url, before
 
 
-# -- auth --------------------------------------------------------------------------------------------------
-def test_token_auth_guards_writes_only(tmp_path):
-    token_file = tmp_path / "token"
-    token_file.write_text("s3cret-token\n")
-    with service(["controller", "serve", "--db", str(tmp_path / "c.sqlite"), "--token-file", str(token_file)],
-                 timeout=60) as (url, _):
-        body = {"run_id": "auth", "domains": DOMAINS}
-        r = httpx.post(f"{url}/v1/runs", json=body)
-        assert r.status_code == 401 and r.json()["detail"].startswith("authorization")
-        r = httpx.post(f"{url}/v1/runs", json=body, headers={"Authorization": "Bearer wrong"})
-        assert r.status_code == 403 and r.json()["detail"].startswith("authorization")
-        r = httpx.post(f"{url}/v1/runs", content="{not json", headers={"content-type": "application/json"})
-        assert r.status_code == 401  # auth is checked before the body is read
-        with ControllerClient(url, token="s3cret-token") as c:
-            assert c.create_run("auth", DOMAINS)["run_id"] == "auth"
-            c.post_evaluation("auth", 0, {"code": 1.0, "prose": 1.0, "legal": 1.0}, TEACHER)
-        with ControllerClient(url) as anonymous:  # reads stay open
-            assert anonymous.get_weights("auth")["version"] == 1
-            assert anonymous.history("auth")["versions"][1]["step"] == 0
-            with pytest.raises(ControllerError) as e:
-                anonymous.post_evaluation("auth", 10, {"code": 1.0, "prose": 1.0, "legal": 1.0})
-            assert e.value.status == 401
-        assert httpx.get(f"{url}/metrics").status_code == 200 and httpx.get(url + "/").status_code == 200
+def test_sigkill_restart_keeps_history_and_weights(restarted):
+    url, (before_hist, before_w) = restarted
+    with ControllerClient(url, token=TOKEN) as c:
+        assert c.history("persist") == before_hist
+        assert c.get_weights("persist") == before_w
+        with pytest.raises(ControllerError) as e:
+            c.post_evaluation("persist", 20, {"code": 1.0, "prose": 1.0, "legal": 1.0})
+        assert e.value.status == 409  # step 20 was recorded before the kill
+        assert c.post_evaluation("persist", 30, {"code": 1.0, "prose": 1.0, "legal": 1.0})["version"] == 4
+
+
+def test_token_auth_guards_writes_only(http, restarted):
+    url, _ = restarted
+    body = {"run_id": "auth", "domains": DOMAINS}
+    r = http.post(f"{url}/v1/runs", json=body)
+    assert r.status_code == 401 and r.json()["detail"].startswith("authorization")
+    r = http.post(f"{url}/v1/runs", json=body, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 403 and r.json()["detail"].startswith("authorization")
+    r = http.post(f"{url}/v1/runs", content="{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 401  # auth is checked before the body is read
+    with ControllerClient(url, token=TOKEN) as c:
+        assert c.create_run("auth", DOMAINS)["run_id"] == "auth"
+        c.post_evaluation("auth", 0, {"code": 1.0, "prose": 1.0, "legal": 1.0}, TEACHER)
+    with ControllerClient(url) as anonymous:  # reads stay open
+        assert anonymous.get_weights("auth")["version"] == 1
+        assert anonymous.history("auth")["versions"][1]["step"] == 0
+        with pytest.raises(ControllerError) as e:
+            anonymous.post_evaluation("auth", 10, {"code": 1.0, "prose": 1.0, "legal": 1.0})
+        assert e.value.status == 401
+    assert http.get(f"{url}/metrics").status_code == 200 and http.get(url + "/").status_code == 200
 
 
 @pytest.mark.parametrize("content", ["", "  \n", None])
@@ -424,14 +465,14 @@ def _chromium(url: str, out: Path, *extra: str) -> str:
     return subprocess.run(args, capture_output=True, text=True, timeout=90).stdout
 
 
-def test_page_shows_the_runs_and_their_domains(client, server, tmp_path):
+def test_page_shows_the_runs_and_their_domains(http, client, server, tmp_path):
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
     run = client.create_run("page-run", ["code_domain", "prose_domain", "legal_domain"], interval_steps=10)
     client.post_evaluation("page-run", 0, {"code_domain": 2.0, "prose_domain": 1.0, "legal_domain": 1.0},
                            {"code_domain": 1.0, "prose_domain": 1.0, "legal_domain": 1.0})
     assert run["run_id"] == "page-run"
-    r = httpx.get(server + "/")
+    r = http.get(server + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "code_domain" not in r.text  # the names come from the API, rendered by the page's script
     dom = _chromium(server + "/", tmp_path / "profile", "--dump-dom")

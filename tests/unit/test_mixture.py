@@ -8,6 +8,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from ddk import vocab
+from ddk.controller import mixture
 from ddk.controller.mixture import next_weights, ratio
 from ddk.controller.spec import Invalid, check_losses, check_run_spec
 
@@ -177,6 +179,25 @@ def test_bad_run_specs_name_the_field(kwargs, field):
     with pytest.raises(Invalid) as e:
         check_run_spec(**kwargs)
     assert str(e.value).startswith(field + ":") or str(e.value).startswith(field + ".")
+
+
+@pytest.mark.parametrize("run_id", ["r", "a" * 128, "Run-1.b_2", "a" * 129, "a:b", "_a", ".", "a\n", "a b", "é"])
+def test_the_run_id_rule_is_the_vocab_one(run_id):
+    """check_run_spec accepts exactly the run ids of ddk.vocab's rule (1-128 chars, no ':')."""
+    if vocab.is_run_id(run_id):
+        assert check_run_spec(run_id, ["a"]).run_id == run_id
+    else:
+        with pytest.raises(Invalid) as e:
+            check_run_spec(run_id, ["a"])
+        assert str(e.value) == "run_id: " + vocab.RUN_ID_RULE
+    assert vocab.is_run_id(run_id) == (run_id in ("r", "a" * 128, "Run-1.b_2"))
+
+
+def test_policies_and_ratio_are_the_vocab_ones():
+    assert mixture.POLICIES is vocab.POLICIES and mixture.ratio is vocab.ratio
+    for policy in vocab.POLICIES:  # every policy name the vocabulary has is one the math knows
+        check_run_spec("r", ["a"], policy)
+        next_weights(policy, ["a"], {"a": 1.0}, {"a": 1.0}, None)
 
 
 def test_good_run_spec_is_normalised():

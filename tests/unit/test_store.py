@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 import threading
@@ -10,6 +11,7 @@ import pytest
 
 from ddk.controller.spec import Invalid, check_run_spec
 from ddk.controller.store import Conflict, NotFound, Store
+from ddk.vocab import WeightsVersion
 
 DOMAINS = ["code", "prose"]
 TEACHER = {"code": 1.0, "prose": 2.0}
@@ -102,3 +104,20 @@ def test_concurrent_writers_on_one_file_lose_nothing(tmp_path):
     assert versions == list(range(len(hist)))  # no gaps, no duplicates
     assert steps == sorted(set(steps))  # strictly increasing steps
     assert len(hist) >= 2 + 5  # at least one thread's whole sequence lands
+
+
+def test_every_weights_object_is_the_one_type(tmp_path):
+    """What the store hands out as weights (run, evaluation, current, since, /metrics) is a vocab.WeightsVersion,
+    and the API's response model declares exactly its fields."""
+    from ddk.controller.app import WeightsOut
+
+    keys = set(WeightsVersion.__annotations__)
+    assert keys == {"version", "step", "weights", "updated_at"} and set(WeightsOut.model_fields) == keys
+    store = Store(tmp_path / "c.sqlite")
+    run, _ = store.create_run(check_run_spec("r", DOMAINS))
+    w1 = store.add_evaluation("r", 0, {"code": 2.0, "prose": 1.0}, TEACHER)
+    objects = [run["weights"], w1, store.weights("r"), *store.weights_since("r", -1), store.current_all()[0][1]]
+    for w in objects:
+        assert set(w) == keys and WeightsOut.model_validate(w).model_dump() == w
+    assert store.weights("r") == w1 == store.weights_since("r", 0)[0] == store.current_all()[0][1]
+    assert json.loads(json.dumps(w1)) == w1  # plain JSON types
