@@ -6,7 +6,7 @@
   processes on 127.0.0.1, the controller with a bearer token): schema-valid and schema-violating
   examples for every operation; no 5xx, answers match the declared schemas and content types.
   The teacher reads ``/v1/topk`` by hand (to stream and to bound the body), so FastAPI cannot
-  describe its body: the test adds the body and answers of ARCHITECTURE.md's contract to the
+  describe its body: the test adds the body and answers of docs/architecture.md's contract to the
   served schema before fuzzing.
 * Live property tests on the paths that do the work: top-k answers have the contract's shapes and
   order; any finite losses give the controller finite weights that sum to 1, or a 4xx.
@@ -39,7 +39,7 @@ from ddk.trainer.config import SECTIONS, load_config
 EXAMPLES = 20          # per operation and generation mode (schemathesis)
 TOKEN = "fuzz-token-1"
 MAX_BATCH_TOKENS = 4096  # the teacher's body limit is then 16 x 4096 + 4 KiB
-FUZZED: Counter = Counter()  # requests sent per service, printed at the end (README figures)
+FUZZED: Counter = Counter()  # requests sent per service, printed at the end (the figures of docs/reliability.md)
 
 
 # ----------------------------------------------------------------------------------------------
