@@ -629,19 +629,24 @@ def test_kustomize_renders_everything_into_one_namespace():
     assert "secret.yaml" not in listed  # never overwrite the real token with the placeholder
 
 
-# ----------------------------------------------------------------------------- the README's deploy section
+# ----------------------------------------------------------------------------- docs/deploy.md's code blocks
+# No test parses README prose: the deploy commands live in the fenced code blocks of docs/deploy.md, and only
+# those blocks are read here.
 
-def readme_deploy() -> str:
-    text = (REPO / "README.md").read_text()
-    start = text.index("<!-- section: deploy -->")
-    return text[start:text.index("<!-- section:", start + 1)]
+DEPLOY_DOC = REPO / "docs" / "deploy.md"
 
 
-def readme_commands() -> list[list[str]]:
-    """The simple commands of the section's bash blocks: continuations joined, comments dropped,
+def docs_deploy_blocks(lang: str | None = None) -> list[str]:
+    """The fenced code blocks of docs/deploy.md (only those of language ``lang`` when given)."""
+    text = DEPLOY_DOC.read_text()
+    return [body for tag, body in re.findall(r"^```(\w*)\n(.*?)^```", text, re.S | re.M) if lang in (None, tag)]
+
+
+def docs_deploy_commands() -> list[list[str]]:
+    """The simple commands of the page's bash blocks: continuations joined, comments dropped,
     split at && ; | &, leading VAR=value assignments removed."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", readme_deploy(), re.S):
+    for block in docs_deploy_blocks("bash"):
         for line in block.replace("\\\n", " ").splitlines():
             lex = shlex.shlex(line, posix=True, punctuation_chars=True)
             lex.whitespace_split = True
@@ -658,20 +663,20 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
-def test_readme_deploy_files_exist():
-    section = readme_deploy()
-    paths = set(re.findall(r"(?<![\w/.-])((?:deploy|scripts)/[\w./-]*\w|docker-compose\.yml|\.env\.example)", section))
+def test_docs_deploy_files_exist():
+    blocks = "\n".join(docs_deploy_blocks())
+    paths = set(re.findall(r"(?<![\w/.-])((?:deploy|scripts)/[\w./-]*\w|docker-compose\.yml|\.env\.example)", blocks))
     assert {"docker-compose.yml", ".env.example", "deploy/ray/cluster.yaml", "deploy/ray/submit.sh",
             "deploy/k8s"} <= paths
     for path in paths:
-        assert (REPO / path).exists(), f"README deploy section names {path}, which does not exist"
+        assert (REPO / path).exists(), f"docs/deploy.md's code blocks name {path}, which does not exist"
 
 
-def test_readme_deploy_commands_match_the_real_clis_and_files():
-    """Every ray, ddk, submit.sh, docker run, make, kubectl and curl command of the section."""
+def test_docs_deploy_commands_match_the_real_clis_and_files():
+    """Every ray, ddk, submit.sh, docker run, make, kubectl and curl command of docs/deploy.md's bash blocks."""
     from ddk.controller.app import create_app
 
-    commands = readme_commands()
+    commands = docs_deploy_commands()
     kinds = {w[0] for w in commands}
     assert {"ray", "deploy/ray/submit.sh", "docker", "kubectl", "curl", "make"} <= kinds, kinds
     compose_images = {s["image"] for s in compose()["services"].values()}
@@ -797,7 +802,7 @@ def _wait_for(predicate, what: str, timeout: float, procs=()):
 def test_two_node_ray_cluster_runs_a_ray_job_against_teacher_and_controller(kit, tmp_path):
     """The deployment's topology without containers: Ray head + a second Ray node, teacher and
     controller as separate processes, and `ddk train` submitted as a Ray Job by deploy/ray/submit.sh
-    (the command the README gives). The run completes, the controller holds its weights, and the
+    (the command docs/deploy.md gives). The run completes, the controller holds its weights, and the
     Ray Train workers ran on both nodes.
 
     Everything uses ports of its own and Ray keeps its files in a temp dir of its own, so other Ray
