@@ -1,7 +1,7 @@
 """Trainer throughput: does the prefetching teacher feed hide the teacher, and does DDK cost time?
 
 Prints one table. Same kit, steps, batch and seed for every row; the trainer loop runs in this process
-(worker.run with a LocalContext: one rank, no Ray, so Ray's start-up is not in the numbers), pinned to
+(``Trainer(job, LocalContext(...)).fit()``: one rank, no Ray, so Ray's start-up is not in the numbers), pinned to
 one core; the teacher service (and the controller) run pinned to another core (``taskset``), so the
 two really run side by side as on separate machines.
 
@@ -67,23 +67,22 @@ class Replay:
         return self.table[np.asarray(ids, dtype=np.int64).tobytes()]
 
 
-def precompute(client, loop_config: dict, steps: int) -> dict[bytes, object]:
+def precompute(client, job, steps: int) -> dict[bytes, object]:
     """The fixed-mixture run's batches (deterministic from the seed) and their teacher outputs."""
     from transformers import AutoTokenizer
 
-    from ddk.trainer.config import TrainConfig
     from ddk.trainer.data import load_domain_specs, prepare_domains
     from ddk.trainer.sampler import DomainSampler
 
-    cfg = TrainConfig.model_validate(loop_config["config"])
+    cfg = job.config
     tok = AutoTokenizer.from_pretrained(cfg.student.model)
-    domains = prepare_domains(load_domain_specs(cfg.data.file), tok, cfg.data.seq_len, cfg.data.cache_dir)
+    domains = prepare_domains(load_domain_specs(cfg.data.source()), tok, cfg.data.seq_len, cfg.data.cache_dir)
     names = sorted(domains)
     sampler = DomainSampler({n: len(domains[n].train) for n in names}, seed=cfg.seed, rank=0, world_size=1,
                             tokens_per_block=cfg.data.seq_len)
     table = {}
     for step in range(steps):
-        rows = sampler.draw(step, loop_config["initial_weights"], cfg.train.batch_size)
+        rows = sampler.draw(step, job.initial_weights, cfg.train.batch_size)
         ids = torch.from_numpy(np.stack([domains[d].train[i] for d, i in rows]).astype(np.int64))
         table[ids.numpy().tobytes()] = client.topk(ids, cfg.kd.top_k)
     return table
@@ -121,10 +120,10 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
 
     from ddk.teacher.client import TeacherClient
-    from ddk.trainer.config import config_to_dict, load_config
+    from ddk.trainer.config import load_config
     from ddk.kit.fixtures import build_kit
     from ddk.trainer.launch import prepare
-    from ddk.trainer.loop import LocalContext, run
+    from ddk.trainer.loop import LocalContext, Trainer
 
     kit = build_kit(Path(args.kit), quick=True, seed=0)
     load_start = os.getloadavg()
@@ -142,7 +141,7 @@ def main() -> int:
     torch.set_num_threads(1)
     rows: list[tuple[str, str, str]] = []
     try:
-        def config(name: str, policy: str) -> dict:
+        def config(name: str, policy: str):  # the TrainJob of one row
             cfg = load_config(str(kit / "train.yaml"), [
                 f"run_id=bench-{name}-{int(time.time())}", f"output_dir={work / name}",
                 f"teacher.urls=[{teacher_url}]", f"controller.url={ctrl_url}", f"train.steps={args.steps}",
@@ -150,11 +149,9 @@ def main() -> int:
                 f"mixture.policy={policy}", f"kd.top_k={args.top_k}", f"checkpoint.every_steps={args.steps}",
                 f"student.model={student}",
                 "ray.num_workers=1", f"data.cache_dir={work / 'tokens'}"])
-            lc = prepare(cfg)
-            lc["config"] = config_to_dict(cfg)
-            return lc
+            return prepare(cfg)
 
-        seq_len = config_to_dict(load_config(str(kit / "train.yaml"), []))["data"]["seq_len"]
+        seq_len = load_config(str(kit / "train.yaml"), []).data.seq_len
         tokens_per_step = args.batch_size * seq_len
         client = TeacherClient(teacher_url)
 
@@ -176,8 +173,8 @@ def main() -> int:
             order = "abc"[r % 3:] + "abc"[:r % 3]
             for name in order:
                 results, policy, replay = row_specs[name]
-                results.append(run(config(f"{name}{r}", policy), LocalContext(work / f"{name}{r}"),
-                                   **({"teacher_client": Replay(table)} if replay else {})))
+                results.append(Trainer(config(f"{name}{r}", policy), LocalContext(work / f"{name}{r}"),
+                                       teacher_client=Replay(table) if replay else None).fit())
         client.close()
 
         def med(runs, key):

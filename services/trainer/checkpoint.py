@@ -9,6 +9,9 @@ Ray Train merges in storage) holds:
                              tensors appear there as {"__tensor__": key} pointers into state.safetensors
     rank-<r>.json            worker r's own state (its sampler), with rank-<r>.safetensors for its tensors
 
+:func:`save_training` / :func:`load_training` write and read a trainer's whole state (state.py's
+``TrainState`` plus model, optimiser, schedule and RNG) in that layout.
+
 `torch.save` would pickle, and a pickle in a checkpoint is code that runs on load. Instead
 :func:`flatten` walks a nested state (dicts, lists, tuples, scalars, tensors, numpy arrays) and
 splits it into a JSON-able skeleton plus a flat {key: tensor} map that safetensors can store;
@@ -188,6 +191,38 @@ def load_checkpoint(directory: str | Path, *, rank: int) -> tuple[dict[str, Any]
     shared = load_state(directory)
     own = load_state(directory, _rank_stem(rank)) if (directory / f"{_rank_stem(rank)}.json").exists() else None
     return shared, own
+
+
+def save_training(directory: str | Path, state: dict[str, Any], *, rank: int, world_size: int,
+                  model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
+                  scheduler: Any | None) -> None:
+    """This rank's part of the checkpoint of a trainer's state (``TrainState.state_dict()``, see state.py).
+
+    The files are those of :func:`save_checkpoint`: step, weights and version in the shared state, teacher
+    losses and the pending evaluation under its ``extra``, the sampler in ``rank-<r>``.
+    """
+    save_checkpoint(directory, rank=rank, step=state["step"], model=model, optimizer=optimizer,
+                    scheduler=scheduler, weights=state["weights"], version=state["version"],
+                    rank_state={"sampler": state.get("sampler")},
+                    extra={"teacher_loss": state.get("teacher_loss"), "pending": state.get("pending")},
+                    world_size=world_size)
+
+
+def load_training(directory: str | Path, *, rank: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: Any | None) -> dict[str, Any]:
+    """Inverse of :func:`save_training`: loads the model, optimiser, LR schedule and torch RNG in place and
+    returns the trainer's state as ``TrainState.load_state_dict`` takes it (``sampler`` None when the
+    checkpoint has no state for this rank, e.g. the world size changed)."""
+    shared, own = load_checkpoint(directory, rank=rank)
+    load_model(directory, model)
+    optimizer.load_state_dict(shared["optimizer"])
+    if scheduler is not None and shared.get("scheduler") is not None:
+        scheduler.load_state_dict(shared["scheduler"])
+    torch.set_rng_state(shared["torch_rng"])
+    extra = shared.get("extra") or {}
+    return {"step": int(shared["step"]), "weights": {k: float(v) for k, v in shared["weights"].items()},
+            "version": int(shared["version"]), "teacher_loss": extra.get("teacher_loss"),
+            "pending": extra.get("pending"), "sampler": own.get("sampler") if own is not None else None}
 
 
 # --------------------------------------------------------------------------------------------

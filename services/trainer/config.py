@@ -7,10 +7,17 @@ one-line message that starts with the dotted key, e.g. ``train.steps: must be gr
 Paths: relative paths written in the config file resolve against the file's directory (so a config can sit
 next to its data); paths given with ``--set`` resolve against the current directory (as a shell user expects).
 After loading, every path in the config is absolute, because Ray workers do not share the driver's cwd.
+
+This is the one parser of a train config: ``ddk train`` (:func:`load_config`), ``ddk eval --data train.yaml``
+and ``load_domain_specs(train.yaml)`` (:func:`train_sections`: the data and eval sections alone), the demo and
+``ddk compare``. :class:`TrainJob` is what the driver hands every worker: the validated config plus what it
+measured before the workers start (teacher losses, initial weights); it crosses to Ray as plain data
+(``model_dump(mode="json")``) and is validated again there.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +26,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ddk.errors import UsageError
+from ddk.vocab import DDK_POLICIES, POLICIES, RUN_ID_PATTERN, RUN_ID_RULE
+
+# Test hook for fault tolerance: "6,10" makes the last rank exit abruptly right after step 6 and after step 10
+# (each once per output_dir; a marker file remembers it), as a crashed worker would. ``ddk train`` reads it
+# into TrainJob.fault_at_steps (launch.prepare); an in-process caller can set that field directly.
+FAULT_ENV = "DDK_FAULT_AT_STEPS"
 
 
 class _Section(BaseModel):
@@ -63,6 +76,13 @@ class DataSection(_Section):
     val_fraction: float = Field(0.05, gt=0, lt=1)  # for inline domains without val_files
     cache_dir: str | None = None  # tokenised cache; None -> ddk.trainer.data.default_cache_dir()
 
+    def source(self) -> str | dict:
+        """What :func:`ddk.trainer.data.load_domain_specs` reads: ``file``, or the inline domains."""
+        if self.file is not None:
+            return self.file
+        return {"domains": [d.model_dump(exclude_none=True) for d in self.domains or []],
+                "val_fraction": self.val_fraction}
+
 
 class TrainSection(_Section):
     steps: int = Field(gt=0)
@@ -80,7 +100,7 @@ class KDSection(_Section):
 
 
 class MixtureSection(_Section):
-    policy: Literal["ddk", "ddk_raw", "fixed"] = "ddk"
+    policy: Literal[POLICIES] = "ddk"  # ddk.vocab.POLICIES
     interval_steps: int = Field(1000, gt=0)
     alpha: float = Field(0.5, ge=0, le=1)
     initial_weights: dict[str, float] | None = None
@@ -114,7 +134,7 @@ class CheckpointSection(_Section):
 
 
 class TrainConfig(_Section):
-    run_id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    run_id: str = Field(pattern=RUN_ID_PATTERN)  # ddk.vocab: the controller's rule too
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     controller: ControllerSection = Field(default_factory=ControllerSection)
     student: StudentSection
@@ -144,7 +164,7 @@ class TrainConfig(_Section):
                 raise ValueError("data.domains: domain names must be unique")
         if self.kd.gamma > 0 and not self.teacher.urls:
             raise ValueError("teacher.urls: required when kd.gamma > 0")
-        if self.mixture.policy in ("ddk", "ddk_raw"):
+        if self.mixture.policy in DDK_POLICIES:
             if not self.teacher.urls:
                 raise ValueError(f"teacher.urls: required for mixture.policy {self.mixture.policy} "
                                  "(the weights need teacher losses)")
@@ -231,7 +251,7 @@ def _format_error(err: ValidationError) -> str:
     elif e["type"] == "extra_forbidden":
         msg = "unknown key"
     elif e["type"] == "string_pattern_mismatch" and loc == "run_id":
-        msg = "must be 1-64 characters of A-Z a-z 0-9 . _ -"
+        msg = f"must be {RUN_ID_RULE}"
     return f"{loc}: {msg}" if loc else msg
 
 
@@ -294,3 +314,80 @@ def _check_paths(cfg: TrainConfig) -> None:
 def config_to_dict(cfg: TrainConfig) -> dict:
     """JSON/YAML-safe plain dict of the full config (defaults included); loads back with validate_config."""
     return cfg.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a train config read for its data alone (ddk eval --data train.yaml, load_domain_specs(train.yaml))
+
+class TrainSections(BaseModel):
+    """The sections of a train config that stand on their own: ``data`` and ``eval`` (the rest is ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    data: DataSection
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+
+def is_train_config(raw: Any) -> bool:
+    """A parsed YAML that is a train config (a ``data`` section), not a data.yaml (``domains`` at the top)."""
+    return isinstance(raw, dict) and isinstance(raw.get("data"), dict) and "domains" not in raw
+
+
+def train_sections(raw: dict, base: str | Path) -> TrainSections:
+    """The data and eval sections of a parsed train config, with the same models and path rules as
+    :func:`load_config` (paths against ``base``, the file's directory); errors -> UsageError('data.x: ...')."""
+    part = {k: copy.deepcopy(raw[k]) for k in ("data", "eval") if k in raw}
+    _resolve_paths(part, Path(base))
+    try:
+        sections = TrainSections.model_validate(part)
+    except ValidationError as err:
+        raise UsageError(_format_error(err)) from None
+    if sections.data.file is None and sections.data.domains is None:
+        raise UsageError("data: the train config has neither data.file nor data.domains")
+    return sections
+
+
+def load_train_sections(path: str | Path) -> TrainSections | None:
+    """:func:`train_sections` of the YAML file at ``path``; None when it is not a readable train config."""
+    p = Path(path).expanduser()
+    if not p.is_file() or p.suffix not in (".yaml", ".yml"):
+        return None
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return train_sections(raw, p.resolve().parent) if is_train_config(raw) else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the workers' job
+
+class TrainJob(BaseModel):
+    """Everything one worker of a run needs (``launch.prepare`` builds it; ``loop.Trainer`` runs it).
+
+    ``initial_weights``/``initial_version``: the mixture in force until the evaluation at step 0 (a resumed run
+    takes its weights from the checkpoint). ``teacher_loss``: the teacher's per-domain validation losses, None
+    without a teacher (CPT: the first student evaluation stands in). ``fault_at_steps``: see :data:`FAULT_ENV`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    config: TrainConfig
+    initial_weights: dict[str, float]
+    initial_version: int = Field(0, ge=0)
+    teacher_loss: dict[str, float] | None = None
+    controller_token: str | None = None
+    log_level: str = "INFO"
+    fault_at_steps: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _resolved(self) -> "TrainJob":
+        if self.config.output_dir is None:
+            raise ValueError("config.output_dir: must be set (load_config fills it in)")
+        return self
+
+
+def parse_fault_steps(spec: str | None) -> list[int]:
+    """``"6,10"`` -> [6, 10] (the value of :data:`FAULT_ENV`; empty or None -> [])."""
+    try:
+        return sorted({int(s) for s in (spec or "").split(",") if s.strip()})
+    except ValueError:
+        raise UsageError(f"{FAULT_ENV}: expected comma-separated step numbers, got {spec!r}") from None

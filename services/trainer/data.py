@@ -99,8 +99,10 @@ def load_domain_specs(source: Any, base_dir: str | Path | None = None) -> list[D
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise UsageError(f"data: cannot read {path} ({str(e).splitlines()[0]})") from None
-        if isinstance(raw, dict) and isinstance(raw.get("data"), dict) and "domains" not in raw:
-            return _specs_from_train_config(raw["data"], path.resolve().parent)
+        from ddk.trainer.config import is_train_config, train_sections
+
+        if is_train_config(raw):  # its data section, read by the train config's own parser
+            return load_domain_specs(train_sections(raw, path.resolve().parent).data.source())
         return load_domain_specs(raw, base_dir=path.resolve().parent)
 
     base = Path(base_dir) if base_dir is not None else Path.cwd()
@@ -195,15 +197,6 @@ def _specs_from_directory(path: Path) -> list[DomainSpec]:
     if not specs:
         raise UsageError(f"data: {path} has no data.yaml and no <domain>/train.* subdirectories")
     return specs
-
-
-def _specs_from_train_config(data: dict, base: Path) -> list[DomainSpec]:
-    if data.get("file"):
-        f = Path(data["file"]).expanduser()
-        return load_domain_specs(f if f.is_absolute() else base / f)
-    if data.get("domains"):
-        return _specs_from_entries(data["domains"], base, _val_fraction(data.get("val_fraction", 0.05)))
-    raise UsageError("data: the train config has neither data.file nor data.domains")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -96,23 +96,14 @@ def format_table(rows: list[dict], with_teacher: bool) -> str:
 
 
 def _train_config_defaults(path: Path) -> dict:
-    """seq_len and sequences per domain from a train config passed as ``--data`` (else nothing)."""
-    import yaml
+    """seq_len and sequences per domain from a train config passed as ``--data`` (else nothing), read by the
+    train config's own parser (its defaults included: data.seq_len 128, eval.sequences_per_domain 32)."""
+    from ddk.trainer.config import load_train_sections
 
-    if not path.is_file() or path.suffix not in (".yaml", ".yml"):
-        return {}
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return {}  # load_domain_specs reports it
-    if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
-        return {}
-    out = {}
-    if isinstance(raw["data"].get("seq_len"), int):
-        out["seq_len"] = raw["data"]["seq_len"]
-    if isinstance(raw.get("eval"), dict) and isinstance(raw["eval"].get("sequences_per_domain"), int):
-        out["sequences"] = raw["eval"]["sequences_per_domain"]
-    return out
+    sections = load_train_sections(path)
+    if sections is None:
+        return {}  # not a train config (or unreadable: load_domain_specs reports it)
+    return {"seq_len": sections.data.seq_len, "sequences": sections.eval.sequences_per_domain}
 
 
 def main(args) -> int:

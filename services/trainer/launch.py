@@ -17,7 +17,8 @@ What the driver does, in order (everything that can be wrong with the input is f
 7. while ``fit()`` runs, a thread tails ``metrics.jsonl`` (written by rank 0) into a progress bar;
 8. at the end: ``weights.png``, ``ratios.png``, ``summary.json`` and a per-domain table.
 
-The per-step work is in worker.py.
+The per-step work is in loop.py (``Trainer``); ``prepare(cfg)`` alone gives the ``TrainJob`` that
+``Trainer(job, LocalContext(output_dir)).fit()`` runs in-process.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ import time
 from pathlib import Path
 
 from ddk.errors import UsageError
+from ddk.trainer.config import FAULT_ENV, TrainJob, parse_fault_steps
 
 log = logging.getLogger("ddk.trainer")
 
 DEFAULT_MAX_FAILURES = 3
 MAX_FAILURES_ENV = "DDK_RAY_MAX_FAILURES"  # when ray.max_failures is not set
-FORWARDED_ENV = ("DDK_FAULT_AT_STEPS", "DDK_CACHE_DIR")  # passed on to the Ray workers when set
+FORWARDED_ENV = ("DDK_CACHE_DIR",)  # passed on to the Ray workers when set (DDK_FAULT_AT_STEPS: in the job)
 
 
 def check_teacher(info: dict, fingerprint: str, cfg, student_vocab: int) -> None:
@@ -112,84 +114,113 @@ class _Progress(threading.Thread):
         self.join(timeout=5)
 
 
-def prepare(cfg) -> dict:
-    """Steps 2-5: the checks, the data cache, teacher losses and the controller run. Returns the workers'
-    ``train_loop_config``."""
-    from transformers import AutoConfig, AutoTokenizer
+def prepare(cfg) -> TrainJob:
+    """Steps 2-5: the checks, the data cache, teacher losses and the controller run. Returns the workers' job
+    (``DDK_FAULT_AT_STEPS`` read into its ``fault_at_steps``)."""
+    tokenizer, student_vocab = _student_tokenizer(cfg)
+    client = _checked_teacher(cfg, tokenizer, student_vocab)  # None without teacher.urls
+    try:
+        domains = _prepare_data(cfg, tokenizer)
+        names = sorted(domains)
+        initial = resolve_initial_weights(cfg, names)
+    except BaseException:
+        if client is not None:
+            client.close()
+        raise
+    teacher_loss = _teacher_losses(cfg, client, domains) if client is not None else None
+    token = Path(cfg.controller.token_file).read_text().strip() if cfg.controller.token_file else None
+    if cfg.controller.url:
+        _create_run(cfg, token, names, initial)
+    # Version 0 is the initial mixture (the controller's too). It is only in force until the evaluation at
+    # step 0, which comes before any training; a resumed run takes its weights from the checkpoint.
+    return TrainJob(config=cfg, teacher_loss=teacher_loss,
+                    initial_weights=initial or {n: 1.0 / len(names) for n in names}, initial_version=0,
+                    controller_token=token,
+                    log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                    fault_at_steps=parse_fault_steps(os.environ.get(FAULT_ENV)))
 
-    from ddk.fingerprint import tokenizer_fingerprint
-    from ddk.trainer.config import config_to_dict
-    from ddk.trainer.data import default_cache_dir, load_domain_specs, prepare_domains
+
+def _student_tokenizer(cfg):
+    """(tokenizer, vocabulary size) of ``student.model``."""
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.student.model, trust_remote_code=False)
         student_vocab = int(AutoConfig.from_pretrained(cfg.student.model, trust_remote_code=False).vocab_size)
     except (OSError, ValueError) as e:
         raise UsageError(f"student.model: cannot load a tokenizer and config from {cfg.student.model} ({e})") from None
-    fingerprint = tokenizer_fingerprint(tokenizer)
+    return tokenizer, student_vocab
 
-    client = None
-    if cfg.teacher.urls:
-        from ddk.teacher.client import TeacherClient
 
-        client = TeacherClient(cfg.teacher.urls)
-        check_teacher(client.info(), fingerprint, cfg, student_vocab)
+def _checked_teacher(cfg, tokenizer, student_vocab: int):
+    """Step 2: a TeacherClient for ``teacher.urls`` once :func:`check_teacher` accepts it (None without urls)."""
+    if not cfg.teacher.urls:
+        return None
+    from ddk.fingerprint import tokenizer_fingerprint
+    from ddk.teacher.client import TeacherClient
+
+    client = TeacherClient(cfg.teacher.urls)
+    try:
+        check_teacher(client.info(), tokenizer_fingerprint(tokenizer), cfg, student_vocab)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def _prepare_data(cfg, tokenizer) -> dict:
+    """Step 3: the token cache (in ``data.cache_dir``, resolved here so every worker uses the same folder)."""
+    from ddk.trainer.data import default_cache_dir, load_domain_specs, prepare_domains
 
     if cfg.data.cache_dir is None:
         cfg.data.cache_dir = str(default_cache_dir())  # the same folder for every worker
-    source = cfg.data.file if cfg.data.file is not None else {
-        "domains": [d.model_dump(exclude_none=True) for d in cfg.data.domains], "val_fraction": cfg.data.val_fraction}
-    domains = prepare_domains(load_domain_specs(source), tokenizer, cfg.data.seq_len, cfg.data.cache_dir)
-    names = sorted(domains)
-    for n in names:
+    domains = prepare_domains(load_domain_specs(cfg.data.source()), tokenizer, cfg.data.seq_len, cfg.data.cache_dir)
+    for n in sorted(domains):
         if len(domains[n].val) < 1:
             raise UsageError(f"data: domain {n} has no validation block")
-    initial = resolve_initial_weights(cfg, names)
-
-    teacher_loss = None
-    if client is not None:
-        from ddk.trainer.evaluate import teacher_losses_from_client
-
-        try:
-            teacher_loss = teacher_losses_from_client(client, domains, cfg.eval.sequences_per_domain, top_k=1,
-                                                      batch_size=cfg.eval.batch_size)
-        finally:
-            client.close()
-        log.info("teacher validation loss: %s", ", ".join(f"{n} {teacher_loss[n]:.4f}" for n in names))
-
-    token = Path(cfg.controller.token_file).read_text().strip() if cfg.controller.token_file else None
-    if cfg.controller.url:
-        from ddk.controller.client import ControllerClient, ControllerError
-
-        cc = ControllerClient(cfg.controller.url, token)
-        try:
-            cc.create_run(cfg.run_id, names, policy=cfg.mixture.policy, alpha=cfg.mixture.alpha,
-                          interval_steps=cfg.mixture.interval_steps, initial_weights=initial)
-        except ControllerError as e:
-            if e.status == 409:
-                raise UsageError(f"run_id: {cfg.run_id} exists at the controller with a different spec "
-                                 f"({e.detail})") from None
-            raise UsageError(f"controller.url: the controller refused the run ({e.status}: {e.detail})") from None
-        finally:
-            if hasattr(cc, "close"):
-                cc.close()
-    # Version 0 is the initial mixture (the controller's too). It is only in force until the evaluation at
-    # step 0, which comes before any training; a resumed run takes its weights from the checkpoint.
-    weights, version = initial or {n: 1.0 / len(names) for n in names}, 0
-
-    return {"config": config_to_dict(cfg), "teacher_loss": teacher_loss, "initial_weights": weights,
-            "initial_version": version, "controller_token": token,
-            "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel())}
+    return domains
 
 
-def launch(cfg, loop_config: dict):
-    """Step 6: Ray Train. Returns the ``Result``."""
+def _teacher_losses(cfg, client, domains) -> dict[str, float]:
+    """Step 4: the teacher's per-domain validation losses (closes ``client``)."""
+    from ddk.trainer.evaluate import teacher_losses_from_client
+
+    try:
+        teacher_loss = teacher_losses_from_client(client, domains, cfg.eval.sequences_per_domain, top_k=1,
+                                                  batch_size=cfg.eval.batch_size)
+    finally:
+        client.close()
+    log.info("teacher validation loss: %s", ", ".join(f"{n} {teacher_loss[n]:.4f}" for n in sorted(domains)))
+    return teacher_loss
+
+
+def _create_run(cfg, token: str | None, names: list[str], initial: dict[str, float] | None) -> None:
+    """Step 5: the run at the controller (the same spec again is fine)."""
+    from ddk.controller.client import ControllerClient, ControllerError
+
+    cc = ControllerClient(cfg.controller.url, token)
+    try:
+        cc.create_run(cfg.run_id, names, policy=cfg.mixture.policy, alpha=cfg.mixture.alpha,
+                      interval_steps=cfg.mixture.interval_steps, initial_weights=initial)
+    except ControllerError as e:
+        if e.status == 409:
+            raise UsageError(f"run_id: {cfg.run_id} exists at the controller with a different spec "
+                             f"({e.detail})") from None
+        raise UsageError(f"controller.url: the controller refused the run ({e.status}: {e.detail})") from None
+    finally:
+        if hasattr(cc, "close"):
+            cc.close()
+
+
+def launch(job: TrainJob):
+    """Step 6: Ray Train, the job crossing to the workers as plain data. Returns the ``Result``."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ddk.trainer.loop import run_storage, train_loop_per_worker
 
+    cfg = job.config
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     env["TOKENIZERS_PARALLELISM"] = "false"
     started = False
@@ -203,7 +234,7 @@ def launch(cfg, loop_config: dict):
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=loop_config,
+            train_loop_config=job.model_dump(mode="json"),
             scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu),
             run_config=RunConfig(
                 name=cfg.run_id,
@@ -241,15 +272,14 @@ def main(args) -> int:
     log_origin()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    loop_config = prepare(cfg)
-    loop_config["config"] = config_to_dict(cfg)  # with the resolved cache_dir
-    (out / "config.json").write_text(json.dumps(loop_config["config"], indent=1))
+    job = prepare(cfg)
+    (out / "config.json").write_text(json.dumps(config_to_dict(job.config), indent=1))  # resolved cache_dir
 
     t0 = time.perf_counter()
     progress = _Progress(out / METRICS, cfg.train.steps)
     progress.start()
     try:
-        launch(cfg, loop_config)
+        launch(job)
     finally:
         progress.stop()
     log.info("training finished in %.1f s; outputs in %s", time.perf_counter() - t0, out)

@@ -1,26 +1,32 @@
-"""The per-worker distillation loop (one process per rank under Ray Train, or one in-process for benchmarks).
+"""The per-worker distillation loop: :class:`Trainer` (one process per rank under Ray Train, or one in-process).
 
-Per step ``s`` (``s`` optimiser steps done so far), every rank:
+``Trainer(job, ctx).fit()`` runs ``setup()`` (data, student, optimiser, LR schedule, then ``resume()`` from the
+newest checkpoint, then teacher, feed, controller, metrics writer), the steps below, ``export()`` and ``close()``.
+Per step ``s`` (``s`` optimiser steps done so far, :attr:`TrainState.step`), every rank:
 
-1. at an interval boundary (``s % interval_steps == 0``, step 0 included, and at the last step), rank 0
-   evaluates the student on every domain's validation blocks and posts the losses to the controller,
-   which answers with the next weights version (the DDK update). A controller that cannot be reached
-   does not stop the run: the run keeps its last weights, says so in the log and retries the same
+1. :meth:`Trainer.evaluate`: at an interval boundary (``s % interval_steps == 0``, step 0 included, and at the
+   last step), rank 0 evaluates the student on every domain's validation blocks and posts the losses to the
+   controller, which answers with the next weights version (the DDK update). A controller that cannot be
+   reached does not stop the run: the run keeps its last weights, says so in the log and retries the same
    evaluation at later steps (1, 2, 4 ... steps later, at most 32) until it gets through or a newer
    evaluation replaces it. A 409 (this step is already recorded: a resumed run) means: use the weights
    the controller recorded for this step.
-2. rank 0 broadcasts ``[version, w_1 .. w_N]`` as one float64 tensor (torch.distributed, no pickle);
-   every rank now draws with the same weights.
-3. the teacher feed hands out the step's batch (drawn with those weights, teacher top-k fetched in the
-   background, see feed.py); when the weights changed, batches prefetched under the old ones are dropped.
-4. forward, ``CE + gamma * KL`` (loss.py), backward (DDP all-reduce), clip, AdamW, LR schedule.
-5. at ``checkpoint.every_steps`` and the last step: a checkpoint (checkpoint.py) reported to Ray Train.
+2. :meth:`Trainer.evaluate` then broadcasts rank 0's ``[version, w_1 .. w_N]`` as one float64 tensor
+   (torch.distributed, no pickle); every rank now draws with the same weights.
+3. :meth:`Trainer.train_step`: the teacher feed hands out the step's batch (drawn with those weights, teacher
+   top-k fetched in the background, see feed.py); when the weights changed, batches prefetched under the old
+   ones are dropped.
+4. :meth:`Trainer.train_step`: forward, ``CE + gamma * KL`` (loss.py), backward (DDP all-reduce), clip, AdamW,
+   LR schedule, and rank 0's ``step`` line in the metrics.
+5. :meth:`Trainer.save`: at ``checkpoint.every_steps`` and the last step, a checkpoint of the model, optimiser,
+   schedule, RNG and :class:`~ddk.trainer.state.TrainState` (checkpoint.py), reported to the context.
 
-Rank 0 appends to ``output_dir/metrics.jsonl`` (see report.py) and finally writes the student in
-Hugging Face format to ``output_dir/final``.
+Rank 0 appends to ``output_dir/metrics.jsonl`` (see metrics.py) and finally (:meth:`Trainer.export`) writes
+the student in Hugging Face format to ``output_dir/final``.
 
 The loop talks to its surroundings through a small context (:class:`RayContext` under Ray Train,
-:class:`LocalContext` in-process), so the same code runs in both.
+:class:`LocalContext` in-process), so the same code runs in both. Its input is a
+:class:`~ddk.trainer.config.TrainJob` (``launch.prepare`` builds it).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,15 +46,22 @@ import torch
 import torch.distributed as dist
 
 from ddk.trainer import checkpoint as ckpt
+from ddk.trainer.config import FAULT_ENV, TrainJob
+from ddk.trainer.metrics import METRICS, MetricsWriter, truncate_metrics
 from ddk.trainer.optim import build_optimizer, lr_lambda
-from ddk.trainer.metrics import METRICS, MetricsWriter, ratios, truncate_metrics
+from ddk.trainer.state import TrainState
+from ddk.vocab import ratio
 
 log = logging.getLogger("ddk.trainer")
 
-# Test hook for fault tolerance: "6,10" makes the last rank exit abruptly right after step 6 and after
-# step 10 (each once per output_dir; a marker file remembers it), as a crashed worker would.
-FAULT_ENV = "DDK_FAULT_AT_STEPS"
 MAX_RETRY_GAP = 32  # steps between two attempts to reach an unreachable controller, at most
+
+__all__ = ["Controller", "InjectedFault", "LocalContext", "RayContext", "TrainState", "Trainer",
+           "save_and_report", "train_loop_per_worker"]
+
+
+class InjectedFault(RuntimeError):
+    """Raised in-process (:class:`LocalContext`) where a Ray worker exits abruptly (``TrainJob.fault_at_steps``)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,6 +140,10 @@ class RayContext:
         checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory is not None else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
 
+    def crash(self, step: int) -> None:
+        """Fault injection: exit abruptly, as a crashed worker would (Ray Train replaces the worker group)."""
+        os._exit(1)
+
 
 class LocalContext:
     """One process, no Ray (benchmarks, debugging): checkpoints under ``output_dir/checkpoints``."""
@@ -164,6 +182,10 @@ class LocalContext:
         shutil.copytree(directory, target)
         for old in self._saved()[:-self.keep]:
             shutil.rmtree(old)
+
+    def crash(self, step: int) -> None:
+        """Fault injection in-process: raise (exiting would end the caller's process too)."""
+        raise InjectedFault(f"{FAULT_ENV}: fault injected after step {step}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,18 +237,16 @@ def run_storage(output_dir: str | Path, run_id: str) -> Path:
     return Path(output_dir) / "ray" / run_id
 
 
-def _faults(output_dir: Path) -> set[int]:
-    spec = os.environ.get(FAULT_ENV, "").strip()
-    steps = {int(s) for s in spec.split(",") if s.strip()} if spec else set()
-    return {s for s in steps if not (output_dir / f".fault-{s}").exists()}
+def pending_faults(steps: list[int], output_dir: Path) -> set[int]:
+    """The fault-injection steps not yet triggered for this output_dir (each fires once: a marker file)."""
+    return {int(s) for s in steps if not (output_dir / f".fault-{s}").exists()}
 
 
 def _load_model(path: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, use_safetensors=True,
-                                                 dtype=torch.float32)
-    return model
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, use_safetensors=True,
+                                                dtype=torch.float32)
 
 
 def log_origin() -> None:
@@ -299,237 +319,313 @@ class Controller:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# checkpoints
+
+def save_and_report(ctx, state: TrainState, model, optimizer, scheduler, loss: float) -> None:
+    """This rank's part of the checkpoint of ``state`` (rank 0 adds model, optimiser and schedule), written to
+    a temporary folder and handed to ``ctx.report``, which copies it to the run's storage."""
+    rank0 = ctx.rank == 0
+    with tempfile.TemporaryDirectory(prefix="ddk-ckpt-") as tmp:
+        ckpt.save_training(tmp, state.state_dict(), rank=ctx.rank, world_size=ctx.world_size,
+                           model=model if rank0 else None, optimizer=optimizer if rank0 else None,
+                           scheduler=scheduler if rank0 else None)
+        ctx.report({"step": state.step, "loss": loss, "version": state.version}, Path(tmp),
+                   ckpt.checkpoint_name(state.step))
+
+
+@dataclass
+class _Throughput:
+    """This attempt's totals over its steps (the end line and the summary)."""
+
+    tokens: int = 0
+    step_s: float = 0.0
+    step_cpu_s: float = 0.0  # CPU time of this process (loop + feed thread) during the steps, for benchmarks
+    wait_s: float = 0.0
+
+    def add(self, tokens: int, step_s: float, step_cpu_s: float, wait_s: float) -> None:
+        self.tokens += tokens
+        self.step_s += step_s
+        self.step_cpu_s += step_cpu_s
+        self.wait_s += wait_s
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the loop
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point (``TorchTrainer(train_loop_per_worker, train_loop_config=config)``)."""
-    logging.basicConfig(level=config.get("log_level", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log_origin()
-    run(config, RayContext(storage=run_storage(config["config"]["output_dir"], config["config"]["run_id"])))
+class Trainer:
+    """One rank of a distillation run: ``Trainer(job, ctx).fit()`` (the module docstring has the steps).
 
-
-def run(config: dict, ctx, teacher_client: Any | None = None) -> dict:
-    """Train one rank. ``config``: {"config": config_to_dict(cfg), "teacher_loss": {domain: loss} | None,
-    "initial_weights": {domain: w}, "initial_version": int, "controller_token": str | None}.
-
-    ``teacher_client`` replaces the TeacherClient built from ``teacher.urls`` (benchmarks). Returns the
-    end-of-run numbers of this attempt.
+    ``job``: a :class:`~ddk.trainer.config.TrainJob` (or its ``model_dump()``); ``ctx``: :class:`RayContext` or
+    :class:`LocalContext`; ``teacher_client`` replaces the TeacherClient built from ``teacher.urls``
+    (benchmarks). Rank 0 alone holds ``controller`` and ``writer``.
     """
-    from transformers import AutoTokenizer
 
-    from ddk.trainer.config import TrainConfig
-    from ddk.trainer.data import load_domain_specs, prepare_domains
-    from ddk.trainer.feed import TeacherFeed
-    from ddk.trainer.loss import distill_loss
-    from ddk.trainer.sampler import DomainSampler
+    def __init__(self, job: TrainJob | dict, ctx, teacher_client: Any | None = None) -> None:
+        self.job = job if isinstance(job, TrainJob) else TrainJob.model_validate(job)
+        self.cfg = self.job.config
+        self.ctx = ctx
+        self.rank, self.world = ctx.rank, ctx.world_size
+        self.out_dir = Path(self.cfg.output_dir)
+        self.total, self.K = self.cfg.train.steps, self.cfg.mixture.interval_steps
+        self.teacher_client = teacher_client
+        self.state = TrainState(version=int(self.job.initial_version), teacher_loss=self.job.teacher_loss)
+        self.restored = False
+        self.model = self.raw_model = self.teacher = self.feed = self.controller = self.writer = None
+        self.throughput = _Throughput()
+        self.t_start = time.perf_counter()
 
-    cfg = TrainConfig.model_validate(config["config"])
-    rank, world = ctx.rank, ctx.world_size
-    out_dir = Path(cfg.output_dir)
-    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // ctx.local_world_size))
-    torch.set_num_threads(max(1, threads))
-    torch.manual_seed(cfg.seed)
-    device = ctx.device()
-    total, K = cfg.train.steps, cfg.mixture.interval_steps
-    gamma, T = cfg.kd.gamma, cfg.kd.temperature
+    # -- setup -------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Data, student, optimiser and schedule; :meth:`resume` (into those); the student's placement, the
+        teacher and its feed; on rank 0 the controller and the metrics writer."""
+        cfg = self.cfg
+        threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // self.ctx.local_world_size))
+        torch.set_num_threads(max(1, threads))
+        torch.manual_seed(cfg.seed)
+        self.device = self.ctx.device()
+        self._setup_data()
+        self.raw_model = _load_model(cfg.student.model)
+        self.optimizer = build_optimizer(self.raw_model, cfg.train.lr, cfg.train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train.warmup_steps,
+                                                                                     self.total))
+        self.resume()
+        self.model = self.ctx.prepare_model(self.raw_model)
+        self.raw_model = getattr(self.model, "module", self.model)
+        if self.state.step >= self.total and self.rank == 0:
+            log.info("the run already reached step %d of %d", self.state.step, self.total)
+        self._setup_feed()
+        if self.rank == 0:
+            self._setup_rank0()
+        self.faults = pending_faults(self.job.fault_at_steps, self.out_dir) if self.rank == self.world - 1 else set()
+        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * self.world
+        self.t_start = time.perf_counter()
 
-    # data: the driver prepared the cache, so this only memory-maps it
-    tokenizer = AutoTokenizer.from_pretrained(cfg.student.model, trust_remote_code=False)
-    source = cfg.data.file if cfg.data.file is not None else {
-        "domains": [d.model_dump(exclude_none=True) for d in cfg.data.domains], "val_fraction": cfg.data.val_fraction}
-    domains = prepare_domains(load_domain_specs(source), tokenizer, cfg.data.seq_len, cfg.data.cache_dir)
-    names = sorted(domains)
-    seq_len = cfg.data.seq_len
-    sampler = DomainSampler({n: len(domains[n].train) for n in names}, seed=cfg.seed, rank=rank, world_size=world,
-                            tokens_per_block=seq_len)
+    def _setup_data(self) -> None:
+        """The driver prepared the token cache, so this only memory-maps it."""
+        from transformers import AutoTokenizer
 
-    model = _load_model(cfg.student.model)
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps, total))
+        from ddk.trainer.data import load_domain_specs, prepare_domains
+        from ddk.trainer.sampler import DomainSampler
 
-    weights = {n: float(config["initial_weights"][n]) for n in names}
-    version = int(config.get("initial_version", 0))
-    teacher_loss = config.get("teacher_loss")
-    pending = None
-    step, restored = 0, False
-    with ctx.restored() as d:
-        if d is not None:
-            restored = True
-            shared, own = ckpt.load_checkpoint(d, rank=rank)
-            ckpt.load_model(d, model)
-            optimizer.load_state_dict(shared["optimizer"])
-            if shared.get("scheduler") is not None:
-                scheduler.load_state_dict(shared["scheduler"])
-            torch.set_rng_state(shared["torch_rng"])
-            step = int(shared["step"])
-            weights, version = {n: float(shared["weights"][n]) for n in names}, int(shared["version"])
-            extra = shared.get("extra") or {}
-            teacher_loss = teacher_loss or extra.get("teacher_loss")
-            pending = extra.get("pending")
-            if own is not None and own.get("sampler") is not None:
-                try:
-                    sampler.load_state_dict(own["sampler"])
-                except ValueError as e:
-                    log.warning("rank %d: sampler state not reusable (%s); its block order starts afresh", rank, e)
+        cfg = self.cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.student.model, trust_remote_code=False)
+        self.domains = prepare_domains(load_domain_specs(cfg.data.source()), self.tokenizer, cfg.data.seq_len,
+                                       cfg.data.cache_dir)
+        self.names = sorted(self.domains)
+        self.sampler = DomainSampler({n: len(self.domains[n].train) for n in self.names}, seed=cfg.seed,
+                                     rank=self.rank, world_size=self.world, tokens_per_block=cfg.data.seq_len)
+        self.state.weights = {n: float(self.job.initial_weights[n]) for n in self.names}
+
+    def _setup_feed(self) -> None:
+        """The teacher only when the loss needs it (CPT never calls it), and the feed that prefetches from it."""
+        from ddk.trainer.feed import TeacherFeed
+
+        if self.cfg.kd.gamma > 0:
+            if self.teacher_client is not None:
+                self.teacher = self.teacher_client
             else:
-                log.warning("rank %d: the checkpoint has no sampler state for this rank (world size changed?)", rank)
-            log.info("rank %d: resumed from %s at step %d (weights version %d)", rank, d, step, version)
-    model = ctx.prepare_model(model)
-    raw_model = getattr(model, "module", model)
-    if step >= total and rank == 0:
-        log.info("the run already reached step %d of %d", step, total)
+                from ddk.teacher.client import TeacherClient
 
-    # teacher: only when the loss needs it (CPT never calls it)
-    teacher = None
-    if gamma > 0:
-        if teacher_client is not None:
-            teacher = teacher_client
-        else:
-            from ddk.teacher.client import TeacherClient
+                self.teacher = TeacherClient(self.cfg.teacher.urls)
 
-            teacher = TeacherClient(cfg.teacher.urls)
+        def blocks(rows):
+            return np.stack([self.domains[dn].train[i] for dn, i in rows])
 
-    def blocks(rows):
-        return np.stack([domains[dn].train[i] for dn, i in rows])
+        self.feed = TeacherFeed(self.sampler, blocks, self.cfg.train.batch_size, self.teacher, self.cfg.kd.top_k)
 
-    feed = TeacherFeed(sampler, blocks, cfg.train.batch_size, teacher, cfg.kd.top_k)
-
-    controller = writer = None
-    if rank == 0:
-        controller = Controller(cfg.controller.url, config.get("controller_token"), cfg.run_id, weights, version)
-        if pending is not None:
-            controller.submit(**pending)
-        kept = truncate_metrics(out_dir / METRICS, step if restored else None)
+    def _setup_rank0(self) -> None:
+        s = self.state
+        self.controller = Controller(self.cfg.controller.url, self.job.controller_token, self.cfg.run_id,
+                                     s.weights, s.version)
+        if s.pending is not None:
+            self.controller.submit(**s.pending)
+        kept = truncate_metrics(self.out_dir / METRICS, s.step if self.restored else None)
         if kept:
-            log.info("metrics: kept %d lines of the attempt that wrote checkpoint step %d", kept, step)
-        writer = MetricsWriter(out_dir / METRICS)
+            log.info("metrics: kept %d lines of the attempt that wrote checkpoint step %d", kept, s.step)
+        self.writer = MetricsWriter(self.out_dir / METRICS)
 
-    faults = _faults(out_dir) if rank == world - 1 else set()
-    tokens_per_step = cfg.train.batch_size * seq_len * world
-    t_start, tokens_done, wait_total, step_time_total = time.perf_counter(), 0, 0.0, 0.0
-    step_cpu_total = 0.0  # CPU time of this process (loop + feed thread) during the steps, for benchmarks
-    model.train()
-    try:
-        while True:
-            # 1. evaluation at boundaries (rank 0), posted to the controller
-            if rank == 0 and is_eval_step(step, K, total):
-                student_loss = _evaluate(raw_model, domains, names, cfg, device)
-                if teacher_loss is None:  # CPT without a teacher: ratios relative to the initial student
-                    teacher_loss = dict(student_loss)
-                controller.submit(step, student_loss, teacher_loss)
-                answer = controller.try_post(step)
-                writer.write({"event": "eval", "step": step, "student_loss": student_loss,
-                              "teacher_loss": teacher_loss, "ratio": ratios(student_loss, teacher_loss),
-                              "version": answer["version"] if answer else None,
-                              "weights": answer["weights"] if answer else None})
-            elif rank == 0 and controller.pending is not None:
-                eval_step = controller.pending["step"]
-                answer = controller.try_post(step)
+    def resume(self) -> bool:
+        """Load the newest checkpoint the context offers (none: a fresh start, False) into the student,
+        optimiser, schedule, RNG, :attr:`state` and sampler. The job's teacher losses win over the saved ones."""
+        with self.ctx.restored() as d:
+            if d is None:
+                return False
+            given = self.state.teacher_loss
+            self.state.load_state_dict(ckpt.load_training(d, rank=self.rank, model=self.raw_model,
+                                                          optimizer=self.optimizer, scheduler=self.scheduler))
+            self.state.weights = {n: self.state.weights[n] for n in self.names}
+            self.state.teacher_loss = given or self.state.teacher_loss
+            self._restore_sampler()
+            log.info("rank %d: resumed from %s at step %d (weights version %d)", self.rank, d, self.state.step,
+                     self.state.version)
+        self.restored = True
+        return True
+
+    def _restore_sampler(self) -> None:
+        if self.state.sampler is None:
+            log.warning("rank %d: the checkpoint has no sampler state for this rank (world size changed?)",
+                        self.rank)
+            return
+        try:
+            self.sampler.load_state_dict(self.state.sampler)
+        except ValueError as e:
+            log.warning("rank %d: sampler state not reusable (%s); its block order starts afresh", self.rank, e)
+
+    # -- the steps ---------------------------------------------------------------------------------------
+    def evaluate(self) -> None:
+        """Steps 1-2: rank 0 evaluates at a boundary (or retries a pending post); every rank takes its weights."""
+        s = self.state
+        if self.rank == 0:
+            if is_eval_step(s.step, self.K, self.total):
+                self._post_evaluation()
+            elif self.controller.pending is not None:
+                eval_step = self.controller.pending["step"]
+                answer = self.controller.try_post(s.step)
                 if answer:
-                    writer.write({"event": "weights", "step": step, "eval_step": eval_step,
-                                  "version": answer["version"], "weights": answer["weights"]})
-            if rank == 0:
-                weights, version = controller.weights, controller.version
+                    self.writer.write({"event": "weights", "step": s.step, "eval_step": eval_step,
+                                       "version": answer["version"], "weights": answer["weights"]})
+            s.weights, s.version = self.controller.weights, self.controller.version
+        s.weights, s.version = broadcast_weights(s.weights, s.version, self.names, self.world, self.device)
 
-            # 2. every rank takes rank 0's weights
-            weights, version = broadcast_weights(weights, version, names, world, device)
-            if step >= total:
-                break
+    def _post_evaluation(self) -> None:
+        from ddk.trainer.evaluate import evaluate_domains
 
-            # 3. the batch, drawn with these weights (prefetched up to the next boundary)
-            if not feed.covers(step) or feed.version != version:
-                feed.schedule(step, window_end(step, K, total), weights, version)  # drops stale batches
-            t0, c0 = time.perf_counter(), time.process_time()
-            batch, waited = feed.next(step)
+        s, cfg = self.state, self.cfg
+        losses = evaluate_domains(self.raw_model, {n: self.domains[n] for n in self.names},
+                                  cfg.eval.sequences_per_domain, cfg.eval.batch_size, self.device)
+        student_loss = {n: float(losses[n]) for n in self.names}
+        if s.teacher_loss is None:  # CPT without a teacher: ratios relative to the initial student
+            s.teacher_loss = dict(student_loss)
+        self.controller.submit(s.step, student_loss, s.teacher_loss)
+        answer = self.controller.try_post(s.step)
+        self.writer.write({"event": "eval", "step": s.step, "student_loss": student_loss,
+                           "teacher_loss": s.teacher_loss, "ratio": ratio(student_loss, s.teacher_loss),
+                           "version": answer["version"] if answer else None,
+                           "weights": answer["weights"] if answer else None})
 
-            # 4. the update
-            ids = batch.input_ids.to(device, non_blocking=True)
-            inputs, labels = ids[:, :-1], ids[:, 1:]
-            t_ids = t_lp = None
-            if batch.teacher is not None:
-                t_ids = batch.teacher.ids.to(device)
-                t_lp = batch.teacher.logprobs.to(device).float()
-            logits = model(input_ids=inputs, use_cache=False).logits
-            loss, parts = distill_loss(logits, labels, t_ids, t_lp, gamma, T)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            rows = [sum(1 for dn, _ in batch.rows if dn == n) for n in names]
-            sums = all_reduce_sum([loss.item(), parts["ce"].item(), parts["kl"].item(), waited] + rows, world, device)
-            dt = time.perf_counter() - t0
-            step_cpu_total += time.process_time() - c0
-            tokens_done += tokens_per_step
-            wait_total += waited
-            step_time_total += dt
-            if rank == 0:
-                writer.write({"event": "step", "step": step, "loss": sums[0] / world, "ce": sums[1] / world,
-                              "kl": sums[2] / world, "lr": lr, "tokens": tokens_per_step,
-                              "tokens_per_s": tokens_per_step / dt if dt > 0 else 0.0, "step_s": dt,
-                              "teacher_wait_s": sums[3] / world, "version": batch.version,
-                              "weights": {n: weights[n] for n in names},
-                              "rows": {n: int(sums[4 + i]) for i, n in enumerate(names)}})
+    def train_step(self) -> float:
+        """Steps 3-4: the batch, forward, loss, backward, clip, AdamW + schedule, the step line. The mean loss."""
+        from ddk.trainer.loss import distill_loss
 
-            # 5. checkpoint
-            if step % cfg.checkpoint.every_steps == 0 or step == total:
-                _save_and_report(ctx, step, raw_model, optimizer, scheduler, weights, version, feed,
-                                 teacher_loss, controller, loss=sums[0] / world)
-            if step in faults:
-                (out_dir / f".fault-{step}").touch()
-                log.error("%s: rank %d exits abruptly after step %d (fault injection)", FAULT_ENV, rank, step)
-                os._exit(1)
-    finally:
-        feed.close()
-        if teacher is not None and teacher is not teacher_client and hasattr(teacher, "close"):
-            teacher.close()
+        s, cfg, device, world = self.state, self.cfg, self.device, self.world
+        if not self.feed.covers(s.step) or self.feed.version != s.version:  # drops batches of stale weights
+            self.feed.schedule(s.step, window_end(s.step, self.K, self.total), s.weights, s.version)
+        t0, c0 = time.perf_counter(), time.process_time()
+        batch, waited = self.feed.next(s.step)
+        ids = batch.input_ids.to(device, non_blocking=True)
+        inputs, labels = ids[:, :-1], ids[:, 1:]
+        t_ids = t_lp = None
+        if batch.teacher is not None:
+            t_ids, t_lp = batch.teacher.ids.to(device), batch.teacher.logprobs.to(device).float()
+        logits = self.model(input_ids=inputs, use_cache=False).logits
+        loss, parts = distill_loss(logits, labels, t_ids, t_lp, cfg.kd.gamma, cfg.kd.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        s.step += 1
+        rows = [sum(1 for dn, _ in batch.rows if dn == n) for n in self.names]
+        sums = all_reduce_sum([loss.item(), parts["ce"].item(), parts["kl"].item(), waited] + rows, world, device)
+        dt = time.perf_counter() - t0
+        self.throughput.add(self.tokens_per_step, dt, time.process_time() - c0, waited)
+        if self.rank == 0:
+            tps = self.tokens_per_step
+            self.writer.write({"event": "step", "step": s.step, "loss": sums[0] / world, "ce": sums[1] / world,
+                               "kl": sums[2] / world, "lr": lr, "tokens": tps,
+                               "tokens_per_s": tps / dt if dt > 0 else 0.0, "step_s": dt,
+                               "teacher_wait_s": sums[3] / world, "version": batch.version,
+                               "weights": {n: s.weights[n] for n in self.names},
+                               "rows": {n: int(sums[4 + i]) for i, n in enumerate(self.names)}})
+        return sums[0] / world
 
-    summary = {"step": step, "version": version, "weights": weights, "wall_s": time.perf_counter() - t_start,
-               "tokens": tokens_done, "tokens_per_s": tokens_done / step_time_total if step_time_total else 0.0,
-               "step_s": step_time_total, "step_cpu_s": step_cpu_total,
-               "teacher_wait_s": wait_total}
-    if rank == 0:
-        if controller.pending is not None:
-            log.warning("the last evaluation (step %d) never reached the controller", controller.pending["step"])
-        _export(raw_model, tokenizer, out_dir / "final")
-        writer.write({"event": "end", **summary})
-        writer.close()
-        controller.close()
-    return summary
+    def save(self, loss: float) -> None:
+        """Step 5: the checkpoint of this step (the feed's sampler position and the controller's pending
+        evaluation included), reported to the context."""
+        self.state.sampler = self.feed.state_dict()
+        self.state.pending = self.controller.pending if self.controller is not None else None
+        save_and_report(self.ctx, self.state, self.raw_model, self.optimizer, self.scheduler, loss)
+
+    def _inject_fault(self) -> None:
+        step = self.state.step
+        if step in self.faults:
+            (self.out_dir / f".fault-{step}").touch()
+            log.error("%s: rank %d exits abruptly after step %d (fault injection)", FAULT_ENV, self.rank, step)
+            self.ctx.crash(step)
+
+    # -- the end -----------------------------------------------------------------------------------------
+    def export(self) -> Path:
+        """The student in Hugging Face format (safetensors + tokenizer) in ``output_dir/final``, replacing an
+        earlier export atomically."""
+        target = self.out_dir / "final"
+        tmp = target.with_name(target.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.raw_model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        log.info("final student written to %s", target)
+        return target
+
+    def summary(self) -> dict:
+        """The end-of-run numbers of this attempt (what :meth:`fit` returns and the ``end`` line holds)."""
+        t, s = self.throughput, self.state
+        return {"step": s.step, "version": s.version, "weights": s.weights,
+                "wall_s": time.perf_counter() - self.t_start, "tokens": t.tokens, "tokens_per_s": t.tokens / t.step_s if t.step_s else 0.0,
+                "step_s": t.step_s, "step_cpu_s": t.step_cpu_s, "teacher_wait_s": t.wait_s}
+
+    def _close_inputs(self) -> None:
+        if self.feed is not None:
+            self.feed.close()
+            self.feed = None
+        if self.teacher is not None and self.teacher is not self.teacher_client and hasattr(self.teacher, "close"):
+            self.teacher.close()
+        self.teacher = None
+
+    def close(self) -> None:
+        """Stop the feed; close the teacher client built here, the metrics file and the controller client."""
+        self._close_inputs()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.controller is not None:
+            self.controller.close()
+            self.controller = None
+
+    def fit(self) -> dict:
+        """Set up (resuming), run the steps to ``train.steps``, export; returns :meth:`summary`."""
+        try:
+            self.setup()
+            self.model.train()
+            while True:
+                self.evaluate()
+                if self.state.step >= self.total:
+                    break
+                loss = self.train_step()
+                if self.state.step % self.cfg.checkpoint.every_steps == 0 or self.state.step == self.total:
+                    self.save(loss)
+                self._inject_fault()
+            self._close_inputs()
+            summary = self.summary()
+            if self.rank == 0:
+                if self.controller.pending is not None:
+                    log.warning("the last evaluation (step %d) never reached the controller",
+                                self.controller.pending["step"])
+                self.export()
+                self.writer.write({"event": "end", **summary})
+            return summary
+        finally:
+            self.close()
 
 
-def _evaluate(model, domains, names, cfg, device) -> dict[str, float]:
-    from ddk.trainer.evaluate import evaluate_domains
-
-    losses = evaluate_domains(model, {n: domains[n] for n in names}, cfg.eval.sequences_per_domain,
-                              cfg.eval.batch_size, device)
-    return {n: float(losses[n]) for n in names}
-
-
-def _save_and_report(ctx, step, model, optimizer, scheduler, weights, version, feed, teacher_loss,
-                     controller, loss: float) -> None:
-    extra = {"teacher_loss": teacher_loss,
-             "pending": controller.pending if controller is not None else None}
-    with tempfile.TemporaryDirectory(prefix="ddk-ckpt-") as tmp:
-        ckpt.save_checkpoint(tmp, rank=ctx.rank, step=step, model=model if ctx.rank == 0 else None,
-                             optimizer=optimizer if ctx.rank == 0 else None,
-                             scheduler=scheduler if ctx.rank == 0 else None, weights=weights, version=version,
-                             rank_state={"sampler": feed.state_dict()}, extra=extra, world_size=ctx.world_size)
-        ctx.report({"step": step, "loss": loss, "version": version}, Path(tmp), ckpt.checkpoint_name(step))
-
-
-def _export(model, tokenizer, target: Path) -> None:
-    """The student in Hugging Face format (safetensors + tokenizer), replacing an earlier export atomically."""
-    tmp = target.with_name(target.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-    log.info("final student written to %s", target)
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point (``TorchTrainer(train_loop_per_worker, train_loop_config=job.model_dump(mode="json"))``):
+    the job validated again on this side, then :meth:`Trainer.fit` under a :class:`RayContext`."""
+    job = TrainJob.model_validate(config)
+    logging.basicConfig(level=job.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_origin()
+    Trainer(job, RayContext(storage=run_storage(job.config.output_dir, job.config.run_id))).fit()

@@ -7,8 +7,8 @@ One JSON object per line, each with an ``event``:
   ``version`` and ``weights`` (the mixture this step's batch was drawn with), ``rows`` ({domain: rows
   drawn this step, all ranks}).
 * ``"eval"``  at step 0 and every ``interval_steps`` (and the last step): ``step``, ``student_loss``,
-  ``teacher_loss``, ``ratio`` (PPL_S / PPL_T per domain), and the ``version`` / ``weights`` the controller
-  answered (null when it was unreachable; the run then keeps its weights and retries).
+  ``teacher_loss``, ``ratio`` (PPL_S / PPL_T per domain, :func:`ddk.vocab.ratio`), and the ``version`` /
+  ``weights`` the controller answered (null when it was unreachable; the run then keeps its weights and retries).
 * ``"weights"`` when a late retry finally got new weights: ``step``, ``eval_step``, ``version``, ``weights``.
 * ``"end"``  once, when the run finished: ``step``, ``version``, ``weights``, ``wall_s``, ``tokens``,
   ``tokens_per_s``, ``teacher_wait_s`` (totals of this attempt).
@@ -20,7 +20,6 @@ wrote after that checkpoint, so the file reads as one uninterrupted run.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -87,11 +86,6 @@ def truncate_metrics(path: str | Path, resume_step: int | None) -> int:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     os.replace(tmp, p)
     return len(kept)
-
-
-def ratios(student_loss: dict[str, float], teacher_loss: dict[str, float]) -> dict[str, float]:
-    """PPL_S / PPL_T = exp(loss_S - loss_T) per domain."""
-    return {d: math.exp(student_loss[d] - teacher_loss[d]) for d in student_loss}
 
 
 def summarize(records: list[dict]) -> dict:

@@ -7,15 +7,19 @@ import math
 import torch
 
 
-def lr_lambda(warmup_steps: int, total_steps: int, floor: float = 0.1):
-    """Linear warm-up, then cosine decay to ``floor`` x the peak at ``total_steps``."""
+def lr_lambda(warmup_steps: int, total_steps: int, floor: float = 0.1, peak: float = 1.0):
+    """Linear warm-up, then cosine decay to ``floor`` x the peak at ``total_steps``.
+
+    With the default ``peak`` 1.0 it is a factor for ``LambdaLR`` (the trainer); with ``peak`` the peak LR it
+    is the LR itself, rounded as ``peak * (step + 1) / warmup_steps`` (the kit builder sets it by hand).
+    """
 
     def f(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return peak * (step + 1) / warmup_steps
         span = max(1, total_steps - warmup_steps)
         progress = min(1.0, (step - warmup_steps) / span)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return peak * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     return f
 

@@ -140,6 +140,42 @@ def test_errors_name_the_key(setup, changes, overrides, key):
     assert msg.startswith(key), msg
 
 
+@pytest.mark.parametrize("run_id, ok", [
+    ("r", True), ("a" * 128, True), ("7.run_x-1", True),     # ddk.vocab's rule, the controller's too
+    ("a" * 129, False), (".hidden", False), ("-x", False), ("_x", False), ("bad id!", False), ("a/b", False),
+])
+def test_run_id_follows_the_shared_rule(setup, run_id, ok):
+    from ddk.vocab import RUN_ID_RULE, is_run_id
+
+    _, write = setup
+    assert is_run_id(run_id) is ok
+    if ok:
+        assert load_config(str(write(run_id=run_id))).run_id == run_id
+    else:
+        assert usage_message(write(run_id=run_id)) == f"run_id: must be {RUN_ID_RULE}"
+
+
+def test_train_sections_read_data_and_eval_alone(tmp_path):
+    """The data and eval sections of a train config, through the same models and path rules (ddk eval)."""
+    from ddk.trainer.config import is_train_config, load_train_sections, train_sections
+
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({"run_id": "r", "data": {"file": "data.yaml", "seq_len": 32},
+                                                         "eval": {"sequences_per_domain": 5}}))
+    s = load_train_sections(tmp_path / "train.yaml")
+    assert s.data.file == str(tmp_path / "data.yaml") and s.data.seq_len == 32
+    assert s.eval.sequences_per_domain == 5 and s.data.source() == str(tmp_path / "data.yaml")
+    s = train_sections({"data": {"domains": [{"name": "a", "files": "a.jsonl"}]}}, tmp_path)
+    assert (s.data.seq_len, s.eval.sequences_per_domain) == (128, 32)  # TrainConfig's defaults
+    assert s.data.source() == {"domains": [{"name": "a", "files": [str(tmp_path / "a.jsonl")]}], "val_fraction": 0.05}
+    assert not is_train_config({"domains": []}) and is_train_config({"data": {}})
+    (tmp_path / "data.yaml").write_text("domains: []\n")
+    assert load_train_sections(tmp_path / "data.yaml") is None
+    with pytest.raises(UsageError, match=r"^data.seq_len: must be greater than 1"):
+        train_sections({"data": {"file": "x", "seq_len": 1}}, tmp_path)
+    with pytest.raises(UsageError, match="neither data.file nor data.domains"):
+        train_sections({"data": {"seq_len": 8}}, tmp_path)
+
+
 def test_missing_train_section(setup):
     cfg_dir, write = setup
     raw = {"run_id": "r", "student": {"model": "student"}, "data": {"file": "data.yaml"}, "kd": {"gamma": 0},

@@ -1,4 +1,5 @@
-"""Unit tests of the trainer loop's pure parts: checkpoint files, teacher feed, metrics resume, controller retry."""
+"""Unit tests of the trainer loop's pure parts: checkpoint files, train state, teacher feed, metrics resume,
+controller retry, the worker job."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import torch
 from ddk.errors import UsageError
 from ddk.trainer import checkpoint as ckpt
 from ddk.trainer.feed import TeacherFeed
-from ddk.trainer.metrics import kept_after_resume, ratios, summarize, truncate_metrics, read_metrics
+from ddk.trainer.metrics import kept_after_resume, summarize, truncate_metrics, read_metrics
 from ddk.trainer.sampler import DomainSampler
-from ddk.trainer.loop import Controller, is_eval_step, window_end
+from ddk.trainer.loop import Controller, LocalContext, TrainState, is_eval_step, save_and_report, window_end
 from ddk.trainer.optim import lr_lambda
+from ddk.vocab import ratio
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint
@@ -136,6 +138,73 @@ def test_resume_point_prefers_the_newest_complete_checkpoint(tmp_path):
     (four / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="incomplete"):
         ckpt.resume_point(four, None)
+
+
+# ------------------------------------------------------------------------------------------------ train state
+
+def _state() -> TrainState:
+    return TrainState(step=7, weights={"a": 0.25, "b": 0.75}, version=3, teacher_loss={"a": 1.5, "b": 2.0},
+                      pending={"step": 6, "student_loss": {"a": 2.5, "b": 3.0}, "teacher_loss": {"a": 1.5, "b": 2.0}},
+                      sampler={"seed": 0, "rank": 0, "world_size": 1, "sizes": {"a": 10, "b": 4},
+                               "cursors": {"a": 3, "b": 1}, "epochs": {"a": 0, "b": 2},
+                               "tokens_drawn": {"a": 48, "b": 80}, "weights": {"a": 0.25, "b": 0.75},
+                               "weights_version": None})
+
+
+def test_train_state_round_trip():
+    state = _state()
+    d = state.state_dict()
+    json.loads(json.dumps(d))  # plain JSON values
+    assert d == {"step": 7, "weights": {"a": 0.25, "b": 0.75}, "version": 3, "teacher_loss": {"a": 1.5, "b": 2.0},
+                 "pending": {"step": 6, "student_loss": {"a": 2.5, "b": 3.0}, "teacher_loss": {"a": 1.5, "b": 2.0}},
+                 "sampler": state.sampler}
+    back = TrainState()
+    back.load_state_dict(json.loads(json.dumps(d)))
+    assert back == state
+    d["sampler"]["cursors"]["a"] = 99  # a copy: the state does not change with the dict
+    assert state.sampler["cursors"]["a"] == 3
+    fresh = TrainState()
+    fresh.load_state_dict({"step": 2, "weights": {"a": 1}, "version": 1})  # the optional fields absent
+    assert fresh == TrainState(step=2, weights={"a": 1.0}, version=1)
+
+
+def test_train_state_through_checkpoint_files(tmp_path):
+    """save_and_report -> the context's newest checkpoint -> load_training: the same state, model and optimiser."""
+    m = _tiny_model()
+    o = torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False)
+    s = torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(2, 6))
+    _train(m, o, s, 2, seed=1)
+    ctx = LocalContext(tmp_path / "out", keep=2)
+    state = _state()
+    save_and_report(ctx, state, m, o, s, loss=1.25)
+    m2 = _tiny_model(seed=9)
+    o2 = torch.optim.AdamW(m2.parameters(), lr=1e-2, foreach=False)
+    s2 = torch.optim.lr_scheduler.LambdaLR(o2, lr_lambda(2, 6))
+    with ctx.restored() as d:
+        assert d == tmp_path / "out" / "checkpoints" / "step-00000007"
+        back = TrainState()
+        back.load_state_dict(ckpt.load_training(d, rank=0, model=m2, optimizer=o2, scheduler=s2))
+    assert back == state
+    for p1, p2 in zip(m.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=0, atol=0)
+    assert s2.get_last_lr() == s.get_last_lr()
+    # the files are the checkpoint format's: mixture in the shared state, the rest in extra and the rank file
+    shared, own = ckpt.load_checkpoint(d, rank=0)
+    assert shared["weights"] == {"a": 0.25, "b": 0.75} and shared["version"] == 3
+    assert shared["extra"] == {"teacher_loss": {"a": 1.5, "b": 2.0}, "pending": state.pending}
+    assert own == {"step": 7, "sampler": state.sampler}
+    assert ckpt.complete_step(d) == 7
+
+
+def test_train_state_from_a_checkpoint_without_rank_file(tmp_path):
+    m = _tiny_model()
+    o = torch.optim.AdamW(m.parameters())
+    ckpt.save_checkpoint(tmp_path, rank=0, step=4, model=m, optimizer=o, scheduler=None, weights={"a": 1.0},
+                         version=2, rank_state={})
+    got = ckpt.load_training(tmp_path, rank=1, model=_tiny_model(1), optimizer=torch.optim.AdamW(m.parameters()),
+                             scheduler=None)
+    assert got == {"step": 4, "weights": {"a": 1.0}, "version": 2, "teacher_loss": None, "pending": None,
+                   "sampler": None}
 
 
 # ------------------------------------------------------------------------------------------------ feed
@@ -272,7 +341,7 @@ def test_metrics_kept_after_resume(tmp_path):
 
 
 def test_ratios_and_summary():
-    q = ratios({"a": 2.0, "b": 1.0}, {"a": 1.0, "b": 1.0})
+    q = ratio({"a": 2.0, "b": 1.0}, {"a": 1.0, "b": 1.0})
     assert q["a"] == pytest.approx(np.e) and q["b"] == pytest.approx(1.0)
     recs = [{"event": "eval", "step": 0, "student_loss": {"a": 3.0}, "teacher_loss": {"a": 1.0},
              "ratio": {"a": 7.0}, "version": 1, "weights": {"a": 1.0}},
@@ -353,3 +422,42 @@ def test_check_teacher_refuses_mismatch():
         check_teacher({**info, "max_seq_len": 64}, "abc", cfg, 100)
     with pytest.raises(UsageError, match="student.model"):
         check_teacher(info, "abc", cfg, 90)
+
+
+# ------------------------------------------------------------------------------------------------ the worker job
+
+def _job_config(**changes):
+    raw = {"run_id": "job-1", "student": {"model": "/tmp/student"}, "data": {"file": "/tmp/data.yaml"},
+           "train": {"steps": 4}, "kd": {"gamma": 0}, "mixture": {"policy": "fixed"}, "output_dir": "/tmp/out"}
+    raw.update(changes)
+    return raw
+
+
+def test_train_job_crosses_as_plain_data_and_validates_again():
+    from pydantic import ValidationError
+
+    from ddk.trainer.config import TrainJob, validate_config
+
+    job = TrainJob(config=validate_config(_job_config()), initial_weights={"a": 0.5, "b": 0.5},
+                   teacher_loss={"a": 1.0, "b": 2.0}, controller_token="t", fault_at_steps=[6, 10])
+    plain = job.model_dump(mode="json")
+    assert json.loads(json.dumps(plain)) == plain
+    assert plain["config"]["run_id"] == "job-1" and plain["fault_at_steps"] == [6, 10]
+    assert plain["initial_version"] == 0 and plain["log_level"] == "INFO"
+    back = TrainJob.model_validate(plain)
+    assert back == job and back.config.cpt is True
+    with pytest.raises(ValidationError):
+        TrainJob.model_validate({**plain, "extra_key": 1})
+    with pytest.raises(ValidationError):
+        TrainJob.model_validate({**plain, "config": {**plain["config"], "train": {"steps": 0}}})
+    with pytest.raises(ValidationError, match="output_dir"):
+        TrainJob.model_validate({**plain, "config": {**plain["config"], "output_dir": None}})
+
+
+def test_fault_steps_from_the_environment_value():
+    from ddk.trainer.config import parse_fault_steps
+
+    assert parse_fault_steps("6,10") == [6, 10] and parse_fault_steps(" 10, 6 ,") == [6, 10]
+    assert parse_fault_steps("") == [] and parse_fault_steps(None) == []
+    with pytest.raises(UsageError, match="DDK_FAULT_AT_STEPS"):
+        parse_fault_steps("6,x")
