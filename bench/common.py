@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-from ddk.launcher import free_port, kill_group, wait_healthy
+from ddk.launcher import Child, free_port, start
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def start_server(cmd: list[str], log_path: Path, health: str = "/healthz", timeout: float = 600,
-                 env: dict | None = None) -> tuple[str, subprocess.Popen]:
-    """Run ``cmd --port P`` (P a free port) in its own process group, output to ``log_path``, until
-    ``health`` answers 200; (base URL, process). Stopped again (``kill_group``) if it does not come up."""
-    port = free_port()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd + ["--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env)
-    url = f"http://127.0.0.1:{port}"
+                 env: dict | None = None) -> tuple[str, Child]:
+    """Run the command ``cmd`` (a whole one: ``python -m ddk.cli ...``, vLLM's server, ``taskset ...``) with
+    ``--port P`` (P a free port) as a ddk.launcher Child, output to ``log_path``, until ``health`` answers 200;
+    (base URL, the Child: Popen-like, ``stop()`` or ``kill_group`` ends it). Stopped again if it does not come up."""
+    proc = start(cmd, log_path, free_port(), env, program=(), cwd=REPO, append=False)
     try:
-        wait_healthy(url + health, proc, timeout, log_path=Path(log_path))
+        proc.wait_healthy(health, timeout)
     except BaseException:
-        kill_group(proc)
+        proc.stop()
         raise
-    return url, proc
+    return proc.url, proc
 
 
 def tree_rss(pid: int, exclude: frozenset = frozenset()) -> int:

@@ -24,7 +24,6 @@ import ipaddress
 import json
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -39,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 from common import start_server, tree_rss  # noqa: E402
 from ddk.teacher.wire import MEDIA_TYPE, FrameReader, WireError  # noqa: E402
-from ddk.launcher import kill_group  # noqa: E402
+from ddk.launcher import DDK, Child  # noqa: E402
 
 
 def is_loopback(url: str) -> bool:
@@ -61,8 +60,8 @@ def queue_depth(url: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def start_teacher(model: Path, backend: str, max_queue: int, log: Path) -> tuple[str, subprocess.Popen]:
-    cmd = [sys.executable, "-m", "ddk.cli", "teacher", "serve", "--model", str(model), "--backend", backend,
+def start_teacher(model: Path, backend: str, max_queue: int, log: Path) -> tuple[str, Child]:
+    cmd = [*DDK, "teacher", "serve", "--model", str(model), "--backend", backend,
            "--max-queue", str(max_queue)]
     try:
         return start_server(cmd, log, timeout=600)
@@ -189,7 +188,7 @@ def main() -> int:
         healthy_after = httpx.get(url + "/healthz", timeout=10).status_code == 200
     finally:
         if proc is not None:
-            kill_group(proc, timeout=30)
+            proc.stop(timeout=30)
 
     out = stats["outcomes"]
     total = sum(out.values())

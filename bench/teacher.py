@@ -53,7 +53,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 from common import start_server, tree_rss  # noqa: E402
-from ddk.launcher import kill_group  # noqa: E402
+from ddk.launcher import DDK  # noqa: E402
 
 H200_BF16_PEAK = 790e12
 
@@ -103,7 +103,7 @@ def rounds(fns: dict, reps: int) -> dict:
 
 
 def ddk_service_argv(backend: str, model: Path, k: int, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "ddk.cli", "teacher", "serve", "--model", str(model),
+    return [*DDK, "teacher", "serve", "--model", str(model),
             "--backend", backend, "--max-top-k", str(max(64, k)), *extra]
 
 
@@ -200,7 +200,7 @@ def bench_engine(backend: str, model: Path, ids: torch.Tensor, k: int, reps: int
         for name, w in watches.items():
             res["rss"][name] = w.stop()
         for proc in procs:
-            kill_group(proc, timeout=30)
+            proc.stop(timeout=30)
     return res
 
 

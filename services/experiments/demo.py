@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 from ddk.errors import UsageError
+from ddk.experiments.tables import format_markdown, format_weights_history, report_table
 
 log = logging.getLogger("ddk.demo")
 
@@ -51,37 +51,6 @@ def per_domain_losses(model_path: Path, data_yaml: Path, seq_len: int, sequences
     return student, teacher
 
 
-def report_table(teacher: dict, before: dict, after: dict) -> list[dict]:
-    """One row per domain: perplexities and student/teacher ratios before and after. Pure."""
-    rows = []
-    for d in sorted(teacher):
-        rows.append({"domain": d, "teacher_ppl": math.exp(teacher[d]),
-                     "student_ppl_before": math.exp(before[d]), "student_ppl_after": math.exp(after[d]),
-                     "ratio_before": math.exp(before[d] - teacher[d]), "ratio_after": math.exp(after[d] - teacher[d])})
-    return rows
-
-
-def format_markdown(rows: list[dict]) -> str:
-    head = ("| domain | teacher PPL | student PPL before | student PPL after | ratio before | ratio after |\n"
-            "|---|---:|---:|---:|---:|---:|\n")
-    body = "".join(f"| {r['domain']} | {r['teacher_ppl']:.2f} | {r['student_ppl_before']:.2f} | "
-                   f"{r['student_ppl_after']:.2f} | {r['ratio_before']:.3f} | {r['ratio_after']:.3f} |\n"
-                   for r in rows)
-    return head + body
-
-
-def format_weights_history(history: dict) -> str:
-    versions = history.get("versions", [])
-    if not versions:
-        return ""
-    domains = sorted(versions[0]["weights"])
-    out = "| version | step | " + " | ".join(domains) + " |\n|---|---:|" + "---:|" * len(domains) + "\n"
-    for v in versions:
-        step = "" if v["version"] == 0 else v["step"]
-        out += f"| {v['version']} | {step} | " + " | ".join(f"{v['weights'][d]:.3f}" for d in domains) + " |\n"
-    return out
-
-
 def run_demo(out: Path, quick: bool, kit: Path | None = None, steps: int | None = None) -> Path:
     import httpx
 
@@ -90,23 +59,23 @@ def run_demo(out: Path, quick: bool, kit: Path | None = None, steps: int | None 
 
     out.mkdir(parents=True, exist_ok=True)
     kit = Path(kit) if kit else build_kit(out / "kit", quick=quick, seed=0)
-    import yaml
+    from ddk.trainer.config import load_config
 
-    train_cfg = yaml.safe_load((kit / "train.yaml").read_text())
-    seq_len = int(train_cfg["data"]["seq_len"])
-    sequences = int(train_cfg.get("eval", {}).get("sequences_per_domain", 32))
+    train_cfg = load_config(str(kit / "train.yaml"))
+    seq_len, sequences = train_cfg.data.seq_len, train_cfg.eval.sequences_per_domain
     run = dict(QUICK_RUN if quick else DEFAULT_RUN)
     if steps:
         run["train.steps"] = steps
     run_id = "ddk-demo-quick" if quick else "ddk-demo"
 
     with Services(out / "logs") as services:
-        tport, cport = free_port(), free_port()
-        teacher_url, controller_url = f"http://127.0.0.1:{tport}", f"http://127.0.0.1:{cport}"
-        services.start("teacher", ["teacher", "serve", "--model", str(kit / "teacher"), "--backend", "auto"], tport)
-        services.start("controller", ["controller", "serve", "--db", str(out / "controller.sqlite")], cport)
-        services.wait_healthy("controller", controller_url + "/healthz")
-        services.wait_healthy("teacher", teacher_url + "/healthz")
+        tsvc = services.start("teacher", ["teacher", "serve", "--model", str(kit / "teacher"), "--backend", "auto"],
+                              free_port())
+        csvc = services.start("controller", ["controller", "serve", "--db", str(out / "controller.sqlite")],
+                              free_port())
+        csvc.wait_healthy()
+        tsvc.wait_healthy()
+        teacher_url, controller_url = tsvc.url, csvc.url
 
         log.info("measuring the teacher and the initial student")
         before, teacher = per_domain_losses(kit / "student", kit / "data.yaml", seq_len, sequences, teacher_url)

@@ -41,6 +41,9 @@ from tqdm.auto import tqdm
 
 from ddk.errors import UsageError
 from ddk.kit.corpus import Corpus, build_corpus, write_corpus
+from ddk.trainer.evaluate import evaluate_loss
+from ddk.trainer.optim import lr_lambda
+from ddk.vocab import ratio
 
 log = logging.getLogger(__name__)
 
@@ -174,25 +177,18 @@ def sample_batch(tokens: dict[str, torch.Tensor], batch_size: int, seq_len: int,
     return torch.stack(rows)
 
 
-def lr_at(step: int, steps: int, peak: float) -> float:
-    """Linear warm-up over 5% of the steps, then cosine decay to 10% of the peak."""
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def pretrain(model, tokens: dict[str, torch.Tensor], size: ModelSize, seq_len: int, seed: int,
              desc: str) -> None:
-    """Plain next-token pre-training with AdamW on a uniform domain mixture."""
+    """Plain next-token pre-training with AdamW on a uniform domain mixture; the trainer's LR schedule
+    (warm-up over 5% of the steps, then cosine decay to 10% of the peak)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=size.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    lr_at = lr_lambda(max(1, size.steps // 20), size.steps, floor=0.1, peak=size.lr)
     model.train()
     bar = tqdm(range(size.steps), desc=desc, unit="step", mininterval=2.0)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, size.steps, size.lr)
+            group["lr"] = lr_at(step)
         batch = sample_batch(tokens, size.batch_size, seq_len, gen)
         logits = model(input_ids=batch[:, :-1]).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
@@ -205,21 +201,13 @@ def pretrain(model, tokens: dict[str, torch.Tensor], size: ModelSize, seq_len: i
     model.eval()
 
 
-@torch.no_grad()
 def val_loss(model, tokens: dict[str, torch.Tensor], seq_len: int, max_blocks: int) -> dict[str, float]:
-    """Mean nats per predicted token over the first ``max_blocks`` disjoint blocks of each domain."""
-    model.eval()
+    """Mean nats per predicted token (the trainer's ``evaluate_loss``) over the first ``max_blocks``
+    disjoint blocks of ``seq_len`` tokens of each domain (``seq_len - 1`` predictions a block)."""
     out = {}
     for domain, stream in tokens.items():
         n = min(max_blocks, len(stream) // seq_len)
-        blocks = stream[: n * seq_len].view(n, seq_len)
-        total, count = 0.0, 0
-        for chunk in blocks.split(16):
-            logits = model(input_ids=chunk).logits[:, :-1]
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), chunk[:, 1:].reshape(-1),
-                                     reduction="sum").item()
-            count += chunk[:, 1:].numel()
-        out[domain] = total / count
+        out[domain] = evaluate_loss(model, stream[: n * seq_len].view(n, seq_len).numpy(), 16, "cpu")
     return out
 
 
@@ -396,7 +384,7 @@ def _build(root: Path, spec: KitSpec, quick: bool, seed: int) -> dict:
         "teacher_loss": losses["teacher"], "student_loss": losses["student"],
         "teacher_ppl": {d: math.exp(v) for d, v in losses["teacher"].items()},
         "student_ppl": {d: math.exp(v) for d, v in losses["student"].items()},
-        "ratio": {d: math.exp(losses["student"][d] - losses["teacher"][d]) for d in corpus.domains},
+        "ratio": ratio(losses["student"], losses["teacher"]),
         "build_seconds": round(time.monotonic() - started, 1),
     }
     write_text(root / "train.yaml", yaml.safe_dump(train_yaml(spec, seed), sort_keys=False))

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+import procs
 from ddk.launcher import port_is_bound as port_bound  # a listener holds it; TIME_WAIT does not
+from procs import Proc
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -51,19 +50,22 @@ def ports_in_log(text: str) -> list[int]:
     return [int(p) for p in re.findall(r"port (\d+)\)", text)]
 
 
-def start_demo(out: Path, kit: Path, marker: str, steps: int) -> subprocess.Popen:
-    env = {**os.environ, "DDK_TEST_MARKER": marker}
-    return subprocess.Popen([sys.executable, "-m", "ddk.cli", "demo", "--quick", "--kit", str(kit),
-                             "--out", str(out), "--steps", str(steps)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def start_demo(out: Path, kit: Path, marker: str, steps: int) -> Proc:
+    """`ddk demo` with the marker in its environment; its output (stdout and stderr) in ``out.parent/demo.log``."""
+    return procs.start(["demo", "--quick", "--kit", str(kit), "--out", str(out), "--steps", str(steps)],
+                       out.parent / "demo.log", env={"DDK_TEST_MARKER": marker}, append=False)
 
 
 def test_demo_quick_end_to_end(kit, tmp_path):
     marker = uuid.uuid4().hex
     out = tmp_path / "demo"
     proc = start_demo(out, kit, marker, steps=16)
-    output, _ = proc.communicate(timeout=600)
-    text = output.decode(errors="replace")
+    try:
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:  # timed out: stop it (a finished demo's leftovers are what the test looks for)
+            proc.stop()
+    text = proc.log_text()
     assert proc.returncode == 0, text[-4000:]
     for name in ("report.md", "weights.png", "ratios.png", "metrics.jsonl", "final/config.json",
                  "final/model.safetensors"):

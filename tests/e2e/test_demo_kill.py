@@ -24,7 +24,7 @@ def test_demo_killed_half_way_leaves_nothing(kit, tmp_path):
     try:
         deadline = time.monotonic() + 300
         while not (out / "metrics.jsonl").exists():  # training has started: services, Ray, workers all up
-            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+            assert proc.poll() is None, proc.log_text()[-3000:]
             assert time.monotonic() < deadline, "training never started"
             time.sleep(1)
         assert len(marked_pids(marker)) >= 4  # demo, teacher, controller, train driver (+ Ray)
@@ -32,6 +32,6 @@ def test_demo_killed_half_way_leaves_nothing(kit, tmp_path):
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.kill()  # the demo's process group (SIGKILL)
     assert proc.returncode != 0
     assert wait_gone(marker, 60) == [], "processes left running after the demo was killed"

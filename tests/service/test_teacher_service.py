@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from procs import DDK, REPO, free_port, kill_group, wait_healthy
+import procs
+from procs import DDK, REPO, Proc, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -93,12 +94,9 @@ def ref(ref_model, batch) -> torch.Tensor:
 
 # -- servers ---------------------------------------------------------------------------------
 
-def start_teacher(model_dir, *extra, port=None, log_path=None):
-    port = port or free_port()
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(DDK + ["teacher", "serve", "--model", str(model_dir), "--port", str(port), *extra],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return f"http://127.0.0.1:{port}", proc
+def start_teacher(model_dir, *extra, port=None, log_path=None) -> Proc:
+    """`ddk teacher serve` started (not yet healthy) on ``port`` or a free one."""
+    return procs.start(["teacher", "serve", "--model", str(model_dir), *extra], log_path, port or free_port())
 
 
 def first_health_status(url, proc, timeout=120.0) -> int:
@@ -118,14 +116,15 @@ def server(model_dir, tmp_path_factory):
     """One hf-backend server: small per-request token limit and a short queue, so that the queue
     limit is reachable in a test."""
     log = tmp_path_factory.mktemp("teacher") / "hf.log"
-    url, proc = start_teacher(model_dir, "--backend", "hf", "--max-batch-tokens", "4096",
-                              "--max-queue", "2", log_path=log)
+    proc = start_teacher(model_dir, "--backend", "hf", "--max-batch-tokens", "4096", "--max-queue", "2",
+                         log_path=log)
+    url = proc.url
     try:
         first = first_health_status(url, proc)
-        wait_healthy(url + "/healthz", proc, 120)
+        proc.wait_healthy(timeout=120)
         yield {"url": url, "proc": proc, "first_health": first, "log": log}
     finally:
-        kill_group(proc)
+        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -327,11 +326,10 @@ def test_failover_when_a_replica_dies_mid_stream_and_comes_back(server, model_di
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 2000, (8, 8, SEQ), generator=g)
     port_a = free_port()
-    a, proc_a = start_teacher(model_dir, "--backend", "hf", port=port_a, log_path=tmp_path / "a.log")
-    b = server["url"]
-    proc_a2 = None
+    proc_a = start_teacher(model_dir, "--backend", "hf", port=port_a, log_path=tmp_path / "a.log")
+    a, b = proc_a.url, server["url"]
     try:
-        wait_healthy(a + "/healthz", proc_a)
+        proc_a.wait_healthy()
         client = TeacherClient([a, b], dtype="float32", backoff=0.05, cooldown=1.0, max_retries=6)
         in_flight_on_a = [0]  # requests sent to A whose response has not begun
 
@@ -366,29 +364,24 @@ def test_failover_when_a_replica_dies_mid_stream_and_comes_back(server, model_di
                     break
             time.sleep(0.01)
         assert not done.is_set()
-        os.killpg(proc_a.pid, signal.SIGKILL)  # A dies with the request in flight
-        proc_a.wait(10)
+        proc_a.kill()  # A dies (SIGKILL) with the request in flight
         t.join(120)
         assert done.is_set() and len(outs) == len(ids)
         # restart A on its port now, so that its start-up overlaps the reference check
-        _, proc_a2 = start_teacher(model_dir, "--backend", "hf", port=port_a, log_path=tmp_path / "a2.log")
+        proc_a.start()  # the same command, port and log
         flat = ids.reshape(-1, SEQ)
         got = type("Out", (), {k: torch.cat([getattr(o, k) for o in outs])
                                for k in ("ids", "logprobs", "target_logprob")})
         check_against_reference(got, flat, 4, reference_logprobs(ref_model, flat))
 
-        wait_healthy(a + "/healthz", proc_a2)
+        proc_a.wait_healthy()
         time.sleep(1.0)  # the cool-down
         for batch in ids[:4]:
             client.topk(batch, 4)
         assert metric(a, "ddk_teacher_requests_total", '{status="200"}') >= 1
         client.close()
     finally:
-        for p in (proc_a, proc_a2):
-            if p is not None:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGCONT)
-                kill_group(p)
+        proc_a.stop()  # SIGTERM and SIGCONT (it may be frozen), then SIGKILL
 
 
 def test_client_retries_a_stream_cut_mid_frame(server, client, batch):

@@ -9,14 +9,14 @@ vLLM can return (flat lists with the actual token duplicated, and deduplicated d
 from __future__ import annotations
 
 import json
-import subprocess
 
 import httpx
 import numpy as np
 import pytest
 import torch
 
-from procs import DDK, REPO, free_port, kill_group, wait_healthy
+import procs
+from procs import free_port
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
@@ -32,21 +32,15 @@ def model_dir(kit):
 @pytest.fixture(scope="module")
 def vllm_server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("teacher-vllm") / "vllm.log"
-    port = free_port()
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(DDK + ["teacher", "serve", "--model", str(model_dir), "--backend", "vllm",
-                                       "--enforce-eager", "--gpu-memory-utilization", "0.15",
-                                       "--port", str(port)],
-                                cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc = procs.start(["teacher", "serve", "--model", str(model_dir), "--backend", "vllm", "--enforce-eager",
+                        "--gpu-memory-utilization", "0.15"], log, free_port(), append=False)
     try:
-        wait_healthy(url + "/healthz", proc, timeout=400)
-        yield url
+        yield proc.wait_healthy(timeout=400).url
     except Exception:
         print(log.read_text()[-4000:])
         raise
     finally:
-        kill_group(proc, timeout=30)
+        proc.stop(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from ddk.errors import UsageError
-from ddk.experiments.compare import aggregate, format_report, heldout_blocks, policy_overrides
-from ddk.experiments.demo import format_markdown, format_weights_history, report_table
+from ddk.experiments.compare import heldout_blocks, policy_overrides
+from ddk.experiments.tables import aggregate, format_markdown, format_report, format_weights_history, report_table
 
 
 def test_policy_overrides_match_the_paper_baselines():
