@@ -17,6 +17,7 @@ import sys
 
 from ddk.errors import UsageError
 from ddk.runtime import set_process_defaults
+from ddk.vocab import ARMS, PAPER_ARMS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     # ddk compare
     p = sub.add_parser("compare", help="the paper's comparison: the same run under several policies and seeds")
     p.add_argument("config", help="train config YAML (e.g. a kit's train.yaml)")
-    p.add_argument("--policies", default="cpt,kd,ddk_raw,ddk",
-                   help="comma-separated, from cpt, kd, kd_uniform, ddk_raw, ddk (default: the paper's four, "
-                        "cpt,kd,ddk_raw,ddk)")
+    p.add_argument("--policies", default=",".join(PAPER_ARMS),
+                   help=f"the arms to run, comma-separated, from {', '.join(ARMS)} (default: the paper's four, "
+                        f"{','.join(PAPER_ARMS)})")
     p.add_argument("--seeds", type=int, default=1, help="seeds per policy (default 1)")
     p.add_argument("--out", default="ddk-compare", help="output directory (default ./ddk-compare)")
     p.add_argument("--teacher-model", default=None,

@@ -24,3 +24,33 @@ def kit() -> Path:
     from ddk.kit.fixtures import build_kit
 
     return build_kit(KIT_DIR, quick=True, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Real servers shared by the whole session (one of each per xdist worker, started by the first test that
+# asks). Tests that use them give their runs ids of their own; a test that kills, restarts or configures a
+# server differently starts its own.
+
+@pytest.fixture(scope="session")
+def server_logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("session-servers")
+
+
+@pytest.fixture(scope="session")
+def teacher_url(kit, server_logs) -> str:
+    """`ddk teacher serve` (hf engine) on the kit's teacher, 127.0.0.1."""
+    from procs import service
+
+    with service(["teacher", "serve", "--model", str(kit / "teacher"), "--backend", "hf"],
+                 log_path=server_logs / "teacher.log") as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="session")
+def controller_url(server_logs) -> str:
+    """`ddk controller serve` on a SQLite file of the session, 127.0.0.1, no token."""
+    from procs import service
+
+    with service(["controller", "serve", "--db", str(server_logs / "controller.sqlite")],
+                 log_path=server_logs / "controller.log", timeout=60) as (url, _):
+        yield url

@@ -75,7 +75,10 @@ def tokens_per_domain(metrics_path: Path, seq_len: int) -> dict[str, float]:
     return totals
 
 
-def main(args) -> int:
+def main(args, runner=None) -> int:
+    """``ddk compare``. Each run is ``ddk train`` with the arm's overrides: ``runner(run_id, argv) -> exit
+    code`` runs it, by default as a child process (``ddk train`` under Ray, its log in ``out/logs``); the
+    tests pass one that runs the same job in-process."""
     from transformers import AutoTokenizer
 
     from ddk.trainer.config import load_config
@@ -143,7 +146,7 @@ def main(args) -> int:
                     for k, v in sets.items():
                         argv += ["--set", f"{k}={json.dumps(v) if isinstance(v, dict) else v}"]
                     print(f"ddk compare: {run_id} (log {out / 'logs' / (run_id + '.log')})", flush=True)
-                    code = services.run(run_id, argv)
+                    code = (runner or services.run)(run_id, argv)
                     if code != 0:
                         raise RuntimeError(f"run {run_id} failed with exit code {code}; see its log")
                 else:

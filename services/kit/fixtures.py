@@ -98,7 +98,7 @@ QUICK = KitSpec(
 # about 2.0 s, student 2x96 about 0.8 s: about 20 CPU-minutes in all, so roughly 10-12 minutes on 2 idle
 # cores (a 6x256 teacher, 1000 steps, would take over 30). Student steps set the ratios, measured against
 # this teacher (seed 0): 100 steps 2.7-5.1, 160 steps 1.4-3.3, 240 steps 1.10-1.62, 300 steps 1.06-1.24;
-# 300 is kept so that the published default kit and comparison (README) match this code.
+# 300 is kept so that the published default kit and comparison (docs/results.md) match this code.
 DEFAULT = KitSpec(
     vocab_size=4096, seq_len=256, max_chars=1_200_000, val_fraction=0.1, doc_chars=3000,
     teacher=ModelSize(layers=4, hidden=192, heads=6, ffn=576, steps=450, lr=2e-3, batch_size=16),

@@ -1,6 +1,7 @@
-"""Faults during a real `ddk train` run: real teacher (hf) and controller processes on 127.0.0.1, real Ray.
+"""Faults during a DDK run, in-process (the Trainer under LocalContext, inproc.py) against real teacher (hf)
+and controller processes on 127.0.0.1 that the test kills and restarts.
 
-Two runs of the quick kit, one Ray worker each, at the same time, with faults injected from here:
+Two runs of the quick kit, at the same time, with faults injected from here:
 
 * ``replica``: two teacher replicas; one is SIGKILLed for good after step 2. The run finishes on the other
   with no failed step.
@@ -10,20 +11,16 @@ Two runs of the quick kit, one Ray worker each, at the same time, with faults in
   is restarted on its port 10 s after it died. The run must finish with every step done once, the late
   evaluation of step 16 recorded, and no gap or duplicate in the controller's history.
 
-Both runs set ``DDK_RAY_MAX_FAILURES=0``: a worker that fails ends the run (exit 1) instead of being
-replaced, so a finished run proves that no step failed and none was done twice.
-
-A Ray worker killed mid-run (Ray Train restores the last checkpoint and the run ends like an uninterrupted
-one) is tested in tests/test_train_e2e.py::test_resume_after_worker_death_and_restart_matches_uninterrupted
-and not repeated here. Disk full / unwritable output at checkpoint time: the last tests, without Ray.
+In-process there is no Ray to retry a failed step: a run that finishes proves that no step failed and none
+was done twice. A Ray worker killed mid-run (Ray Train restores the last checkpoint and the run ends like an
+uninterrupted one) is tested in tests/e2e/test_train_ray.py. Disk full / unwritable output at checkpoint
+time: the last tests.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -34,46 +31,12 @@ import httpx
 import pytest
 import torch
 
-from procs import DDK, REPO, free_port, kill_group, wait_healthy
-
-TIMEOUT = 600  # one run, on a loaded 2-core machine
-NO_RETRY = {"DDK_RAY_MAX_FAILURES": "0"}
+from inproc import Background, LogCapture, preload, steps_of
+from procs import DDK, REPO, Proc, free_port
 
 
 # ----------------------------------------------------------------------------------------------
 # processes
-
-class Proc:
-    """A `ddk` subcommand in its own process group, logging to a file (appended across restarts)."""
-
-    def __init__(self, args: list[str], log: Path, port: int | None = None, env: dict | None = None):
-        self.args, self.log, self.port, self.env = args, log, port, env
-        self.popen: subprocess.Popen | None = None
-        self.url = f"http://127.0.0.1:{port}" if port else None
-
-    def start(self) -> "Proc":
-        port_args = ["--port", str(self.port)] if self.port else []
-        with open(self.log, "ab") as fh:
-            self.popen = subprocess.Popen(DDK + self.args + port_args, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
-                                          start_new_session=True, env={**os.environ, **(self.env or {})})
-        return self
-
-    def healthy(self, timeout: float = 300) -> "Proc":
-        wait_healthy(self.url + "/healthz", self.popen, timeout)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would: no clean shutdown."""
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.popen.wait(10)
-
-    def close(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            kill_group(self.popen)
-
 
 def teacher(kit: Path, log: Path) -> Proc:
     return Proc(["teacher", "serve", "--model", str(kit / "teacher"), "--backend", "hf"], log, free_port())
@@ -91,67 +54,11 @@ def requests_served(url: str) -> float:
     return 0.0
 
 
-class Train:
-    """`ddk train` on the kit, with a view on its metrics.jsonl while it runs."""
-
-    def __init__(self, kit: Path, out: Path, run_id: str, teachers: list[str], controller_url: str,
-                 steps: int, interval: int, checkpoint: int):
-        self.out, self.run_id, self.steps = out, run_id, steps
-        sets = [f"run_id={run_id}", f"output_dir={out}", f"controller.url={controller_url}",
-                f"teacher.urls=[{','.join(teachers)}]", f"train.steps={steps}", "train.batch_size=4",
-                f"mixture.interval_steps={interval}", f"checkpoint.every_steps={checkpoint}", "ray.num_workers=1",
-                "eval.sequences_per_domain=4", f"data.cache_dir={kit.parent / 'token-cache'}"]
-        args = ["train", str(kit / "train.yaml")] + [a for s in sets for a in ("--set", s)]
-        self.proc = Proc(args, out.parent / f"{run_id}.log", env=NO_RETRY)
-
-    def start(self) -> "Train":
-        self.proc.start()
-        return self
-
-    def lines(self) -> list[dict]:
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return []
-        out = []
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written
-                pass
-        return out
-
-    def wait_for(self, what: str, predicate, timeout: float = TIMEOUT) -> dict:
-        """The first metrics line matching ``predicate``; fails if the run ends or times out first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for r in self.lines():
-                if predicate(r):
-                    return r
-            if self.proc.popen.poll() is not None:
-                raise AssertionError(f"the run ended (exit {self.proc.popen.returncode}) before {what}:\n"
-                                     + self.log()[-3000:])
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}")
-
-    def wait(self) -> int:
-        try:
-            return self.proc.popen.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        """SIGINT first, so the driver shuts its Ray cluster down; then the process group."""
-        p = self.proc.popen
-        if p is not None and p.poll() is None:
-            os.killpg(p.pid, signal.SIGINT)
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                kill_group(p)
-
-    def log(self) -> str:
-        return self.proc.log.read_text(errors="replace")
+def run(kit: Path, out: Path, run_id: str, teachers: list[str], controller_url: str, steps: int,
+        interval: int, checkpoint: int) -> Background:
+    return Background(kit, out, run_id, ",".join(teachers), controller_url, f"train.steps={steps}",
+                      "train.batch_size=4", f"mixture.interval_steps={interval}",
+                      f"checkpoint.every_steps={checkpoint}", "eval.sequences_per_domain=4")
 
 
 @contextmanager
@@ -163,16 +70,26 @@ def closing(*procs):
             p.close()
 
 
-def steps_of(lines: list[dict]) -> list[int]:
-    return [r["step"] for r in lines if r["event"] == "step"]
-
-
 # ----------------------------------------------------------------------------------------------
 # the two runs
 
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="module")
+def log_capture():
+    """The ddk loggers of both runs (they run in this process; the URLs in the messages tell them apart)."""
+    import logging
+
+    handler, logger = LogCapture(), logging.getLogger("ddk")
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(old)
 
 
 def run_replica(kit: Path, logs: Path) -> dict:
@@ -183,19 +100,18 @@ def run_replica(kit: Path, logs: Path) -> dict:
         for p in (a, b, c):
             p.start()
         for p in (a, b, c):
-            p.healthy()
-        train = Train(kit, logs / "replica", "faults-replica", [a.url, b.url], c.url, steps=10, interval=5,
-                      checkpoint=5).start()
-        with closing(train):
-            train.wait_for("step 2", lambda r: r["event"] == "step" and r["step"] >= 2)
-            served_b = requests_served(b.url)
-            served_a = requests_served(a.url)
-            b.kill()
-            killed_after = max(steps_of(train.lines()))
-            rc = train.wait()
+            p.wait_healthy()
+        train = run(kit, logs / "replica", "faults-replica", [a.url, b.url], c.url, steps=10, interval=5,
+                    checkpoint=5).start()
+        train.wait_for("step 2", lambda r: r["event"] == "step" and r["step"] >= 2)
+        served_b = requests_served(b.url)
+        served_a = requests_served(a.url)
+        b.kill()
+        killed_after = max(steps_of(train.lines()))
+        summary = train.wait()
         served_a_end = requests_served(a.url)
         history = httpx.get(f"{c.url}/v1/runs/faults-replica/history", timeout=10).json()["versions"]
-    return {"rc": rc, "train": train, "lines": train.lines(), "served_b": served_b, "served_a": served_a,
+    return {"summary": summary, "train": train, "lines": train.lines(), "served_b": served_b, "served_a": served_a,
             "served_a_end": served_a_end, "killed_after": killed_after, "b": b.url, "history": history}
 
 
@@ -206,35 +122,39 @@ def run_outage(kit: Path, logs: Path) -> dict:
     events = {}
     with closing(t, c):
         t.start(), c.start()
-        t.healthy(), c.healthy()
-        train = Train(kit, logs / "outage", "faults-outage", [t.url], c.url, steps=24, interval=8,
-                      checkpoint=8).start()
-        with closing(train):
-            train.wait_for("the evaluation of step 8 at the controller",
-                           lambda r: r["event"] == "eval" and r["step"] == 8 and r["version"] is not None)
-            c.kill()
-            events["controller_killed_after"] = max(steps_of(train.lines()), default=0)
-            # K = 8 leaves room for the trainer's retries of the step-16 evaluation (steps 16, 17, 19, 23)
-            # before the final one at step 24 would replace it, however many batches were prefetched
-            train.wait_for("the evaluation of step 16 (controller down)",
-                           lambda r: r["event"] == "eval" and r["step"] == 16)
-            t.kill()
-            killed = time.monotonic()
-            events["teacher_killed_after"] = max(steps_of(train.lines()))
-            c.start().healthy()  # the same SQLite file and port
-            time.sleep(max(0.0, killed + 10 - time.monotonic()))
-            t.start().healthy()
-            events["teacher_down_s"] = time.monotonic() - killed
-            rc = train.wait()
+        t.wait_healthy(), c.wait_healthy()
+        train = run(kit, logs / "outage", "faults-outage", [t.url], c.url, steps=24, interval=8,
+                    checkpoint=8).start()
+        train.wait_for("the evaluation of step 8 at the controller",
+                       lambda r: r["event"] == "eval" and r["step"] == 8 and r["version"] is not None)
+        c.kill()
+        events["controller_killed_after"] = max(steps_of(train.lines()), default=0)
+        # The teacher dies before the feed asks for the window after step 16 (it prefetches at most 4 batches
+        # ahead, inside the window of the weights in force: steps 8..15 are fetched by now), so the run has to
+        # wait for it; in-process steps are fast enough that a later kill could find that window fetched too.
+        train.wait_for("step 15", lambda r: r["event"] == "step" and r["step"] >= 15)
+        t.kill()
+        killed = time.monotonic()
+        events["teacher_killed_after"] = max(steps_of(train.lines()))
+        # K = 8 leaves room for the trainer's retries of the step-16 evaluation (steps 16, 17, 19, 23)
+        # before the final one at step 24 would replace it, however many batches were prefetched
+        train.wait_for("the evaluation of step 16 (controller down)",
+                       lambda r: r["event"] == "eval" and r["step"] == 16)
+        c.start().wait_healthy()  # the same SQLite file and port
+        time.sleep(max(0.0, killed + 10 - time.monotonic()))
+        t.start().wait_healthy()
+        events["teacher_down_s"] = time.monotonic() - killed
+        summary = train.wait()
         history = httpx.get(f"{c.url}/v1/runs/faults-outage/history", timeout=10).json()["versions"]
-    return {"rc": rc, "train": train, "lines": train.lines(), "history": history, "teacher": t.url, **events}
+    return {"summary": summary, "train": train, "lines": train.lines(), "history": history, "teacher": t.url, **events}
 
 
 @pytest.fixture(scope="module")
-def runs(kit, logs) -> dict:
+def runs(kit, logs, log_capture) -> dict:
     """Both runs at the same time: their start-ups overlap, and the replica run uses the CPU while the
     outage run waits for its teacher. An exception in a run is raised by the tests that read it."""
     results: dict = {}
+    preload()
 
     def go(name, scenario):
         try:
@@ -259,13 +179,13 @@ def _result(runs: dict, name: str) -> dict:
 
 
 @pytest.fixture
-def replica(runs) -> dict:
-    return _result(runs, "replica")
+def replica(runs, log_capture) -> dict:
+    return {**_result(runs, "replica"), "log": log_capture.text()}
 
 
 @pytest.fixture
-def outage(runs) -> dict:
-    return _result(runs, "outage")
+def outage(runs, log_capture) -> dict:
+    return {**_result(runs, "outage"), "log": log_capture.text()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,8 +193,7 @@ def outage(runs) -> dict:
 
 @pytest.mark.slow
 def test_replica_killed_for_good_the_run_finishes_on_the_other(replica):
-    train = replica["train"]
-    assert replica["rc"] == 0, train.log()[-3000:]
+    assert replica["summary"]["step"] == 10
     lines = replica["lines"]
     assert steps_of(lines) == list(range(1, 11))  # every step once, none failed (no Ray retries allowed)
     assert [r["step"] for r in lines if r["event"] == "eval"] == [0, 5, 10]
@@ -282,13 +201,12 @@ def test_replica_killed_for_good_the_run_finishes_on_the_other(replica):
     assert replica["killed_after"] < 10  # the replica died mid-run
     assert replica["served_b"] > 0  # both replicas served before
     assert replica["served_a_end"] > replica["served_a"]  # the survivor took over
-    assert f"teacher topk on {replica['b']} failed" in train.log()  # the failover is logged
+    assert f"teacher topk on {replica['b']} failed" in replica["log"]  # the failover is logged
 
 
 @pytest.mark.slow
 def test_teacher_killed_and_restarted_10s_later_the_run_finishes(outage):
-    train = outage["train"]
-    assert outage["rc"] == 0, train.log()[-3000:]
+    assert outage["summary"]["step"] == 24
     lines = outage["lines"]
     assert steps_of(lines) == list(range(1, 25))
     assert [r["step"] for r in lines if r["event"] == "eval"] == [0, 8, 16, 24]
@@ -296,15 +214,14 @@ def test_teacher_killed_and_restarted_10s_later_the_run_finishes(outage):
     assert outage["teacher_killed_after"] < 24  # it died mid-run
     # the run waited for the teacher rather than skipping: some step waited most of the outage
     assert max(r["teacher_wait_s"] for r in lines if r["event"] == "step") > 5
-    log = train.log()
+    log = outage["log"]
     assert f"teacher topk on {outage['teacher']} failed" in log  # the outage is logged
     assert "resumed from" not in log
 
 
 @pytest.mark.slow
 def test_controller_killed_and_restarted_on_the_same_db(outage):
-    train = outage["train"]
-    assert outage["rc"] == 0, train.log()[-3000:]
+    assert outage["summary"]["step"] == 24
     lines, history = outage["lines"], outage["history"]
     # no gap and no duplicate: one version per evaluation, in order, the late one included
     assert [(v["version"], v["step"]) for v in history] == [(0, None), (1, 0), (2, 8), (3, 16), (4, 24)]
@@ -320,7 +237,7 @@ def test_controller_killed_and_restarted_on_the_same_db(outage):
             assert r["version"] == 2 and r["weights"] == pytest.approx(v2, abs=1e-12)
         if r["event"] == "step" and r["step"] > late[0]["step"]:  # drawn after the late answer
             assert r["version"] == 3
-    assert "controller unreachable" in train.log()
+    assert "controller unreachable" in outage["log"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,15 +262,16 @@ class _Feed:  # what the worker's checkpoint asks of its teacher feed: the sampl
 
 @pytest.mark.parametrize("where", ["writing the checkpoint", "copying it to the output directory"])
 def test_disk_full_at_checkpoint_time_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
-    """The worker's own checkpoint path (``_save_and_report``: write to a temporary folder, then hand it to
+    """The worker's own checkpoint path (``save_and_report``: write to a temporary folder, then hand it to
     the run's storage), with the disk filling up at the model file of the second checkpoint."""
     import shutil
 
     from ddk.trainer import checkpoint as ckpt
-    from ddk.trainer.loop import LocalContext, _save_and_report
+    from ddk.trainer.loop import LocalContext, TrainState, save_and_report
 
     def checkpoint(step):
-        _save_and_report(ctx, step, model, opt, None, {"a": 0.5, "b": 0.5}, step, _Feed(step), None, None, 1.0)
+        state = TrainState(step=step, weights={"a": 0.5, "b": 0.5}, version=step, sampler=_Feed(step).state_dict())
+        save_and_report(ctx, state, model, opt, None, 1.0)
 
     torch.manual_seed(0)
     model = _Model()

@@ -198,7 +198,7 @@ def _well_formed(case):
 
 _names = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12)
 _run_specs = st.fixed_dictionaries(  # run specs that may be accepted (the schema alone gives almost only 422s)
-    {"run_id": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,30}", fullmatch=True),
+    {"run_id": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,30}", fullmatch=True),  # vocab.RUN_ID_PATTERN
      "domains": st.lists(_names, min_size=1, max_size=6, unique=True),
      "policy": st.sampled_from(["ddk", "ddk_raw", "fixed", "fixed", "other"]),
      "alpha": st.one_of(st.floats(0, 1), st.floats(-1, 2)), "interval_steps": st.integers(1, 10**6)},
