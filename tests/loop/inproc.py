@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 TIMEOUT = 600  # one run on a loaded 2-core machine
 
