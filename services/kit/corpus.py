@@ -66,28 +66,22 @@ def chunk(text: str, max_chars: int) -> list[str]:
         para = para.rstrip()
         if not para.strip():
             continue
-        if len(para) <= max_chars:
-            pieces.append(para)
-            continue
-        lines, size = [], 0
-        for line in para.split("\n"):
-            if lines and size + len(line) + 1 > max_chars:
-                pieces.append("\n".join(lines))
-                lines, size = [], 0
-            lines.append(line)
-            size += len(line) + 1
-        if lines:
-            pieces.append("\n".join(lines))
-    chunks, current, size = [], [], 0
-    for piece in pieces:
-        if current and size + len(piece) + 2 > max_chars:
-            chunks.append("\n\n".join(current))
+        pieces.extend([para] if len(para) <= max_chars else _pack(para.split("\n"), "\n", max_chars))
+    return _pack(pieces, "\n\n", max_chars)
+
+
+def _pack(items: list[str], sep: str, max_chars: int) -> list[str]:
+    """Join consecutive items with ``sep`` into groups of at most ~max_chars (an item alone may be longer)."""
+    groups, current, size = [], [], 0
+    for item in items:
+        if current and size + len(item) + len(sep) > max_chars:
+            groups.append(sep.join(current))
             current, size = [], 0
-        current.append(piece)
-        size += len(piece) + 2
+        current.append(item)
+        size += len(item) + len(sep)
     if current:
-        chunks.append("\n\n".join(current))
-    return chunks
+        groups.append(sep.join(current))
+    return groups
 
 
 def drop_seen_paragraphs(text: str, seen: set[str]) -> str:

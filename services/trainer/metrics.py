@@ -146,28 +146,26 @@ def format_summary(summary: dict) -> str:
 # the run's two plots (matplotlib, Agg backend, imported only when plotting)
 
 
-def weight_series(records: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
-    """(steps, {domain: weight}) from the step lines: the mixture each step's batch was drawn with."""
+def _series(records: list[dict], event: str, field: str) -> tuple[list[int], dict[str, list[float]]]:
+    """(steps, {domain: value}) from the ``event`` lines that carry a per-domain ``field``."""
     steps, series = [], {}
     for r in records:
-        if r.get("event") != "step" or not r.get("weights"):
+        if r.get("event") != event or not r.get(field):
             continue
         steps.append(int(r["step"]))
-        for d, w in r["weights"].items():
-            series.setdefault(d, []).append(float(w))
+        for d, v in r[field].items():
+            series.setdefault(d, []).append(float(v))
     return steps, series
+
+
+def weight_series(records: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
+    """(steps, {domain: weight}) from the step lines: the mixture each step's batch was drawn with."""
+    return _series(records, "step", "weights")
 
 
 def ratio_series(records: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
     """(eval steps, {domain: PPL_S / PPL_T}) from the eval lines."""
-    steps, series = [], {}
-    for r in records:
-        if r.get("event") != "eval" or not r.get("ratio"):
-            continue
-        steps.append(int(r["step"]))
-        for d, q in r["ratio"].items():
-            series.setdefault(d, []).append(float(q))
-    return steps, series
+    return _series(records, "eval", "ratio")
 
 
 def _plot(steps, series, path: Path, title: str, ylabel: str, drawstyle: str, hline: float | None = None) -> Path:
