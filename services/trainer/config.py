@@ -93,10 +93,16 @@ class TrainSection(_Section):
     grad_clip: float = Field(1.0, ge=0)
 
 
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd")  # = ddk.trainer.loss.LOSSES
+
+
 class KDSection(_Section):
     gamma: float = Field(0.2, ge=0)
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(16, gt=0)
+    loss: Literal[KD_LOSSES] = "forward_kl"  # the divergence (ddk.trainer.loss); not imported: no torch here
+    beta: float = Field(0.5, ge=0, le=1)  # jsd's interpolation: 0 forward KL, 1 reverse KL (TRL's convention)
+    skew: float = Field(0.1, gt=0, le=1)  # skew_kl / skew_rkl's mixing weight (DistiLLM)
 
 
 class MixtureSection(_Section):

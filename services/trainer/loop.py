@@ -518,7 +518,8 @@ class Trainer:
         if batch.teacher is not None:
             t_ids, t_lp = batch.teacher.ids.to(device), batch.teacher.logprobs.to(device).float()
         logits = self.model(input_ids=inputs, use_cache=False).logits
-        loss, parts = distill_loss(logits, labels, t_ids, t_lp, cfg.kd.gamma, cfg.kd.temperature)
+        loss, parts = distill_loss(logits, labels, t_ids, t_lp, cfg.kd.gamma, cfg.kd.temperature,
+                                   loss=cfg.kd.loss, beta=cfg.kd.beta, skew=cfg.kd.skew)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip > 0:
