@@ -16,6 +16,7 @@ import logging
 import sys
 
 from ddk.errors import UsageError
+from ddk.logsetup import setup_logging
 from ddk.runtime import set_process_defaults
 from ddk.vocab import ARMS, PAPER_ARMS
 
@@ -37,7 +38,9 @@ def _lazy(target: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ddk", description="DDK: domain-aware knowledge distillation of LLMs.")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", default="INFO",
+                        help="console logging level (default INFO: what starts, progress, warnings, results; "
+                             "DEBUG adds every HTTP request and library message)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -104,6 +107,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     p.set_defaults(func=_lazy("ddk.trainer.evaluate:main"))
 
+    # ddk data prepare / inspect
+    data = sub.add_parser("data", help="the token cache: prepare it (streamed, parallel, resumable), inspect it"
+                          ).add_subparsers(dest="data_command", metavar="COMMAND", parser_class=_Parser)
+    data.required = True
+    for name, target, text in (
+            ("prepare", "prepare_main", "tokenise every domain into the cache (resumes; checks every shard)"),
+            ("inspect", "inspect_main", "per domain: documents, tokens, train/val blocks, natural proportions")):
+        p = data.add_parser(name, help=text)
+        p.add_argument("config", help="train config YAML (its data section and student.model's tokenizer), "
+                                      "or a data.yaml / data folder with --tokenizer")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a dotted key of the train config; VALUE is parsed as YAML (repeatable)")
+        p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the config's student.model)")
+        p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: data.seq_len, "
+                                                                  "else 128)")
+        p.add_argument("--cache-dir", default=None, help="cache folder (default: data.cache_dir, else "
+                                                         "$DDK_CACHE_DIR or ~/.cache/ddk/tokens)")
+        p.add_argument("--workers", type=int, default=None,
+                       help="tokenising processes (default: $DDK_DATA_WORKERS, else the machine's cores)")
+        if name == "prepare":
+            p.add_argument("--ray", action="store_true",
+                           help="tokenise with Ray tasks across the cluster (ray.address of the config, or "
+                                "--ray-address; a local Ray when empty)")
+            p.add_argument("--ray-address", default=None, help="Ray cluster address (default: ray.address)")
+            p.add_argument("--shard-chars", type=int, default=None,
+                           help="characters of text per shard (default 4,000,000)")
+            p.add_argument("--quiet", action="store_true", help="no progress bar")
+        else:
+            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.set_defaults(func=_lazy(f"ddk.trainer.prepare:{target}"))
+
     # ddk demo
     p = sub.add_parser("demo", help="end to end: kit, teacher + controller, a DDK run, report")
     p.add_argument("--quick", action="store_true", help="small kit and a short run (under 10 minutes)")
@@ -126,6 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key for every run (repeatable)")
     p.set_defaults(func=_lazy("ddk.experiments.compare:main"))
 
+    # ddk runs, ddk weights: the controller's runs and a run's weights (ddk.controller.show)
+    controller_url = "http://127.0.0.1:8200"
+    p = sub.add_parser("runs", help="the runs a controller holds, as a table")
+    p.add_argument("--controller", default=controller_url, metavar="URL",
+                   help=f"controller URL (default {controller_url})")
+    p.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+    p.set_defaults(func=_lazy("ddk.controller.show:runs_main"))
+    p = sub.add_parser("weights", help="a run's current domain weights; --watch follows each new version")
+    p.add_argument("run_id", metavar="RUN_ID", help="the run (see `ddk runs`)")
+    p.add_argument("--controller", default=controller_url, metavar="URL",
+                   help=f"controller URL (default {controller_url})")
+    p.add_argument("--watch", action="store_true", help="print every new weights version until Ctrl-C")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (one line per version "
+                                                         "with --watch)")
+    p.set_defaults(func=_lazy("ddk.controller.show:weights_main"))
+
     return parser
 
 
@@ -133,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     set_process_defaults()  # before any subcommand imports torch
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)  # a quiet console; DEBUG (or a child's log file) keeps every line
     try:
         code = args.func(args)
     except UsageError as e:

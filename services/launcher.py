@@ -1,14 +1,14 @@
 """Start ``ddk`` processes and stop them without leftovers: the one way every ddk process is started.
 
 :func:`start` runs ``python -m ddk.cli <argv>`` (plus ``--port P`` when given) as a :class:`Child`: in its own
-process group (so stopping it also stops anything it spawned, such as vLLM's engine process), with its output
-in a log file, and on Linux with PR_SET_PDEATHSIG (SIGTERM when the thread that started it ends, even by
-SIGKILL: start children from the main thread). A :class:`Child` is Popen-like (``pid``, ``poll``, ``wait``,
-``returncode``) and adds ``wait_healthy``, ``kill`` (SIGKILL of the group, as a crash), ``stop`` (SIGTERM,
-then SIGKILL) and ``restart`` (on the same port). :class:`Services` (``ddk demo``, ``ddk compare``) is a
-context manager over several children: leaving it, normally, on an exception or on Ctrl-C / SIGTERM, stops
-every child it started and waits for their ports to be free again. tests/procs.py and bench/common.py are
-thin wrappers over this module.
+process group (so stopping it also stops anything it spawned, such as vLLM's engine process), with its output in a
+log file (every line of it: ``DDK_LOG_DETAIL=1``, see ddk.logsetup), and on Linux with PR_SET_PDEATHSIG (SIGTERM
+when the thread that started it ends, even by SIGKILL: start children from the main thread). A :class:`Child` is
+Popen-like (``pid``, ``poll``, ``wait``, ``returncode``) and adds ``wait_healthy``, ``kill`` (SIGKILL of the group,
+as a crash), ``stop`` (SIGTERM, then SIGKILL) and ``restart`` (on the same port). :class:`Services` (``ddk demo``,
+``ddk compare``) is a context manager over several children: leaving it, normally, on an exception or on Ctrl-C /
+SIGTERM, stops every child it started and waits for their ports to be free again. tests/procs.py and
+bench/common.py are thin wrappers over this module.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from ddk.logsetup import DETAIL_ENV
 
 log = logging.getLogger("ddk.launcher")
 
@@ -169,15 +171,18 @@ class Child:
         if self.popen is not None and self.popen.poll() is None:
             raise RuntimeError(f"{self.name} is already running (pid {self.popen.pid})")
         restart = self.popen is not None
+        env = dict(os.environ)
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_path, "ab" if self.append or restart else "wb")
+            env[DETAIL_ENV] = "1"  # its output is a log file: every line (ddk.logsetup), not the quiet console's
         else:
             out = subprocess.DEVNULL
+        env.update(self.env or {})
         try:
             self.popen = subprocess.Popen(self.args, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True,
-                                          env={**os.environ, **(self.env or {})}, preexec_fn=_die_with_parent())
+                                          env=env, preexec_fn=_die_with_parent())
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()

@@ -1,4 +1,5 @@
-"""The controller's HTTP API (FastAPI): runs, evaluations -> DDK weights, history, SSE push, metrics, page.
+"""The controller's HTTP API (FastAPI): runs, evaluations -> DDK weights, history, progress, SSE push, metrics,
+page.
 
 A thin layer over :mod:`ddk.controller.store` (state, transactions) and
 :mod:`ddk.controller.mixture` (the math). Contract: "Controller HTTP API (v1)" in ARCHITECTURE.md.
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ddk.controller.spec import Invalid, check_run_spec
+from ddk.controller.spec import MAX_STEPS, Invalid, check_run_spec
 from ddk.controller.store import Conflict, NotFound, Store
 from ddk.vocab import WeightsVersion
 
@@ -61,6 +62,18 @@ class EvaluationIn(BaseModel):
     teacher_loss: dict[str, float] | None = None
 
 
+class ProgressIn(BaseModel):
+    """A trainer's progress report: the optimiser step reached, of ``total_steps``, and that step's numbers.
+    The ranges are checked again by ``spec.check_progress`` (step <= total_steps, which a schema cannot say)."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    step: int = Field(strict=True, ge=0, le=MAX_STEPS)
+    total_steps: int = Field(strict=True, ge=1, le=MAX_STEPS)
+    loss: float | None = None
+    ce: float | None = None
+    kl: float | None = None
+    tokens_per_s: float | None = Field(default=None, ge=0)
+
+
 # -- answers ---------------------------------------------------------------------------------------------
 # A weights version, declared for the OpenAPI schema: built from ddk.vocab.WeightsVersion's fields, so the API's
 # model and the one type cannot drift apart (pydantic on Python 3.11 does not take a typing.TypedDict itself).
@@ -69,30 +82,56 @@ WeightsOut = create_model(
     **{name: (tp, ...) for name, tp in get_type_hints(WeightsVersion).items()})
 
 
+class ProgressOut(BaseModel):
+    """The latest progress report of a run, with when the controller received it."""
+    step: int
+    total_steps: int
+    loss: float | None
+    ce: float | None
+    kl: float | None
+    tokens_per_s: float | None
+    updated_at: str
+
+
+class LossPoint(BaseModel):
+    step: int
+    loss: float
+    ce: float | None
+    kl: float | None
+
+
+class ProgressView(BaseModel):
+    """``GET /v1/runs/{run_id}/progress``: the latest report (null before the first) and the loss curve."""
+    latest: ProgressOut | None
+    points: list[LossPoint]
+
+
 # -- the push --------------------------------------------------------------------------------------------
 class Broker:
-    """Wakes every SSE subscriber of a run when a new version is recorded (in this process).
+    """Wakes the SSE subscribers (in this process): a run's streams when it has a new version, and the
+    all-runs streams (subscribed as ``None``) on any change, new versions, new runs and progress alike.
 
-    A wake-up carries no data: the subscriber reads the versions after the last one it sent from the store,
-    so it never skips a version even when two evaluations finish out of order.
+    A wake-up carries no data: the subscriber reads from the store what is newer than what it sent, so it
+    never skips a version even when two evaluations finish out of order. Call it on the event loop's thread.
     """
 
     def __init__(self) -> None:
-        self._subs: dict[str, set[asyncio.Event]] = {}
+        self._subs: dict[str | None, set[asyncio.Event]] = {}
 
-    def subscribe(self, run_id: str) -> asyncio.Event:
+    def subscribe(self, run_id: str | None) -> asyncio.Event:
         ev = asyncio.Event()
         self._subs.setdefault(run_id, set()).add(ev)
         return ev
 
-    def unsubscribe(self, run_id: str, ev: asyncio.Event) -> None:
+    def unsubscribe(self, run_id: str | None, ev: asyncio.Event) -> None:
         subs = self._subs.get(run_id, set())
         subs.discard(ev)
         if not subs:
             self._subs.pop(run_id, None)
 
-    def publish(self, run_id: str) -> None:
-        for ev in self._subs.get(run_id, ()):
+    def publish(self, run_id: str | None) -> None:
+        """A new version of ``run_id`` (its streams and the all-runs ones wake); None: the all-runs ones only."""
+        for ev in (*(self._subs.get(run_id, ()) if run_id is not None else ()), *self._subs.get(None, ())):
             ev.set()
 
     def count(self) -> int:
@@ -102,6 +141,32 @@ class Broker:
 def sse_event(weights: WeightsVersion) -> str:
     """One SSE message: the id is the version (so EventSource's Last-Event-ID resumes), data the JSON."""
     return f"id: {weights['version']}\ndata: {json.dumps(weights)}\n\n"
+
+
+def sse_named(event: str, data: dict) -> str:
+    """One named SSE message of the all-runs stream (``event:`` is what EventSource listeners key on)."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def changes(store: Store, before: dict[str, tuple[int, int]]) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """The all-runs stream's messages for what changed since the marks ``before`` (``Store.marks``), and the
+    new marks: ``run`` for a new run, ``weights`` per new version, ``progress`` for a new report."""
+    after, out = store.marks(), []
+    for run_id, (version, seq) in after.items():
+        old = before.get(run_id)
+        if old is None:  # the run object carries its current weights and status
+            run = store.get_run(run_id)
+            out.append(sse_named("run", {**run, "status": store.status(run_id, run["weights"], run["created_at"])}))
+            continue
+        if version == old[0] and seq == old[1]:
+            continue
+        status = store.status(run_id)
+        if version > old[0]:
+            for w in store.weights_since(run_id, old[0]):
+                out.append(sse_named("weights", {"run_id": run_id, **w, "status": status}))
+        if seq > old[1]:
+            out.append(sse_named("progress", {"run_id": run_id, **store.latest_progress(run_id), "status": status}))
+    return out, after
 
 
 # -- middleware ------------------------------------------------------------------------------------------
@@ -248,15 +313,18 @@ def create_app(db: str | Path, token: str | None = None, *, keepalive_s: float =
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
     @app.post("/v1/runs", status_code=201)
-    def create_run(body: RunCreate):
+    async def create_run(body: RunCreate):
         spec = check_run_spec(body.run_id, body.domains, body.policy, body.alpha, body.interval_steps,
                               body.initial_weights)
-        run, created = store.create_run(spec)
+        run, created = await run_in_threadpool(store.create_run, spec)
+        if created:
+            broker.publish(None)
         return JSONResponse(run, status_code=201 if created else 200)
 
     @app.get("/v1/runs")
     def list_runs():
-        return {"runs": store.list_runs()}
+        """Every run object, each with its ``status`` (state, step of total_steps, updated_at, ...)."""
+        return {"runs": store.list_runs(status=True)}
 
     @app.get("/v1/runs/{run_id}")
     def get_run(run_id: str):
@@ -276,6 +344,51 @@ def create_app(db: str | Path, token: str | None = None, *, keepalive_s: float =
     @app.get("/v1/runs/{run_id}/history")
     def history(run_id: str):
         return {"versions": store.history(run_id)}
+
+    @app.post("/v1/runs/{run_id}/progress", response_model=ProgressOut,
+              responses={404: {"model": ErrorBody, "description": "Unknown run"}})
+    async def post_progress(run_id: str, body: ProgressIn):
+        progress = await run_in_threadpool(store.add_progress, run_id, **body.model_dump())
+        broker.publish(None)
+        return progress
+
+    @app.get("/v1/runs/{run_id}/progress", response_model=ProgressView,
+             responses={404: {"model": ErrorBody, "description": "Unknown run"}})
+    def get_progress(run_id: str):
+        return store.progress(run_id)
+
+    @app.get("/v1/events")
+    async def all_events():
+        """SSE for every run: a ``runs`` snapshot first (on each connection, so a reconnect re-syncs), then
+        ``run``, ``weights`` and ``progress`` messages as they happen."""
+        wake = broker.subscribe(None)
+
+        async def stream():
+            try:
+                yield "retry: 2000\n\n"
+                marks = await run_in_threadpool(store.marks)  # before the snapshot: a race repeats, never skips
+                runs = await run_in_threadpool(store.list_runs, True)
+                yield sse_named("runs", {"runs": runs})
+                idle = 0.0
+                while not should_stop():
+                    try:
+                        await asyncio.wait_for(wake.wait(), timeout=1.0)  # 1 s: notice shutdown promptly
+                    except asyncio.TimeoutError:
+                        idle += 1.0
+                        if idle < keepalive_s:
+                            continue
+                    wake.clear()
+                    messages, marks = await run_in_threadpool(changes, store, marks)
+                    for m in messages:
+                        yield m
+                    if not messages and idle >= keepalive_s:
+                        yield ": keep-alive\n\n"
+                    idle = 0.0
+            finally:
+                broker.unsubscribe(None, wake)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/v1/runs/{run_id}/events")
     async def events(run_id: str, request: Request):

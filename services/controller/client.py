@@ -104,6 +104,19 @@ class ControllerClient:
 
         return self._request("POST", f"/v1/runs/{run_id}/evaluations", body, on_retry_conflict=already_recorded)
 
+    def post_progress(self, run_id, step, total_steps, loss=None, ce=None, kl=None, tokens_per_s=None) -> dict:
+        """Report a run's progress (the page's "step of total" and loss curve); returns the stored report.
+        Idempotent enough to retry: a repeated report for the same step replaces the first."""
+        body = {"step": int(step), "total_steps": int(total_steps)}
+        for name, v in (("loss", loss), ("ce", ce), ("kl", kl), ("tokens_per_s", tokens_per_s)):
+            if v is not None:
+                body[name] = float(v)
+        return self._request("POST", f"/v1/runs/{run_id}/progress", body)
+
+    def get_progress(self, run_id) -> dict:
+        """``{"latest": the last report or None, "points": [{"step", "loss", "ce", "kl"}, ...]}``."""
+        return self._request("GET", f"/v1/runs/{run_id}/progress")
+
     def get_weights(self, run_id) -> WeightsVersion:
         """The current {"version", "step", "weights", "updated_at"}; version 0 = the initial weights."""
         return self._request("GET", f"/v1/runs/{run_id}/weights")

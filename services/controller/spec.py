@@ -121,3 +121,24 @@ def check_step(step) -> int:
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise Invalid(f"step: must be an integer >= 0, got {step!r}")
     return step
+
+
+MAX_STEPS = 2**53  # steps of a progress report: exact in a JavaScript number (the page) and in SQLite
+
+
+def check_progress(step, total_steps, loss=None, ce=None, kl=None, tokens_per_s=None) -> dict:
+    """A trainer's progress report: ``0 <= step <= total_steps``, ``total_steps >= 1``; the losses (nats per
+    token: the step's mean loss and its CE and KL parts) and ``tokens_per_s`` finite numbers or None,
+    ``tokens_per_s`` >= 0. Returns the plain record."""
+    check_step(step)
+    if not isinstance(total_steps, int) or isinstance(total_steps, bool) or not 1 <= total_steps <= MAX_STEPS:
+        raise Invalid(f"total_steps: must be an integer in 1..{MAX_STEPS}, got {total_steps!r}")
+    if step > total_steps:
+        raise Invalid(f"step: {step} is greater than total_steps {total_steps}")
+    out = {"step": step, "total_steps": total_steps}
+    for name, v in (("loss", loss), ("ce", ce), ("kl", kl), ("tokens_per_s", tokens_per_s)):
+        if v is not None and (not _finite_number(v) or (name == "tokens_per_s" and v < 0)):
+            raise Invalid(f"{name}: must be a finite number{' >= 0' if name == 'tokens_per_s' else ''} or null, "
+                          f"got {v!r}")
+        out[name] = None if v is None else float(v)
+    return out

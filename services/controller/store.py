@@ -7,6 +7,11 @@ weights, insert -- so two concurrent evaluations can never both build on the sam
 retried POST for a step that was already recorded is refused instead of applied twice.
 
 Version 0 of a run holds its initial weights (step NULL, no losses); version n >= 1 is the n-th evaluation.
+
+Besides the versions, each run may have a trainer's progress (the page's "step of total" and loss curve): the
+latest report in ``progress`` and a bounded loss history in ``loss_points``. At most :data:`LOSS_POINTS` points
+are kept per run: when there would be more, every second one is dropped and the run's ``stride`` (the fewest
+steps between two kept points) doubles, so the curve keeps covering the whole run at an even spacing.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ddk.controller import mixture
-from ddk.controller.spec import Invalid, RunSpec, check_losses, check_step
+from ddk.controller.spec import Invalid, RunSpec, check_losses, check_progress, check_step
 from ddk.vocab import WeightsVersion, ratio, weights_version
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,29 @@ CREATE TABLE IF NOT EXISTS versions (
     created_at    TEXT NOT NULL,
     PRIMARY KEY (run_id, version)
 );
+CREATE TABLE IF NOT EXISTS progress (   -- the latest progress report of a run (none before its first)
+    run_id        TEXT PRIMARY KEY REFERENCES runs(run_id),
+    step          INTEGER NOT NULL,
+    total_steps   INTEGER NOT NULL,
+    loss          REAL,
+    ce            REAL,
+    kl            REAL,
+    tokens_per_s  REAL,
+    stride        INTEGER NOT NULL,     -- fewest steps between two kept loss points (doubles on thinning)
+    seq           INTEGER NOT NULL,     -- reports so far: what the all-runs event stream compares
+    updated_at    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS loss_points (  -- the loss curve, at most LOSS_POINTS rows per run
+    run_id        TEXT NOT NULL REFERENCES runs(run_id),
+    step          INTEGER NOT NULL,
+    loss          REAL NOT NULL,
+    ce            REAL,
+    kl            REAL,
+    PRIMARY KEY (run_id, step)
+);
 """
+
+LOSS_POINTS = 1024  # loss points kept per run (a chart a few hundred pixels wide needs fewer)
 
 
 class NotFound(LookupError):
@@ -144,9 +171,14 @@ class Store:
             raise NotFound(f"run_id: no run {run_id!r}")
         return self._run_object(row)
 
-    def list_runs(self) -> list[dict]:
+    def list_runs(self, status: bool = False) -> list[dict]:
+        """Every run object, oldest first; with ``status``, each with its :meth:`status` too."""
         rows = self._connect().execute("SELECT * FROM runs ORDER BY created_at, run_id").fetchall()
-        return [self._run_object(r) for r in rows]
+        runs = [self._run_object(r) for r in rows]
+        if status:
+            for run in runs:
+                run["status"] = self.status(run["run_id"], run["weights"], run["created_at"])
+        return runs
 
     def _run_object(self, row: sqlite3.Row) -> dict:
         return {
@@ -201,6 +233,81 @@ class Store:
                  None if q is None else json.dumps(q), json.dumps(weights), ts))
         log.info("run %s step %d -> version %d", run_id, step, version)
         return weights_version(version, step, weights, ts)
+
+    # -- progress --------------------------------------------------------------------------------------
+    def add_progress(self, run_id: str, step: int, total_steps: int, loss: float | None = None,
+                     ce: float | None = None, kl: float | None = None,
+                     tokens_per_s: float | None = None) -> dict:
+        """Record a trainer's progress report; return the progress object (:meth:`progress`'s ``latest``).
+
+        The latest report replaces the previous one. Its loss joins the curve when it is at least ``stride``
+        steps after the last point (the last step of a run always does). A report for an earlier step than
+        the curve's last point (a run resumed from an older checkpoint) drops the points after it first, as
+        the trainer's ``metrics.jsonl`` does.
+        """
+        rec = check_progress(step, total_steps, loss, ce, kl, tokens_per_s)
+        with self._write() as con:
+            if con.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+                raise NotFound(f"run_id: no run {run_id!r}")
+            prev = con.execute("SELECT stride, seq FROM progress WHERE run_id = ?", (run_id,)).fetchone()
+            stride, seq = (prev["stride"], prev["seq"] + 1) if prev is not None else (1, 1)
+            con.execute("DELETE FROM loss_points WHERE run_id = ? AND step > ?", (run_id, step))
+            if rec["loss"] is not None:
+                last = con.execute("SELECT MAX(step) FROM loss_points WHERE run_id = ?", (run_id,)).fetchone()[0]
+                if last is None or step == last or step - last >= stride or step == total_steps:
+                    con.execute("INSERT OR REPLACE INTO loss_points VALUES (?, ?, ?, ?, ?)",
+                                (run_id, step, rec["loss"], rec["ce"], rec["kl"]))
+                    n = con.execute("SELECT COUNT(*) FROM loss_points WHERE run_id = ?", (run_id,)).fetchone()[0]
+                    if n > LOSS_POINTS:  # every second point goes (never the last), the spacing doubles
+                        con.execute(
+                            "DELETE FROM loss_points WHERE run_id = ? AND step IN (SELECT step FROM "
+                            "(SELECT step, ROW_NUMBER() OVER (ORDER BY step) AS i FROM loss_points "
+                            "WHERE run_id = ?) WHERE i % 2 = 0 AND i < ?)", (run_id, run_id, n))
+                        stride *= 2
+            ts = now()
+            con.execute(
+                "INSERT OR REPLACE INTO progress VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, step, total_steps, rec["loss"], rec["ce"], rec["kl"], rec["tokens_per_s"], stride, seq,
+                 ts))
+        return {**rec, "updated_at": ts}
+
+    def progress(self, run_id: str) -> dict:
+        """``{"latest": progress object or None, "points": [{"step", "loss", "ce", "kl"}, ...]}`` in step order."""
+        con = self._connect()
+        if con.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+            raise NotFound(f"run_id: no run {run_id!r}")
+        points = con.execute("SELECT step, loss, ce, kl FROM loss_points WHERE run_id = ? ORDER BY step",
+                             (run_id,)).fetchall()
+        return {"latest": self.latest_progress(run_id), "points": [dict(p) for p in points]}
+
+    def latest_progress(self, run_id: str) -> dict | None:
+        row = self._connect().execute("SELECT * FROM progress WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            return None
+        return {k: row[k] for k in ("step", "total_steps", "loss", "ce", "kl", "tokens_per_s", "updated_at")}
+
+    def status(self, run_id: str, weights: WeightsVersion | None = None, created_at: str | None = None) -> dict:
+        """A run at a glance: ``{"state", "step", "total_steps", "loss", "tokens_per_s", "version",
+        "updated_at"}``. ``state`` is ``created`` (no progress yet), ``training`` or ``finished`` (step =
+        total_steps); ``updated_at`` is the latest of its creation, last version and last progress report."""
+        if weights is None or created_at is None:
+            run = self.get_run(run_id)
+            weights, created_at = run["weights"], run["created_at"]
+        p = self.latest_progress(run_id)
+        state = "created" if p is None else "finished" if p["step"] >= p["total_steps"] else "training"
+        stamps = [created_at, weights["updated_at"]] + ([p["updated_at"]] if p else [])
+        return {"state": state, "step": p and p["step"], "total_steps": p and p["total_steps"],
+                "loss": p and p["loss"], "tokens_per_s": p and p["tokens_per_s"], "version": weights["version"],
+                "updated_at": max(stamps)}  # one ISO format throughout, so the text order is the time order
+
+    def marks(self) -> dict[str, tuple[int, int]]:
+        """run_id -> (last version, progress reports so far), oldest run first: what the all-runs event stream
+        compares to find what changed (in this process or in another one writing the same file)."""
+        rows = self._connect().execute(
+            "SELECT r.run_id, (SELECT MAX(version) FROM versions v WHERE v.run_id = r.run_id) AS version, "
+            "COALESCE(p.seq, 0) AS seq FROM runs r LEFT JOIN progress p ON p.run_id = r.run_id "
+            "ORDER BY r.created_at, r.run_id").fetchall()
+        return {r["run_id"]: (r["version"], r["seq"]) for r in rows}
 
     # -- reads -----------------------------------------------------------------------------------------
     def weights(self, run_id: str) -> WeightsVersion:

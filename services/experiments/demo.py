@@ -7,7 +7,9 @@
 5. measure teacher, student-before and student-after perplexity per domain, and write ``report.md``.
 
 Outputs in DIR (default ``./ddk-demo``): ``report.md``, ``weights.png``, ``ratios.png``, ``final/`` (the
-distilled student, Hugging Face format), ``metrics.jsonl``, ``logs/``, ``kit/`` (unless ``--kit`` is given).
+distilled student, Hugging Face format, with its model card ``final/README.md``), ``metrics.jsonl``, ``logs/``
+(``demo.log`` for this process, one log per service and ``train.log``: every line, the console shows less),
+``kit/`` (unless ``--kit`` is given).
 """
 
 from __future__ import annotations
@@ -52,12 +54,25 @@ def per_domain_losses(model_path: Path, data_yaml: Path, seq_len: int, sequences
 
 
 def run_demo(out: Path, quick: bool, kit: Path | None = None, steps: int | None = None) -> Path:
+    from ddk.logsetup import add_log_file, remove_log_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    # the console stays quiet (ddk.logsetup); this process's every line goes to logs/demo.log as well
+    log_file = add_log_file(out / "logs" / "demo.log")
+    try:
+        return _run_demo(out, quick, kit, steps)
+    finally:
+        remove_log_file(log_file)
+
+
+def _run_demo(out: Path, quick: bool, kit: Path | None, steps: int | None) -> Path:
     import httpx
 
     from ddk.kit.fixtures import build_kit
     from ddk.launcher import Services, free_port
+    from ddk.trainer.launch import Progress
+    from ddk.trainer.metrics import METRICS
 
-    out.mkdir(parents=True, exist_ok=True)
     kit = Path(kit) if kit else build_kit(out / "kit", quick=quick, seed=0)
     from ddk.trainer.config import load_config
 
@@ -87,7 +102,14 @@ def run_demo(out: Path, quick: bool, kit: Path | None = None, steps: int | None 
             argv += ["--set", f"{k}={v}"]
         print(f"ddk demo: distilling for {run['train.steps']} steps (2 Ray workers); log {out / 'logs' / 'train.log'}",
               flush=True)
-        code = services.run("train", argv)
+        progress = Progress(out / METRICS, run["train.steps"])  # the run's bar, from rank 0's metrics.jsonl
+        progress.start()
+        try:
+            train = services.start("train", argv)
+            code = train.wait()
+        finally:
+            progress.stop()  # before anything else prints: the bar ends on its own line
+        train.stop()
         if code != 0:
             tail = (out / "logs" / "train.log").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"ddk train exited with {code}; log tail:\n{tail}")

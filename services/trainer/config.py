@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,6 +140,31 @@ class CheckpointSection(_Section):
     keep: int = Field(2, ge=1)
 
 
+class MLflowSection(_Section):
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a file store in output_dir/mlruns
+    experiment: str = Field("ddk", min_length=1)
+
+
+class WandbSection(_Section):
+    project: str = Field("ddk", min_length=1)
+    mode: Literal["online", "offline", "disabled"] | None = None  # None: $WANDB_MODE, else online
+
+
+class LoggingSection(_Section):
+    """Experiment trackers (ddk.trainer.tracking); each one's package is optional (``ddk[tracking]``)."""
+
+    tensorboard: bool = False  # event files in output_dir/tb
+    mlflow: MLflowSection | None = None
+    wandb: WandbSection | None = None
+
+    @field_validator("mlflow", "wandb", mode="before")
+    @classmethod
+    def _switch(cls, v: Any) -> Any:  # `logging.wandb: true` is the defaults, `false` is off
+        if v is True:
+            return {}
+        return None if v is False else v
+
+
 class TrainConfig(_Section):
     run_id: str = Field(pattern=RUN_ID_PATTERN)  # ddk.vocab: the controller's rule too
     teacher: TeacherSection = Field(default_factory=TeacherSection)
@@ -151,6 +177,7 @@ class TrainConfig(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     ray: RaySection = Field(default_factory=RaySection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
     output_dir: str | None = None  # None -> ./runs/<run_id> (filled in by load_config)
     seed: int = 0
 
@@ -200,6 +227,9 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             sec[key] = fix(sec[key])
     if "output_dir" in raw:
         raw["output_dir"] = fix(raw["output_dir"])
+    mlflow = raw.get("logging", {}).get("mlflow") if isinstance(raw.get("logging"), dict) else None
+    if isinstance(mlflow, dict) and is_local_path(mlflow.get("tracking_uri")):  # a URI stays as it is
+        mlflow["tracking_uri"] = fix(mlflow["tracking_uri"])
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("domains"), list):
         for entry in data["domains"]:
@@ -209,6 +239,11 @@ def _resolve_paths(raw: dict, base: Path) -> None:
                         entry[key] = [fix(p) for p in entry[key]]
                     elif isinstance(entry.get(key), str):
                         entry[key] = [fix(entry[key])]
+
+
+def is_local_path(uri: Any) -> bool:
+    """A tracking URI that is a plain path (no ``scheme:``; ``databricks`` is a URI): resolved like a path."""
+    return isinstance(uri, str) and bool(uri) and uri != "databricks" and not re.match(r"[A-Za-z][\w+.-]*:", uri)
 
 
 def _apply_override(raw: dict, item: str, cwd: Path) -> None:

@@ -1,44 +1,71 @@
 """Domains: from data.yaml to packed, cached, memory-mapped token blocks.
 
-The data contract (ARCHITECTURE.md): a domain is a name and one or more files -- ``.jsonl`` (field ``text``),
-``.txt``, ``.parquet`` (column ``text``) or a Hugging Face ``save_to_disk`` directory (column ``text``) -- or one
-file whose records carry a ``domain`` field. ``.txt`` files are split into documents at blank lines (one or
-more empty lines), so a long text file still yields many documents to hold validation out from.
+The data contract (docs/architecture.md#data-contract): a domain is a name and one or more files -- ``.jsonl``
+(field ``text``), ``.jsonl.gz`` / ``.jsonl.zst`` (the same, compressed), ``.txt`` (also ``.txt.gz`` /
+``.txt.zst``), ``.parquet`` (column ``text``) or a Hugging Face ``save_to_disk`` directory (column ``text``) -- or
+one file whose records carry a ``domain`` field. ``.txt`` files are split into documents at blank lines (one or
+more empty lines), so a long text file still yields many documents to hold validation out from. Every reader
+streams: jsonl line by line, Parquet by record batches, a saved dataset by batches of its memory-mapped table.
 
-Each domain's documents are tokenised once (no special tokens, EOS appended after every document), concatenated
-and cut into blocks of ``seq_len + 1`` tokens (a block gives ``seq_len`` inputs and their ``seq_len`` next-token
-labels); the tail that does not fill a block is dropped. Validation is the domain's ``val_files`` when given;
-otherwise the documents whose stable hash (sha1 of the text) falls below ``val_fraction`` -- the same documents
-whatever the file order, machine or process -- and at least enough of them for one block.
+Packing: each document is tokenised (no special tokens) and followed by EOS; a domain's training documents, in
+file order, make one token stream, cut into blocks of ``seq_len + 1`` tokens (a block gives ``seq_len`` inputs
+and their ``seq_len`` next-token labels); the tail that does not fill a block is dropped. Validation is the
+domain's ``val_files`` when given (file order); otherwise the documents whose stable hash (sha1 of the text)
+falls below ``val_fraction`` -- the same documents whatever the file order, machine or process -- in hash order,
+and then more documents in hash order until validation fills at least one block.
 
-The blocks are cached as ``.npy`` files under ``cache_dir/<domain>-<key>/``, the key being the input files
-(path, size, mtime), the tokenizer fingerprint, ``seq_len`` and the split settings; a later call (each Ray worker,
-the next run) only memory-maps them. Files are written to a temporary name and ``os.replace``-d, with
-``meta.json`` last, so two processes preparing the same cache at once both end up reading complete files.
+The cache (format 2) is built by :mod:`ddk.trainer.prepare` (streamed, in bounded memory, tokenised in parallel,
+resumable) under ``cache_dir/<domain>-<key>/``: the token streams as ``.npy`` shards of uint16 ids when the
+vocabulary fits in 65,536 ids (uint32 otherwise), and ``meta.json``, written last, listing them. The key covers
+the input files (path, size, mtime), the tokenizer fingerprint, EOS, ``seq_len``, the split settings, the token
+dtype and the format version, so an old or different cache is rebuilt, never misread. :class:`TokenBlocks` reads
+a domain's shards as one ``[n_blocks, seq_len + 1]`` array, memory-mapped; consumers convert the rows they index
+to int64 where they need tensors.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 import logging
+import operator
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import yaml
-from tqdm import tqdm
 
 from ddk.errors import UsageError
-from ddk.fingerprint import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the packing changes, so old caches are not reused
-TEXT_SUFFIXES = (".jsonl", ".txt", ".parquet")
+CACHE_FORMAT = 2  # 2: streamed shards of uint16/uint32 ids (1: one int32 train.npy + val.npy)
+FILE_KINDS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".txt", ".txt.gz", ".txt.zst", ".parquet")
+TEXT_SUFFIXES = FILE_KINDS  # the name older callers used
+
+
+def file_kind(path: str | Path) -> str | None:
+    """The reader for ``path``: one of :data:`FILE_KINDS`, ``"hf"`` (a save_to_disk directory) or None."""
+    p = Path(path)
+    if p.is_dir():
+        return "hf"
+    name = p.name.lower()
+    for kind in sorted(FILE_KINDS, key=len, reverse=True):
+        if name.endswith(kind):
+            return kind
+    return None
+
+
+def _base_name(p: Path) -> str | None:
+    """``train`` for ``train.jsonl.zst`` or a ``train/`` dataset folder; None for a file of no known kind."""
+    kind = file_kind(p)
+    if kind is None:
+        return None
+    return p.name if kind == "hf" else p.name[: -len(kind)]
 
 
 @dataclass
@@ -55,13 +82,141 @@ class DomainSpec:
     select: str | None = None
 
 
+class TokenBlocks:
+    """``[n_blocks, block_len]`` token blocks over 1-D token streams (memory-mapped shards) read as one array.
+
+    Block ``i`` is tokens ``[i * block_len, (i + 1) * block_len)`` of the pieces concatenated; the tail that does
+    not fill a block is not part of it. Indexing gives numpy arrays of the cache's dtype (uint16 or uint32): a row
+    (a view when it lies in one shard), a slice of rows, rows by a list of indices; ``np.asarray`` gives all of
+    it. ``len``, ``shape``, ``size`` and ``dtype`` are those of the whole array. Pickled, it carries the shard
+    paths, not the tokens.
+    """
+
+    def __init__(self, pieces: Sequence[np.ndarray], block_len: int, dtype: Any = None,
+                 segments: list[tuple[str, int, int]] | None = None):
+        if block_len < 1:
+            raise ValueError("block_len must be positive")
+        self.block_len = int(block_len)
+        self._pieces = [p.reshape(-1) for p in pieces if p.size]
+        self.dtype = np.dtype(dtype if dtype is not None else (self._pieces[0].dtype if self._pieces else np.uint16))
+        self._ends = np.cumsum([len(p) for p in self._pieces], dtype=np.int64)
+        total = int(self._ends[-1]) if len(self._ends) else 0
+        self._n = total // self.block_len
+        self._segments = segments
+        # one shard: a plain (memory-mapped) 2-D view, numpy's own indexing
+        self._whole = (self._pieces[0][: self._n * self.block_len].reshape(self._n, self.block_len)
+                       if len(self._pieces) == 1 else None)
+
+    @classmethod
+    def open(cls, segments: list[tuple[str, int, int]], block_len: int, dtype: Any) -> "TokenBlocks":
+        """Memory-map ``(path, start, stop)`` token ranges of 1-D ``.npy`` shards, in order."""
+        maps: dict[str, np.ndarray] = {}
+        pieces = []
+        for path, a, b in segments:
+            if path not in maps:
+                maps[path] = np.load(path, mmap_mode="r")
+            pieces.append(maps[path][a:b])
+        return cls(pieces, block_len, dtype, segments=[(str(p), int(a), int(b)) for p, a, b in segments])
+
+    def __reduce__(self):
+        if self._segments is not None:
+            return (TokenBlocks.open, (self._segments, self.block_len, self.dtype.str))
+        return (TokenBlocks, ([np.asarray(p) for p in self._pieces], self.block_len, self.dtype.str))
+
+    # -- the array's shape ------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self._n, self.block_len)
+
+    @property
+    def size(self) -> int:
+        return self._n * self.block_len
+
+    ndim = 2
+
+    def __repr__(self) -> str:
+        return f"TokenBlocks(shape={self.shape}, dtype={self.dtype}, shards={len(self._pieces)})"
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    def tokens(self, a: int, b: int) -> np.ndarray:
+        """Tokens ``[a, b)`` of the concatenated stream (a view when they lie in one shard)."""
+        if b <= a:
+            return np.zeros(0, self.dtype)
+        k = int(np.searchsorted(self._ends, a, side="right"))
+        base = int(self._ends[k - 1]) if k else 0
+        p = self._pieces[k]
+        if b <= int(self._ends[k]):
+            return p[a - base: b - base]
+        out, got = [p[a - base:]], int(self._ends[k]) - a
+        while got < b - a:
+            k += 1
+            p = self._pieces[k]
+            take = min(len(p), b - a - got)
+            out.append(p[:take])
+            got += take
+        return np.concatenate(out)
+
+    def _row(self, i: int) -> np.ndarray:
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"block {i} out of range for {self._n} blocks")
+        return self.tokens(i * self.block_len, (i + 1) * self.block_len)
+
+    def __getitem__(self, idx):
+        if self._whole is not None:
+            return self._whole[idx]
+        if isinstance(idx, tuple):
+            if not idx:
+                return np.asarray(self)
+            head, rest = idx[0], idx[1:]
+            rows = self[head]
+            return rows[rest] if rows.ndim == 1 else rows[(slice(None),) + rest]
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(self._n)
+            if step == 1:
+                stop = max(start, stop)
+                return self.tokens(start * self.block_len, stop * self.block_len).reshape(-1, self.block_len)
+            return self._rows(range(start, stop, step))
+        try:
+            return self._row(operator.index(idx))
+        except TypeError:
+            pass
+        ix = np.asarray(idx)
+        if ix.dtype == bool:
+            ix = np.flatnonzero(ix)
+        return self._rows(ix.reshape(-1).tolist()).reshape(ix.shape + (self.block_len,))
+
+    def _rows(self, ids) -> np.ndarray:
+        rows = [self._row(int(i)) for i in ids]
+        return np.stack(rows) if rows else np.zeros((0, self.block_len), self.dtype)
+
+    def __iter__(self):
+        for i in range(self._n):
+            yield self._row(i)
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[:]
+        return arr.astype(dtype) if dtype is not None else arr
+
+    def astype(self, dtype) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+
 @dataclass
 class PackedDomain:
-    """A domain's token blocks, ``[n_blocks, seq_len + 1]`` int32 (memory-mapped from the cache)."""
+    """A domain's token blocks, ``[n_blocks, seq_len + 1]`` (memory-mapped from the cache: :class:`TokenBlocks` of
+    uint16 or uint32 ids; tests may pass plain arrays). ``info`` is the cache's ``meta.json`` (documents, tokens,
+    shards); ``build`` says what the call that built it did (None when it was already cached)."""
 
     name: str
-    train: np.ndarray
-    val: np.ndarray
+    train: Any
+    val: Any
+    info: dict = field(default_factory=dict)
+    build: dict | None = None
 
     @property
     def seq_len(self) -> int:
@@ -134,9 +289,9 @@ def _abs(p: Any, base: Path, label: str) -> str:
     q = q if q.is_absolute() else base / q
     if not q.exists():
         raise UsageError(f"{label}: no such file: {q}")
-    if not (q.is_dir() or q.suffix in TEXT_SUFFIXES):
+    if not (q.is_dir() or file_kind(q)):
         raise UsageError(f"{label}: unknown file type {q.suffix or '(none)'} for {q} "
-                         f"(use .jsonl, .txt, .parquet or a save_to_disk directory)")
+                         f"(use .jsonl, .jsonl.gz, .jsonl.zst, .txt, .parquet or a save_to_disk directory)")
     return str(q.resolve())
 
 
@@ -188,9 +343,8 @@ def _specs_from_directory(path: Path) -> list[DomainSpec]:
     """``DIR/<domain>/train.*`` (+ ``val.*``): the kit's data/ layout, without a data.yaml."""
     specs = []
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):
-        train = sorted(f for f in sub.iterdir() if f.stem == "train" and (f.suffix in TEXT_SUFFIXES or f.is_dir()))
-        val = sorted(f for f in sub.iterdir() if f.stem in ("val", "validation")
-                     and (f.suffix in TEXT_SUFFIXES or f.is_dir()))
+        train = sorted(f for f in sub.iterdir() if _base_name(f) == "train")
+        val = sorted(f for f in sub.iterdir() if _base_name(f) in ("val", "validation"))
         if train:
             specs.append(DomainSpec(name=sub.name, files=[str(f.resolve()) for f in train],
                                     val_files=[str(f.resolve()) for f in val]))
@@ -200,21 +354,37 @@ def _specs_from_directory(path: Path) -> list[DomainSpec]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# reading documents
+# reading documents (streamed: one record at a time, whatever the file's size)
 
 def _is_hf_dataset_dir(path: Path) -> bool:
     return path.is_dir() and any((path / n).exists() for n in ("dataset_info.json", "dataset_dict.json", "state.json"))
 
 
+def open_text(path: Path, kind: str) -> io.TextIOBase:
+    """``path`` as UTF-8 text (universal newlines), decompressed on the fly for ``.gz`` and ``.zst``."""
+    if kind.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    if kind.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise UsageError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
+        raw = open(path, "rb")
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+        return io.TextIOWrapper(reader, encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
 def _records(path: str, domain: str, columns: tuple[str, ...] = ("text",)) -> Iterator[dict]:
-    """Yield records (dicts holding at least ``columns``) from one file of any supported type."""
+    """Yield records (dicts holding at least ``columns``) from one file of any supported type, streamed."""
     p = Path(path)
-    if p.is_dir():
+    kind = file_kind(p)
+    if kind == "hf":
         if not _is_hf_dataset_dir(p):
             raise UsageError(f"domain {domain}: {p} is a directory but not a save_to_disk dataset")
         from datasets import Dataset, DatasetDict, load_from_disk
 
-        ds = load_from_disk(str(p))
+        ds = load_from_disk(str(p))  # memory-mapped Arrow files: read batch by batch below
         if isinstance(ds, DatasetDict):  # a saved DatasetDict: its train split (or its only split)
             if "train" in ds:
                 ds = ds["train"]
@@ -229,40 +399,46 @@ def _records(path: str, domain: str, columns: tuple[str, ...] = ("text",)) -> It
         for batch in ds.select_columns(list(columns)).iter(batch_size=1000):
             for i in range(len(batch[columns[0]])):
                 yield {c: batch[c][i] for c in columns}
-    elif p.suffix == ".jsonl":
-        with open(p, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"domain {domain}: {p}:{lineno}: not JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or any(c not in rec for c in columns):
-                    missing = next(c for c in columns if not isinstance(rec, dict) or c not in rec)
-                    raise UsageError(f"domain {domain}: {p}:{lineno}: record has no {missing!r} field")
-                yield rec
-    elif p.suffix == ".txt":
+    elif kind in (".jsonl", ".jsonl.gz", ".jsonl.zst"):
+        try:
+            with open_text(p, kind) as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UsageError(f"domain {domain}: {p}:{lineno}: not JSON ({e.msg})") from None
+                    if not isinstance(rec, dict) or any(c not in rec for c in columns):
+                        missing = next(c for c in columns if not isinstance(rec, dict) or c not in rec)
+                        raise UsageError(f"domain {domain}: {p}:{lineno}: record has no {missing!r} field")
+                    yield rec
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raise UsageError(f"domain {domain}: {p}: cannot read ({e})") from None
+    elif kind in (".txt", ".txt.gz", ".txt.zst"):
         if columns != ("text",):
             raise UsageError(f"domain {domain}: {p}: a .txt file has no 'domain' field")
         paragraph: list[str] = []
-        with open(p, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    paragraph.append(line)
-                elif paragraph:
-                    yield {"text": "".join(paragraph).rstrip("\n")}
-                    paragraph = []
+        try:
+            with open_text(p, kind) as fh:
+                for line in fh:
+                    if line.strip():
+                        paragraph.append(line)
+                    elif paragraph:
+                        yield {"text": "".join(paragraph).rstrip("\n")}
+                        paragraph = []
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raise UsageError(f"domain {domain}: {p}: cannot read ({e})") from None
         if paragraph:
             yield {"text": "".join(paragraph).rstrip("\n")}
-    elif p.suffix == ".parquet":
+    elif kind == ".parquet":
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(p)
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
             raise UsageError(f"domain {domain}: {p} has no column {missing[0]!r}")
-        for batch in pf.iter_batches(columns=list(columns), batch_size=1000):
+        for batch in pf.iter_batches(columns=list(columns), batch_size=1000):  # row group by row group
             cols = {c: batch.column(c).to_pylist() for c in columns}
             for i in range(batch.num_rows):
                 yield {c: cols[c][i] for c in columns}
@@ -271,7 +447,7 @@ def _records(path: str, domain: str, columns: tuple[str, ...] = ("text",)) -> It
 
 
 def read_documents(spec: DomainSpec, files: Iterable[str]) -> Iterator[str]:
-    """The domain's documents (non-empty texts) from ``files``, in file order."""
+    """The domain's documents (non-empty texts) from ``files``, in file order, streamed."""
     columns = ("text", "domain") if spec.select is not None else ("text",)
     for f in files:
         for rec in _records(f, spec.name, columns):
@@ -284,68 +460,21 @@ def read_documents(spec: DomainSpec, files: Iterable[str]) -> Iterator[str]:
                 yield text
 
 
-# ---------------------------------------------------------------------------------------------------------
-# tokenising and packing (pure functions of their inputs)
-
 def doc_hash_fraction(text: str) -> float:
     """A stable number in [0, 1) for a document: the held-out choice depends only on the text."""
     return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-def pack(token_lists: Iterable[list[int]], eos_id: int, seq_len: int) -> np.ndarray:
-    """Concatenate documents (EOS after each) and cut into ``[n, seq_len + 1]`` int32 blocks."""
-    chunks = [np.asarray(t + [eos_id], dtype=np.int32) for t in token_lists]
-    stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
-    n = len(stream) // (seq_len + 1)
-    return stream[: n * (seq_len + 1)].reshape(n, seq_len + 1)
-
-
-def _tokenize(tokenizer, texts: list[str], desc: str) -> list[list[int]]:
-    """Token ids of each text, without special tokens, in chunks (with a progress bar)."""
-    out: list[list[int]] = []
-    step = 512
-    for i in tqdm(range(0, len(texts), step), desc=desc, unit="chunk", disable=len(texts) <= step,
-                  leave=False):
-        out.extend(tokenizer(texts[i:i + step], add_special_tokens=False)["input_ids"])
-    return out
-
-
-def split_and_pack(spec: DomainSpec, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Read, hold out validation, tokenise and pack one domain -> (train, val) blocks."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UsageError("tokenizer: has no eos_token; documents need a separator")
-    docs = list(read_documents(spec, spec.files))
-    if not docs:
-        raise UsageError(f"domain {spec.name}: no documents in {spec.files}")
-    if spec.val_files:
-        val_docs = list(read_documents(spec, spec.val_files))
-        if not val_docs:
-            raise UsageError(f"domain {spec.name}: no documents in val_files {spec.val_files}")
-        train = pack(_tokenize(tokenizer, docs, f"tokenise {spec.name}"), eos, seq_len)
-        val = pack(_tokenize(tokenizer, val_docs, f"tokenise {spec.name} val"), eos, seq_len)
-    else:
-        toks = _tokenize(tokenizer, docs, f"tokenise {spec.name}")
-        # Hold out by hash: first every document under val_fraction, then (in hash order) more until
-        # validation fills at least one block. Train keeps file order.
-        order = sorted(range(len(docs)), key=lambda i: doc_hash_fraction(docs[i]))
-        held, n_tokens = set(), 0
-        for i in order:
-            if doc_hash_fraction(docs[i]) >= spec.val_fraction and n_tokens >= seq_len + 1:
-                break
-            held.add(i)
-            n_tokens += len(toks[i]) + 1
-        train = pack((toks[i] for i in range(len(docs)) if i not in held), eos, seq_len)
-        val = pack((toks[i] for i in order if i in held), eos, seq_len)
-    if len(train) == 0:
-        raise UsageError(f"domain {spec.name}: too little training text for one block of {seq_len + 1} tokens")
-    if len(val) == 0:
-        raise UsageError(f"domain {spec.name}: too little validation text for one block of {seq_len + 1} tokens")
-    return train, val
-
-
 # ---------------------------------------------------------------------------------------------------------
 # cache
+
+def token_dtype(tokenizer) -> np.dtype:
+    """uint16 when every id of ``tokenizer`` fits (ids < 65,536), else uint32."""
+    vocab = tokenizer.get_vocab()
+    top = max(vocab.values()) + 1 if vocab else 0
+    top = max(top, len(tokenizer))
+    return np.dtype(np.uint16) if top <= 2**16 else np.dtype(np.uint32)
+
 
 def _file_signature(path: str) -> list:
     p = Path(path)
@@ -353,10 +482,10 @@ def _file_signature(path: str) -> list:
     return [[str(q), (st := q.stat()).st_size, st.st_mtime_ns] for q in files]
 
 
-def cache_key(spec: DomainSpec, fingerprint: str, eos_id: int, seq_len: int) -> str:
+def cache_key(spec: DomainSpec, fingerprint: str, eos_id: int, seq_len: int, dtype: Any = np.uint16) -> str:
     blob = json.dumps({
         "format": CACHE_FORMAT, "name": spec.name, "select": spec.select, "seq_len": seq_len,
-        "tokenizer": fingerprint, "eos": eos_id,
+        "tokenizer": fingerprint, "eos": eos_id, "dtype": np.dtype(dtype).name,
         "val_fraction": None if spec.val_files else spec.val_fraction,
         "files": [_file_signature(f) for f in spec.files],
         "val_files": [_file_signature(f) for f in spec.val_files],
@@ -364,46 +493,27 @@ def cache_key(spec: DomainSpec, fingerprint: str, eos_id: int, seq_len: int) -> 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a unique temporary file in the same directory, then os.replace (readers never see half)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _safe_dirname(name: str) -> str:
+def safe_dirname(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:64]
 
 
-def prepare_domains(specs: list[DomainSpec], tokenizer, seq_len: int,
-                    cache_dir: str | Path | None = None) -> dict[str, PackedDomain]:
-    """Tokenised, packed, cached blocks for every domain (memory-mapped; cheap after the first call)."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    eos = tokenizer.eos_token_id
-    out: dict[str, PackedDomain] = {}
-    for spec in specs:
-        d = cache / f"{_safe_dirname(spec.name)}-{cache_key(spec, fingerprint, eos, seq_len)}"
-        if not (d / "meta.json").is_file():
-            train, val = split_and_pack(spec, tokenizer, seq_len)
-            d.mkdir(parents=True, exist_ok=True)
-            _atomic_write(d / "train.npy", lambda fh: np.save(fh, train))
-            _atomic_write(d / "val.npy", lambda fh: np.save(fh, val))
-            meta = {"name": spec.name, "seq_len": seq_len, "tokenizer_fingerprint": fingerprint,
-                    "train_blocks": len(train), "val_blocks": len(val), "files": spec.files,
-                    "val_files": spec.val_files}
-            _atomic_write(d / "meta.json", lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
-            log.info("domain %s: %d train + %d val blocks of %d tokens -> %s",
-                     spec.name, len(train), len(val), seq_len + 1, d)
-        out[spec.name] = PackedDomain(name=spec.name, train=np.load(d / "train.npy", mmap_mode="r"),
-                                      val=np.load(d / "val.npy", mmap_mode="r"))
-    return out
+def prepare_domains(specs: list[DomainSpec], tokenizer, seq_len: int, cache_dir: str | Path | None = None, *,
+                    workers: int | None = None, use_ray: bool = False, ray_address: str | None = None,
+                    verify: bool = False, progress: bool | None = None, dtype: Any = None,
+                    shard_chars: int | None = None) -> dict[str, PackedDomain]:
+    """Tokenised, packed, cached blocks for every domain (memory-mapped; cheap after the first call).
+
+    A missing (or unfinished, or damaged) cache is built by :func:`ddk.trainer.prepare.prepare_domains`:
+    streamed, tokenised by ``workers`` processes (default: the machine's cores; ``use_ray``: Ray tasks across
+    the cluster at ``ray_address``), resumed from its complete shards. ``verify`` also checks every shard's
+    checksum (``ddk data prepare``); without it, a cached domain is checked by its files' sizes and headers.
+    ``dtype`` forces the token dtype (default: :func:`token_dtype`).
+    """
+    from ddk.trainer import prepare
+
+    return prepare.prepare_domains(specs, tokenizer, seq_len, cache_dir, workers=workers, use_ray=use_ray,
+                                   ray_address=ray_address, verify=verify, progress=progress, dtype=dtype,
+                                   shard_chars=shard_chars)
 
 
 def natural_proportions(domains: dict[str, PackedDomain]) -> dict[str, float]:

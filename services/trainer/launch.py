@@ -2,7 +2,8 @@
 
 What the driver does, in order (everything that can be wrong with the input is found before Ray starts):
 
-1. load and validate the config (config.py; bad keys/values -> exit 2);
+1. load and validate the config (config.py; bad keys/values -> exit 2), and check that the packages of the
+   trackers ``logging.*`` turns on are installed (tracking.py; exit 2 when one is missing);
 2. compare the student's tokenizer fingerprint with the teacher's ``/v1/info`` (exit 2 when they differ:
    top-k ids of one vocabulary mean nothing to a student of another), and check ``kd.top_k`` and
    ``data.seq_len`` against what the teacher serves;
@@ -38,6 +39,10 @@ log = logging.getLogger("ddk.trainer")
 DEFAULT_MAX_FAILURES = 3
 MAX_FAILURES_ENV = "DDK_RAY_MAX_FAILURES"  # when ray.max_failures is not set
 FORWARDED_ENV = ("DDK_CACHE_DIR",)  # passed on to the Ray workers when set (DDK_FAULT_AT_STEPS: in the job)
+# the trackers' own settings (logging.*), passed on to the Ray workers when set: rank 0 starts the trackers
+TRACKER_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
+               "MLFLOW_TRACKING_PASSWORD", "MLFLOW_ALLOW_FILE_STORE", "WANDB_API_KEY", "WANDB_BASE_URL",
+               "WANDB_ENTITY", "WANDB_MODE", "WANDB_DIR")
 
 
 def check_teacher(info: dict, fingerprint: str, cfg, student_vocab: int) -> None:
@@ -68,55 +73,95 @@ def resolve_initial_weights(cfg, names: list[str]) -> dict[str, float] | None:
     return {n: float(w.get(n, 0.0)) / total for n in names}
 
 
-class _Progress(threading.Thread):
-    """Tails metrics.jsonl into a tqdm bar until stopped (the driver's view of rank 0's progress)."""
+class Progress(threading.Thread):
+    """Tails metrics.jsonl into a tqdm bar until stopped (the driver's view of rank 0's progress; ``ddk demo``
+    shows the same bar for its ``ddk train`` child): step of total, loss, weights version, tokens/s and the ETA.
 
-    def __init__(self, path: Path, total: int):
+    The bar appears at the first step line of the attempt, and its rate and ETA count from there, so the
+    start-up of Ray and the workers does not make the first steps look slow. The last step closes it."""
+
+    def __init__(self, path: Path, total: int, desc: str = "train"):
         super().__init__(name="ddk-progress", daemon=True)
-        self.path, self.total = path, total
+        self.path, self.total, self.desc = path, total, desc
         self._halt = threading.Event()
 
     def run(self) -> None:
-        from tqdm import tqdm
-
-        bar = tqdm(total=self.total, desc="train", unit="step", dynamic_ncols=True)
         # a restarted run's file still holds the last attempt's lines until rank 0 truncates it: skip them
-        pos, buf = (self.path.stat().st_size if self.path.exists() else 0), ""
+        self._pos, self._buf = (self.path.stat().st_size if self.path.exists() else 0), ""
+        self._bar = None
         try:
             while not self._halt.wait(0.5):
-                if not self.path.exists():
-                    continue
-                size = self.path.stat().st_size
-                if size < pos:  # rewritten on resume: start over
-                    pos, buf = 0, ""
-                with open(self.path, encoding="utf-8") as fh:
-                    fh.seek(pos)
-                    buf += fh.read()
-                    pos = fh.tell()
-                *lines, buf = buf.split("\n")
-                for line in lines:
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if r.get("event") == "step":
-                        bar.n = int(r["step"])
-                        bar.set_postfix(loss=f"{r['loss']:.3f}", v=r.get("version"),
-                                        tok_s=f"{r['tokens_per_s']:.0f}", refresh=False)
-                        bar.refresh()
-                    elif r.get("event") == "eval" and r.get("version") is None:
-                        bar.write(f"step {r['step']}: controller unreachable, keeping the previous weights")
+                if self._drain():
+                    return
+            self._drain()  # what was written just before the stop
         finally:
-            bar.close()
+            if self._bar is not None:
+                self._bar.close()
+
+    def _drain(self) -> bool:
+        """Show the lines written since the last call; True once the run's ``end`` line is shown."""
+        if not self.path.exists():
+            return False
+        if self.path.stat().st_size < self._pos:  # rewritten on resume: start over
+            self._pos, self._buf = 0, ""
+        with open(self.path, encoding="utf-8") as fh:
+            fh.seek(self._pos)
+            self._buf += fh.read()
+            self._pos = fh.tell()
+        *lines, self._buf = self._buf.split("\n")
+        for line in lines:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("event") == "step":
+                self._show_step(r)
+            elif r.get("event") == "eval" and r.get("version") is None:
+                self._write(f"step {r['step']}: controller unreachable, keeping the previous weights")
+            elif r.get("event") == "end":
+                if self._bar is not None:
+                    self._bar.close()
+                    self._bar = None
+                return True
+        return False
+
+    def _show_step(self, r: dict) -> None:
+        from tqdm import tqdm
+
+        step = int(r["step"])
+        if self._bar is not None and step < self._bar.n:  # a new attempt resumed from a checkpoint
+            self._bar.close()
+            self._bar = None
+        if self._bar is None:  # created at the first step line: the rate and ETA count from there
+            self._bar = tqdm(total=self.total, initial=step - 1, desc=self.desc, unit="step", dynamic_ncols=True)
+            self._bar.start_t -= float(r.get("step_s") or 0.0)
+        self._bar.n = step
+        self._bar.set_postfix(loss=f"{r['loss']:.3f}", v=r.get("version"), tok_s=f"{r['tokens_per_s']:.0f}",
+                              refresh=False)
+        self._bar.refresh()
+        if step >= self.total:  # the last step: closed now, so that its rate is the steps' alone
+            self._bar.close()
+            self._bar = None
+
+    def _write(self, text: str) -> None:
+        from tqdm import tqdm
+
+        (self._bar.write if self._bar is not None else tqdm.write)(text)
 
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=5)
 
 
+_Progress = Progress  # the earlier name
+
+
 def prepare(cfg) -> TrainJob:
     """Steps 2-5: the checks, the data cache, teacher losses and the controller run. Returns the workers' job
     (``DDK_FAULT_AT_STEPS`` read into its ``fault_at_steps``)."""
+    from ddk.trainer.tracking import check_packages
+
+    check_packages(cfg)  # logging.*: each configured tracker's package imports (exit 2 otherwise)
     tokenizer, student_vocab = _student_tokenizer(cfg)
     client = _checked_teacher(cfg, tokenizer, student_vocab)  # None without teacher.urls
     try:
@@ -219,9 +264,12 @@ def launch(job: TrainJob):
     from ray.train.torch import TorchTrainer
 
     from ddk.trainer.loop import run_storage, train_loop_per_worker
+    from ddk.trainer.tracking import configured
 
     cfg = job.config
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if configured(cfg):
+        env.update({k: os.environ[k] for k in TRACKER_ENV if os.environ.get(k)})
     env["TOKENIZERS_PARALLELISM"] = "false"
     started = False
     if not ray.is_initialized():
@@ -276,7 +324,7 @@ def main(args) -> int:
     (out / "config.json").write_text(json.dumps(config_to_dict(job.config), indent=1))  # resolved cache_dir
 
     t0 = time.perf_counter()
-    progress = _Progress(out / METRICS, cfg.train.steps)
+    progress = Progress(out / METRICS, cfg.train.steps)
     progress.start()
     try:
         launch(job)

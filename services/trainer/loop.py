@@ -21,7 +21,8 @@ Per step ``s`` (``s`` optimiser steps done so far, :attr:`TrainState.step`), eve
 5. :meth:`Trainer.save`: at ``checkpoint.every_steps`` and the last step, a checkpoint of the model, optimiser,
    schedule, RNG and :class:`~ddk.trainer.state.TrainState` (checkpoint.py), reported to the context.
 
-Rank 0 appends to ``output_dir/metrics.jsonl`` (see metrics.py) and finally (:meth:`Trainer.export`) writes
+Rank 0 appends to ``output_dir/metrics.jsonl`` (see metrics.py; every record also goes to the trackers of
+``logging.*``, see tracking.py) and finally (:meth:`Trainer.export`) writes
 the student in Hugging Face format to ``output_dir/final``.
 
 The loop talks to its surroundings through a small context (:class:`RayContext` under Ray Train,
@@ -36,6 +37,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,7 @@ from ddk.trainer.config import FAULT_ENV, TrainJob
 from ddk.trainer.metrics import METRICS, MetricsWriter, truncate_metrics
 from ddk.trainer.optim import build_optimizer, lr_lambda
 from ddk.trainer.state import TrainState
+from ddk.trainer.tracking import tracked_writer
 from ddk.vocab import ratio
 
 log = logging.getLogger("ddk.trainer")
@@ -256,22 +259,100 @@ def log_origin() -> None:
     log.info("ddk %s imported from %s", ddk.__version__, Path(ddk.__file__).parent)
 
 
+class _ProgressPoster:
+    """Fire-and-forget progress reports to the controller, on one daemon thread.
+
+    Only the newest report waits to be sent (a slow or absent controller neither queues reports up nor holds a
+    step); each is sent once, with a short timeout and no retry. Failures are logged (once per outage), never
+    raised. :meth:`close` lets the thread send the last report, waiting at most ``timeout`` seconds.
+    """
+
+    def __init__(self, url: str, token: str | None, run_id: str, timeout: float) -> None:
+        from ddk.controller.client import ControllerClient
+
+        self.client = ControllerClient(url, token, timeout=timeout, max_retries=0)
+        self.run_id, self.timeout = run_id, timeout
+        self._cond = threading.Condition()
+        self._next: dict | None = None
+        self._closed = self._failing = False
+        self._thread = threading.Thread(target=self._run, name="ddk-progress", daemon=True)
+        self._thread.start()
+
+    def offer(self, report: dict) -> None:
+        with self._cond:
+            self._next = report
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._next is None and not self._closed:
+                    self._cond.wait()
+                if self._next is None:
+                    return
+                report, self._next = self._next, None
+            try:
+                self.client.post_progress(self.run_id, **report)
+            except Exception as e:  # noqa: BLE001 - progress is for the page: the run goes on regardless
+                if not self._failing:
+                    log.warning("progress not posted to the controller (%s); training goes on", e)
+                self._failing = True
+            else:
+                if self._failing:
+                    log.info("progress reaches the controller again")
+                self._failing = False
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(self.timeout + 1.0)
+        if not self._thread.is_alive():
+            self.client.close()
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
 class Controller:
-    """Rank 0's side of the controller: post evaluations, keep the last weights, retry when unreachable."""
+    """Rank 0's side of the controller: post evaluations, keep the last weights, retry when unreachable; and
+    report progress (step of total, loss) for the controller's page, which never blocks or fails the run."""
+
+    PROGRESS_EVERY_S = 5.0   # progress reports at most this often, besides the one at each evaluation step
+    PROGRESS_TIMEOUT_S = 2.0
 
     def __init__(self, url: str | None, token: str | None, run_id: str, weights: dict[str, float],
                  version: int) -> None:
         self.run_id = run_id
         self.weights, self.version = dict(weights), int(version)
         self.client = None
+        self._poster: _ProgressPoster | None = None  # no controller: no progress reports
         if url:
             from ddk.controller.client import ControllerClient
 
             # few fast retries: an outage must not stall every step for long
             self.client = ControllerClient(url, token, timeout=10.0, max_retries=2, backoff=0.25)
+            self._poster = _ProgressPoster(url, token, run_id, self.PROGRESS_TIMEOUT_S)
         self.pending: dict | None = None     # {"step", "student_loss", "teacher_loss"} not yet accepted
         self._next_try = 0
         self._gap = 1
+        self._progress_at = -float("inf")
+
+    def progress(self, step: int, total_steps: int, loss: float | None = None, ce: float | None = None,
+                 kl: float | None = None, tokens_per_s: float | None = None, force: bool = False) -> bool:
+        """Report progress, at most every PROGRESS_EVERY_S seconds unless ``force`` (an evaluation step);
+        returns whether a report was handed to the background poster. Non-finite numbers go as null."""
+        if self._poster is None:
+            return False
+        now = time.monotonic()
+        if not force and now - self._progress_at < self.PROGRESS_EVERY_S:
+            return False
+        self._progress_at = now
+        self._poster.offer({"step": int(step), "total_steps": int(total_steps), "loss": _finite_or_none(loss),
+                            "ce": _finite_or_none(ce), "kl": _finite_or_none(kl),
+                            "tokens_per_s": _finite_or_none(tokens_per_s)})
+        return True
 
     def submit(self, step: int, student_loss: dict[str, float], teacher_loss: dict[str, float] | None) -> None:
         """A new evaluation replaces one still waiting to be posted (the controller wants increasing steps)."""
@@ -314,6 +395,9 @@ class Controller:
         return self.client.get_weights(self.run_id)
 
     def close(self) -> None:
+        if self._poster is not None:
+            self._poster.close()
+            self._poster = None
         if self.client is not None and hasattr(self.client, "close"):
             self.client.close()
 
@@ -442,7 +526,9 @@ class Trainer:
         kept = truncate_metrics(self.out_dir / METRICS, s.step if self.restored else None)
         if kept:
             log.info("metrics: kept %d lines of the attempt that wrote checkpoint step %d", kept, s.step)
-        self.writer = MetricsWriter(self.out_dir / METRICS)
+        # logging.*: every metrics record also goes to the configured trackers (tracking.py)
+        self.writer = tracked_writer(MetricsWriter(self.out_dir / METRICS), self.cfg,
+                                     resume_step=s.step if self.restored else None)
 
     def resume(self) -> bool:
         """Load the newest checkpoint the context offers (none: a fresh start, False) into the student,
@@ -540,6 +626,8 @@ class Trainer:
                                "teacher_wait_s": sums[3] / world, "version": batch.version,
                                "weights": {n: s.weights[n] for n in self.names},
                                "rows": {n: int(sums[4 + i]) for i, n in enumerate(self.names)}})
+            self.controller.progress(s.step, self.total, sums[0] / world, sums[1] / world, sums[2] / world,
+                                     tps / dt if dt > 0 else None, force=is_eval_step(s.step, self.K, self.total))
         return sums[0] / world
 
     def save(self, loss: float) -> None:
@@ -558,19 +646,40 @@ class Trainer:
 
     # -- the end -----------------------------------------------------------------------------------------
     def export(self) -> Path:
-        """The student in Hugging Face format (safetensors + tokenizer) in ``output_dir/final``, replacing an
-        earlier export atomically."""
+        """The student in Hugging Face format (safetensors + tokenizer) in ``output_dir/final``, with its model
+        card ``README.md`` (:mod:`ddk.trainer.card`), replacing an earlier export atomically."""
         target = self.out_dir / "final"
         tmp = target.with_name(target.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         self.raw_model.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
+        try:
+            (tmp / "README.md").write_text(self._model_card(), encoding="utf-8")
+        except Exception as e:  # the card describes the student; its absence must not lose the student
+            log.warning("final/README.md (model card) not written: %s: %s", type(e).__name__, e)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
         log.info("final student written to %s", target)
         return target
+
+    def _model_card(self) -> str:
+        """The export's README.md: the config, the metrics' evaluations, the tokenizer fingerprint and the
+        starting model's license (from its own card, when it has one)."""
+        from ddk.fingerprint import tokenizer_fingerprint
+        from ddk.trainer.card import license_of, model_card
+        from ddk.trainer.config import config_to_dict
+        from ddk.trainer.metrics import read_metrics
+
+        base_card = Path(self.cfg.student.model) / "README.md"
+        try:
+            fingerprint = tokenizer_fingerprint(self.tokenizer)
+        except Exception:  # a tokenizer without get_vocab: the card goes without it
+            fingerprint = None
+        return model_card(config_to_dict(self.cfg), read_metrics(self.out_dir / METRICS), self.names,
+                          tokenizer_fingerprint=fingerprint, world_size=self.world,
+                          license=license_of(base_card.read_text(errors="replace")) if base_card.is_file() else None)
 
     def summary(self) -> dict:
         """The end-of-run numbers of this attempt (what :meth:`fit` returns and the ``end`` line holds)."""
@@ -627,6 +736,8 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker, train_loop_config=job.model_dump(mode="json"))``):
     the job validated again on this side, then :meth:`Trainer.fit` under a :class:`RayContext`."""
     job = TrainJob.model_validate(config)
-    logging.basicConfig(level=job.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ddk.logsetup import setup_logging
+
+    setup_logging(job.log_level)  # the driver's console rules (quiet unless DEBUG or a log file)
     log_origin()
     Trainer(job, RayContext(storage=run_storage(job.config.output_dir, job.config.run_id))).fit()

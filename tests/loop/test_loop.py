@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +99,27 @@ def test_ddk_run_improves_the_student_on_its_mixture(kit, ddk_run):
     focus = max(mixture, key=mixture.get)
     assert sum(mixture[d] * (after[d] - before[d]) for d in before) < -0.02, (mixture, before, after)
     assert after[focus] < before[focus] - 0.05, (focus, before, after)
+
+
+def test_ddk_run_exports_a_model_card(kit, ddk_run):
+    """final/README.md: Hugging Face model-card front matter (YAML) naming the student's start and the run's
+    domains, then the config and the mixture of every evaluation."""
+    from ddk.trainer.card import front_matter
+
+    out, _, versions = ddk_run
+    card = (out / "final" / "README.md").read_text()
+    meta = front_matter(card)
+    domains = sorted(p.name for p in (kit / "data").iterdir())
+    assert meta["datasets"] == domains and meta["library_name"] == "transformers"
+    assert meta["tags"] == ["distillation", "ddk"]
+    assert Path(meta["base_model"]).resolve() == (kit / "student").resolve()
+    assert "license" not in meta  # the kit's student has no card of its own
+    assert "# loop-ddk" in card and f"| interval_steps | {K} |" in card and f"| steps | {STEPS} |" in card
+    history = card.split("## Mixture history", 1)[1].split("##", 1)[0]
+    rows = [line for line in history.splitlines() if line.startswith("| ") and not line.startswith("| step")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 0", "| 4", "| 8", "| 12"]
+    last = {v["step"]: v for v in versions}[12]["weights"]
+    assert rows[-1].endswith(" | ".join(f"{last[d]:.3f}" for d in domains) + " |")
 
 
 def test_cpt_makes_no_teacher_calls(kit, teacher_url, controller_url, tmp_path):

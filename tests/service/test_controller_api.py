@@ -1,30 +1,38 @@
 """The controller as users run it: `ddk controller serve` on 127.0.0.1 with a real SQLite file.
 
 Covers every endpoint and error of the contract, the Python client (retries, lost answers, SSE), the push
-to several subscribers, a SIGKILL restart, concurrent writers, bearer-token auth, and the web page in
-headless Chromium.
+to several subscribers, the all-runs stream and progress reports, a SIGKILL restart, concurrent writers,
+bearer-token auth, and the web page in headless Chromium, driven over the DevTools protocol so that the page
+stays open while the test posts (its live updates arrive over SSE, which a one-shot `--dump-dom` cannot wait
+for).
 
-Three server processes in all: one module-scoped server that every test only talking HTTP shares (each test
-on its own run ids), and, for the SIGKILL restart, one server that is killed and one that restarts on its
-file, the restart with a token file so that the auth tests run on it too.
+Server processes: one module-scoped server that every test only talking HTTP shares (each test on its own
+run ids); for the SIGKILL restart, one server that is killed and one that restarts on its file, the restart
+with a token file so that the auth tests run on it too; and one that the live-page test kills and restarts
+under the open page.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
+import queue
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from procs import REPO, free_port, service
+from procs import REPO, Proc, free_port, service
 
 from ddk.controller.client import ControllerClient, ControllerError, ControllerUnavailable
 from ddk.vocab import is_run_id
@@ -399,6 +407,8 @@ def restarted(tmp_path_factory):
             c.create_run("persist", DOMAINS, interval_steps=10)
             for step in (0, 10, 20):
                 c.post_evaluation("persist", step, {"code": 2.0 - step / 20, "prose": 2.5, "legal": 1.0}, TEACHER)
+                c.post_progress("persist", step + 5, 40, loss=3.0 - step / 10, ce=2.0, kl=1.0 - step / 20,
+                                tokens_per_s=1000.0 + step)
             before = c.history("persist"), c.get_weights("persist")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -439,6 +449,31 @@ def test_token_auth_guards_writes_only(http, restarted):
     assert http.get(f"{url}/metrics").status_code == 200 and http.get(url + "/").status_code == 200
 
 
+def test_progress_survives_a_sigkill_restart(restarted):
+    url, _ = restarted
+    with ControllerClient(url) as c:
+        got = c.get_progress("persist")
+        status = {r["run_id"]: r for r in c.list_runs()["runs"]}["persist"]["status"]
+    assert got["latest"] == {"step": 25, "total_steps": 40, "loss": 1.0, "ce": 2.0, "kl": 0.0,
+                             "tokens_per_s": 1020.0, "updated_at": got["latest"]["updated_at"]}
+    assert got["points"] == [{"step": 5, "loss": 3.0, "ce": 2.0, "kl": 1.0}, {"step": 15, "loss": 2.0, "ce": 2.0,
+                             "kl": 0.5}, {"step": 25, "loss": 1.0, "ce": 2.0, "kl": 0.0}]
+    assert (status["state"], status["step"], status["total_steps"]) == ("training", 25, 40)
+
+
+def test_progress_needs_the_token(http, restarted):
+    url, _ = restarted
+    body = {"step": 30, "total_steps": 40, "loss": 0.5}
+    r = http.post(f"{url}/v1/runs/persist/progress", json=body)
+    assert r.status_code == 401 and r.json()["detail"].startswith("authorization")
+    r = http.post(f"{url}/v1/runs/persist/progress", json=body, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 403
+    assert http.get(f"{url}/v1/runs/persist/progress").json()["latest"]["step"] == 25  # refused: no trace
+    with ControllerClient(url, token=TOKEN) as c:
+        assert c.post_progress("persist", 30, 40, loss=0.5)["step"] == 30
+    assert http.get(f"{url}/v1/runs/persist/progress").json()["latest"]["step"] == 30  # reads stay open
+
+
 @pytest.mark.parametrize("content", ["", "  \n", None])
 def test_empty_or_unreadable_token_file_exits_2(tmp_path, content):
     token_file = tmp_path / "token"
@@ -454,15 +489,268 @@ def test_empty_or_unreadable_token_file_exits_2(tmp_path, content):
     assert p.stderr.strip().startswith("ddk: error: --token-file") and len(p.stderr.strip().splitlines()) == 1
 
 
+# -- progress ------------------------------------------------------------------------------------------------
+def test_progress_is_stored_and_shown_in_the_run_list(http, client, server):
+    run = new_run(client)
+    assert client.get_progress(run) == {"latest": None, "points": []}
+    listed = {r["run_id"]: r for r in http.get(f"{server}/v1/runs").json()["runs"]}
+    assert listed[run]["status"]["state"] == "created" and listed[run]["status"]["step"] is None
+    p = client.post_progress(run, 3, 40, loss=4.5, ce=4.0, kl=0.5, tokens_per_s=1234.5)
+    assert set(p) == {"step", "total_steps", "loss", "ce", "kl", "tokens_per_s", "updated_at"}
+    assert (p["step"], p["total_steps"], p["loss"], p["tokens_per_s"]) == (3, 40, 4.5, 1234.5)
+    r = http.post(f"{server}/v1/runs/{run}/progress", json={"step": 9, "total_steps": 40})  # the numbers may be absent
+    assert r.status_code == 200 and r.json()["loss"] is None
+    client.post_progress(run, 12, 40, loss=3.0)
+    got = client.get_progress(run)
+    assert got["latest"]["step"] == 12 and got["latest"]["kl"] is None
+    assert got["points"] == [{"step": 3, "loss": 4.5, "ce": 4.0, "kl": 0.5},   # step 9 had no loss
+                             {"step": 12, "loss": 3.0, "ce": None, "kl": None}]
+    client.post_evaluation(run, 0, {"code": 1.0, "prose": 1.0, "legal": 1.0}, TEACHER)
+    listed = {r["run_id"]: r for r in http.get(f"{server}/v1/runs").json()["runs"]}
+    status = listed[run]["status"]
+    assert status == {"state": "training", "step": 12, "total_steps": 40, "loss": 3.0, "tokens_per_s": None,
+                      "version": 1, "updated_at": status["updated_at"]}
+    assert status["updated_at"] >= got["latest"]["updated_at"] and listed[run]["policy"] == "ddk"
+    client.post_progress(run, 40, 40, loss=2.0)
+    assert {r["run_id"]: r for r in client.list_runs()["runs"]}[run]["status"]["state"] == "finished"
+    # the other answers are as before: the run object itself has no status
+    assert "status" not in client.get_run(run) and "status" not in http.post(
+        f"{server}/v1/runs", json={"run_id": run, "domains": DOMAINS, "interval_steps": 10}).json()
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"total_steps": 10}, "step"),
+    ({"step": 1}, "total_steps"),
+    ({"step": -1, "total_steps": 10}, "step"),
+    ({"step": 1.5, "total_steps": 10}, "step"),
+    ({"step": "1", "total_steps": 10}, "step"),
+    ({"step": 11, "total_steps": 10}, "step"),
+    ({"step": 1, "total_steps": 0}, "total_steps"),
+    ({"step": 1, "total_steps": 2**60}, "total_steps"),
+    ({"step": 1, "total_steps": 10, "loss": "low"}, "loss"),
+    ({"step": 1, "total_steps": 10, "ce": [1]}, "ce"),
+    ({"step": 1, "total_steps": 10, "tokens_per_s": -5}, "tokens_per_s"),
+    ({"step": 1, "total_steps": 10, "lr": 0.1}, "lr"),
+    ('{"step": 1, "total_steps": 10, "kl": NaN}', "kl"),
+    ('{"step": 1, "total_steps": 10, "loss": Infinity}', "loss"),
+    ('{"step": 1, "total_steps"', "body"),
+    ("[1, 2]", "body"),
+])
+def test_bad_progress_is_422_naming_the_field(http, client, server, body, field):
+    run = new_run(client)
+    text = body if isinstance(body, str) else json.dumps(body)
+    r = http.post(f"{server}/v1/runs/{run}/progress", content=text, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith(field), r.json()
+    assert client.get_progress(run)["latest"] is None
+
+
+def test_progress_of_an_unknown_run_is_404(http, server):
+    r = http.post(f"{server}/v1/runs/nope/progress", json={"step": 1, "total_steps": 2})
+    assert r.status_code == 404 and "nope" in r.json()["detail"]
+    assert http.get(f"{server}/v1/runs/nope/progress").status_code == 404
+
+
+def test_trainer_progress_never_blocks_and_reaches_the_controller(client, server):
+    """Rank 0's Controller helper: a report is handed to a background thread at once, at most every few
+    seconds unless forced (an evaluation step); with the controller down it neither waits nor raises."""
+    from ddk.trainer.loop import Controller
+
+    run = new_run(client)
+    c = Controller(server, None, run, {d: 1 / 3 for d in DOMAINS}, 0)
+    try:
+        t0 = time.monotonic()
+        assert c.progress(1, 30, 5.0, 4.0, 1.0, 100.0)
+        assert not c.progress(2, 30, 4.9, 4.0, 0.9, 100.0)  # within PROGRESS_EVERY_S: skipped
+        assert c.progress(10, 30, 4.0, 3.5, float("nan"), 100.0, force=True)  # an evaluation step
+        assert time.monotonic() - t0 < 0.1
+    finally:
+        c.close()  # sends what is still waiting
+    got = client.get_progress(run)
+    assert got["latest"]["step"] == 10 and got["latest"]["kl"] is None  # NaN goes as null
+    assert [p["step"] for p in got["points"]] in ([1, 10], [10])  # the newest report may replace a waiting one
+    assert not Controller(None, None, run, {}, 0).progress(1, 30, force=True)  # no controller: nothing posted
+    down = Controller(f"http://127.0.0.1:{free_port()}", None, run, {d: 1 / 3 for d in DOMAINS}, 0)
+    t0 = time.monotonic()
+    for step in range(1, 50):
+        down.progress(step, 50, 1.0, 1.0, 0.0, 1.0, force=True)
+    assert time.monotonic() - t0 < 0.5
+    down.close()
+    assert time.monotonic() - t0 < Controller.PROGRESS_TIMEOUT_S + 2
+
+
+# -- the all-runs stream ---------------------------------------------------------------------------------------
+def _read_events(url: str, into: queue.Queue, stop: threading.Event) -> None:
+    """Put each (event, data) of the SSE stream at ``url`` into ``into``; the `retry:` line as ("retry", ms)."""
+    with httpx.stream("GET", url, timeout=httpx.Timeout(10, read=30)) as r:
+        into.put(("status", r.status_code, r.headers.get("content-type")))
+        event, data = "message", []
+        for line in r.iter_lines():
+            if stop.is_set():
+                return
+            if line.startswith("retry:"):
+                into.put(("retry", int(line[6:])))
+            elif line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+            elif not line and data:
+                into.put((event, json.loads("\n".join(data))))
+                event, data = "message", []
+
+
+def _next(q: queue.Queue, name: str, timeout: float = 5.0, run_id: str | None = None):
+    """The next message called ``name`` (for ``run_id`` when given), skipping others (other tests' runs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        kind, *rest = q.get(timeout=max(0.01, deadline - time.monotonic()))
+        if kind == name and (run_id is None or rest[0].get("run_id") == run_id):
+            return rest[0] if len(rest) == 1 else rest
+
+
+def test_all_runs_stream_sends_a_snapshot_then_runs_weights_and_progress(client, server):
+    run = new_run(client)
+    q, stop = queue.Queue(), threading.Event()
+    threading.Thread(target=_read_events, args=(f"{server}/v1/events", q, stop), daemon=True).start()
+    try:
+        assert _next(q, "status") == [200, "text/event-stream; charset=utf-8"]
+        assert _next(q, "retry") == 2000
+        snapshot = _next(q, "runs")["runs"]
+        listed = {r["run_id"]: r for r in snapshot}
+        assert listed[run]["status"]["state"] == "created" and listed[run]["weights"]["version"] == 0
+        assert set(listed[run]) == {*client.get_run(run), "status"}
+        t0 = time.monotonic()
+        other = new_run(client)
+        created = _next(q, "run", run_id=other)
+        assert created["domains"] == DOMAINS and created["status"]["version"] == 0
+        w = client.post_evaluation(run, 0, {"code": 2.0, "prose": 1.0, "legal": 1.0}, TEACHER)
+        pushed = _next(q, "weights", run_id=run)
+        assert {k: pushed[k] for k in w} == w and pushed["status"]["version"] == 1
+        p = client.post_progress(run, 7, 70, loss=2.5, ce=2.0, kl=0.5, tokens_per_s=10.0)
+        pushed = _next(q, "progress", run_id=run)
+        assert {k: pushed[k] for k in p} == p and pushed["status"]["step"] == 7
+        assert pushed["status"]["total_steps"] == 70
+        assert time.monotonic() - t0 < 3.0  # each within a second or so
+    finally:
+        stop.set()
+
+
 # -- the page ----------------------------------------------------------------------------------------------
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _chromium(url: str, out: Path, *extra: str) -> str:
-    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={out}", "--virtual-time-budget=5000", *extra, url]
-    return subprocess.run(args, capture_output=True, text=True, timeout=90).stdout
+class DevTools:
+    """One page in headless Chromium, kept open and read over the DevTools protocol (CDP): ``js(expression)``
+    evaluates in the page and returns the value. The websocket client is the minimal part of RFC 6455 that CDP
+    needs (text frames, client-masked), in the standard library, so the test needs nothing but chromium."""
+
+    def __init__(self, url: str, profile: Path, timeout: float = 30.0):
+        profile.mkdir(parents=True, exist_ok=True)
+        self.sock, self.ids, self.buf = None, 0, b""
+        self.proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--remote-debugging-port=0", url],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + timeout
+            while not (port_file.exists() and port_file.read_text().count("\n") >= 1):  # port, then a path
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("chromium did not open its DevTools port")
+                time.sleep(0.05)
+            port = int(port_file.read_text().split()[0])
+            while not (pages := [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json()
+                                 if t["type"] == "page"]):
+                time.sleep(0.05)
+            ws = urlsplit(pages[0]["webSocketDebuggerUrl"])
+            self.sock = socket.create_connection((ws.hostname, ws.port), timeout=timeout)
+            key = base64.b64encode(os.urandom(16)).decode()
+            self.sock.sendall(f"GET {ws.path} HTTP/1.1\r\nHost: {ws.netloc}\r\nUpgrade: websocket\r\n"
+                              f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                              .encode())
+            while b"\r\n\r\n" not in self.buf:
+                self.buf += self._recv_some()
+            head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+            if b" 101 " not in head.split(b"\r\n")[0]:
+                raise RuntimeError(f"DevTools websocket refused: {head[:200]!r}")
+        except BaseException:
+            self.close()
+            raise
+
+    def _recv_some(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("DevTools websocket closed")
+        return data
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self.buf += self._recv_some()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def _send(self, text: str) -> None:
+        payload, mask = text.encode(), os.urandom(4)
+        n = len(payload)
+        size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n) if n < 1 << 16 \
+            else bytes([0x80 | 127]) + struct.pack(">Q", n)
+        self.sock.sendall(b"\x81" + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def _message(self) -> dict:
+        data = b""
+        while True:
+            b0, b1 = self._read(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", self._read(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._read(8))[0]
+            mask = self._read(4) if b1 & 0x80 else None
+            payload = self._read(n)
+            if mask:
+                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            if b0 & 0x0F == 8:
+                raise ConnectionError("DevTools websocket closed")
+            if b0 & 0x0F in (0, 1, 2):  # continuation, text, binary (pings do not come from Chromium)
+                data += payload
+                if b0 & 0x80:
+                    return json.loads(data)
+
+    def js(self, expression: str):
+        self.ids += 1
+        self._send(json.dumps({"id": self.ids, "method": "Runtime.evaluate",
+                               "params": {"expression": expression, "returnByValue": True}}))
+        while (msg := self._message()).get("id") != self.ids:  # skip events
+            pass
+        if "error" in msg or "exceptionDetails" in msg["result"]:
+            raise RuntimeError(f"{expression}: {msg}")
+        return msg["result"]["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 10.0):
+        """Poll the page (every 50 ms) until ``expression`` is truthy; its value. An expression that throws
+        (the page still loading, an element not there yet) counts as not yet."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if value := self.js(expression):
+                    return value
+            except RuntimeError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the page never had {expression!r} within {timeout} s; it shows:\n"
+                                     f"{str(self.js('document.body && document.body.innerText'))[-3000:]}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def _text(selector: str) -> str:
+    return f"(document.querySelector({json.dumps(selector)}) || {{}}).textContent || ''"
 
 
 def test_page_shows_the_runs_and_their_domains(http, client, server, tmp_path):
@@ -475,11 +763,79 @@ def test_page_shows_the_runs_and_their_domains(http, client, server, tmp_path):
     r = http.get(server + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "code_domain" not in r.text  # the names come from the API, rendered by the page's script
-    dom = _chromium(server + "/", tmp_path / "profile", "--dump-dom")
-    for name in ("page-run", "code_domain", "prose_domain", "legal_domain"):
-        assert name in dom, dom[-2000:]
-    assert dom.count("<svg") >= 2  # the weights and ratio charts were drawn
-    assert "<p class=\"error\">" not in dom  # no "cannot reach the controller" message
+    assert "setInterval(refresh" not in r.text and "/v1/events" in r.text  # pushed, not polled
+    page = DevTools(server + "/", tmp_path / "profile")
+    try:
+        page.wait_for("document.querySelectorAll('#run-page-run svg').length >= 3")  # weights, ratios, loss
+        dom = page.js("document.documentElement.outerHTML")
+        for name in ("page-run", "code_domain", "prose_domain", "legal_domain"):
+            assert name in dom, dom[-2000:]
+        assert dom.count("<svg") >= 2  # the weights and ratio charts were drawn
+        assert "<p class=\"error\">" not in dom  # no "cannot reach the controller" message
+        assert page.js("document.getElementById('conn').dataset.state") == "live"
+        assert page.js("document.getElementById('status-page-run').dataset.version") == "1"
+    finally:
+        page.close()
+
+
+LOSS_PATH_POINTS = ("document.querySelector('#run-live .loss-chart path[data-series=\"loss\"]')"
+                    ".getAttribute('d').split(/[ML]/).length - 1")  # the points of the loss line
+
+
+def test_page_updates_live_and_rides_out_a_controller_restart(tmp_path):
+    """The page stays open while the test posts: a new weights version, progress (step of total, the loss
+    curve) and a new run appear without a reload, also after the controller was SIGKILLed and restarted."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    ctl = Proc(["controller", "serve", "--db", str(tmp_path / "c.sqlite")], tmp_path / "controller.log",
+               port=free_port(), append=False)
+    page = None
+    try:
+        ctl.start().wait_healthy(timeout=60)
+        c = ControllerClient(ctl.url, max_retries=5, backoff=0.2)
+        c.create_run("live", DOMAINS, interval_steps=10)
+        page = DevTools(ctl.url + "/", tmp_path / "profile")
+        page.wait_for("document.getElementById('conn').dataset.state === 'live'")
+        page.wait_for("document.getElementById('run-live')?.dataset.version === '0'")
+        assert "not started" in page.js(_text("#status-live .progress"))
+        page.js("window.__same_page = 1")  # gone if the page were reloaded
+
+        t0 = time.monotonic()
+        w = c.post_evaluation("live", 0, {"code": 2.0, "prose": 1.0, "legal": 1.0}, TEACHER)
+        page.wait_for("document.getElementById('run-live').dataset.version === '1'")
+        pushed_s = time.monotonic() - t0
+        shown = page.js("[...document.querySelectorAll('#run-live .current td.weight')].map(e => e.textContent)")
+        assert shown == [f"{w['weights'][d]:.4f}" for d in DOMAINS]
+
+        for step, loss in ((3, 5.0), (6, 4.0)):
+            c.post_progress("live", step, 40, loss=loss, ce=loss - 1, kl=1.0, tokens_per_s=500.0)
+        page.wait_for(f"({_text('#status-live .steps')}) === 'step 6 of 40'")
+        assert page.js("document.getElementById('status-live').dataset.state") == "training"
+        page.wait_for(f"{LOSS_PATH_POINTS} === 2")  # a line through both points
+
+        c.create_run("second", DOMAINS, interval_steps=10)
+        page.wait_for("!!document.getElementById('status-second')")
+
+        ctl.kill()  # the stream drops; EventSource retries (retry: 2000) until the controller is back
+        page.wait_for("document.getElementById('conn').dataset.state === 'reconnecting'")
+        ctl.start().wait_healthy(timeout=60)
+        page.wait_for("document.getElementById('conn').dataset.state === 'live'", timeout=15)
+        c.post_evaluation("live", 10, {"code": 1.5, "prose": 1.0, "legal": 1.0})
+        c.post_progress("live", 12, 40, loss=3.0)
+        page.wait_for("document.getElementById('run-live').dataset.version === '2'")
+        page.wait_for(f"({_text('#status-live .steps')}) === 'step 12 of 40'")
+        assert page.js("window.__same_page") == 1  # never reloaded
+        assert page.js("document.querySelectorAll('#overview-body tr').length") == 2
+        page.wait_for(f"{LOSS_PATH_POINTS} === 3")
+        # pushed, not polled: the page never asks for /weights (the old page polled it every 5 s)
+        urls = page.js("performance.getEntriesByType('resource').map(e => new URL(e.name).pathname)")
+        assert not [u for u in urls if u.endswith("/weights")], urls
+        assert pushed_s < 2.0
+        assert "<p class=\"error\">" not in page.js("document.documentElement.outerHTML")
+    finally:
+        if page is not None:
+            page.close()
+        ctl.stop()
 
 
 if __name__ == "__main__":

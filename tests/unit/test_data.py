@@ -1,20 +1,42 @@
 """Data: every file type loads, packing is EOS-separated blocks, validation is held out deterministically,
-the token cache is reused and invalidated when it should be, bad input names the domain."""
+the token cache is reused and invalidated when it should be, bad input names the domain.
+
+The streamed, parallel cache (issue 16) is checked against the in-memory algorithm it replaced, kept as
+``reference_split_and_pack`` in bench/data.py: the same train and validation blocks on the quick kit for 1 and 2
+worker processes, with the hash hold-out and its "at least one block" top-up spread over many shards; resuming
+after an exception or a SIGKILL; uint16 against uint32; damaged shards and old-format caches rebuilt."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import pickle
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
 from ddk.errors import UsageError
-from ddk.trainer import data as data_mod
-from ddk.trainer.data import (DomainSpec, PackedDomain, load_domain_specs, natural_proportions,
-                                   prepare_domains)
+from ddk.trainer import prepare as prep
+from ddk.trainer.data import (DomainSpec, PackedDomain, TokenBlocks, load_domain_specs, natural_proportions,
+                              prepare_domains)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_data", REPO / "bench" / "data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+reference_split_and_pack = _load_bench().reference_split_and_pack
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 
@@ -105,14 +127,22 @@ def test_missing_data_path(tmp_path):
 # ---- file types ---------------------------------------------------------------------------------------------
 
 def test_every_file_type_loads_the_same_documents(tmp_path, tokenizer):
+    import gzip
+
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import zstandard
     from datasets import Dataset
 
     docs = make_docs(40, 1, "same")
     write_jsonl(tmp_path / "d.jsonl", docs)
+    raw = (tmp_path / "d.jsonl").read_bytes()
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
     (tmp_path / "d.txt").write_text("\n\n".join(docs) + "\n")   # documents separated by blank lines
-    pq.write_table(pa.table({"text": docs, "other": list(range(len(docs)))}), tmp_path / "d.parquet")
+    (tmp_path / "d.txt.zst").write_bytes(zstandard.ZstdCompressor().compress((tmp_path / "d.txt").read_bytes()))
+    pq.write_table(pa.table({"text": docs, "other": list(range(len(docs)))}), tmp_path / "d.parquet",
+                   row_group_size=7)
     Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "hf"))
     with open(tmp_path / "all.jsonl", "w") as fh:  # single-file form, two domains interleaved
         for i, d in enumerate(docs):
@@ -120,18 +150,36 @@ def test_every_file_type_loads_the_same_documents(tmp_path, tokenizer):
             fh.write(json.dumps({"domain": "noise", "text": f"noise {i} " + d}) + "\n")
 
     results = {}
-    for name in ("d.jsonl", "d.txt", "d.parquet", "hf"):
+    for name in ("d.jsonl", "d.jsonl.gz", "d.jsonl.zst", "d.txt", "d.txt.zst", "d.parquet", "hf"):
         specs = load_domain_specs([{"name": "same", "files": [name]}], base_dir=tmp_path)
-        results[name] = prepare_domains(specs, tokenizer, 16, tmp_path / "cache")["same"]
+        results[name] = prepare_domains(specs, tokenizer, 16, tmp_path / "cache", shard_chars=300,
+                                        workers=1)["same"]
+        assert results[name].build is not None
     single = load_domain_specs({"file": "all.jsonl"}, base_dir=tmp_path)
     assert [s.name for s in single] == ["same", "noise"]
     results["single"] = prepare_domains(single, tokenizer, 16, tmp_path / "cache")["same"]
 
     ref = results["d.jsonl"]
-    assert ref.train.shape[1] == 17 and ref.train.dtype == np.int32 and ref.val.shape[1] == 17
+    assert ref.train.shape[1] == 17 and ref.train.dtype == np.uint16 and ref.val.shape[1] == 17
+    assert len(ref.info["shards"]) > 3  # several shards read as one
+    ref_train, ref_val = reference_split_and_pack(single[0], tokenizer, 16)
+    np.testing.assert_array_equal(ref.train, ref_train)
+    np.testing.assert_array_equal(ref.val, ref_val)
     for name, packed in results.items():
         np.testing.assert_array_equal(packed.train, ref.train, err_msg=name)
         np.testing.assert_array_equal(packed.val, ref.val, err_msg=name)
+
+
+def test_data_folder_finds_compressed_train_files(tmp_path):
+    import gzip
+
+    write_jsonl(tmp_path / "data/code/train.jsonl", ["x"])
+    (tmp_path / "data/prose").mkdir(parents=True)
+    (tmp_path / "data/prose/train.jsonl.gz").write_bytes(gzip.compress(b'{"text": "y"}\n'))
+    (tmp_path / "data/prose/val.jsonl.gz").write_bytes(gzip.compress(b'{"text": "z"}\n'))
+    specs = load_domain_specs(tmp_path / "data")
+    assert [(s.name, [Path(f).name for f in s.files], [Path(f).name for f in s.val_files]) for s in specs] == [
+        ("code", ["train.jsonl"], []), ("prose", ["train.jsonl.gz"], ["val.jsonl.gz"])]
 
 
 def test_packing_is_documents_joined_by_eos(tmp_path, tokenizer):
@@ -139,13 +187,13 @@ def test_packing_is_documents_joined_by_eos(tmp_path, tokenizer):
     write_jsonl(tmp_path / "t.jsonl", train)
     write_jsonl(tmp_path / "v.jsonl", val)
     specs = load_domain_specs([{"name": "a", "files": ["t.jsonl"], "val_files": ["v.jsonl"]}], base_dir=tmp_path)
-    packed = prepare_domains(specs, tokenizer, 8, tmp_path / "cache")["a"]
+    packed = prepare_domains(specs, tokenizer, 8, tmp_path / "cache", shard_chars=200)["a"]
     stream = []
     for d in train:
         stream += tokenizer.encode(d, add_special_tokens=False) + [tokenizer.eos_token_id]
     n = len(stream) // 9
     assert packed.train.shape == (n, 9)
-    assert packed.train.reshape(-1).tolist() == stream[: n * 9]
+    assert np.asarray(packed.train).reshape(-1).tolist() == stream[: n * 9]
     assert interior_docs(packed.val, tokenizer) == val[1:len(interior_docs(packed.val, tokenizer)) + 1]
 
 
@@ -171,93 +219,299 @@ def test_val_is_disjoint_and_independent_of_file_order(tmp_path, tokenizer):
     write_jsonl(tmp_path / "b.jsonl", shuffled)
     spec_a = DomainSpec("x", [str(tmp_path / "a.jsonl")], val_fraction=0.1)
     spec_b = DomainSpec("x", [str(tmp_path / "b.jsonl")], val_fraction=0.1)
-    a = prepare_domains([spec_a], tokenizer, 16, tmp_path / "cache")["x"]
-    b = prepare_domains([spec_b], tokenizer, 16, tmp_path / "cache")["x"]
+    a = prepare_domains([spec_a], tokenizer, 16, tmp_path / "cache", shard_chars=1000)["x"]
+    b = prepare_domains([spec_b], tokenizer, 16, tmp_path / "cache", shard_chars=3000)["x"]
     val_docs, train_docs = set(interior_docs(a.val, tokenizer)), set(interior_docs(a.train, tokenizer))
     assert len(val_docs) >= 5 and len(train_docs) >= 100
     assert not val_docs & train_docs
     assert set(docs) >= val_docs | train_docs
-    np.testing.assert_array_equal(a.val, b.val)  # the same held-out documents, whatever the order
+    np.testing.assert_array_equal(a.val, b.val)  # the same held-out documents, whatever the order and shards
     # roughly val_fraction of the documents are held out
     assert 0.04 < (len(val_docs) + 2) / len(docs) < 0.2
 
 
 def test_small_domain_still_gets_a_val_block(tmp_path, tokenizer):
-    write_jsonl(tmp_path / "s.jsonl", make_docs(12, 5, "s"))
-    packed = prepare_domains([DomainSpec("s", [str(tmp_path / "s.jsonl")], val_fraction=0.01)],
-                             tokenizer, 16, tmp_path / "cache")["s"]
-    assert len(packed.val) >= 1 and len(packed.train) >= 1
+    """val_fraction holds out too little: the lowest hashes above it are topped up, from several shards, and
+    taken out of train -- exactly as the in-memory algorithm did."""
+    spec = DomainSpec("s", [str(write_jsonl(tmp_path / "s.jsonl", make_docs(40, 5, "s")))], val_fraction=0.01)
+    ref_train, ref_val = reference_split_and_pack(spec, tokenizer, 48)
+    for workers in (1, 2):
+        packed = prepare_domains([spec], tokenizer, 48, tmp_path / f"cache{workers}", shard_chars=150,
+                                 workers=workers)["s"]
+        assert len(packed.val) >= 1 and len(packed.train) >= 1
+        covered = {}
+        for f, a, b in packed.info["train"]["segments"]:
+            covered[f] = covered.get(f, 0) + b - a
+        cut = [f for f, n in covered.items() if n < packed.info["shards"][f]["tokens"]]
+        assert len(cut) >= 2 and packed.info["val"]["topped_up"] >= 2  # top-ups taken from several shards
+        np.testing.assert_array_equal(packed.train, ref_train)
+        np.testing.assert_array_equal(packed.val, ref_val)
+
+
+# ---- the streamed cache against the in-memory reference --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def kit_tokenizer(kit):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(kit / "tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def kit_specs(kit):
+    """The kit's domains twice: as data.yaml has them (val_files) and held out by hash from train.jsonl."""
+    with_val = load_domain_specs(kit / "data.yaml")
+    by_hash = [DomainSpec(f"{s.name}-hash", s.files, val_fraction=0.1) for s in with_val]
+    return with_val + by_hash
+
+
+class _Reference(dict):
+    """The in-memory algorithm's (train, val) per kit domain, computed on first use."""
+
+    def __init__(self, specs, tokenizer):
+        super().__init__()
+        self.specs, self.tokenizer = {s.name: s for s in specs}, tokenizer
+
+    def __missing__(self, name):
+        self[name] = reference_split_and_pack(self.specs[name], self.tokenizer, 128)
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def kit_reference(kit_specs, kit_tokenizer):
+    return _Reference(kit_specs, kit_tokenizer)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_streamed_cache_equals_in_memory_reference_on_kit(tmp_path, kit_specs, kit_tokenizer, kit_reference,
+                                                          workers):
+    got = prepare_domains(kit_specs, kit_tokenizer, 128, tmp_path / "cache", workers=workers, shard_chars=60_000)
+    for spec in kit_specs:
+        ref_train, ref_val = kit_reference[spec.name]
+        packed = got[spec.name]
+        assert packed.build["tokenised"] >= 4 and packed.train.dtype == np.uint16
+        assert isinstance(packed.train, TokenBlocks)
+        np.testing.assert_array_equal(packed.train, ref_train, err_msg=spec.name)
+        np.testing.assert_array_equal(packed.val, ref_val, err_msg=spec.name)
+        # row by row and by slices across shard boundaries, as the sampler and the evaluation read them
+        for i in (0, 1, len(ref_train) // 2, len(ref_train) - 1):
+            np.testing.assert_array_equal(packed.train[i], ref_train[i])
+        np.testing.assert_array_equal(packed.val[:5], ref_val[:5])
+        assert packed.info["train"]["blocks"] == len(ref_train) and packed.info["val"]["blocks"] == len(ref_val)
+
+
+def test_resume_after_an_error_midway(tmp_path, kit_specs, kit_tokenizer, kit_reference, monkeypatch):
+    spec = next(s for s in kit_specs if s.name == "code-hash")
+    real, written = prep._write_part, []
+
+    def failing(*a, **k):
+        if len(written) == 3:
+            raise RuntimeError("injected: the machine went away")
+        written.append(a[2])
+        return real(*a, **k)
+
+    monkeypatch.setattr(prep, "_write_part", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        prepare_domains([spec], kit_tokenizer, 128, tmp_path / "cache", workers=2, shard_chars=30_000)
+    monkeypatch.setattr(prep, "_write_part", real)
+    packed = prepare_domains([spec], kit_tokenizer, 128, tmp_path / "cache", workers=2,
+                             shard_chars=30_000)[spec.name]
+    assert packed.build["reused"] == 3 and packed.build["tokenised"] >= 3
+    ref_train, ref_val = kit_reference[spec.name]
+    np.testing.assert_array_equal(packed.train, ref_train)
+    np.testing.assert_array_equal(packed.val, ref_val)
+
+
+def test_resume_after_sigkill_of_ddk_data_prepare(tmp_path, kit, kit_specs, kit_tokenizer, kit_reference):
+    """`ddk data prepare` killed with SIGKILL right after its 5th shard: the next run tokenises only the rest."""
+    code = next(s for s in kit_specs if s.name == "code")
+    config = yaml.safe_load((kit / "train.yaml").read_text())
+    config["student"]["model"] = str(kit / "student")
+    config["data"] = {"domains": [{"name": "code", "files": code.files, "val_files": code.val_files}],
+                      "seq_len": 128, "cache_dir": str(tmp_path / "cache")}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    script = (
+        "import os, signal, sys\n"
+        "from ddk.trainer import prepare\n"
+        "real, n = prepare._write_part, [0]\n"
+        "def write(*a, **k):\n"
+        "    out = real(*a, **k)\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 5:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return out\n"
+        "prepare._write_part = write\n"
+        "from ddk.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    argv = ["data", "prepare", str(tmp_path / "train.yaml"), "--workers", "1", "--shard-chars", "20000", "--quiet"]
+    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    (code_dir,) = (tmp_path / "cache").iterdir()
+    assert not (code_dir / "meta.json").exists() and len(list(code_dir.glob("t*.json"))) == 5
+    got = prepare_domains([code], kit_tokenizer, 128, tmp_path / "cache", workers=1, shard_chars=20000)["code"]
+    assert got.build["reused"] == 5 and got.build["tokenised"] >= 5
+    np.testing.assert_array_equal(got.train, kit_reference["code"][0])
+    np.testing.assert_array_equal(got.val, kit_reference["code"][1])
+
+
+def test_uint16_and_uint32_caches_give_the_same_blocks(tmp_path, tokenizer):
+    spec = DomainSpec("a", [str(write_jsonl(tmp_path / "a.jsonl", make_docs(80, 9, "a")))], val_fraction=0.1)
+    small = prepare_domains([spec], tokenizer, 16, tmp_path / "cache", shard_chars=500)["a"]
+    wide = prepare_domains([spec], tokenizer, 16, tmp_path / "cache", shard_chars=500, dtype="uint32")["a"]
+    assert (small.train.dtype, wide.train.dtype) == (np.uint16, np.uint32)
+    assert small.info["dtype"] == "uint16" and wide.info["dtype"] == "uint32"
+    assert len({p.name for p in (tmp_path / "cache").iterdir()}) == 2  # the dtype is part of the key
+    np.testing.assert_array_equal(np.asarray(small.train, np.int64), np.asarray(wide.train, np.int64))
+    np.testing.assert_array_equal(np.asarray(small.val, np.int64), np.asarray(wide.val, np.int64))
+    with pytest.raises(UsageError, match="dtype"):
+        prepare_domains([spec], tokenizer, 16, tmp_path / "cache", dtype="int64")
+
+
+def test_big_vocabulary_gets_uint32(tmp_path):
+    from ddk.trainer.data import token_dtype
+
+    class Tok:
+        def __init__(self, n):
+            self.n = n
+
+        def get_vocab(self):
+            return {"a": 0, "z": self.n - 1}
+
+        def __len__(self):
+            return self.n
+
+    assert token_dtype(Tok(65_536)) == np.uint16 and token_dtype(Tok(65_537)) == np.uint32
 
 
 # ---- cache ----------------------------------------------------------------------------------------------------
 
-def test_cache_reused_and_invalidated(tmp_path, tokenizer, monkeypatch):
+def test_cache_reused_and_invalidated(tmp_path, tokenizer):
     f = write_jsonl(tmp_path / "a.jsonl", make_docs(60, 6, "a"))
     specs = [DomainSpec("a", [str(f)])]
     cache = tmp_path / "cache"
-    calls = []
-    real = data_mod._tokenize
-    monkeypatch.setattr(data_mod, "_tokenize", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def built(**kw):
+        return prepare_domains(specs, kw.pop("tok", tokenizer), kw.pop("seq_len", 16), cache)["a"].build is not None
 
     first = prepare_domains(specs, tokenizer, 16, cache)["a"]
-    assert len(calls) == 1
+    assert first.build is not None
     second = prepare_domains(specs, tokenizer, 16, cache)["a"]
-    assert len(calls) == 1                                   # memory-mapped, not re-tokenised
-    assert isinstance(second.train, np.memmap)
+    assert second.build is None                              # memory-mapped, not re-tokenised
+    assert isinstance(second.train[0], np.memmap)
     np.testing.assert_array_equal(first.train, second.train)
 
-    prepare_domains(specs, tokenizer, 8, cache)              # seq_len is part of the key
-    assert len(calls) == 2
+    assert built(seq_len=8)                                  # seq_len is part of the key
     other = make_tokenizer(make_docs(50, 99, "other"), vocab_size=280)
-    prepare_domains(specs, other, 16, cache)                 # a different tokenizer fingerprint
-    assert len(calls) == 3
+    assert built(tok=other)                                  # a different tokenizer fingerprint
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed
-    prepare_domains(specs, tokenizer, 16, cache)
-    assert len(calls) == 4
-    prepare_domains(specs, tokenizer, 16, cache)
-    assert len(calls) == 4
+    assert built()
+    assert not built()
 
 
 def test_unfinished_cache_is_rebuilt(tmp_path, tokenizer):
     f = write_jsonl(tmp_path / "a.jsonl", make_docs(60, 7, "a"))
     specs = [DomainSpec("a", [str(f)])]
     cache = tmp_path / "cache"
-    good = np.array(prepare_domains(specs, tokenizer, 16, cache)["a"].train)
+    good = np.array(prepare_domains(specs, tokenizer, 16, cache, shard_chars=400)["a"].train)
     (entry,) = cache.iterdir()
     (entry / "meta.json").unlink()                            # as if a writer died before finishing
-    (entry / "train.npy").write_bytes(b"garbage")
-    np.testing.assert_array_equal(prepare_domains(specs, tokenizer, 16, cache)["a"].train, good)
+    (entry / "t00001.train.npy").write_bytes(b"garbage")
+    again = prepare_domains(specs, tokenizer, 16, cache, shard_chars=400)["a"]
+    np.testing.assert_array_equal(again.train, good)
+    assert again.build["tokenised"] == 1 and again.build["reused"] >= 2
     assert not [p for p in entry.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_corrupted_shard_is_detected_and_rebuilt(tmp_path, tokenizer):
+    f = write_jsonl(tmp_path / "a.jsonl", make_docs(60, 7, "a"))
+    specs = [DomainSpec("a", [str(f)])]
+    cache = tmp_path / "cache"
+    first = prepare_domains(specs, tokenizer, 16, cache, shard_chars=400)["a"]
+    good_train, good_val = np.array(first.train), np.array(first.val)
+    (entry,) = cache.iterdir()
+    shard = entry / "t00002.train.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0xFF                                           # one flipped byte: same size, same header
+    shard.write_bytes(bytes(raw))
+    assert prepare_domains(specs, tokenizer, 16, cache)["a"].build is None  # a plain load checks sizes only
+    fixed = prepare_domains(specs, tokenizer, 16, cache, verify=True)["a"]  # ddk data prepare checks crc32
+    assert fixed.build == {**fixed.build, "tokenised": 1}
+    np.testing.assert_array_equal(fixed.train, good_train)
+    np.testing.assert_array_equal(fixed.val, good_val)
+    # a truncated shard (or the hold-out file) is caught by any load
+    with open(entry / "val-holdout.npy", "r+b") as fh:
+        fh.truncate(200)
+    again = prepare_domains(specs, tokenizer, 16, cache)["a"]
+    assert again.build["tokenised"] == 0                      # every part still good: only finalised again
+    np.testing.assert_array_equal(again.val, good_val)
+
+
+def test_old_format_cache_is_rebuilt_not_misread(tmp_path, tokenizer):
+    from ddk.fingerprint import tokenizer_fingerprint
+
+    f = write_jsonl(tmp_path / "a.jsonl", make_docs(60, 8, "a"))
+    spec = DomainSpec("a", [str(f)])
+    cache = tmp_path / "cache"
+    good = prepare_domains([spec], tokenizer, 16, tmp_path / "fresh")["a"]
+    # a format-1 cache (int32 train.npy/val.npy, meta.json without "format") sitting in the new key's folder
+    d = prep.domain_dir(cache, spec, tokenizer_fingerprint(tokenizer), tokenizer.eos_token_id, 16, np.dtype("uint16"))
+    d.mkdir(parents=True)
+    np.save(d / "train.npy", np.zeros((3, 17), np.int32))
+    np.save(d / "val.npy", np.zeros((1, 17), np.int32))
+    (d / "meta.json").write_text(json.dumps({"name": "a", "seq_len": 16, "train_blocks": 3, "val_blocks": 1}))
+    got = prepare_domains([spec], tokenizer, 16, cache)["a"]
+    assert got.build is not None and got.info["format"] == prep.CACHE_FORMAT
+    np.testing.assert_array_equal(got.train, good.train)
+    assert not (d / "train.npy").exists()
 
 
 def test_natural_proportions():
     z = lambda n: np.zeros((n, 5), dtype=np.int32)  # noqa: E731
     domains = {"a": PackedDomain("a", z(30), z(1)), "b": PackedDomain("b", z(10), z(1))}
     assert natural_proportions(domains) == pytest.approx({"a": 0.75, "b": 0.25})
+    blocks = {"a": PackedDomain("a", TokenBlocks([np.zeros(30 * 5 + 3, np.uint16)], 5), z(1)),
+              "b": PackedDomain("b", TokenBlocks([np.zeros(20, np.uint16), np.zeros(32, np.uint16)], 5), z(1))}
+    assert natural_proportions(blocks) == pytest.approx({"a": 0.75, "b": 0.25})
 
 
-def test_two_preparers_at_once_both_succeed(tmp_path, tokenizer, monkeypatch):
-    """Two workers preparing the same cache concurrently: both tokenise (held at a barrier so they overlap),
-    both write, both end up with complete, identical arrays."""
+def test_token_blocks_read_shards_as_one_array(tmp_path):
+    stream = np.arange(103, dtype=np.uint16)
+    cuts = [0, 4, 5, 30, 61, 103]
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        np.save(tmp_path / f"s{i}.npy", stream[a:b])
+    segs = [(str(tmp_path / f"s{i}.npy"), 0, b - a) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    blocks = TokenBlocks.open(segs, 10, np.uint16)
+    ref = stream[:100].reshape(10, 10)
+    assert blocks.shape == (10, 10) and len(blocks) == 10 and blocks.size == 100 and blocks.dtype == np.uint16
+    np.testing.assert_array_equal(np.asarray(blocks), ref)
+    for idx in (0, 3, -1, slice(2, 7), slice(None, None, 3), slice(8, 2), [5, 0, 5], np.array([1, 9]),
+                (2, slice(1, 4)), (slice(1, 3), 0)):
+        np.testing.assert_array_equal(blocks[idx], ref[idx], err_msg=str(idx))
+    np.testing.assert_array_equal(np.stack(list(blocks)), ref)
+    np.testing.assert_array_equal(blocks[1:4].astype(np.int64), ref[1:4].astype(np.int64))
+    with pytest.raises(IndexError):
+        blocks[10]
+    again = pickle.loads(pickle.dumps(blocks))               # carries paths, not tokens
+    assert len(pickle.dumps(blocks)) < 1000
+    np.testing.assert_array_equal(np.asarray(again), ref)
+
+
+def test_two_preparers_at_once_both_succeed(tmp_path, tokenizer):
+    """Two workers preparing the same cache concurrently (threads started together): one builds, the other waits
+    for it on the folder's lock and maps the result; both end up with complete, identical arrays."""
     import threading
 
     f = write_jsonl(tmp_path / "a.jsonl", make_docs(80, 8, "a"))
     specs = [DomainSpec("a", [str(f)])]
     barrier = threading.Barrier(2, timeout=30)
-    real = data_mod._tokenize
-
-    def slow_tokenize(*a, **k):
-        out = real(*a, **k)
-        barrier.wait()  # both threads have missed the cache and are about to write
-        return out
-
-    monkeypatch.setattr(data_mod, "_tokenize", slow_tokenize)
     results, errors = [None, None], []
 
     def prepare(i):
         try:
-            results[i] = np.array(prepare_domains(specs, tokenizer, 16, tmp_path / "cache")["a"].train)
+            barrier.wait()
+            got = prepare_domains(specs, tokenizer, 16, tmp_path / "cache", shard_chars=500)["a"]
+            results[i] = (np.array(got.train), got.build is not None)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -267,7 +521,50 @@ def test_two_preparers_at_once_both_succeed(tmp_path, tokenizer, monkeypatch):
     for t in threads:
         t.join(60)
     assert not errors
-    np.testing.assert_array_equal(results[0], results[1])
-    assert len(results[0]) > 0
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    assert len(results[0][0]) > 0
+    assert sorted([results[0][1], results[1][1]]) == [False, True]  # built once
     (entry,) = (tmp_path / "cache").iterdir()
-    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "train.npy", "val.npy"]
+    assert (entry / "meta.json").is_file() and not [p for p in entry.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---- ddk data -------------------------------------------------------------------------------------------------
+
+def test_ddk_data_inspect_and_prepare(tmp_path, kit, capsys):
+    from ddk.cli import main
+
+    cache = tmp_path / "cache"
+    assert main(["data", "inspect", str(kit / "train.yaml"), "--cache-dir", str(cache), "--json",
+                 "--set", "data.seq_len=64"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["domain"]: r for r in out["domains"]}
+    assert set(rows) == {"code", "prose", "legal", "math"} and out["seq_len"] == 64
+    assert sum(r["natural"] for r in rows.values()) == pytest.approx(1.0)
+    code = rows["code"]
+    assert code["train_documents"] == 153 and code["val_documents"] == 17
+    assert code["train_blocks"] == code["train_tokens"] // 65 and code["dtype"] == "uint16"
+    assert main(["data", "prepare", str(kit / "train.yaml"), "--cache-dir", str(cache), "--quiet",
+                 "--set", "data.seq_len=64"]) == 0
+    text = capsys.readouterr().out
+    assert "0 of 4 domains built" in text and "natural" in text
+    assert main(["data", "inspect", str(kit / "data.yaml"), "--cache-dir", str(cache)]) == 2  # no tokenizer
+    assert main(["data", "inspect", str(kit / "data.yaml"), "--cache-dir", str(cache), "--tokenizer",
+                 str(kit / "tokenizer"), "--seq-len", "64"]) == 0
+    assert "math" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ray_tasks_give_the_same_cache(tmp_path, kit_specs, kit_tokenizer, kit_reference):
+    """``ddk data prepare --ray``: chunks tokenised by Ray tasks on a local Ray (2 CPUs), the same blocks."""
+    import ray
+
+    specs = [s for s in kit_specs if s.name in ("code", "prose-hash")]
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        got = prepare_domains(specs, kit_tokenizer, 128, tmp_path / "cache", use_ray=True, shard_chars=60_000)
+    finally:
+        ray.shutdown()
+    for spec in specs:
+        assert got[spec.name].build["tokenised"] >= 4
+        np.testing.assert_array_equal(got[spec.name].train, kit_reference[spec.name][0], err_msg=spec.name)
+        np.testing.assert_array_equal(got[spec.name].val, kit_reference[spec.name][1], err_msg=spec.name)

@@ -121,3 +121,95 @@ def test_every_weights_object_is_the_one_type(tmp_path):
         assert set(w) == keys and WeightsOut.model_validate(w).model_dump() == w
     assert store.weights("r") == w1 == store.weights_since("r", 0)[0] == store.current_all()[0][1]
     assert json.loads(json.dumps(w1)) == w1  # plain JSON types
+
+
+# -- progress --------------------------------------------------------------------------------------------------
+def test_progress_latest_curve_and_status(tmp_path):
+    store = Store(tmp_path / "c.sqlite")
+    run, _ = store.create_run(check_run_spec("r", DOMAINS, "ddk", 0.5, 10))
+    assert store.progress("r") == {"latest": None, "points": []} and store.latest_progress("r") is None
+    status = store.status("r")
+    assert status == {"state": "created", "step": None, "total_steps": None, "loss": None, "tokens_per_s": None,
+                      "version": 0, "updated_at": run["created_at"]}
+    p = store.add_progress("r", 5, 100, loss=3.0, ce=2.5, kl=0.5, tokens_per_s=900)
+    assert p == {"step": 5, "total_steps": 100, "loss": 3.0, "ce": 2.5, "kl": 0.5, "tokens_per_s": 900.0,
+                 "updated_at": p["updated_at"]}
+    assert store.add_progress("r", 7, 100)["loss"] is None  # no loss: the latest report, not a point
+    store.add_progress("r", 9, 100, loss=2.0)
+    got = store.progress("r")
+    assert got["latest"]["step"] == 9 and got["latest"]["tokens_per_s"] is None
+    assert got["points"] == [{"step": 5, "loss": 3.0, "ce": 2.5, "kl": 0.5},
+                             {"step": 9, "loss": 2.0, "ce": None, "kl": None}]
+    store.add_progress("r", 9, 100, loss=1.9)  # the same step again replaces its point
+    assert [p["loss"] for p in store.progress("r")["points"]] == [3.0, 1.9]
+    # a resumed run reports an earlier step: the points after it go, as metrics.jsonl's lines do
+    store.add_progress("r", 6, 100, loss=2.8)
+    assert [p["step"] for p in store.progress("r")["points"]] == [5, 6]
+    w = store.add_evaluation("r", 0, {"code": 1.0, "prose": 1.0}, TEACHER)
+    status = store.status("r")
+    assert (status["state"], status["step"], status["total_steps"], status["loss"], status["version"]) == \
+        ("training", 6, 100, 2.8, 1)
+    assert status["updated_at"] == max(w["updated_at"], store.latest_progress("r")["updated_at"])
+    store.add_progress("r", 100, 100, loss=1.0)
+    assert store.status("r")["state"] == "finished"
+    assert [r["status"]["step"] for r in store.list_runs(status=True)] == [100]
+    assert "status" not in store.list_runs()[0] and "status" not in store.get_run("r")  # the run object as before
+
+
+def test_progress_checks_its_input(tmp_path):
+    store = Store(tmp_path / "c.sqlite")
+    store.create_run(check_run_spec("r", DOMAINS))
+    with pytest.raises(NotFound):
+        store.add_progress("nope", 1, 10)
+    with pytest.raises(NotFound):
+        store.progress("nope")
+    for args, kw, field in [((11, 10), {}, "step"), ((-1, 10), {}, "step"), ((1, 0), {}, "total_steps"),
+                            ((True, 10), {}, "step"), ((1, 10), {"loss": math.nan}, "loss"),
+                            ((1, 10), {"kl": math.inf}, "kl"), ((1, 10), {"tokens_per_s": -1.0}, "tokens_per_s"),
+                            ((1, 2**54), {}, "total_steps")]:
+        with pytest.raises(Invalid, match=f"^{field}"):
+            store.add_progress("r", *args, **kw)
+    assert store.latest_progress("r") is None
+
+
+def test_the_loss_curve_stays_bounded_and_even(tmp_path, monkeypatch):
+    """Past LOSS_POINTS every second point goes and the stride doubles: the curve still spans the run."""
+    import ddk.controller.store as store_module
+
+    monkeypatch.setattr(store_module, "LOSS_POINTS", 8)
+    store = Store(tmp_path / "c.sqlite")
+    store.create_run(check_run_spec("r", DOMAINS))
+    for step in range(1, 101):
+        store.add_progress("r", step, 100, loss=10.0 - step / 10)
+        assert len(store.progress("r")["points"]) <= 8
+    steps = [p["step"] for p in store.progress("r")["points"]]
+    assert steps[0] == 1 and steps[-1] == 100 and steps == sorted(steps)  # first, last, in order
+    gaps = [b - a for a, b in zip(steps, steps[1:-1])]
+    assert max(gaps) <= 2 * min(gaps), steps  # about even spacing, not only the newest points
+
+
+def test_progress_survives_reopening_and_marks_see_changes(tmp_path):
+    path = tmp_path / "c.sqlite"
+    store = Store(path)
+    store.create_run(check_run_spec("a", DOMAINS))
+    assert store.marks() == {"a": (0, 0)}
+    store.add_progress("a", 3, 10, loss=1.0)
+    store.create_run(check_run_spec("b", DOMAINS))
+    store.add_evaluation("b", 0, {"code": 1.0, "prose": 1.0}, TEACHER)
+    assert store.marks() == {"a": (0, 1), "b": (1, 0)}
+    before = store.progress("a")
+    again = Store(path)  # another process on the file, or a restart
+    assert again.progress("a") == before and again.marks() == store.marks()
+
+
+def test_a_file_from_before_progress_gets_its_tables(tmp_path):
+    """An existing controller file without the progress tables: opening it adds them, the runs stay."""
+    path = tmp_path / "c.sqlite"
+    Store(path).create_run(check_run_spec("old", DOMAINS))
+    con = sqlite3.connect(path)
+    con.executescript("DROP TABLE progress; DROP TABLE loss_points;")
+    con.close()
+    store = Store(path)
+    assert store.get_run("old")["run_id"] == "old" and store.progress("old") == {"latest": None, "points": []}
+    store.add_progress("old", 1, 2, loss=0.5)
+    assert store.status("old")["step"] == 1

@@ -1,0 +1,127 @@
+"""Process logging: a quiet console for a person, complete log files.
+
+The console (stderr) shows what a person follows: what starts and stops (one line each), progress bars,
+warnings and results, as ``HH:MM:SS message`` lines (warnings and errors name their logger). Left out there:
+
+* per-request lines of the HTTP clients and servers (``httpx``, ``httpcore``, ``uvicorn.access``,
+  ``urllib3``) below WARNING: every health poll, every ``/v1/topk`` call;
+* the "Loading weights" / "Writing model shards" bars of transformers (``HF_HUB_DISABLE_PROGRESS_BARS``);
+* transformers' warning that a text is longer than the model's positions: the data is cut into blocks of
+  ``data.seq_len`` tokens after tokenising whole documents, so it is expected and harmless.
+
+All of it comes back with ``ddk --log-level DEBUG``, and in *detail* mode, which the launcher turns on for
+every child it starts with a log file (``DDK_LOG_DETAIL=1``): ``logs/*.log`` stay complete, in the full
+``time LEVEL logger: message`` format. :func:`add_log_file` gives a process a complete log file of its own
+next to a quiet console (``ddk demo`` writes ``logs/demo.log``).
+
+``setup_logging`` is called once by ``ddk.cli.main`` (the entry point); importing this module changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+DETAIL_ENV = "DDK_LOG_DETAIL"  # "1": this process's output is a log file: keep every line
+DETAIL_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+REQUEST_LOGGERS = ("httpx", "httpcore", "uvicorn.access", "urllib3")
+# (logger, start of message) of warnings that need no action, left off the console
+HARMLESS_WARNINGS = (
+    ("transformers.tokenization_utils_base", "Token indices sequence length is longer than"),
+)
+
+
+def parse_level(level: str | int) -> int:
+    """'info', 'DEBUG', 20 -> a logging level (INFO when unknown)."""
+    if isinstance(level, int):
+        return level
+    value = logging.getLevelName(str(level).upper())
+    return value if isinstance(value, int) else logging.INFO
+
+
+def detail_mode(level: str | int = logging.INFO) -> bool:
+    """Whether this process logs everything: at DEBUG, or when ``DDK_LOG_DETAIL=1`` (output to a log file)."""
+    return parse_level(level) <= logging.DEBUG or os.environ.get(DETAIL_ENV) == "1"
+
+
+class ConsoleFormatter(logging.Formatter):
+    """``HH:MM:SS message``; warnings and worse as ``HH:MM:SS WARNING logger: message``."""
+
+    def __init__(self) -> None:
+        super().__init__(datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        self._style._fmt = ("%(asctime)s %(message)s" if record.levelno < logging.WARNING
+                            else "%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return super().format(record)
+
+
+class QuietFilter(logging.Filter):
+    """Drops per-request records (``REQUEST_LOGGERS`` below WARNING) and the ``HARMLESS_WARNINGS``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and record.name.startswith(REQUEST_LOGGERS):
+            return False
+        for name, start in HARMLESS_WARNINGS:
+            if record.name == name and str(record.msg).startswith(start):
+                return False
+        return True
+
+
+_QUIET = QuietFilter()
+
+
+def setup_logging(level: str | int = "INFO") -> bool:
+    """Configure this process's logging for ``--log-level level``; whether it is in detail mode.
+
+    As ``logging.basicConfig``: adds a stderr handler only when the root logger has none (an embedding
+    program's or pytest's handlers are left alone). Quiet mode (not detail) filters that handler and the
+    transformers loggers of the harmless warnings, and turns transformers' progress bars off (inherited by
+    the children; they are progress of loading files, not of the job).
+    """
+    lvl = parse_level(level)
+    detail = detail_mode(lvl)
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        if detail:
+            handler.setFormatter(logging.Formatter(DETAIL_FORMAT))
+        else:
+            handler.setFormatter(ConsoleFormatter())
+            handler.addFilter(_QUIET)
+        handler.setLevel(lvl)
+        root.addHandler(handler)
+        root.setLevel(lvl)
+    if not detail:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for name, _ in HARMLESS_WARNINGS:  # transformers logs through its own handler: filter at the logger
+            logger = logging.getLogger(name)
+            if _QUIET not in logger.filters:
+                logger.addFilter(_QUIET)
+    return detail
+
+
+def add_log_file(path: str | Path, level: str | int = logging.INFO) -> logging.Handler:
+    """Every record of this process from ``level`` up (the console's filters do not apply) also in ``path``
+    (appended), in the detail format. Returns the handler (``remove_log_file`` takes it off again)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(DETAIL_FORMAT))
+    lvl = parse_level(level)
+    handler.setLevel(lvl)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > lvl:  # the console's handler keeps its own level
+        for h in root.handlers:
+            if h is not handler and h.level == logging.NOTSET:
+                h.setLevel(root.level)
+        root.setLevel(lvl)
+    return handler
+
+
+def remove_log_file(handler: logging.Handler) -> None:
+    logging.getLogger().removeHandler(handler)
+    handler.close()
