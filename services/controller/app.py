@@ -138,6 +138,9 @@ class Broker:
         return sum(len(s) for s in self._subs.values())
 
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
 def sse_event(weights: WeightsVersion) -> str:
     """One SSE message: the id is the version (so EventSource's Last-Event-ID resumes), data the JSON."""
     return f"id: {weights['version']}\ndata: {json.dumps(weights)}\n\n"
@@ -167,6 +170,23 @@ def changes(store: Store, before: dict[str, tuple[int, int]]) -> tuple[list[str]
         if seq > old[1]:
             out.append(sse_named("progress", {"run_id": run_id, **store.latest_progress(run_id), "status": status}))
     return out, after
+
+
+async def wakeups(wake: asyncio.Event, keepalive_s: float, should_stop: Callable[[], bool]):
+    """When an SSE stream should re-read the store: each time it is woken (a publish), and every ``keepalive_s``
+    anyway (another process may write the same file). Yields whether a keep-alive is due when nothing is new;
+    checks ``should_stop`` every second so that a shutting-down server ends its streams promptly."""
+    idle = 0.0
+    while not should_stop():
+        try:
+            await asyncio.wait_for(wake.wait(), timeout=1.0)
+        except asyncio.TimeoutError:
+            idle += 1.0
+            if idle < keepalive_s:
+                continue
+        wake.clear()
+        yield idle >= keepalive_s
+        idle = 0.0
 
 
 # -- middleware ------------------------------------------------------------------------------------------
@@ -275,8 +295,21 @@ def create_app(db: str | Path, token: str | None = None, *, keepalive_s: float =
                   description="DDK domain weights: per-domain losses in, sampling mixture out.",
                   responses={422: {"model": ErrorBody, "description": "Bad input"}})  # not FastAPI's list form
     app.state.store, app.state.broker = store, broker
+    _add_error_handlers(app)
+    _add_routes(app, store, broker)
+    _add_streams(app, store, broker, keepalive_s, should_stop)
 
-    # errors: always {"detail": "<field>: <why>"}
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics():
+        return PlainTextResponse(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+    app.add_middleware(Guard, token=token)
+    app.add_middleware(CountRequests, counter=requests_total)  # outermost: counts 401/403/413 too
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Errors are always ``{"detail": "<field>: <why>"}``."""
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         return JSONResponse({"detail": _describe(exc.errors())}, status_code=422)
@@ -302,7 +335,9 @@ def create_app(db: str | Path, token: str | None = None, *, keepalive_s: float =
         log.exception("internal error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
-    # -- endpoints -------------------------------------------------------------------------------------
+
+def _add_routes(app: FastAPI, store: Store, broker: Broker) -> None:
+    """The JSON endpoints and the page."""
     @app.get("/healthz")
     def healthz():
         store.ping()
@@ -357,6 +392,10 @@ def create_app(db: str | Path, token: str | None = None, *, keepalive_s: float =
     def get_progress(run_id: str):
         return store.progress(run_id)
 
+
+def _add_streams(app: FastAPI, store: Store, broker: Broker, keepalive_s: float,
+                 should_stop: Callable[[], bool]) -> None:
+    """The SSE streams: every run's changes (the page), and one run's weights versions (the trainer, ddk weights)."""
     @app.get("/v1/events")
     async def all_events():
         """SSE for every run: a ``runs`` snapshot first (on each connection, so a reconnect re-syncs), then
@@ -369,26 +408,16 @@ def create_app(db: str | Path, token: str | None = None, *, keepalive_s: float =
                 marks = await run_in_threadpool(store.marks)  # before the snapshot: a race repeats, never skips
                 runs = await run_in_threadpool(store.list_runs, True)
                 yield sse_named("runs", {"runs": runs})
-                idle = 0.0
-                while not should_stop():
-                    try:
-                        await asyncio.wait_for(wake.wait(), timeout=1.0)  # 1 s: notice shutdown promptly
-                    except asyncio.TimeoutError:
-                        idle += 1.0
-                        if idle < keepalive_s:
-                            continue
-                    wake.clear()
+                async for keepalive_due in wakeups(wake, keepalive_s, should_stop):
                     messages, marks = await run_in_threadpool(changes, store, marks)
                     for m in messages:
                         yield m
-                    if not messages and idle >= keepalive_s:
+                    if not messages and keepalive_due:
                         yield ": keep-alive\n\n"
-                    idle = 0.0
             finally:
                 broker.unsubscribe(None, wake)
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.get("/v1/runs/{run_id}/events")
     async def events(run_id: str, request: Request):
@@ -407,35 +436,17 @@ def create_app(db: str | Path, token: str | None = None, *, keepalive_s: float =
                 if current["version"] > last:
                     yield sse_event(current)
                     last = current["version"]
-                idle = 0.0
-                while not should_stop():
-                    try:
-                        await asyncio.wait_for(wake.wait(), timeout=1.0)  # 1 s: notice shutdown promptly
-                    except asyncio.TimeoutError:
-                        idle += 1.0
-                        if idle < keepalive_s:
-                            continue
-                    wake.clear()
+                async for keepalive_due in wakeups(wake, keepalive_s, should_stop):
                     newer = await run_in_threadpool(store.weights_since, run_id, last)
                     for w in newer:
                         yield sse_event(w)
                         last = w["version"]
-                    if not newer and idle >= keepalive_s:
+                    if not newer and keepalive_due:
                         yield ": keep-alive\n\n"
-                    idle = 0.0
             finally:
                 broker.unsubscribe(run_id, wake)
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics():
-        return PlainTextResponse(generate_latest(registry), media_type="text/plain; version=0.0.4")
-
-    app.add_middleware(Guard, token=token)
-    app.add_middleware(CountRequests, counter=requests_total)  # outermost: counts 401/403/413 too
-    return app
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 class _StoreCollector:
