@@ -80,6 +80,29 @@ def _error(status: int, detail: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+def _load(state: dict, load_engine: Callable[[], object], model_dir, max_batch_tokens: int, max_queue: int,
+          metrics: Metrics, on_load_error: Callable[[BaseException], None] | None) -> None:
+    """Load the engine and start its batcher (in a background thread), filling ``state``; a failure is kept
+    in ``state["error"]`` (reported by /healthz) and handed to ``on_load_error``."""
+    try:
+        t0 = time.perf_counter()
+        engine = load_engine()
+        fingerprint = tokenizer_fingerprint_of(model_dir)
+        batcher = Batcher(engine, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
+                          on_batch=metrics.on_batch)
+        batcher.start()
+        state["info"] = {"model": str(model_dir or engine.model), "backend": engine.backend,
+                         "vocab_size": engine.vocab_size, "max_seq_len": engine.max_seq_len,
+                         "max_top_k": engine.max_top_k, "tokenizer_fingerprint": fingerprint}
+        state["engine"], state["batcher"] = engine, batcher
+        log.info("teacher ready in %.1fs: %s", time.perf_counter() - t0, state["info"])
+    except BaseException as e:  # reported through /healthz and on_load_error
+        log.exception("teacher engine failed to load")
+        state["error"] = e
+        if on_load_error is not None:
+            on_load_error(e)
+
+
 def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | None = None,
                max_batch_tokens: int = 16384, max_queue: int = 64,
                max_body_bytes: int | None = None,
@@ -96,23 +119,7 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
     metrics = Metrics(lambda: state["batcher"])
 
     def load() -> None:
-        try:
-            t0 = time.perf_counter()
-            engine = load_engine()
-            fingerprint = tokenizer_fingerprint_of(model_dir)
-            batcher = Batcher(engine, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
-                              on_batch=metrics.on_batch)
-            batcher.start()
-            state["info"] = {"model": str(model_dir or engine.model), "backend": engine.backend,
-                             "vocab_size": engine.vocab_size, "max_seq_len": engine.max_seq_len,
-                             "max_top_k": engine.max_top_k, "tokenizer_fingerprint": fingerprint}
-            state["engine"], state["batcher"] = engine, batcher
-            log.info("teacher ready in %.1fs: %s", time.perf_counter() - t0, state["info"])
-        except BaseException as e:  # reported through /healthz and on_load_error
-            log.exception("teacher engine failed to load")
-            state["error"] = e
-            if on_load_error is not None:
-                on_load_error(e)
+        _load(state, load_engine, model_dir, max_batch_tokens, max_queue, metrics, on_load_error)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -149,18 +156,6 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            raise RequestError(413, f"body: {declared} bytes exceed the limit of {max_body_bytes}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise RequestError(413, f"body: more than the limit of {max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     @app.post("/v1/topk")
     async def topk(request: Request):
         t0 = time.perf_counter()
@@ -169,7 +164,7 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
             return _error(503, "loading", {"Retry-After": "5"})
         info = state["info"]
         try:
-            body = await read_body(request)
+            body = await read_body(request, max_body_bytes)
             req = parse_topk_request(body, vocab_size=info["vocab_size"], max_seq_len=info["max_seq_len"],
                                      max_top_k=info["max_top_k"], max_batch_tokens=max_batch_tokens)
         except RequestError as e:
@@ -198,39 +193,59 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
 
         accept = request.headers.get("accept", "")
         if "application/json" in accept and MEDIA_TYPE not in accept:
-            answers = {}
-            item = first
-            while True:
-                if isinstance(item, BaseException):
-                    metrics.requests.labels("503").inc()
-                    return _error(503, f"engine error: {type(item).__name__}: {item}")
-                answers[item[0]] = item[1]
-                if len(answers) == n_seq:
-                    break
-                item = await job.results.get()
-            seqs = [{"ids": answers[i].ids.tolist(), "logprobs": answers[i].logprobs.tolist(),
-                     "target_logprob": answers[i].target_logprob.tolist()} for i in range(n_seq)]
-            content = json.dumps({"sequences": seqs}, separators=(",", ":"))
-            done()
-            return Response(content, media_type="application/json")
-
-        async def frames():
-            item, sent = first, 0
-            try:
-                while True:
-                    if isinstance(item, BaseException):  # mid-stream: abort; the client retries
-                        metrics.requests.labels("500").inc()
-                        raise item
-                    i, res = item
-                    yield encode_frame(i, res.ids, res.logprobs, res.target_logprob, req.dtype)
-                    sent += 1
-                    if sent == n_seq:
-                        break
-                    item = await job.results.get()
-                done()
-            finally:
-                job.cancel()
-
-        return StreamingResponse(frames(), media_type=MEDIA_TYPE)
+            return await _json_answer(job, first, n_seq, metrics, done)
+        return StreamingResponse(_frames(job, first, n_seq, req.dtype, metrics, done), media_type=MEDIA_TYPE)
 
     return app
+
+
+async def read_body(request: Request, max_body_bytes: int) -> bytes:
+    """The request body, refused (413) as soon as it passes ``max_body_bytes`` (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise RequestError(413, f"body: {declared} bytes exceed the limit of {max_body_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise RequestError(413, f"body: more than the limit of {max_body_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json_answer(job: Job, first, n_seq: int, metrics: Metrics, done: Callable[[], None]) -> Response:
+    """All of a job's sequences as one JSON document (the debugging format); an engine error is a 503."""
+    answers = {}
+    item = first
+    while True:
+        if isinstance(item, BaseException):
+            metrics.requests.labels("503").inc()
+            return _error(503, f"engine error: {type(item).__name__}: {item}")
+        answers[item[0]] = item[1]
+        if len(answers) == n_seq:
+            break
+        item = await job.results.get()
+    seqs = [{"ids": answers[i].ids.tolist(), "logprobs": answers[i].logprobs.tolist(),
+             "target_logprob": answers[i].target_logprob.tolist()} for i in range(n_seq)]
+    content = json.dumps({"sequences": seqs}, separators=(",", ":"))
+    done()
+    return Response(content, media_type="application/json")
+
+
+async def _frames(job: Job, first, n_seq: int, dtype, metrics: Metrics, done: Callable[[], None]):
+    """A job's sequences as binary frames, each sent as soon as the engine has it."""
+    item, sent = first, 0
+    try:
+        while True:
+            if isinstance(item, BaseException):  # mid-stream: abort; the client retries
+                metrics.requests.labels("500").inc()
+                raise item
+            i, res = item
+            yield encode_frame(i, res.ids, res.logprobs, res.target_logprob, dtype)
+            sent += 1
+            if sent == n_seq:
+                break
+            item = await job.results.get()
+        done()
+    finally:
+        job.cancel()

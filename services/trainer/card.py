@@ -93,12 +93,23 @@ def model_card(config: dict, records: list[dict], domains: list[str] | None = No
     if domains is None:
         domains = sorted({d for r in evals for d in (r.get("student_loss") or {})})
     domains = list(domains)
-    run_id = config.get("run_id") or "ddk-student"
-    base = _get(config, "student.model")
-    urls = list(_get(config, "teacher.urls", []) or [])
-    workers = world_size or _get(config, "ray.num_workers")
+    history = mixture_history(records)
+    return "".join([
+        _front_matter(config, domains, license),
+        _summary(config, domains),
+        _teacher_section(config, evals, domains, tokenizer_fingerprint),
+        _config_section(config, world_size),
+        _history_section(history, domains),
+        _ratio_section(evals, history, domains),
+        "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        "model = AutoModelForCausalLM.from_pretrained(\"path/to/final\")\n"
+        "tokenizer = AutoTokenizer.from_pretrained(\"path/to/final\")\n```\n",
+    ])
 
+
+def _front_matter(config: dict, domains: list[str], license: str | None) -> str:
     meta: dict[str, Any] = {}
+    base = _get(config, "student.model")
     if base:
         meta["base_model"] = str(base)
     meta["datasets"] = domains
@@ -106,35 +117,43 @@ def model_card(config: dict, records: list[dict], domains: list[str] | None = No
     meta["tags"] = list(TAGS)
     if license:
         meta["license"] = str(license)
-    head = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
-    out = [head, f"\n# {run_id}\n\n"]
+
+def _summary(config: dict, domains: list[str]) -> str:
+    run_id = config.get("run_id") or "ddk-student"
     gamma = _get(config, "kd.gamma")
     what = "continued pre-training (cross-entropy only)" if gamma == 0 else "knowledge distillation (CE + gamma KL)"
-    out.append(f"A student trained by `ddk train` with {what} and a {_get(config, 'mixture.policy', 'ddk')} "
-               f"domain mixture over {len(domains)} domains ({', '.join(domains)}), starting from "
-               f"`{base}`. The mixture is recomputed every {_get(config, 'mixture.interval_steps')} steps from "
-               f"the student/teacher perplexity ratio of each domain (DDK: domain-aware knowledge "
-               f"distillation).\n\n")
+    return (f"\n# {run_id}\n\n"
+            f"A student trained by `ddk train` with {what} and a {_get(config, 'mixture.policy', 'ddk')} "
+            f"domain mixture over {len(domains)} domains ({', '.join(domains)}), starting from "
+            f"`{_get(config, 'student.model')}`. The mixture is recomputed every "
+            f"{_get(config, 'mixture.interval_steps')} steps from the student/teacher perplexity ratio of each "
+            f"domain (DDK: domain-aware knowledge distillation).\n\n")
 
-    out.append("## Teacher\n\n")
-    out.append(f"- URLs: {', '.join(f'`{u}`' for u in urls) if urls else '(none: no teacher)'}\n")
-    if tokenizer_fingerprint:
-        out.append(f"- tokenizer fingerprint: `{tokenizer_fingerprint}` (the teacher's and the student's)\n")
+
+def _teacher_section(config: dict, evals: list[dict], domains: list[str], fingerprint: str | None) -> str:
+    urls = list(_get(config, "teacher.urls", []) or [])
+    out = ["## Teacher\n\n", f"- URLs: {', '.join(f'`{u}`' for u in urls) if urls else '(none: no teacher)'}\n"]
+    if fingerprint:
+        out.append(f"- tokenizer fingerprint: `{fingerprint}` (the teacher's and the student's)\n")
     teacher_loss = next((r.get("teacher_loss") for r in evals if r.get("teacher_loss")), None)
     if teacher_loss:
         out.append("- validation loss per domain (nats per token): "
                    + ", ".join(f"{d} {_num(teacher_loss.get(d), '.4f')}" for d in domains) + "\n")
     out.append("\n")
+    return "".join(out)
 
-    out.append("## Training config\n\n")
+
+def _config_section(config: dict, world_size: int | None) -> str:
     batch = _get(config, "train.batch_size")
+    workers = world_size or _get(config, "ray.num_workers")
     rows = [
         ("policy", _get(config, "mixture.policy")),
         ("alpha", _get(config, "mixture.alpha")),
         ("interval_steps", _get(config, "mixture.interval_steps")),
         ("kd.loss", _get(config, "kd.loss")),
-        ("gamma", gamma),
+        ("gamma", _get(config, "kd.gamma")),
         ("temperature", _get(config, "kd.temperature")),
         ("top_k", _get(config, "kd.top_k")),
         ("steps", _get(config, "train.steps")),
@@ -145,44 +164,34 @@ def model_card(config: dict, records: list[dict], domains: list[str] | None = No
         ("weight_decay", _get(config, "train.weight_decay")),
         ("seed", config.get("seed")),
     ]
-    out.append(_table(["key", "value"], ([k, _num(v)] for k, v in rows if v is not None), right=2))
-    out.append("\n")
+    return ("## Training config\n\n" + _table(["key", "value"], ([k, _num(v)] for k, v in rows if v is not None),
+                                               right=2) + "\n")
 
-    out.append("## Mixture history\n\n")
-    history = mixture_history(records)
-    if history:
-        out.append("The domain weights the controller answered at each evaluation (the mixture of the "
-                   "steps that follow).\n\n")
-        table_rows = []
-        for h in history:
-            w = h.get("weights") or {}
-            step = _num(h.get("step"))
-            if "eval_step" in h:
-                step += f" (late answer to step {h['eval_step']})"
-            table_rows.append([step, _num(h.get("version"))]
-                              + [_num(w.get(d), ".3f") if w else "-" for d in domains])
-        out.append(_table(["step", "version", *domains], table_rows))
-    else:
-        out.append("No evaluation was recorded.\n")
-    out.append("\n")
 
-    out.append("## Student/teacher perplexity ratio per domain\n\n")
-    if evals:
-        first, last = evals[0], evals[-1]
-        q0, q1 = first.get("ratio") or {}, last.get("ratio") or {}
-        w1 = next((h["weights"] for h in reversed(history) if h.get("weights")), {}) or {}
-        out.append(f"ratio = PPL_student / PPL_teacher on each domain's validation blocks, before (step "
-                   f"{first.get('step')}) and after (step {last.get('step')}); lower is closer to the teacher.\n\n")
-        out.append(_table(["domain", "ratio before", "ratio after", "final weight"],
-                          ([d, _num(q0.get(d), ".3f"), _num(q1.get(d), ".3f"), _num(w1.get(d), ".3f")]
-                           for d in domains)))
-        mean = [sum(q[d] for d in domains if d in q) / max(1, sum(1 for d in domains if d in q)) for q in (q0, q1)]
-        out.append(f"\nMean ratio: {mean[0]:.3f} before, {mean[1]:.3f} after.\n")
-    else:
-        out.append("No evaluation was recorded.\n")
-    out.append("\n")
+def _history_section(history: list[dict], domains: list[str]) -> str:
+    if not history:
+        return "## Mixture history\n\nNo evaluation was recorded.\n\n"
+    table_rows = []
+    for h in history:
+        w = h.get("weights") or {}
+        step = _num(h.get("step"))
+        if "eval_step" in h:
+            step += f" (late answer to step {h['eval_step']})"
+        table_rows.append([step, _num(h.get("version"))] + [_num(w.get(d), ".3f") if w else "-" for d in domains])
+    return ("## Mixture history\n\nThe domain weights the controller answered at each evaluation (the mixture "
+            "of the steps that follow).\n\n" + _table(["step", "version", *domains], table_rows) + "\n")
 
-    out.append("## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-               "model = AutoModelForCausalLM.from_pretrained(\"path/to/final\")\n"
-               "tokenizer = AutoTokenizer.from_pretrained(\"path/to/final\")\n```\n")
-    return "".join(out)
+
+def _ratio_section(evals: list[dict], history: list[dict], domains: list[str]) -> str:
+    head = "## Student/teacher perplexity ratio per domain\n\n"
+    if not evals:
+        return head + "No evaluation was recorded.\n\n"
+    first, last = evals[0], evals[-1]
+    q0, q1 = first.get("ratio") or {}, last.get("ratio") or {}
+    w1 = next((h["weights"] for h in reversed(history) if h.get("weights")), {}) or {}
+    mean = [sum(q[d] for d in domains if d in q) / max(1, sum(1 for d in domains if d in q)) for q in (q0, q1)]
+    return (head + f"ratio = PPL_student / PPL_teacher on each domain's validation blocks, before (step "
+            f"{first.get('step')}) and after (step {last.get('step')}); lower is closer to the teacher.\n\n"
+            + _table(["domain", "ratio before", "ratio after", "final weight"],
+                     ([d, _num(q0.get(d), ".3f"), _num(q1.get(d), ".3f"), _num(w1.get(d), ".3f")] for d in domains))
+            + f"\nMean ratio: {mean[0]:.3f} before, {mean[1]:.3f} after.\n\n")
