@@ -44,7 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    # ddk fixtures
+    _add_fixtures(sub)
+    _add_teacher(sub)
+    _add_controller(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_data(sub)
+    _add_demo(sub)
+    _add_compare(sub)
+    _add_runs_and_weights(sub)
+    return parser
+
+
+def _add_fixtures(sub) -> None:
+    """ddk fixtures"""
     p = sub.add_parser("fixtures", help="build the local demo kit (corpus, tokenizer, teacher, student)")
     p.add_argument("--out", required=True, help="kit directory (reused when already finished)")
     p.add_argument("--quick", action="store_true", help="small models, few steps (tests; under 3 minutes)")
@@ -52,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if a finished kit is in --out")
     p.set_defaults(func=_lazy("ddk.kit.fixtures:main"))
 
-    # ddk teacher serve
+
+def _add_teacher(sub) -> None:
+    """ddk teacher serve"""
     teacher = sub.add_parser("teacher", help="the teacher service").add_subparsers(
         dest="teacher_command", metavar="COMMAND", parser_class=_Parser)
     teacher.required = True
@@ -76,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true", help="vLLM: skip graph compilation (faster start)")
     p.set_defaults(func=_lazy("ddk.teacher.server:main"))
 
-    # ddk controller serve
+
+def _add_controller(sub) -> None:
+    """ddk controller serve"""
     controller = sub.add_parser("controller", help="the controller service").add_subparsers(
         dest="controller_command", metavar="COMMAND", parser_class=_Parser)
     controller.required = True
@@ -87,14 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", default=None, help="file holding the bearer token required for writes")
     p.set_defaults(func=_lazy("ddk.controller.server:main"))
 
-    # ddk train
+
+def _add_train(sub) -> None:
+    """ddk train"""
     p = sub.add_parser("train", help="run a distillation under Ray Train")
     p.add_argument("config", help="YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted config key; VALUE is parsed as YAML (repeatable)")
     p.set_defaults(func=_lazy("ddk.trainer.launch:main"))
 
-    # ddk eval
+
+def _add_eval(sub) -> None:
+    """ddk eval"""
     p = sub.add_parser("eval", help="per-domain validation perplexity of a model")
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--data", required=True, help="data.yaml or a kit/data directory")
@@ -107,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     p.set_defaults(func=_lazy("ddk.trainer.evaluate:main"))
 
-    # ddk data prepare / inspect
+
+def _add_data(sub) -> None:
+    """ddk data prepare / inspect"""
     data = sub.add_parser("data", help="the token cache: prepare it (streamed, parallel, resumable), inspect it"
                           ).add_subparsers(dest="data_command", metavar="COMMAND", parser_class=_Parser)
     data.required = True
@@ -138,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         p.set_defaults(func=_lazy(f"ddk.trainer.prepare:{target}"))
 
-    # ddk demo
+
+def _add_demo(sub) -> None:
+    """ddk demo"""
     p = sub.add_parser("demo", help="end to end: kit, teacher + controller, a DDK run, report")
     p.add_argument("--quick", action="store_true", help="small kit and a short run (under 10 minutes)")
     p.add_argument("--out", default="ddk-demo", help="output directory (default ./ddk-demo)")
@@ -146,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 60 quick, 600 otherwise)")
     p.set_defaults(func=_lazy("ddk.experiments.demo:main"))
 
-    # ddk compare
+
+def _add_compare(sub) -> None:
+    """ddk compare"""
     p = sub.add_parser("compare", help="the paper's comparison: the same run under several policies and seeds")
     p.add_argument("config", help="train config YAML (e.g. a kit's train.yaml)")
     p.add_argument("--policies", default=",".join(PAPER_ARMS),
@@ -160,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key for every run (repeatable)")
     p.set_defaults(func=_lazy("ddk.experiments.compare:main"))
 
-    # ddk runs, ddk weights: the controller's runs and a run's weights (ddk.controller.show)
+
+def _add_runs_and_weights(sub) -> None:
+    """ddk runs, ddk weights: the controller's runs and a run's weights (ddk.controller.show)"""
     controller_url = "http://127.0.0.1:8200"
     p = sub.add_parser("runs", help="the runs a controller holds, as a table")
     p.add_argument("--controller", default=controller_url, metavar="URL",
@@ -175,8 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table (one line per version "
                                                          "with --watch)")
     p.set_defaults(func=_lazy("ddk.controller.show:weights_main"))
-
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,19 +81,11 @@ def main(args, runner=None) -> int:
     tests pass one that runs the same job in-process."""
     from transformers import AutoTokenizer
 
+    from ddk.launcher import Services, free_port
     from ddk.trainer.config import load_config
     from ddk.trainer.data import default_cache_dir, load_domain_specs, natural_proportions, prepare_domains
-    from ddk.launcher import Services, free_port
 
-    policies = [p.strip() for p in (args.policies or ",".join(PAPER_ARMS)).split(",") if p.strip()]
-    if not policies:
-        raise UsageError("--policies: give at least one of " + ", ".join(ARMS))
-    for p in policies:
-        policy_overrides(p, {}, None)  # validates the name
-    if args.seeds < 1:
-        raise UsageError("--seeds: must be at least 1")
-    if args.teacher_model and not (Path(args.teacher_model) / "config.json").exists():
-        raise UsageError(f"--teacher-model: no Hugging Face model at {args.teacher_model}")
+    policies = _check_args(args)
     base = load_config(args.config, args.overrides)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -103,12 +95,6 @@ def main(args, runner=None) -> int:
     names = sorted(domains)
     natural = natural_proportions(domains)
     skip, count = base.eval.sequences_per_domain, max(base.eval.sequences_per_domain, 32)
-    short = [n for n in names if len(domains[n].val) <= skip]
-    note = ("Held-out blocks: validation blocks after the first "
-            f"{skip} per domain (those steer the DDK mixture), up to {count} per domain.")
-    if short:
-        note += (f" Domains with no block beyond the steering ones ({', '.join(short)}) are scored on their "
-                 "steering blocks.")
 
     results: dict[str, list[dict]] = {p: [] for p in policies}
     with Services(out / "logs") as services:
@@ -121,41 +107,77 @@ def main(args, runner=None) -> int:
         csvc = services.start("controller", ["controller", "serve", "--db", str(out / "controller.sqlite")],
                               free_port())
         controller_url = csvc.wait_healthy().url
-
-        from ddk.teacher.client import TeacherClient
-
-        tc = TeacherClient(teacher_urls)
-        try:
-            teacher = {n: _teacher_heldout(tc, heldout_blocks(domains[n].val, skip, count)) for n in names}
-        finally:
-            tc.close()
-        initial_loss = heldout_losses(Path(base.student.model), domains, skip, count)
-        initial = ratio(initial_loss, teacher)
-
+        teacher = _teacher_losses(teacher_urls, domains, skip, count)
+        initial = ratio(heldout_losses(Path(base.student.model), domains, skip, count), teacher)
         for seed in range(args.seeds):
             for policy in policies:
                 run_id = f"{base.run_id}-{policy}-s{seed}"
                 run_dir = out / "runs" / run_id
-                if not (run_dir / "summary.json").exists():
+                if (run_dir / "summary.json").exists():
+                    print(f"ddk compare: {run_id} finished before, reused", flush=True)
+                else:
                     sets = {"run_id": run_id, "seed": seed, "output_dir": str(run_dir),
                             "teacher.urls": json.dumps(teacher_urls), "controller.url": controller_url,
                             **policy_overrides(policy, natural, base.mixture.initial_weights)}
-                    argv = ["train", str(Path(args.config).resolve())]
-                    for o in args.overrides:
-                        argv += ["--set", o]
-                    for k, v in sets.items():
-                        argv += ["--set", f"{k}={json.dumps(v) if isinstance(v, dict) else v}"]
                     print(f"ddk compare: {run_id} (log {out / 'logs' / (run_id + '.log')})", flush=True)
-                    code = (runner or services.run)(run_id, argv)
+                    code = (runner or services.run)(run_id, _train_argv(args, sets))
                     if code != 0:
                         raise RuntimeError(f"run {run_id} failed with exit code {code}; see its log")
-                else:
-                    print(f"ddk compare: {run_id} finished before, reused", flush=True)
                 loss = heldout_losses(run_dir / "final", domains, skip, count)
-                results[policy].append({"ratio": ratio(loss, teacher),
-                                        "tokens": {n: tokens_per_domain(run_dir / "metrics.jsonl",
-                                                                        base.data.seq_len).get(n, 0) for n in names}})
+                tokens = tokens_per_domain(run_dir / "metrics.jsonl", base.data.seq_len)
+                results[policy].append({"ratio": ratio(loss, teacher), "tokens": {n: tokens.get(n, 0) for n in names}})
 
+    _write_report(args, policies, out, names, results, initial, teacher, natural,
+                  _heldout_note(names, domains, skip, count))
+    return 0
+
+
+def _check_args(args) -> list[str]:
+    """The arms to run (exit 2 on a bad name, seed count or teacher model)."""
+    policies = [p.strip() for p in (args.policies or ",".join(PAPER_ARMS)).split(",") if p.strip()]
+    if not policies:
+        raise UsageError("--policies: give at least one of " + ", ".join(ARMS))
+    for p in policies:
+        policy_overrides(p, {}, None)  # validates the name
+    if args.seeds < 1:
+        raise UsageError("--seeds: must be at least 1")
+    if args.teacher_model and not (Path(args.teacher_model) / "config.json").exists():
+        raise UsageError(f"--teacher-model: no Hugging Face model at {args.teacher_model}")
+    return policies
+
+
+def _train_argv(args, sets: dict) -> list[str]:
+    """``ddk train CONFIG`` with compare's own ``--set`` overrides, then the arm's."""
+    argv = ["train", str(Path(args.config).resolve())]
+    for o in args.overrides:
+        argv += ["--set", o]
+    for k, v in sets.items():
+        argv += ["--set", f"{k}={json.dumps(v) if isinstance(v, dict) else v}"]
+    return argv
+
+
+def _teacher_losses(urls: list[str], domains: dict, skip: int, count: int) -> dict[str, float]:
+    from ddk.teacher.client import TeacherClient
+
+    tc = TeacherClient(urls)
+    try:
+        return {n: _teacher_heldout(tc, heldout_blocks(domains[n].val, skip, count)) for n in sorted(domains)}
+    finally:
+        tc.close()
+
+
+def _heldout_note(names: list[str], domains: dict, skip: int, count: int) -> str:
+    note = ("Held-out blocks: validation blocks after the first "
+            f"{skip} per domain (those steer the DDK mixture), up to {count} per domain.")
+    short = [n for n in names if len(domains[n].val) <= skip]
+    if short:
+        note += (f" Domains with no block beyond the steering ones ({', '.join(short)}) are scored on their "
+                 "steering blocks.")
+    return note
+
+
+def _write_report(args, policies, out: Path, names, results, initial, teacher, natural, note: str) -> None:
+    """report.md, report.json and compare.png; the report printed."""
     agg = aggregate(results, names)
     command = "ddk compare " + " ".join([args.config, "--policies", ",".join(policies), "--seeds", str(args.seeds),
                                          "--out", args.out] + (["--teacher-model", args.teacher_model]
@@ -168,7 +190,6 @@ def main(args, runner=None) -> int:
     plot_compare(agg, names, initial, out / "compare.png")
     print(report)
     print(f"report: {out / 'report.md'}; plot: {out / 'compare.png'}")
-    return 0
 
 
 def _teacher_heldout(client, blocks) -> float:

@@ -80,6 +80,12 @@ def _error(status: int, detail: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+def _ready(state: dict) -> bool:
+    """The engine is loaded and its batcher thread runs."""
+    b = state["batcher"]
+    return b is not None and b._thread is not None and b._thread.is_alive()
+
+
 def _load(state: dict, load_engine: Callable[[], object], model_dir, max_batch_tokens: int, max_queue: int,
           metrics: Metrics, on_load_error: Callable[[BaseException], None] | None) -> None:
     """Load the engine and start its batcher (in a background thread), filling ``state``; a failure is kept
@@ -118,12 +124,11 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
     state = {"engine": None, "batcher": None, "info": None, "error": None}
     metrics = Metrics(lambda: state["batcher"])
 
-    def load() -> None:
-        _load(state, load_engine, model_dir, max_batch_tokens, max_queue, metrics, on_load_error)
-
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader = threading.Thread(target=load, name="teacher-load", daemon=True)
+        loader = threading.Thread(target=_load, name="teacher-load", daemon=True,
+                                  args=(state, load_engine, model_dir, max_batch_tokens, max_queue, metrics,
+                                        on_load_error))
         loader.start()
         yield
         if state["batcher"] is not None:
@@ -134,15 +139,11 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
     app = FastAPI(title="ddk teacher", version="1", lifespan=lifespan)
     app.state.teacher = state
 
-    def ready() -> bool:
-        b = state["batcher"]
-        return b is not None and b._thread is not None and b._thread.is_alive()
-
     @app.get("/healthz")
     async def healthz():
         if state["error"] is not None:
             return _error(503, f"engine failed to load: {state['error']}")
-        if not ready():
+        if not _ready(state):
             return _error(503, "loading")
         return {"status": "ok", "backend": state["info"]["backend"]}
 
@@ -159,24 +160,13 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
     @app.post("/v1/topk")
     async def topk(request: Request):
         t0 = time.perf_counter()
-        if not ready():
+        if not _ready(state):
             metrics.requests.labels("503").inc()
             return _error(503, "loading", {"Retry-After": "5"})
-        info = state["info"]
-        try:
-            body = await read_body(request, max_body_bytes)
-            req = parse_topk_request(body, vocab_size=info["vocab_size"], max_seq_len=info["max_seq_len"],
-                                     max_top_k=info["max_top_k"], max_batch_tokens=max_batch_tokens)
-        except RequestError as e:
-            metrics.requests.labels(str(e.status)).inc()
-            return _error(e.status, e.detail)
-        job = Job(req.input_ids, req.top_k)
-        try:
-            state["batcher"].submit(job)
-        except QueueFull as e:
-            metrics.requests.labels("503").inc()
-            return _error(503, f"queue full ({max_queue} requests waiting); retry later",
-                          {"Retry-After": str(e.retry_after)})
+        accepted = await _accept(request, state, metrics, max_body_bytes, max_batch_tokens, max_queue)
+        if isinstance(accepted, Response):
+            return accepted
+        req, job = accepted
         n_seq, length = req.input_ids.shape
 
         first = await job.results.get()  # an engine failure before any output is a clean 503
@@ -197,6 +187,27 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
         return StreamingResponse(_frames(job, first, n_seq, req.dtype, metrics, done), media_type=MEDIA_TYPE)
 
     return app
+
+
+async def _accept(request: Request, state: dict, metrics: Metrics, max_body_bytes: int, max_batch_tokens: int,
+                  max_queue: int):
+    """Read and check a /v1/topk request and queue its job: ``(request, job)``, or the 4xx/503 to answer."""
+    info = state["info"]
+    try:
+        body = await read_body(request, max_body_bytes)
+        req = parse_topk_request(body, vocab_size=info["vocab_size"], max_seq_len=info["max_seq_len"],
+                                 max_top_k=info["max_top_k"], max_batch_tokens=max_batch_tokens)
+    except RequestError as e:
+        metrics.requests.labels(str(e.status)).inc()
+        return _error(e.status, e.detail)
+    job = Job(req.input_ids, req.top_k)
+    try:
+        state["batcher"].submit(job)
+    except QueueFull as e:
+        metrics.requests.labels("503").inc()
+        return _error(503, f"queue full ({max_queue} requests waiting); retry later",
+                      {"Retry-After": str(e.retry_after)})
+    return req, job
 
 
 async def read_body(request: Request, max_body_bytes: int) -> bytes:
