@@ -158,10 +158,11 @@ def _train_argv(args, sets: dict) -> list[str]:
 
 def _teacher_losses(urls: list[str], domains: dict, skip: int, count: int) -> dict[str, float]:
     from ddk.teacher.client import TeacherClient
+    from ddk.trainer.evaluate import teacher_loss_on_blocks
 
     tc = TeacherClient(urls)
     try:
-        return {n: _teacher_heldout(tc, heldout_blocks(domains[n].val, skip, count)) for n in sorted(domains)}
+        return {n: teacher_loss_on_blocks(tc, heldout_blocks(domains[n].val, skip, count)) for n in sorted(domains)}
     finally:
         tc.close()
 
@@ -190,16 +191,3 @@ def _write_report(args, policies, out: Path, names, results, initial, teacher, n
     plot_compare(agg, names, initial, out / "compare.png")
     print(report)
     print(f"report: {out / 'report.md'}; plot: {out / 'compare.png'}")
-
-
-def _teacher_heldout(client, blocks) -> float:
-    """Teacher mean loss on blocks from its target_logprob."""
-    import torch
-
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), 16):
-        ids = torch.as_tensor(blocks[i:i + 16].astype("int64"))
-        out = client.topk(ids, 1)
-        total += float(-out.target_logprob.double().sum())
-        count += out.target_logprob.numel()
-    return total / count
