@@ -41,11 +41,26 @@ class _Section(BaseModel):
 
 class TeacherSection(_Section):
     urls: list[str] = Field(default_factory=list)
+    # domain -> its own teacher replicas (a domain without a route uses ``urls``): issue 14's routed teachers
+    routes: dict[str, list[str]] = Field(default_factory=dict)
+    token_file: str | None = None  # bearer token for the teacher's /v1/topk (``ddk teacher serve --token-file``)
 
     @field_validator("urls", mode="before")
     @classmethod
     def _one_url(cls, v: Any) -> Any:  # `teacher.urls: http://...` (a single string) is a list of one
         return [v] if isinstance(v, str) else v
+
+    @field_validator("routes", mode="before")
+    @classmethod
+    def _one_route_url(cls, v: Any) -> Any:  # `teacher.routes: {math: http://...}`: a list of one
+        return {k: [u] if isinstance(u, str) else u for k, u in v.items()} if isinstance(v, dict) else v
+
+    def all_urls(self) -> list[str]:
+        """Every teacher URL of the config, ``urls`` first, each once."""
+        seen = dict.fromkeys(self.urls)
+        for urls in self.routes.values():
+            seen.update(dict.fromkeys(urls))
+        return list(seen)
 
 
 class ControllerSection(_Section):
@@ -92,6 +107,12 @@ class TrainSection(_Section):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    grad_accum_steps: int = Field(1, gt=0)  # micro-batches of batch_size per optimiser step
+    activation_checkpointing: bool = False  # Hugging Face gradient checkpointing of the student
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 fully_shard per decoder layer, then the root
+    compile: bool = False  # torch.compile the student
+    peak_tflops: float | None = Field(None, gt=0)  # the accelerator's peak, for MFU in metrics.jsonl
 
 
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd")  # = ddk.trainer.loss.LOSSES
@@ -104,6 +125,9 @@ class KDSection(_Section):
     loss: Literal[KD_LOSSES] = "forward_kl"  # the divergence (ddk.trainer.loss); not imported: no torch here
     beta: float = Field(0.5, ge=0, le=1)  # jsd's interpolation: 0 forward KL, 1 reverse KL (TRL's convention)
     skew: float = Field(0.1, gt=0, le=1)  # skew_kl / skew_rkl's mixing weight (DistiLLM)
+    # positions per chunk of the loss computed from the hidden states (output projection inside the chunk);
+    # None: sized so one chunk's float32 [chunk, vocab] is at most ~256 MB; 0: the plain path (full logits)
+    chunk_tokens: int | None = Field(None, ge=0)
 
 
 class MixtureSection(_Section):
@@ -133,6 +157,10 @@ class RaySection(_Section):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     max_failures: int | None = Field(None, ge=0)  # worker-group restarts; None: $DDK_RAY_MAX_FAILURES or 3
+
+
+class CacheSection(_Section):
+    dir: str | None = None  # a top-k store (``ddk teacher precompute --out DIR``) to train from
 
 
 class CheckpointSection(_Section):
@@ -177,6 +205,7 @@ class TrainConfig(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     ray: RaySection = Field(default_factory=RaySection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    cache: CacheSection = Field(default_factory=CacheSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     output_dir: str | None = None  # None -> ./runs/<run_id> (filled in by load_config)
     seed: int = 0
@@ -221,7 +250,7 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         return os.path.expanduser(v) if isinstance(v, str) else v
 
     for section, key in (("student", "model"), ("data", "file"), ("data", "cache_dir"),
-                         ("controller", "token_file")):
+                         ("controller", "token_file"), ("teacher", "token_file"), ("cache", "dir")):
         sec = raw.get(section)
         if isinstance(sec, dict) and key in sec:
             sec[key] = fix(sec[key])
