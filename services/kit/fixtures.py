@@ -9,6 +9,8 @@ A kit is everything a DDK run needs without a model hub:
     DIR/student/                          a smaller Llama, briefly pre-trained: the distillation start
     DIR/train.yaml                        a ready `ddk train` config for this kit
     DIR/kit.json                          written last: sizes, per-domain losses; marks a finished kit
+    DIR/teacher-<domain>/                 optional (``--specialist DOMAIN``): the teacher pre-trained further on
+                                          that domain alone, same tokenizer; for domain-routed teachers
 
 Why a pre-trained student: the paper distils students that already know the language, whose
 perplexity ratios to the teacher sit around 1.2-1.8. From random init every ratio is huge and
@@ -291,7 +293,8 @@ def _check_out(out: Path) -> None:
     if out.is_dir():
         if not os.access(out, os.W_OK | os.X_OK):
             raise UsageError(f"--out {out} is not writable")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in KIT_ENTRIES)
+        foreign = sorted(p.name for p in out.iterdir()
+                         if p.name not in KIT_ENTRIES and not p.name.startswith(("teacher-", ".teacher-")))
         if foreign:
             raise UsageError(f"--out {out} is a non-empty directory that is not a ddk kit "
                              f"(holds {foreign[0]!r}); choose another directory")
@@ -393,11 +396,97 @@ def _build(root: Path, spec: KitSpec, quick: bool, seed: int) -> dict:
     return info
 
 
+# ----------------------------------------------------------------------------- specialist teachers
+
+SPECIALIST_FORMAT = 1
+
+
+def specialist_dir(kit: str | Path, domain: str) -> Path:
+    return Path(kit) / f"teacher-{domain}"
+
+
+def read_specialist(kit: str | Path, domain: str) -> dict | None:
+    """specialist.json of a finished specialist teacher of ``domain`` in the kit, or None."""
+    try:
+        info = json.loads((specialist_dir(kit, domain) / "specialist.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("format") == SPECIALIST_FORMAT else None
+
+
+def specialist_size(spec: KitSpec) -> ModelSize:
+    """The specialist's extra pre-training: the teacher's size, half its steps at a third of its peak LR."""
+    t = spec.teacher
+    return ModelSize(layers=t.layers, hidden=t.hidden, heads=t.heads, ffn=t.ffn, steps=max(1, t.steps // 2),
+                     lr=t.lr / 3, batch_size=t.batch_size)
+
+
+def build_specialist(kit: str | Path, domain: str) -> Path:
+    """``kit/teacher-<domain>``: the kit's teacher pre-trained further on ``domain`` alone (same tokenizer,
+    same architecture), so it beats the kit's teacher on that domain. Reused when already built."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from ddk.kit.corpus import read_jsonl
+
+    kit = Path(kit).expanduser().absolute()
+    info = read_finished_kit(kit)
+    if info is None:
+        raise UsageError(f"--specialist: {kit} holds no finished kit (build it first: ddk fixtures --out {kit})")
+    if domain not in info["domains"]:
+        raise UsageError(f"--specialist: unknown domain {domain!r} (the kit's domains: {', '.join(info['domains'])})")
+    out = specialist_dir(kit, domain)
+    with _lock(out):
+        if read_specialist(kit, domain) is not None:
+            log.info("reusing the specialist teacher in %s", out)
+            return out
+        spec = QUICK if info["quick"] else DEFAULT
+        size = specialist_size(spec)
+        started = time.monotonic()
+        torch.set_num_threads(os.cpu_count() or 1)
+        torch.use_deterministic_algorithms(True)
+        tokenizer = AutoTokenizer.from_pretrained(kit / "teacher", trust_remote_code=False)
+        train_ids = tokenize_domains(tokenizer, {domain: read_jsonl(kit / "data" / domain / "train.jsonl")})
+        val_ids = tokenize_domains(tokenizer, {d: read_jsonl(kit / "data" / d / "val.jsonl") for d in info["domains"]})
+        model = LlamaForCausalLM.from_pretrained(kit / "teacher", use_safetensors=True, dtype=torch.float32)
+        seed = info["seed"] * 1000 + 7
+        torch.manual_seed(seed)
+        pretrain(model, train_ids, size, spec.seq_len, seed, desc=f"specialise teacher on {domain}")
+        losses = val_loss(model, val_ids, spec.seq_len, spec.eval_blocks)
+        tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            record = {"format": SPECIALIST_FORMAT, "domain": domain, "base": "teacher", "extra": asdict(size),
+                      "loss": losses, "teacher_loss": info["teacher_loss"],
+                      "build_seconds": round(time.monotonic() - started, 1)}
+            os.sync()
+            write_text(tmp / "specialist.json", json.dumps(record, indent=2) + "\n")  # last: marks it finished
+            shutil.rmtree(out, ignore_errors=True)
+            os.rename(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("specialist teacher for %s: %s", domain, {d: round(v, 3) for d, v in losses.items()})
+    return out
+
+
+def specialist_table(record: dict) -> str:
+    lines = [f"{'domain':<8} {'teacher loss':>12} {'specialist':>12}"]
+    for d, v in record["loss"].items():
+        lines.append(f"{d:<8} {record['teacher_loss'][d]:>12.3f} {v:>12.3f}")
+    return "\n".join(lines)
+
+
 def main(args) -> int:
-    """CLI: ``ddk fixtures --out DIR [--quick] [--seed N] [--force]``."""
+    """CLI: ``ddk fixtures --out DIR [--quick] [--seed N] [--force] [--specialist DOMAIN ...]``."""
     out = build_kit(args.out, quick=args.quick, seed=args.seed, force=args.force)
     info = read_finished_kit(out)
     print(f"kit: {out} ({'quick' if info['quick'] else 'default'}, seed {info['seed']}, "
           f"built in {info['build_seconds']}s)")
     print(ratio_table(info))
+    for domain in getattr(args, "specialist", None) or []:
+        path = build_specialist(out, domain)
+        record = read_specialist(out, domain)
+        print(f"specialist teacher for {domain}: {path} (built in {record['build_seconds']}s)")
+        print(specialist_table(record))
     return 0
