@@ -5,6 +5,8 @@ function of its service, imported only when that subcommand runs.
 
 Exit codes: 0 success; 2 bad usage or bad input (one-line message on stderr); 1 failure.
 Implementations raise :class:`ddk.errors.UsageError` for bad input; anything else is a failure.
+Every numeric, host and URL flag takes a :mod:`ddk.argtypes` type, so its range is checked as it is parsed (exit 2,
+one line naming the flag) and shown in its --help; ``tests/unit/test_cli_ranges.py`` fails on a plain int/float.
 Nothing imports this module: it imports the services (lazily, per subcommand), never the reverse.
 """
 
@@ -15,6 +17,8 @@ import importlib
 import logging
 import sys
 
+from ddk import argtypes
+from ddk.argtypes import FloatRange, IntRange
 from ddk.errors import UsageError
 from ddk.logsetup import setup_logging
 from ddk.runtime import set_process_defaults
@@ -24,6 +28,13 @@ from ddk.vocab import ARMS, PAPER_ARMS
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def add_argument(self, *args, **kwargs):
+        """A flag whose type is one of ddk.argtypes (its range checked as it is parsed) shows the range in --help."""
+        rule = getattr(kwargs.get("type"), "rule", None)
+        if rule and kwargs.get("help") is not argparse.SUPPRESS:
+            kwargs["help"] = f"{kwargs['help']}; allowed: {rule}" if kwargs.get("help") else f"allowed: {rule}"
+        return super().add_argument(*args, **kwargs)
 
 
 def _lazy(target: str):
@@ -38,7 +49,7 @@ def _lazy(target: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ddk", description="DDK: domain-aware knowledge distillation of LLMs.")
-    parser.add_argument("--log-level", default="INFO",
+    parser.add_argument("--log-level", default="INFO", type=argtypes.log_level,
                         help="console logging level (default INFO: what starts, progress, warnings, results; "
                              "DEBUG adds every HTTP request and library message)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -61,8 +72,11 @@ def _add_fixtures(sub) -> None:
     p = sub.add_parser("fixtures", help="build the local demo kit (corpus, tokenizer, teacher, student)")
     p.add_argument("--out", required=True, help="kit directory (reused when already finished)")
     p.add_argument("--quick", action="store_true", help="small models, few steps (tests; under 3 minutes)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="random seed (default 0)")
     p.add_argument("--force", action="store_true", help="rebuild even if a finished kit is in --out")
+    p.add_argument("--specialist", action="append", metavar="DOMAIN", default=[],
+                   help="also build DIR/teacher-DOMAIN: the teacher pre-trained further on that domain alone "
+                        "(same tokenizer), for domain-routed teachers; repeatable")
     p.set_defaults(func=_lazy("ddk.kit.fixtures:main"))
 
 
@@ -74,21 +88,36 @@ def _add_teacher(sub) -> None:
     p = teacher.add_parser("serve", help="serve a teacher model's top-k log-probabilities over HTTP")
     p.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
     p.add_argument("--backend", choices=["auto", "vllm", "hf"], default="auto")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8100)
-    p.add_argument("--max-top-k", type=int, default=64, help="largest top_k a request may ask (default 64)")
-    p.add_argument("--max-batch-tokens", type=int, default=16384,
-                   help="most tokens (B x L) in one request and in one engine batch (default 16384)")
-    p.add_argument("--max-queue", type=int, default=64,
+    p.add_argument("--host", default="127.0.0.1", type=argtypes.host, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=argtypes.port, default=8100, help="port to listen on (default 8100)")
+    p.add_argument("--max-top-k", type=IntRange(1), default=64, help="largest top_k a request may ask (default 64)")
+    p.add_argument("--max-batch-tokens", type=IntRange(2), default=16384,
+                   help="most tokens (B x L) in one request and in one engine batch (default 16384; at least "
+                        "one sequence of 2 ids, the shortest a request may send)")
+    p.add_argument("--max-queue", type=IntRange(1), default=64,
                    help="requests that may wait for the engine; more get 503 + Retry-After (default 64)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="longest sequence (default: the model's)")
-    p.add_argument("--max-body-bytes", type=int, default=None,
-                   help="request body limit (default 16 x max-batch-tokens + 4 KiB)")
+    p.add_argument("--max-seq-len", type=IntRange(2), default=None, help="longest sequence (default: the model's)")
+    p.add_argument("--max-body-bytes", type=IntRange(256), default=None,
+                   help="request body limit (default 16 x max-batch-tokens + 4 KiB; at least room for a "
+                        "small request)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="engine dtype (auto: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+    p.add_argument("--gpu-memory-utilization", type=FloatRange(0, 1, lo_open=True), default=None,
                    help="vLLM memory fraction (default 0.9 on GPU, 0.3 on CPU, where 0.92 fails)")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM: skip graph compilation (faster start)")
+    p.add_argument("--tensor-parallel-size", type=IntRange(1), default=1,
+                   help="vLLM: GPUs to shard the model over (default 1)")
+    p.add_argument("--cache-dir", default=None,
+                   help="top-k store folder (DIR/topk.sqlite, created if absent): sequences found there are "
+                        "answered without the engine, the others are stored")
+    p.add_argument("--cache-max-bytes", type=IntRange(1), default=None,
+                   help="cap on the store's entries in bytes; least recently used entries go first "
+                        "(default: no cap)")
+    p.add_argument("--cache-encoding", choices=["float16", "compact"], default="float16",
+                   help="how new entries are stored: float16 (answers as an uncached server's float16 frames) "
+                        "or compact (about half the bytes, logprobs within the bound in docs/architecture.md)")
+    p.add_argument("--token-file", default=None,
+                   help="file holding the bearer token that POST /v1/topk needs (other routes stay open)")
     p.set_defaults(func=_lazy("ddk.teacher.server:main"))
 
 
@@ -98,9 +127,10 @@ def _add_controller(sub) -> None:
         dest="controller_command", metavar="COMMAND", parser_class=_Parser)
     controller.required = True
     p = controller.add_parser("serve", help="serve DDK domain weights over HTTP")
-    p.add_argument("--db", default="ddk-controller.sqlite", help="SQLite file (created if absent)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8200)
+    p.add_argument("--db", default="ddk-controller.sqlite",
+                   help="SQLite file (created if absent, in a folder that exists; default ./ddk-controller.sqlite)")
+    p.add_argument("--host", default="127.0.0.1", type=argtypes.host, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=argtypes.port, default=8200, help="port to listen on (default 8200)")
     p.add_argument("--token-file", default=None, help="file holding the bearer token required for writes")
     p.set_defaults(func=_lazy("ddk.controller.server:main"))
 
@@ -119,13 +149,14 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="per-domain validation perplexity of a model")
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--data", required=True, help="data.yaml or a kit/data directory")
-    p.add_argument("--teacher", default=None, help="teacher URL: also report student/teacher ratios")
+    p.add_argument("--teacher", default=None, type=argtypes.http_url, metavar="URL",
+                   help="teacher URL: also report student/teacher ratios")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--seq-len", type=IntRange(2), default=None,
                    help="tokens per sequence (default: data.seq_len of a train config given as --data, else 128)")
-    p.add_argument("--sequences", type=int, default=None,
+    p.add_argument("--sequences", type=argtypes.positive, default=None,
                    help="validation sequences per domain (default: eval.sequences_per_domain of a train config, else 32)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    p.add_argument("--batch-size", type=argtypes.positive, default=16, help="sequences per forward pass (default 16)")
     p.set_defaults(func=_lazy("ddk.trainer.evaluate:main"))
 
 
@@ -143,18 +174,18 @@ def _add_data(sub) -> None:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a dotted key of the train config; VALUE is parsed as YAML (repeatable)")
         p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the config's student.model)")
-        p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: data.seq_len, "
-                                                                  "else 128)")
+        p.add_argument("--seq-len", type=IntRange(2), default=None, help="tokens per sequence (default: "
+                                                                         "data.seq_len, else 128)")
         p.add_argument("--cache-dir", default=None, help="cache folder (default: data.cache_dir, else "
                                                          "$DDK_CACHE_DIR or ~/.cache/ddk/tokens)")
-        p.add_argument("--workers", type=int, default=None,
+        p.add_argument("--workers", type=argtypes.positive, default=None,
                        help="tokenising processes (default: $DDK_DATA_WORKERS, else the machine's cores)")
         if name == "prepare":
             p.add_argument("--ray", action="store_true",
                            help="tokenise with Ray tasks across the cluster (ray.address of the config, or "
                                 "--ray-address; a local Ray when empty)")
             p.add_argument("--ray-address", default=None, help="Ray cluster address (default: ray.address)")
-            p.add_argument("--shard-chars", type=int, default=None,
+            p.add_argument("--shard-chars", type=argtypes.positive, default=None,
                            help="characters of text per shard (default 4,000,000)")
             p.add_argument("--quiet", action="store_true", help="no progress bar")
         else:
@@ -168,7 +199,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--quick", action="store_true", help="small kit and a short run (under 10 minutes)")
     p.add_argument("--out", default="ddk-demo", help="output directory (default ./ddk-demo)")
     p.add_argument("--kit", default=None, help="use this finished kit instead of building one in OUT/kit")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 60 quick, 600 otherwise)")
+    p.add_argument("--steps", type=argtypes.positive, default=None,
+                   help="training steps (default: 60 quick, 600 otherwise)")
     p.set_defaults(func=_lazy("ddk.experiments.demo:main"))
 
 
@@ -179,7 +211,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--policies", default=",".join(PAPER_ARMS),
                    help=f"the arms to run, comma-separated, from {', '.join(ARMS)} (default: the paper's four, "
                         f"{','.join(PAPER_ARMS)})")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per policy (default 1)")
+    p.add_argument("--seeds", type=argtypes.positive, default=1, help="seeds per policy (default 1)")
     p.add_argument("--out", default="ddk-compare", help="output directory (default ./ddk-compare)")
     p.add_argument("--teacher-model", default=None,
                    help="start a local teacher on this model (default: use the config's teacher.urls)")
@@ -192,13 +224,13 @@ def _add_runs_and_weights(sub) -> None:
     """ddk runs, ddk weights: the controller's runs and a run's weights (ddk.controller.show)"""
     controller_url = "http://127.0.0.1:8200"
     p = sub.add_parser("runs", help="the runs a controller holds, as a table")
-    p.add_argument("--controller", default=controller_url, metavar="URL",
+    p.add_argument("--controller", default=controller_url, metavar="URL", type=argtypes.http_url,
                    help=f"controller URL (default {controller_url})")
     p.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
     p.set_defaults(func=_lazy("ddk.controller.show:runs_main"))
     p = sub.add_parser("weights", help="a run's current domain weights; --watch follows each new version")
     p.add_argument("run_id", metavar="RUN_ID", help="the run (see `ddk runs`)")
-    p.add_argument("--controller", default=controller_url, metavar="URL",
+    p.add_argument("--controller", default=controller_url, metavar="URL", type=argtypes.http_url,
                    help=f"controller URL (default {controller_url})")
     p.add_argument("--watch", action="store_true", help="print every new weights version until Ctrl-C")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table (one line per version "

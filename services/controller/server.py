@@ -31,8 +31,18 @@ def read_token(path: str) -> str:
     return token
 
 
+def check_db_path(path: str) -> None:
+    """--db names a file (absent: created) in a folder that exists; else exit 2 before anything opens."""
+    p = Path(path).expanduser()
+    if not path or p.is_dir():
+        raise UsageError(f"--db: must be a file in an existing folder, got {path!r}")
+    if not p.parent.is_dir():
+        raise UsageError(f"--db: must be a file in an existing folder; no such folder {p.parent}")
+
+
 def main(args: argparse.Namespace) -> int:
     token = read_token(args.token_file) if args.token_file else None  # a bad token file fails before the imports
+    check_db_path(args.db)
 
     from ddk.controller.app import create_app
 

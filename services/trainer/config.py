@@ -36,7 +36,8 @@ FAULT_ENV = "DDK_FAULT_AT_STEPS"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: every float key is a finite number (`train.lr: .inf` is exit 2, not a NaN loss)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TeacherSection(_Section):
@@ -135,6 +136,8 @@ class MixtureSection(_Section):
     interval_steps: int = Field(1000, gt=0)
     alpha: float = Field(0.5, ge=0, le=1)
     initial_weights: dict[str, float] | None = None
+    # the policy's own parameters (GET /v1/policies lists them), checked by the controller on POST /v1/runs
+    policy_params: dict[str, Any] = {}
 
     @field_validator("initial_weights")
     @classmethod
@@ -208,7 +211,7 @@ class TrainConfig(_Section):
     cache: CacheSection = Field(default_factory=CacheSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     output_dir: str | None = None  # None -> ./runs/<run_id> (filled in by load_config)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's and the kit's seeds are 32-bit (ddk.argtypes.seed)
 
     @property
     def cpt(self) -> bool:
@@ -379,6 +382,8 @@ def _check_paths(cfg: TrainConfig) -> None:
                     raise UsageError(f"data.domains[{i}].{key}: domain {d.name}: no such file: {f}")
     if cfg.controller.token_file is not None and not Path(cfg.controller.token_file).is_file():
         raise UsageError(f"controller.token_file: no such file: {cfg.controller.token_file}")
+    if cfg.teacher.token_file is not None and not Path(cfg.teacher.token_file).is_file():
+        raise UsageError(f"teacher.token_file: no such file: {cfg.teacher.token_file}")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
@@ -445,6 +450,7 @@ class TrainJob(BaseModel):
     initial_version: int = Field(0, ge=0)
     teacher_loss: dict[str, float] | None = None
     controller_token: str | None = None
+    teacher_token: str | None = None  # the content of teacher.token_file, read by the driver
     log_level: str = "INFO"
     fault_at_steps: list[int] = Field(default_factory=list)
 
