@@ -1,6 +1,7 @@
 """The vocabulary the three services share: one name for one idea (pure, no I/O, no third-party imports).
 
-- **policies**: how the controller turns evaluations into weights (``ddk``, ``ddk_raw``, ``fixed``);
+- **policies**: how the controller turns evaluations into weights (``ddk``, ``ddk_raw``, ``fixed``, ``doremi``,
+  ``ddk_progress``; each a plug-in of ``ddk.controller.policies``);
 - **arms**: what ``ddk compare`` runs side by side; each arm is a policy plus a loss and a starting mixture
   (``cpt`` is CE only, ``kd`` the fixed natural mixture, ``kd_uniform`` the fixed uniform one, ``ddk_raw`` and
   ``ddk`` the two DDK policies);
@@ -20,9 +21,10 @@ from collections.abc import Mapping
 from typing import TypedDict
 
 # -- policies (controller) and arms (ddk compare) ------------------------------------------------------------
-POLICIES = ("ddk", "ddk_raw", "fixed")
-DDK_POLICIES = ("ddk", "ddk_raw")  # the policies that need the teacher's losses
-ARMS = ("cpt", "kd", "kd_uniform", "ddk_raw", "ddk")
+POLICIES = ("ddk", "ddk_raw", "fixed", "doremi", "ddk_progress")
+# the policies that need the teacher's losses and a controller (all but fixed)
+DDK_POLICIES = ("ddk", "ddk_raw", "doremi", "ddk_progress")
+ARMS = ("cpt", "kd", "kd_uniform", "ddk_raw", "ddk", "doremi", "ddk_progress")
 PAPER_ARMS = ("cpt", "kd", "ddk_raw", "ddk")  # the paper's comparison, ddk compare's default
 
 # -- run ids -------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import get_type_hints
+from typing import Any, get_type_hints
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ddk.controller import policies
 from ddk.controller.spec import MAX_STEPS, Invalid, check_run_spec
 from ddk.controller.store import Conflict, NotFound, Store
 from ddk.vocab import WeightsVersion
@@ -48,6 +49,7 @@ class RunCreate(BaseModel):
     alpha: float = 0.5
     interval_steps: int = Field(default=1000, strict=True)
     initial_weights: dict[str, float] | None = None
+    policy_params: dict[str, Any] | None = None  # checked by the policy's own model (spec.check_run_spec)
 
 
 class ErrorBody(BaseModel):
@@ -60,6 +62,7 @@ class EvaluationIn(BaseModel):
     step: int = Field(strict=True)
     student_loss: dict[str, float]
     teacher_loss: dict[str, float] | None = None
+    tokens: dict[str, float] | None = None  # student tokens trained per domain so far (cumulative); optional
 
 
 class ProgressIn(BaseModel):
@@ -350,11 +353,17 @@ def _add_routes(app: FastAPI, store: Store, broker: Broker) -> None:
     @app.post("/v1/runs", status_code=201)
     async def create_run(body: RunCreate):
         spec = check_run_spec(body.run_id, body.domains, body.policy, body.alpha, body.interval_steps,
-                              body.initial_weights)
+                              body.initial_weights, body.policy_params)
         run, created = await run_in_threadpool(store.create_run, spec)
         if created:
             broker.publish(None)
         return JSONResponse(run, status_code=201 if created else 200)
+
+    @app.get("/v1/policies")
+    def list_policies():
+        """Every registered policy: ``{"policies": [{"name", "summary", "needs_teacher", "run_fields",
+        "params": {name: {"type", "default", "description", bounds...}}}, ...]}``."""
+        return {"policies": policies.describe()}
 
     @app.get("/v1/runs")
     def list_runs():
@@ -368,7 +377,7 @@ def _add_routes(app: FastAPI, store: Store, broker: Broker) -> None:
     @app.post("/v1/runs/{run_id}/evaluations", response_model=WeightsOut)
     async def post_evaluation(run_id: str, body: EvaluationIn):
         weights = await run_in_threadpool(store.add_evaluation, run_id, body.step, body.student_loss,
-                                          body.teacher_loss)
+                                          body.teacher_loss, body.tokens)
         broker.publish(run_id)
         return weights
 

@@ -76,13 +76,21 @@ class ControllerClient:
 
     # -- API -------------------------------------------------------------------------------------------
     def create_run(self, run_id, domains, policy="ddk", alpha=0.5, interval_steps=1000,
-                   initial_weights=None) -> dict:
-        """Create the run, or return it if it exists with the same spec (409 ControllerError otherwise)."""
+                   initial_weights=None, policy_params=None) -> dict:
+        """Create the run, or return it if it exists with the same spec (409 ControllerError otherwise).
+        ``policy_params``: the policy's own parameters (``list_policies`` says which); omitted when empty, so an
+        older controller still accepts the run."""
         body = {"run_id": run_id, "domains": list(domains), "policy": policy, "alpha": alpha,
                 "interval_steps": interval_steps}
         if initial_weights is not None:
             body["initial_weights"] = dict(initial_weights)
+        if policy_params:
+            body["policy_params"] = dict(policy_params)
         return self._request("POST", "/v1/runs", body)
+
+    def list_policies(self) -> dict:
+        """``{"policies": [{"name", "summary", "needs_teacher", "run_fields", "params"}, ...]}``."""
+        return self._request("GET", "/v1/policies")
 
     def get_run(self, run_id) -> dict:
         return self._request("GET", f"/v1/runs/{run_id}")
@@ -91,11 +99,14 @@ class ControllerClient:
         return self._request("GET", "/v1/runs")
 
     def post_evaluation(self, run_id, step, student_loss: dict,
-                        teacher_loss: dict | None = None) -> WeightsVersion:
-        """Record an evaluation; returns the new weights {"version", "step", "weights", "updated_at"}."""
+                        teacher_loss: dict | None = None, tokens: dict | None = None) -> WeightsVersion:
+        """Record an evaluation; returns the new weights {"version", "step", "weights", "updated_at"}.
+        ``tokens``: student tokens trained on each domain so far (cumulative), for policies that use them."""
         body = {"step": int(step), "student_loss": {k: float(v) for k, v in student_loss.items()}}
         if teacher_loss is not None:
             body["teacher_loss"] = {k: float(v) for k, v in teacher_loss.items()}
+        if tokens is not None:
+            body["tokens"] = {k: float(v) for k, v in tokens.items()}
 
         def already_recorded():
             # an earlier attempt reached the controller; its version is the current one if its step matches

@@ -97,13 +97,16 @@ def next_weights(
 ) -> dict[str, float]:
     """The mixture for the next interval, given this evaluation's losses.
 
-    policy:   "ddk" | "ddk_raw" | "fixed"
+    policy:   "ddk" | "ddk_raw" | "fixed" (computed here), or another registered policy (ddk.controller.policies),
+              called with no state and its default parameters
     previous: the weights from the previous *evaluation* (r_prev), or None when this is the run's first
               evaluation (the initial weights of version 0 are not r_prev: the paper starts from softmax(q)).
     initial:  the run's initial weights (``fixed`` keeps them; uniform when None).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy: must be one of {list(POLICIES)}, got {policy!r}")
+    if policy not in _OWN:  # a plug-in policy (ddk.controller.policies), stateless here: its default params
+        return _plugin_weights(policy, domains, student_loss, teacher_loss, previous, initial, alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: must be in [0, 1], got {alpha!r}")
     if policy == "fixed":
@@ -124,3 +127,23 @@ def next_weights(
     psi = prior_times_exp_q(prev, gaps)
     floor = (1.0 - alpha) / n
     return {d: alpha * p + floor for d, p in zip(domains, psi)}
+
+
+_OWN = ("ddk", "ddk_raw", "fixed")  # the policies computed in this module; the plug-ins call next_weights
+
+
+def _plugin_weights(policy, domains, student_loss, teacher_loss, previous, initial, alpha) -> dict[str, float]:
+    from ddk.controller import policies
+
+    p = policies.get(policy)
+    if teacher_loss is None and p.needs_teacher:
+        raise ValueError("teacher_loss: required for policy " + policy)
+    _check_losses("student_loss", student_loss, domains)
+    if teacher_loss is not None:
+        _check_losses("teacher_loss", teacher_loss, domains)
+    ev = policies.Evaluation(0, tuple(domains), dict(student_loss),
+                             None if teacher_loss is None else dict(teacher_loss), None,
+                             None if previous is None else dict(previous),
+                             dict(initial) if initial is not None else uniform(domains), alpha)
+    weights, _ = p.update(None, ev, p.params())
+    return weights

@@ -10,11 +10,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ddk.controller import policies
 from ddk.controller.mixture import uniform
 
 # run ids appear in URLs, folder names and Ray Train's run name: the one rule is ddk.vocab's (RUN_ID_RULE),
 # checked here when a run is created; reads of an unknown id are simply 404
-from ddk.vocab import POLICIES, RUN_ID_RULE, is_run_id
+from ddk.vocab import RUN_ID_RULE, is_run_id
 
 MAX_DOMAINS = 1024
 MAX_DOMAIN_NAME = 200
@@ -34,6 +35,11 @@ class RunSpec:
     alpha: float = 0.5
     interval_steps: int = 1000
     initial_weights: dict[str, float] | None = None  # None: uniform
+    policy_params: dict | None = None  # the policy's own parameters, defaults filled in (None: all defaults)
+
+    def effective_policy_params(self) -> dict:
+        """The policy's parameters with the defaults filled in (what its ``update`` gets)."""
+        return policies.check_params(self.policy, self.policy_params)
 
     def effective_initial_weights(self) -> dict[str, float]:
         return dict(self.initial_weights) if self.initial_weights is not None else uniform(self.domains)
@@ -45,6 +51,8 @@ class RunSpec:
             return False
         if not math.isclose(self.alpha, other.alpha, rel_tol=0, abs_tol=1e-12):
             return False
+        if self.effective_policy_params() != other.effective_policy_params():
+            return False
         a, b = self.effective_initial_weights(), other.effective_initial_weights()
         return all(math.isclose(a[d], b[d], rel_tol=0, abs_tol=1e-9) for d in self.domains)
 
@@ -55,8 +63,10 @@ def _finite_number(x) -> bool:
 
 def check_run_spec(run_id: str, domains: Sequence[str], policy: str = "ddk", alpha: float = 0.5,
                    interval_steps: int = 1000,
-                   initial_weights: Mapping[str, float] | None = None) -> RunSpec:
-    """Validate a run spec and return it normalised (initial weights rescaled to sum exactly 1)."""
+                   initial_weights: Mapping[str, float] | None = None,
+                   policy_params: Mapping | None = None) -> RunSpec:
+    """Validate a run spec and return it normalised (initial weights rescaled to sum exactly 1, the policy's
+    parameters checked by the policy's own model, defaults filled in)."""
     if not is_run_id(run_id):
         raise Invalid(f"run_id: {RUN_ID_RULE}")
     if not isinstance(domains, (list, tuple)) or not domains:
@@ -69,8 +79,8 @@ def check_run_spec(run_id: str, domains: Sequence[str], policy: str = "ddk", alp
     if len(set(domains)) != len(domains):
         dupes = sorted({d for d in domains if list(domains).count(d) > 1})
         raise Invalid(f"domains: duplicate names {dupes}")
-    if policy not in POLICIES:
-        raise Invalid(f"policy: must be one of {list(POLICIES)}, got {policy!r}")
+    if policy not in policies.names():
+        raise Invalid(f"policy: must be one of {list(policies.names())}, got {policy!r}")
     if not _finite_number(alpha) or not 0.0 <= alpha <= 1.0:
         raise Invalid(f"alpha: must be a number in [0, 1], got {alpha!r}")
     if not isinstance(interval_steps, int) or isinstance(interval_steps, bool) or interval_steps < 1:
@@ -78,7 +88,11 @@ def check_run_spec(run_id: str, domains: Sequence[str], policy: str = "ddk", alp
     weights = None
     if initial_weights is not None:
         weights = _check_distribution("initial_weights", initial_weights, domains)
-    return RunSpec(run_id, tuple(domains), policy, float(alpha), int(interval_steps), weights)
+    try:
+        params = policies.check_params(policy, policy_params)
+    except ValueError as e:
+        raise Invalid(str(e)) from None
+    return RunSpec(run_id, tuple(domains), policy, float(alpha), int(interval_steps), weights, params or None)
 
 
 def _check_distribution(field: str, weights: Mapping[str, float], domains: Sequence[str]) -> dict[str, float]:
@@ -113,6 +127,21 @@ def check_losses(field: str, losses: Mapping[str, float], domains: Sequence[str]
         v = losses[d]
         if not _finite_number(v) or v < 0:
             raise Invalid(f"{field}.{d}: must be a finite number >= 0 (nats per token), got {v!r}")
+        out[d] = float(v)
+    return out
+
+
+def check_tokens(tokens: Mapping[str, float] | None, domains: Sequence[str]) -> dict[str, float] | None:
+    """An evaluation's optional ``tokens``: student tokens trained on each domain so far (cumulative), exactly the
+    run's domains, finite and >= 0; None when absent."""
+    if tokens is None:
+        return None
+    check_domains("tokens", tokens, domains)
+    out = {}
+    for d in domains:
+        v = tokens[d]
+        if not _finite_number(v) or v < 0:
+            raise Invalid(f"tokens.{d}: must be a finite number >= 0 (tokens trained so far), got {v!r}")
         out[d] = float(v)
     return out
 

@@ -7,6 +7,9 @@ weights, insert -- so two concurrent evaluations can never both build on the sam
 retried POST for a step that was already recorded is refused instead of applied twice.
 
 Version 0 of a run holds its initial weights (step NULL, no losses); version n >= 1 is the n-th evaluation.
+Each version also keeps the policy's state after it (JSON, ``ddk.controller.policies``) and the evaluation's
+cumulative per-domain ``tokens``, when sent, so that a restarted controller continues a stateful policy where
+it was. Files written before those columns existed get them (NULL) when opened: see :data:`MIGRATIONS`.
 
 Besides the versions, each run may have a trainer's progress (the page's "step of total" and loss curve): the
 latest report in ``progress`` and a bounded loss history in ``loss_points``. At most :data:`LOSS_POINTS` points
@@ -25,8 +28,9 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ddk.controller import mixture
-from ddk.controller.spec import Invalid, RunSpec, check_losses, check_progress, check_step
+from ddk.controller import policies
+from ddk.controller.policies import State
+from ddk.controller.spec import Invalid, RunSpec, check_losses, check_progress, check_step, check_tokens
 from ddk.vocab import WeightsVersion, ratio, weights_version
 
 log = logging.getLogger(__name__)
@@ -39,7 +43,8 @@ CREATE TABLE IF NOT EXISTS runs (
     alpha           REAL NOT NULL,
     interval_steps  INTEGER NOT NULL,
     initial_weights TEXT,               -- JSON object or NULL (uniform)
-    created_at      TEXT NOT NULL
+    created_at      TEXT NOT NULL,
+    policy_params   TEXT                -- JSON object (defaults filled in) or NULL (a policy without params)
 );
 CREATE TABLE IF NOT EXISTS versions (
     run_id        TEXT NOT NULL REFERENCES runs(run_id),
@@ -50,6 +55,8 @@ CREATE TABLE IF NOT EXISTS versions (
     ratio         TEXT,
     weights       TEXT NOT NULL,
     created_at    TEXT NOT NULL,
+    state         TEXT,                 -- the policy's state after this version (JSON) or NULL
+    tokens        TEXT,                 -- the evaluation's cumulative tokens per domain (JSON) or NULL
     PRIMARY KEY (run_id, version)
 );
 CREATE TABLE IF NOT EXISTS progress (   -- the latest progress report of a run (none before its first)
@@ -73,6 +80,14 @@ CREATE TABLE IF NOT EXISTS loss_points (  -- the loss curve, at most LOSS_POINTS
     PRIMARY KEY (run_id, step)
 );
 """
+
+# Columns added after the first release: (table, column, declaration). An older file gets them (NULL) when a
+# Store opens it; CREATE TABLE above already has them for a new file. Append only.
+MIGRATIONS = (
+    ("runs", "policy_params", "TEXT"),
+    ("versions", "state", "TEXT"),
+    ("versions", "tokens", "TEXT"),
+)
 
 LOSS_POINTS = 1024  # loss points kept per run (a chart a few hundred pixels wide needs fewer)
 
@@ -104,6 +119,7 @@ class Store:
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
+            _migrate(con)
 
     # -- connections -----------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -143,14 +159,17 @@ class Store:
                 if not existing.same_as(spec):
                     raise Conflict(f"run_id: run {spec.run_id!r} exists with a different spec "
                                    f"(domains {list(existing.domains)}, policy {existing.policy!r}, "
-                                   f"alpha {existing.alpha}, interval_steps {existing.interval_steps})")
+                                   f"alpha {existing.alpha}, interval_steps {existing.interval_steps}, "
+                                   f"policy_params {existing.effective_policy_params()})")
                 created = False
             else:
                 ts = now()
                 con.execute(
-                    "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO runs (run_id, domains, policy, alpha, interval_steps, initial_weights, created_at, "
+                    "policy_params) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (spec.run_id, json.dumps(list(spec.domains)), spec.policy, spec.alpha, spec.interval_steps,
-                     None if spec.initial_weights is None else json.dumps(spec.initial_weights), ts))
+                     None if spec.initial_weights is None else json.dumps(spec.initial_weights), ts,
+                     json.dumps(spec.policy_params) if spec.policy_params else None))
                 con.execute(
                     "INSERT INTO versions (run_id, version, step, weights, created_at) VALUES (?, 0, NULL, ?, ?)",
                     (spec.run_id, json.dumps(spec.effective_initial_weights()), ts))
@@ -181,7 +200,7 @@ class Store:
         return runs
 
     def _run_object(self, row: sqlite3.Row) -> dict:
-        return {
+        run = {
             "run_id": row["run_id"],
             "domains": json.loads(row["domains"]),
             "policy": row["policy"],
@@ -191,14 +210,22 @@ class Store:
             "created_at": row["created_at"],
             "weights": self.weights(row["run_id"]),
         }
+        params = _loads(row["policy_params"])
+        if params:  # only policies with parameters have the key (the run object of the others is unchanged)
+            run["policy_params"] = params
+        return run
 
     # -- evaluations -----------------------------------------------------------------------------------
     def add_evaluation(self, run_id: str, step: int, student_loss: Mapping[str, float],
-                       teacher_loss: Mapping[str, float] | None = None) -> dict:
+                       teacher_loss: Mapping[str, float] | None = None,
+                       tokens: Mapping[str, float] | None = None) -> dict:
         """Record one evaluation and the weights it yields, atomically; return the weights object.
 
         Teacher losses are required on a run's first evaluation (except for ``fixed``, whose weights do not
         depend on them, so a CPT baseline without a teacher can still report) and reused until sent again.
+        ``tokens`` (optional): the student tokens trained on each domain so far, for the policies that use them.
+        The weights are the run's policy's (``ddk.controller.policies``), given the state it left with the
+        previous version; its new state is stored with the new version.
         """
         step = check_step(step)
         with self._write() as con:
@@ -208,6 +235,8 @@ class Store:
             spec = _spec(row)
             student = check_losses("student_loss", student_loss, spec.domains)
             teacher = None if teacher_loss is None else check_losses("teacher_loss", teacher_loss, spec.domains)
+            toks = check_tokens(tokens, spec.domains)
+            policy = policies.get(spec.policy)
 
             last = con.execute("SELECT * FROM versions WHERE run_id = ? ORDER BY version DESC LIMIT 1",
                                (run_id,)).fetchone()
@@ -217,20 +246,28 @@ class Store:
                                f"(version {last['version']}); evaluations must come in increasing steps")
             if teacher is None and not first:
                 teacher = _loads(last["teacher_loss"])  # reuse the teacher's losses from the last evaluation
-            if teacher is None and spec.policy != "fixed":
+            if teacher is None and policy.needs_teacher:
                 raise Invalid("teacher_loss: required on the first evaluation of a run")
 
-            weights = mixture.next_weights(
-                spec.policy, spec.domains, student, teacher,
-                previous=None if first else json.loads(last["weights"]),
+            evaluation = policies.Evaluation(
+                step, spec.domains, student, teacher, toks, previous=None if first else json.loads(last["weights"]),
                 initial=spec.effective_initial_weights(), alpha=spec.alpha)
+            weights, state = policy.update(_loads(last["state"]), evaluation,
+                                           policies.params_of(spec.policy, spec.policy_params))
+            weights = policies.check_weights(spec.policy, weights, spec.domains)
+            try:
+                state_text = None if state is None else json.dumps(state, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise RuntimeError(f"policy {spec.policy}: state is not plain JSON ({e})") from None
             q = None if teacher is None else ratio(student, teacher)
             version = last["version"] + 1
             ts = now()
             con.execute(
-                "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO versions (run_id, version, step, student_loss, teacher_loss, ratio, weights, "
+                "created_at, state, tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, version, step, json.dumps(student), None if teacher is None else json.dumps(teacher),
-                 None if q is None else json.dumps(q), json.dumps(weights), ts))
+                 None if q is None else json.dumps(q), json.dumps(weights), ts, state_text,
+                 None if toks is None else json.dumps(toks)))
         log.info("run %s step %d -> version %d", run_id, step, version)
         return weights_version(version, step, weights, ts)
 
@@ -320,14 +357,31 @@ class Store:
         return _weights_version(row)
 
     def history(self, run_id: str) -> list[dict]:
-        """Every version in order, with its step, losses, ratios and weights."""
+        """Every version in order, with its step, losses, ratios and weights; also ``tokens`` when the
+        evaluation carried them and ``policy_state`` when the policy keeps one."""
         rows = self._connect().execute("SELECT * FROM versions WHERE run_id = ? ORDER BY version",
                                        (run_id,)).fetchall()
         if not rows:
             raise NotFound(f"run_id: no run {run_id!r}")
-        return [{"version": r["version"], "step": r["step"], "student_loss": _loads(r["student_loss"]),
+        out = []
+        for r in rows:
+            v = {"version": r["version"], "step": r["step"], "student_loss": _loads(r["student_loss"]),
                  "teacher_loss": _loads(r["teacher_loss"]), "ratio": _loads(r["ratio"]),
-                 "weights": json.loads(r["weights"]), "created_at": r["created_at"]} for r in rows]
+                 "weights": json.loads(r["weights"]), "created_at": r["created_at"]}
+            if r["tokens"] is not None:
+                v["tokens"] = json.loads(r["tokens"])
+            if r["state"] is not None:
+                v["policy_state"] = json.loads(r["state"])
+            out.append(v)
+        return out
+
+    def policy_state(self, run_id: str) -> State:
+        """The policy's state after the run's last version (None: none kept, or no evaluation yet)."""
+        row = self._connect().execute("SELECT state FROM versions WHERE run_id = ? ORDER BY version DESC LIMIT 1",
+                                      (run_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"run_id: no run {run_id!r}")
+        return _loads(row["state"])
 
     def weights_since(self, run_id: str, version: int) -> list[WeightsVersion]:
         """Weights objects of the versions after ``version``, in order (the SSE push catches up with these)."""
@@ -362,4 +416,17 @@ def _weights_version(row: sqlite3.Row) -> WeightsVersion:
 
 def _spec(row: sqlite3.Row) -> RunSpec:
     return RunSpec(row["run_id"], tuple(json.loads(row["domains"])), row["policy"], row["alpha"],
-                   row["interval_steps"], _loads(row["initial_weights"]))
+                   row["interval_steps"], _loads(row["initial_weights"]), _loads(row["policy_params"]))
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    """Add the :data:`MIGRATIONS` columns a file lacks (a file from an older controller keeps working)."""
+    for table, column, decl in MIGRATIONS:
+        have = {r[1] for r in con.execute(f"PRAGMA table_info({table})").fetchall()}
+        if column not in have:
+            try:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                log.info("database: added column %s.%s", table, column)
+            except sqlite3.OperationalError as e:  # another process added it first
+                if "duplicate column" not in str(e):
+                    raise

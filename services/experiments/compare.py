@@ -17,7 +17,15 @@ reused, an unfinished one resumes from its last checkpoint (``ddk train`` does t
 
 The table is measured on **held-out blocks**: each domain's validation blocks after the first
 ``eval.sequences_per_domain``, which the DDK runs use to steer their mixture. So no policy is scored on
-the data it steered by. Writes ``DIR/report.md``, ``DIR/report.json`` and ``DIR/compare.png``.
+the data it steered by. Writes ``DIR/report.md``, ``DIR/report.json``, ``DIR/compare.png`` and
+``DIR/compare-curve.png``.
+
+With several seeds the report pairs the runs by seed (same seed, same initial student, same held-out blocks)
+and gives, for each steered policy against each baseline, the mean paired difference in the mean ratio, the
+worst domain's ratio and the area under the ratio-vs-tokens curve with a 95% t-interval
+(``ddk.experiments.stats``); it words a claim only when the interval excludes 0. ``--seeds 3`` or more for
+anything published. The curve is each run's mean ratio at its evaluations (the steering blocks, from its
+``metrics.jsonl``) against the student tokens trained so far.
 """
 
 from __future__ import annotations
@@ -27,8 +35,8 @@ import logging
 from pathlib import Path
 
 from ddk.errors import UsageError
-from ddk.experiments.plots import plot_compare
-from ddk.experiments.tables import aggregate, format_report
+from ddk.experiments.plots import plot_compare, plot_curves
+from ddk.experiments.tables import aggregate, format_report, paired_comparisons
 from ddk.vocab import ARMS, DDK_POLICIES, PAPER_ARMS, ratio
 
 log = logging.getLogger("ddk.compare")
@@ -75,6 +83,24 @@ def tokens_per_domain(metrics_path: Path, seq_len: int) -> dict[str, float]:
     return totals
 
 
+def ratio_curve(records: list[dict], seq_len: int) -> list[list[float]]:
+    """[[student tokens trained so far, mean ratio over domains], ...] at each evaluation of one run's metrics
+    records (its ``eval`` lines; the tokens from the ``rows`` of its ``step`` lines up to that step). Pure."""
+    rows_at: dict[int, int] = {}
+    evals: dict[int, float] = {}
+    for r in records:
+        if r.get("event") == "step":
+            rows_at[int(r["step"])] = sum(int(n) for n in r.get("rows", {}).values())
+        elif r.get("event") == "eval" and r.get("ratio"):
+            q = r["ratio"]
+            evals[int(r["step"])] = sum(q.values()) / len(q)  # the last line of a step wins (a redone one)
+    out, steps = [], sorted(rows_at)
+    for step in sorted(evals):
+        tokens = sum(rows_at[s] for s in steps if s <= step) * seq_len
+        out.append([float(tokens), evals[step]])
+    return out
+
+
 def main(args, runner=None) -> int:
     """``ddk compare``. Each run is ``ddk train`` with the arm's overrides: ``runner(run_id, argv) -> exit
     code`` runs it, by default as a child process (``ddk train`` under Ray, its log in ``out/logs``); the
@@ -84,6 +110,7 @@ def main(args, runner=None) -> int:
     from ddk.launcher import Services, free_port
     from ddk.trainer.config import load_config
     from ddk.trainer.data import default_cache_dir, load_domain_specs, natural_proportions, prepare_domains
+    from ddk.trainer.metrics import read_metrics
 
     policies = _check_args(args)
     base = load_config(args.config, args.overrides)
@@ -125,7 +152,9 @@ def main(args, runner=None) -> int:
                         raise RuntimeError(f"run {run_id} failed with exit code {code}; see its log")
                 loss = heldout_losses(run_dir / "final", domains, skip, count)
                 tokens = tokens_per_domain(run_dir / "metrics.jsonl", base.data.seq_len)
-                results[policy].append({"ratio": ratio(loss, teacher), "tokens": {n: tokens.get(n, 0) for n in names}})
+                curve = ratio_curve(read_metrics(run_dir / "metrics.jsonl"), base.data.seq_len)
+                results[policy].append({"seed": seed, "ratio": ratio(loss, teacher),
+                                        "tokens": {n: tokens.get(n, 0) for n in names}, "curve": curve})
 
     _write_report(args, policies, out, names, results, initial, teacher, natural,
                   _heldout_note(names, domains, skip, count))
@@ -184,10 +213,13 @@ def _write_report(args, policies, out: Path, names, results, initial, teacher, n
                                          "--out", args.out] + (["--teacher-model", args.teacher_model]
                                                                if args.teacher_model else [])
                                         + [f"--set {o}" for o in args.overrides])
-    report = format_report(agg, names, initial, command, note)
+    comparisons = paired_comparisons(results, names)
+    report = format_report(agg, names, initial, command, note, comparisons)
     (out / "report.md").write_text(report)
     (out / "report.json").write_text(json.dumps({"policies": agg, "initial": initial, "teacher_loss": teacher,
-                                                 "raw": results, "natural_proportions": natural}, indent=1))
+                                                 "comparisons": comparisons, "raw": results,
+                                                 "natural_proportions": natural}, indent=1))
     plot_compare(agg, names, initial, out / "compare.png")
+    plot_curves(agg, out / "compare-curve.png")
     print(report)
-    print(f"report: {out / 'report.md'}; plot: {out / 'compare.png'}")
+    print(f"report: {out / 'report.md'}; plots: {out / 'compare.png'}, {out / 'compare-curve.png'}")

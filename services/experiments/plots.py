@@ -35,3 +35,29 @@ def plot_compare(agg: dict, domains: list[str], initial: dict[str, float], path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_curves(agg: dict, path: Path) -> bool:
+    """The mean ratio over domains against student tokens, one line per policy with a ``curve`` (mean over
+    seeds); returns False (and writes nothing) when no policy has one."""
+    with_curves = [p for p in agg if agg[p].get("curve")]
+    if not with_curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for p in with_curves:
+        xs, ys = zip(*agg[p]["curve"])
+        ax.plot([x / 1e6 for x in xs], ys, marker="o", ms=3, label=f"{p} (area {agg[p]['area'] / 1e6:.3g})")
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xlabel("student tokens trained (M)")
+    ax.set_ylabel("mean PPL student / PPL teacher")
+    ax.set_title("Ratio against student tokens (lower and sooner is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import statistics
 
-from ddk.vocab import ratio
+from ddk.experiments.stats import claim, mean_curve, paired_difference, trapezoid_area
+from ddk.vocab import DDK_POLICIES, ratio
 
 
 # ----------------------------------------------------------------------------- ddk demo
@@ -48,7 +49,10 @@ def format_weights_history(history: dict) -> str:
 def aggregate(results: dict[str, list[dict]], domains: list[str]) -> dict:
     """Per policy: mean and spread over seeds of each domain's ratio, the mean and worst domain, tokens. Pure.
 
-    ``results[policy]`` is a list (one per seed) of ``{"ratio": {domain: r}, "tokens": {domain: n}}``.
+    ``results[policy]`` is a list (one per seed) of ``{"ratio": {domain: r}, "tokens": {domain: n}}``, each
+    optionally with its ``"seed"`` and its ``"curve"``: [[student tokens, mean ratio], ...] at each evaluation.
+    With curves, a policy also gets ``curve`` (the mean over seeds) and ``area`` (the mean over seeds of each
+    curve's trapezoid area, ratio × tokens: lower is better, the policy got there sooner).
     """
     out = {}
     for policy, runs in results.items():
@@ -65,10 +69,63 @@ def aggregate(results: dict[str, list[dict]], domains: list[str]) -> dict:
                        "worst_domain": worst_domain, "worst_ratio": per_domain[worst_domain]["mean"],
                        "tokens": {d: statistics.fmean(r["tokens"][d] for r in runs) for d in domains},
                        "seeds": len(runs)}
+        curves = [r["curve"] for r in runs if r.get("curve")]
+        if curves:
+            out[policy]["curve"] = mean_curve(curves)
+            out[policy]["area"] = statistics.fmean(trapezoid_area(c) for c in curves)
     return out
 
 
-def format_report(agg: dict, domains: list[str], initial: dict[str, float], command: str, note: str) -> str:
+# the paired metrics of one run: (key, words for a claim)
+METRICS = (("mean_ratio", "the mean"), ("worst_ratio", "the worst domain"), ("area", "the area under the curve"))
+
+
+def run_metrics(run: dict, domains: list[str]) -> dict[str, float]:
+    """One run's numbers that ``compare`` pairs over seeds: mean and worst domain's held-out ratio, and the area
+    under its ratio-vs-tokens curve (when it has one)."""
+    out = {"mean_ratio": statistics.fmean(run["ratio"][d] for d in domains),
+           "worst_ratio": max(run["ratio"][d] for d in domains)}
+    if run.get("curve"):
+        out["area"] = trapezoid_area(run["curve"])
+    return out
+
+
+def comparison_pairs(policies: list[str]) -> list[tuple[str, str]]:
+    """(policy, baseline) pairs: each controller-steered arm (ddk.vocab.DDK_POLICIES) against every fixed-mixture
+    arm, and against every steered arm listed before it."""
+    pairs = []
+    for i, p in enumerate(policies):
+        if p not in DDK_POLICIES:
+            continue
+        for j, b in enumerate(policies):
+            if b != p and (b not in DDK_POLICIES or j < i):
+                pairs.append((p, b))
+    return pairs
+
+
+def paired_comparisons(results: dict[str, list[dict]], domains: list[str], level: float = 0.95) -> list[dict]:
+    """Per (policy, baseline) pair and metric: the mean paired difference over the seeds both ran (policy minus
+    baseline, so negative is better for the policy), its t-interval, and the claim it allows. Pure."""
+    out = []
+    for a, b in comparison_pairs(list(results)):
+        by_seed_a = {r.get("seed", i): run_metrics(r, domains) for i, r in enumerate(results[a])}
+        by_seed_b = {r.get("seed", i): run_metrics(r, domains) for i, r in enumerate(results[b])}
+        seeds = [s for s in by_seed_a if s in by_seed_b]
+        if not seeds:
+            continue
+        for key, words in METRICS:
+            if not all(key in by_seed_a[s] and key in by_seed_b[s] for s in seeds):
+                continue
+            diff = paired_difference([by_seed_a[s][key] for s in seeds], [by_seed_b[s][key] for s in seeds], level)
+            out.append({"policy": a, "baseline": b, "metric": key, **diff, "level": level,
+                        "claim": claim(diff, a, b, words)})
+    return out
+
+
+def format_report(agg: dict, domains: list[str], initial: dict[str, float], command: str, note: str,
+                  comparisons: list[dict] | None = None) -> str:
+    """The Markdown report; ``comparisons`` (:func:`paired_comparisons`) adds the paired-difference section, and
+    policies with a ``curve`` in ``agg`` the ratio-against-tokens one."""
     policies = list(agg)
     lines = ["# ddk compare", "", f"Command: `{command}`", "", note, "",
              "## Student/teacher perplexity ratio per domain (held-out blocks; mean ± half-range over seeds)", "",
@@ -100,7 +157,48 @@ def format_report(agg: dict, domains: list[str], initial: dict[str, float], comm
     if "ddk" in agg and "kd_uniform" in agg:
         lines.append("- measured gaps vs a uniform mixture: "
                      + _versus(agg, "ddk", "kd_uniform", "ddk better", "ddk not better"))
+    if comparisons:
+        lines += _format_comparisons(comparisons)
+    if any("curve" in agg[p] for p in policies):
+        lines += _format_curves(agg)
     return "\n".join(lines) + "\n"
+
+
+def _format_comparisons(comparisons: list[dict]) -> list[str]:
+    n = max(c["n"] for c in comparisons)
+    level = comparisons[0].get("level", 0.95)
+    lines = ["", f"## Paired differences over seeds ({level:.0%} t-interval)", "",
+             "Policy minus baseline, per seed (same seed, same initial student, same held-out blocks), then the mean "
+             "over seeds; lower ratios are better, so a negative difference favours the policy. A claim is made "
+             "only when the interval excludes 0."]
+    if n < 3:
+        lines += ["", f"Only {n} seed{'s' if n != 1 else ''}: too few for a published table (use `--seeds 3` "
+                      "or more)."]
+    lines += ["", "| policy | baseline | metric | mean difference | interval | seeds | claim |",
+              "|---|---|---|---:|---|---:|---|"]
+    for c in comparisons:
+        interval = "n/a" if c["low"] is None else f"[{c['low']:+.4f}, {c['high']:+.4f}]"
+        lines.append(f"| {c['policy']} | {c['baseline']} | {c['metric']} | {c['mean']:+.4f} | {interval} | "
+                     f"{c['n']} | {c['claim']} |")
+    return lines
+
+
+def _format_curves(agg: dict) -> list[str]:
+    lines = ["", "## Ratio against student tokens", "",
+             "The mean ratio over domains at each evaluation (the blocks that steer the mixture), against the student "
+             "tokens trained so far (plot: `compare-curve.png`). Area: under that curve by the trapezoid rule, mean "
+             "over seeds; lower is better, the policy got there sooner. Per token: the area over the tokens spanned, "
+             "the run's average ratio.", "",
+             "| policy | evaluations | final mean ratio | area (ratio × M tokens) | per token |",
+             "|---|---:|---:|---:|---:|"]
+    for p, a in agg.items():
+        curve = a.get("curve")
+        if not curve:
+            continue
+        span = curve[-1][0] - curve[0][0]
+        per_token = f"{a['area'] / span:.4f}" if span > 0 else "n/a"
+        lines.append(f"| {p} | {len(curve)} | {curve[-1][1]:.4f} | {a['area'] / 1e6:.4f} | {per_token} |")
+    return lines
 
 
 def _versus(agg: dict, a: str, b: str, better: str, worse: str) -> str:

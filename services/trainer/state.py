@@ -20,7 +20,10 @@ class TrainState:
     ``teacher_loss``: the teacher's per-domain validation losses (the first student evaluation for CPT).
     ``pending``: the evaluation rank 0 has not yet got through to the controller,
     ``{"step", "student_loss", "teacher_loss"}`` or None. ``sampler``: this rank's sampler state after the
-    last batch trained on (``DomainSampler.state_dict()``), None before the first save.
+    last batch trained on (``DomainSampler.state_dict()``), None before the first save. ``tokens``: student
+    tokens trained on each domain so far, all ranks together (sent with each evaluation, for the controller's
+    ``ddk_progress`` policy); in ``state_dict()`` only once non-empty, so older checkpoints load as {}.
+    ``scaler``: the fp16 GradScaler's state (``train.precision: fp16``); in ``state_dict()`` only when set.
     """
 
     step: int = 0
@@ -29,17 +32,24 @@ class TrainState:
     teacher_loss: dict[str, float] | None = None
     pending: dict[str, Any] | None = None
     sampler: dict[str, Any] | None = None
+    tokens: dict[str, float] = field(default_factory=dict)
+    scaler: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (copies: later changes to this state do not reach the result)."""
-        return {"step": int(self.step), "weights": {k: float(v) for k, v in self.weights.items()},
-                "version": int(self.version),
-                "teacher_loss": None if self.teacher_loss is None else {k: float(v) for k, v in
-                                                                        self.teacher_loss.items()},
-                "pending": copy.deepcopy(self.pending), "sampler": copy.deepcopy(self.sampler)}
+        out = {"step": int(self.step), "weights": {k: float(v) for k, v in self.weights.items()},
+               "version": int(self.version),
+               "teacher_loss": None if self.teacher_loss is None else {k: float(v) for k, v in
+                                                                       self.teacher_loss.items()},
+               "pending": copy.deepcopy(self.pending), "sampler": copy.deepcopy(self.sampler)}
+        if self.tokens:
+            out["tokens"] = {k: float(v) for k, v in self.tokens.items()}
+        if self.scaler is not None:
+            out["scaler"] = copy.deepcopy(self.scaler)
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replace every field from ``state`` (as :meth:`state_dict` returns it; the last three may be absent)."""
+        """Replace every field from ``state`` (as :meth:`state_dict` returns it; the last five may be absent)."""
         self.step = int(state["step"])
         self.weights = {k: float(v) for k, v in state["weights"].items()}
         self.version = int(state["version"])
@@ -47,3 +57,5 @@ class TrainState:
         self.teacher_loss = None if tl is None else {k: float(v) for k, v in tl.items()}
         self.pending = copy.deepcopy(state.get("pending"))
         self.sampler = copy.deepcopy(state.get("sampler"))
+        self.tokens = {k: float(v) for k, v in (state.get("tokens") or {}).items()}
+        self.scaler = copy.deepcopy(state.get("scaler"))

@@ -838,5 +838,96 @@ def test_page_updates_live_and_rides_out_a_controller_restart(tmp_path):
         ctl.stop()
 
 
+
+# -- policy plug-ins (issue 18) ------------------------------------------------------------------------------
+def test_policies_endpoint_lists_every_policy_with_params_and_defaults(http, server):
+    from ddk import vocab
+
+    r = http.get(f"{server}/v1/policies")
+    assert r.status_code == 200
+    listed = {p["name"]: p for p in r.json()["policies"]}
+    assert list(listed) == list(vocab.POLICIES) == ["ddk", "ddk_raw", "fixed", "doremi", "ddk_progress"]
+    assert {k: v["default"] for k, v in listed["doremi"]["params"].items()} == {"eta": 1.0, "smoothing": 1e-3}
+    assert listed["ddk_progress"]["params"]["min_learnability"]["default"] == 0.0
+    assert listed["ddk"]["params"] == {} and listed["ddk"]["run_fields"] == ["alpha"]
+    assert listed["fixed"]["needs_teacher"] is False
+    with ControllerClient(server) as c:
+        assert c.list_policies() == r.json()
+
+
+@pytest.mark.parametrize("policy, params, field", [
+    ("doremi", {"eta": -1}, "policy_params.eta"),
+    ("doremi", {"eta": "fast"}, "policy_params.eta"),
+    ("doremi", {"smoothing": 2}, "policy_params.smoothing"),
+    ("ddk_progress", {"min_learnability": 1.5}, "policy_params.min_learnability"),
+    ("ddk", {"eta": 1}, "policy_params.eta"),
+    ("doremi", "fast", "policy_params"),
+])
+def test_bad_policy_params_are_422_naming_the_field(http, server, policy, params, field):
+    r = http.post(f"{server}/v1/runs", json={"run_id": "badparams", "domains": DOMAINS, "policy": policy,
+                                             "policy_params": params})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith(field), r.json()
+    assert http.get(f"{server}/v1/runs/badparams").status_code == 404
+
+
+def test_policy_params_are_part_of_the_run(http, server):
+    body = {"run_id": "doremi-params", "domains": DOMAINS, "policy": "doremi", "policy_params": {"eta": 2}}
+    r = http.post(f"{server}/v1/runs", json=body)
+    assert r.status_code == 201 and r.json()["policy_params"] == {"eta": 2.0, "smoothing": 1e-3}
+    assert http.post(f"{server}/v1/runs", json={**body, "policy_params": {"eta": 2.0, "smoothing": 1e-3}}
+                     ).status_code == 200
+    r = http.post(f"{server}/v1/runs", json={**body, "policy_params": {"eta": 3}})
+    assert r.status_code == 409 and "policy_params" in r.json()["detail"]
+
+
+def test_evaluation_tokens_are_optional_and_checked(http, client, server):
+    run = new_run(client, "ddk_progress")
+    bad = http.post(f"{server}/v1/runs/{run}/evaluations",
+                    json={"step": 0, "student_loss": TEACHER, "teacher_loss": TEACHER, "tokens": {"code": -1}})
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("tokens"), bad.text
+    client.post_evaluation(run, 0, TEACHER, TEACHER)  # an older trainer: no tokens
+    client.post_evaluation(run, 10, TEACHER, tokens={"code": 1, "prose": 2, "legal": 3})
+    hist = client.history(run)["versions"]
+    assert "tokens" not in hist[1] and hist[2]["tokens"] == {"code": 1.0, "prose": 2.0, "legal": 3.0}
+    assert hist[2]["policy_state"]["tokens"] == hist[2]["tokens"]
+
+
+def test_policy_state_continues_after_a_sigkill_restart(tmp_path):
+    """A ddk_progress run: two evaluations, kill -9, restart on the file, a third: the weights are those of the
+    policy chained in-process over the three (so the state the third one needed came back from SQLite)."""
+    from ddk.controller import policies
+
+    db, port = tmp_path / "c.sqlite", free_port()
+    evals = [({"code": 3.0, "prose": 2.5, "legal": 1.5}, {"code": 100, "prose": 100, "legal": 100}),
+             ({"code": 3.0, "prose": 2.2, "legal": 0.8}, {"code": 300, "prose": 200, "legal": 150}),
+             ({"code": 2.9, "prose": 2.1, "legal": 0.7}, {"code": 500, "prose": 300, "legal": 200})]
+    p = policies.get("ddk_progress")
+    state, previous, want = None, None, []
+    for i, (student, tokens) in enumerate(evals):
+        ev = policies.Evaluation(10 * i, tuple(DOMAINS), student, TEACHER, tokens, previous,
+                                 {d: 1 / 3 for d in DOMAINS}, 0.5)
+        previous, state = p.update(state, ev, p.params())
+        state = json.loads(json.dumps(state))
+        want.append(previous)
+    with service(["controller", "serve", "--db", str(db)], port=port, timeout=60) as (url, proc):
+        with ControllerClient(url) as c:
+            c.create_run("progress", DOMAINS, policy="ddk_progress", interval_steps=10)
+            for i, (student, tokens) in enumerate(evals[:2]):
+                w = c.post_evaluation("progress", 10 * i, student, TEACHER, tokens=tokens)
+                assert w["weights"] == pytest.approx(want[i], rel=1e-12)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    with service(["controller", "serve", "--db", str(db)], port=port, timeout=60) as (url, proc):
+        with ControllerClient(url) as c:
+            w3 = c.post_evaluation("progress", 20, evals[2][0], tokens=evals[2][1])
+            assert w3["version"] == 3 and w3["weights"] == pytest.approx(want[2], rel=1e-12)
+            assert c.history("progress")["versions"][3]["policy_state"] == state
+            # the discount did something: code's gap stalled, so it gets less than ddk would give it
+            ddk = c.create_run("progress-ddk", DOMAINS, policy="ddk", interval_steps=10)["run_id"]
+            for i, (student, _) in enumerate(evals):
+                wd = c.post_evaluation(ddk, 10 * i, student, TEACHER)
+            assert w3["weights"]["code"] < wd["weights"]["code"]
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
