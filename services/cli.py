@@ -211,7 +211,9 @@ def _add_compare(sub) -> None:
     p.add_argument("--policies", default=",".join(PAPER_ARMS),
                    help=f"the arms to run, comma-separated, from {', '.join(ARMS)} (default: the paper's four, "
                         f"{','.join(PAPER_ARMS)})")
-    p.add_argument("--seeds", type=argtypes.positive, default=1, help="seeds per policy (default 1)")
+    p.add_argument("--seeds", type=argtypes.positive, default=1,
+                   help="seeds per policy (default 1); the report pairs runs by seed and gives 95%% intervals "
+                        "from 2, use 3 or more for a published table")
     p.add_argument("--out", default="ddk-compare", help="output directory (default ./ddk-compare)")
     p.add_argument("--teacher-model", default=None,
                    help="start a local teacher on this model (default: use the config's teacher.urls)")

@@ -64,7 +64,7 @@ class Batcher:
         self.engine = engine
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_queue = int(max_queue)
-        self.on_batch = on_batch  # callback(sequences, padded_tokens, seconds) for metrics
+        self.on_batch = on_batch  # callback(sequences, padded_tokens, seconds, tokens) for metrics
         self._cond = threading.Condition()
         self._units: deque[tuple[Job, int]] = deque()  # (job, sequence index)
         self._waiting_jobs = 0
@@ -165,4 +165,4 @@ class Batcher:
             for (job, i), res in zip(batch, results):
                 job._deliver((i, res))
             if self.on_batch is not None:
-                self.on_batch(len(batch), len(batch) * max(len(s) for s in seqs), dt)
+                self.on_batch(len(batch), len(batch) * max(len(s) for s in seqs), dt, tokens)

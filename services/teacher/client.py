@@ -6,6 +6,8 @@ keep-alive ``httpx.Client`` per replica, spreads batches round-robin over the re
 retries with exponential backoff: a replica that refuses connections or breaks a stream is skipped
 for ``cooldown`` seconds and then tried again; a 503 (queue full, loading) is retried after the
 server's Retry-After. Safe to share between threads (the trainer prefetches from one).
+``token`` (the content of the train config's ``teacher.token_file``) is sent as ``Authorization: Bearer`` to
+every replica.
 """
 
 from __future__ import annotations
@@ -34,6 +36,16 @@ class TeacherOutput:
     target_logprob: torch.Tensor  # float32 [B, L-1]    logprob of the actual next token input_ids[:, 1:]
 
 
+def read_token_file(path) -> str:
+    """A bearer token file's content without surrounding whitespace (ValueError when empty)."""
+    from pathlib import Path
+
+    token = Path(path).read_text(encoding="utf-8").strip()
+    if not token:
+        raise ValueError(f"teacher.token_file: {path} is empty")
+    return token
+
+
 class TeacherUnavailable(Exception):
     """No replica answered after all retries."""
 
@@ -57,11 +69,13 @@ class _Retryable(Exception):
 
 
 class _Replica:
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, token: str | None = None) -> None:
         self.url = url.rstrip("/")
         # keep-alive expiry below the server's 30 s idle timeout (server.py): a connection the
         # server may be closing is never reused
+        headers = {"Authorization": f"Bearer {token}"} if token else None
         self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+                                 headers=headers,
                                  limits=httpx.Limits(max_connections=100, max_keepalive_connections=20,
                                                      keepalive_expiry=5.0))
         self.down_until = 0.0
@@ -70,7 +84,7 @@ class _Replica:
 class TeacherClient:
     def __init__(self, urls: str | list[str], *, dtype: str = "float16", timeout: float = 120.0,
                  max_retries: int | None = None, retry_for: float = 300.0, backoff: float = 0.5,
-                 max_backoff: float = 10.0, cooldown: float = 5.0) -> None:
+                 max_backoff: float = 10.0, cooldown: float = 5.0, token: str | None = None) -> None:
         if isinstance(urls, str):
             urls = [u for u in urls.split(",") if u.strip()]
         if not urls:
@@ -85,7 +99,7 @@ class TeacherClient:
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
         self.cooldown = float(cooldown)
-        self._replicas = [_Replica(u.strip(), timeout) for u in urls]
+        self._replicas = [_Replica(u.strip(), timeout, token) for u in urls]
         self._rr = itertools.count()
         self._lock = threading.Lock()
 

@@ -174,7 +174,8 @@ class VLLMEngine:
 
     def __init__(self, model: str | Path, *, dtype: str = "auto", max_top_k: int = 64,
                  max_seq_len: int | None = None, gpu_memory_utilization: float | None = None,
-                 enforce_eager: bool = False, max_batch_tokens: int | None = None) -> None:
+                 enforce_eager: bool = False, max_batch_tokens: int | None = None,
+                 tensor_parallel_size: int = 1) -> None:
         self.model = str(model)
         on_gpu = cuda_available()
         cfg = read_model_config(model)
@@ -193,7 +194,8 @@ class VLLMEngine:
         kwargs = dict(dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                       max_logprobs=int(max_top_k), logprobs_mode="raw_logprobs",
                       enable_prefix_caching=False, skip_tokenizer_init=True,
-                      trust_remote_code=False, enforce_eager=enforce_eager, seed=0)
+                      trust_remote_code=False, enforce_eager=enforce_eager, seed=0,
+                      tensor_parallel_size=int(tensor_parallel_size))
         if max_seq_len:
             # vLLM counts the one token it must generate (max_tokens >= 1) against max_model_len
             limit = cfg.get("max_position_embeddings")
@@ -284,12 +286,13 @@ def load_engine(model: str | Path, backend: str = "auto", **options) -> Engine:
     """Build the engine for ``backend`` ('auto' resolved by :func:`choose_backend`).
 
     ``options``: dtype, max_top_k, max_seq_len; vLLM also gpu_memory_utilization, enforce_eager,
-    max_batch_tokens. Options an engine does not take are ignored.
+    max_batch_tokens, tensor_parallel_size (GPUs to shard the model over). Options an engine does not
+    take are ignored.
     """
     backend = choose_backend(backend)
     if backend == "hf":
         keep = {"dtype", "max_top_k", "max_seq_len", "device"}
         return HFEngine(model, **{k: v for k, v in options.items() if k in keep and v is not None})
     keep = {"dtype", "max_top_k", "max_seq_len", "gpu_memory_utilization", "enforce_eager",
-            "max_batch_tokens"}
+            "max_batch_tokens", "tensor_parallel_size"}
     return VLLMEngine(model, **{k: v for k, v in options.items() if k in keep and v is not None})

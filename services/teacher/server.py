@@ -14,7 +14,58 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def read_token(path: str) -> str:
+    """The bearer token: the file's content without surrounding whitespace; empty or unreadable -> exit 2
+    (the controller's rule, ``ddk.controller.server.read_token``)."""
+    from ddk.errors import UsageError
+
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--token-file: cannot read {path}: {e}") from None
+    if not token:
+        raise UsageError(f"--token-file: {path} is empty")
+    if any(c.isspace() for c in token):
+        raise UsageError(f"--token-file: {path} holds whitespace inside the token")
+    return token
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The engine's options from the command line (``load_engine`` keeps the ones its backend takes)."""
+    return dict(dtype=getattr(args, "dtype", "auto"), max_top_k=getattr(args, "max_top_k", 64),
+                max_seq_len=getattr(args, "max_seq_len", None),
+                gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
+                enforce_eager=getattr(args, "enforce_eager", False),
+                max_batch_tokens=getattr(args, "max_batch_tokens", 16384),
+                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
+
+
+def _cache_options(args: argparse.Namespace) -> dict:
+    """--cache-dir / --cache-max-bytes / --cache-encoding, checked (exit 2 on a bad one)."""
+    from ddk.errors import UsageError
+
+    cache_dir = getattr(args, "cache_dir", None)
+    max_bytes = getattr(args, "cache_max_bytes", None)
+    encoding = getattr(args, "cache_encoding", "float16") or "float16"
+    if cache_dir is None:
+        if max_bytes is not None:
+            raise UsageError("--cache-max-bytes: needs --cache-dir")
+        return {}
+    if max_bytes is not None and max_bytes < 1:
+        raise UsageError(f"--cache-max-bytes: must be at least 1, got {max_bytes}")
+    path = Path(cache_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--cache-dir: cannot create {path}: {e}") from None
+    if not path.is_dir():
+        raise UsageError(f"--cache-dir: {path} is not a directory")
+    return {"cache_dir": path, "cache_max_bytes": max_bytes, "cache_encoding": encoding}
+
+
 def main(args: argparse.Namespace) -> int:
+    token = read_token(args.token_file) if getattr(args, "token_file", None) else None
+
     import uvicorn
 
     from ddk.errors import UsageError
@@ -35,12 +86,13 @@ def main(args: argparse.Namespace) -> int:
     gmu = getattr(args, "gpu_memory_utilization", None)
     if gmu is not None and not 0 < gmu <= 1:
         raise UsageError(f"--gpu-memory-utilization: must be in (0, 1], got {gmu}")
+    if getattr(args, "tensor_parallel_size", 1) < 1:
+        raise UsageError(f"--tensor-parallel-size: must be at least 1, got {args.tensor_parallel_size}")
+    cache = _cache_options(args)
     backend = choose_backend(args.backend)
     log.info("teacher: model %s, backend %s (asked %s)", model, backend, args.backend)
 
-    options = dict(dtype=getattr(args, "dtype", "auto"), max_top_k=max_top_k,
-                   max_seq_len=getattr(args, "max_seq_len", None), gpu_memory_utilization=gmu,
-                   enforce_eager=getattr(args, "enforce_eager", False), max_batch_tokens=max_batch_tokens)
+    options = engine_options(args)
     failure: list[BaseException] = []
     server: uvicorn.Server | None = None
 
@@ -51,7 +103,8 @@ def main(args: argparse.Namespace) -> int:
 
     app = create_app(lambda: load_engine(model, backend, **options), model_dir=model,
                      max_batch_tokens=max_batch_tokens, max_queue=max_queue,
-                     max_body_bytes=getattr(args, "max_body_bytes", None), on_load_error=on_load_error)
+                     max_body_bytes=getattr(args, "max_body_bytes", None), on_load_error=on_load_error,
+                     token=token, **cache)
     # Idle keep-alive connections stay open longer than the client keeps them (5 s, client.py), so
     # the client never reuses a connection the server is just closing.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

@@ -172,7 +172,8 @@ def test_health_is_503_while_loading_then_info(server, client, model_dir):
     assert httpx.get(server["url"] + "/healthz").status_code == 200
     info = httpx.get(server["url"] + "/v1/info").json()
     cfg = json.loads((model_dir / "config.json").read_text())
-    assert set(info) == {"model", "backend", "vocab_size", "max_seq_len", "max_top_k", "tokenizer_fingerprint"}
+    assert set(info) == {"model", "backend", "vocab_size", "max_seq_len", "max_top_k", "tokenizer_fingerprint",
+                         "model_fingerprint"}
     assert info["backend"] == "hf"
     assert info["vocab_size"] == cfg["vocab_size"]
     assert info["max_seq_len"] == cfg["max_position_embeddings"]

@@ -130,6 +130,7 @@ def test_config_to_dict_round_trips(setup):
     ({"student": {"model": "missing-dir"}}, [], "student.model: no such directory"),
     ({"data": {"file": "nope.yaml"}}, [], "data.file: no such file"),
     ({"controller": {"url": "http://x", "token_file": "nope"}}, [], "controller.token_file:"),
+    ({"teacher": {"urls": ["http://x"], "token_file": "nope"}}, [], "teacher.token_file: no such file"),
     ({}, ["train.steps"], "--set train.steps: expected KEY=VALUE"),
     ({}, ["train.steps=[1"], "train.steps: value is not valid YAML"),
     ({}, ["ray.max_failures=-1"], "ray.max_failures: must be greater than or equal to 0"),
