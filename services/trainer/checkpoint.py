@@ -9,6 +9,9 @@ Ray Train merges in storage) holds:
                              tensors appear there as {"__tensor__": key} pointers into state.safetensors
     rank-<r>.json            worker r's own state (its sampler), with rank-<r>.safetensors for its tensors
 
+With ``train.strategy: fsdp`` every rank writes its own shard of the model and optimiser instead
+(``model-rank<r>``, ``optim-rank<r>``; ``"strategy": "fsdp"`` in state.json): see ddk.trainer.parallel.
+
 :func:`save_training` / :func:`load_training` write and read a trainer's whole state (state.py's
 ``TrainState`` plus model, optimiser, schedule and RNG) in that layout.
 
@@ -204,7 +207,9 @@ def save_training(directory: str | Path, state: dict[str, Any], *, rank: int, wo
     save_checkpoint(directory, rank=rank, step=state["step"], model=model, optimizer=optimizer,
                     scheduler=scheduler, weights=state["weights"], version=state["version"],
                     rank_state={"sampler": state.get("sampler")},
-                    extra={"teacher_loss": state.get("teacher_loss"), "pending": state.get("pending")},
+                    extra={"teacher_loss": state.get("teacher_loss"), "pending": state.get("pending"),
+                           **({"tokens": state["tokens"]} if state.get("tokens") else {}),
+                           **({"scaler": state["scaler"]} if state.get("scaler") else {})},
                     world_size=world_size)
 
 
@@ -214,6 +219,9 @@ def load_training(directory: str | Path, *, rank: int, model: torch.nn.Module, o
     returns the trainer's state as ``TrainState.load_state_dict`` takes it (``sampler`` None when the
     checkpoint has no state for this rank, e.g. the world size changed)."""
     shared, own = load_checkpoint(directory, rank=rank)
+    if shared.get("strategy") == "fsdp":  # sharded: ddk.trainer.parallel.load_training_sharded reads it
+        raise ValueError(f"{directory} is a sharded checkpoint of train.strategy=fsdp on {shared.get('world_size')} "
+                         "ranks: resume it with train.strategy=fsdp on as many workers")
     load_model(directory, model)
     optimizer.load_state_dict(shared["optimizer"])
     if scheduler is not None and shared.get("scheduler") is not None:
@@ -222,7 +230,9 @@ def load_training(directory: str | Path, *, rank: int, model: torch.nn.Module, o
     extra = shared.get("extra") or {}
     return {"step": int(shared["step"]), "weights": {k: float(v) for k, v in shared["weights"].items()},
             "version": int(shared["version"]), "teacher_loss": extra.get("teacher_loss"),
-            "pending": extra.get("pending"), "sampler": own.get("sampler") if own is not None else None}
+            "pending": extra.get("pending"), "sampler": own.get("sampler") if own is not None else None,
+            **({"tokens": extra["tokens"]} if extra.get("tokens") else {}),
+            **({"scaler": extra["scaler"]} if extra.get("scaler") else {})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,10 +261,16 @@ def complete_step(directory: str | Path) -> int | None:
     shared = _loads(directory, "state")
     if shared is None or "step" not in shared:
         return None
-    try:
-        load_file(str(directory / MODEL_TENSORS))
-    except Exception:
-        return None
+    if shared.get("strategy") == "fsdp":  # every rank's model and optimiser shard (ddk.trainer.parallel)
+        from ddk.trainer.parallel import shards_complete
+
+        if not shards_complete(directory, shared):
+            return None
+    else:
+        try:
+            load_file(str(directory / MODEL_TENSORS))
+        except Exception:
+            return None
     for r in range(int(shared.get("world_size", 1))):
         own = _loads(directory, _rank_stem(r))
         if own is None or own.get("step") != shared["step"]:
