@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ddk.controller import policies
-from ddk.controller.spec import MAX_STEPS, Invalid, check_run_spec
+from ddk.controller.spec import MAX_STEPS, DomainDiagnostics, Invalid, check_run_spec
 from ddk.controller.store import Conflict, NotFound, Store
 from ddk.vocab import WeightsVersion
 
@@ -63,6 +63,9 @@ class EvaluationIn(BaseModel):
     student_loss: dict[str, float]
     teacher_loss: dict[str, float] | None = None
     tokens: dict[str, float] | None = None  # student tokens trained per domain so far (cumulative); optional
+    # per domain (any of the run's) the distillation diagnostics, every field optional (issue 14); the domains
+    # are checked against the run's in the store (spec.check_diagnostics)
+    diagnostics: dict[str, DomainDiagnostics] | None = None
 
 
 class ProgressIn(BaseModel):
@@ -376,8 +379,10 @@ def _add_routes(app: FastAPI, store: Store, broker: Broker) -> None:
 
     @app.post("/v1/runs/{run_id}/evaluations", response_model=WeightsOut)
     async def post_evaluation(run_id: str, body: EvaluationIn):
+        diagnostics = None if body.diagnostics is None else {
+            d: v.model_dump(exclude_none=True) for d, v in body.diagnostics.items()}
         weights = await run_in_threadpool(store.add_evaluation, run_id, body.step, body.student_loss,
-                                          body.teacher_loss, body.tokens)
+                                          body.teacher_loss, body.tokens, diagnostics)
         broker.publish(run_id)
         return weights
 

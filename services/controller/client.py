@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import time
 from collections.abc import Iterator
 
@@ -99,14 +100,21 @@ class ControllerClient:
         return self._request("GET", "/v1/runs")
 
     def post_evaluation(self, run_id, step, student_loss: dict,
-                        teacher_loss: dict | None = None, tokens: dict | None = None) -> WeightsVersion:
+                        teacher_loss: dict | None = None, tokens: dict | None = None,
+                        diagnostics: dict | None = None) -> WeightsVersion:
         """Record an evaluation; returns the new weights {"version", "step", "weights", "updated_at"}.
-        ``tokens``: student tokens trained on each domain so far (cumulative), for policies that use them."""
+        ``tokens``: student tokens trained on each domain so far (cumulative), for policies that use them.
+        ``diagnostics``: ``{domain: {"kl", "ce", "topk_mass", "tokens", "route"}}``, any of the run's domains and
+        fields (None values are left out); stored with the version and shown on the page. Omitted from the body
+        when None: a controller from before issue 14 refuses the field (422, unknown field)."""
         body = {"step": int(step), "student_loss": {k: float(v) for k, v in student_loss.items()}}
         if teacher_loss is not None:
             body["teacher_loss"] = {k: float(v) for k, v in teacher_loss.items()}
         if tokens is not None:
             body["tokens"] = {k: float(v) for k, v in tokens.items()}
+        if diagnostics is not None:
+            body["diagnostics"] = {d: {k: _plain(v) for k, v in fields.items() if v is not None}
+                                   for d, fields in diagnostics.items()}
 
         def already_recorded():
             # an earlier attempt reached the controller; its version is the current one if its step matches
@@ -198,6 +206,18 @@ def parse_sse(lines: Iterator[str]) -> Iterator[str]:
                 value = value[1:]
             if field == "data":
                 data.append(value)
+
+
+def _plain(v):
+    """A diagnostics value as JSON can carry it (numpy scalars included); anything else is sent as it is, for
+    the controller to refuse with a 422 naming the field."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
 
 
 def _detail(r: httpx.Response):

@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ddk.controller import policies
 from ddk.controller.mixture import uniform
@@ -19,6 +22,7 @@ from ddk.vocab import RUN_ID_RULE, is_run_id
 
 MAX_DOMAINS = 1024
 MAX_DOMAIN_NAME = 200
+MAX_ROUTE = 2048  # a diagnostics route: a teacher URL or a name
 # initial weights must sum to 1 within this (they are then renormalised exactly)
 SUM_TOLERANCE = 1e-6
 
@@ -144,6 +148,76 @@ def check_tokens(tokens: Mapping[str, float] | None, domains: Sequence[str]) -> 
             raise Invalid(f"tokens.{d}: must be a finite number >= 0 (tokens trained so far), got {v!r}")
         out[d] = float(v)
     return out
+
+
+def _whole_number(v):
+    """``tokens`` of a diagnostics entry: an integer, or a float with no fractional part (a trainer that counts
+    in floats); not a bool, not a numeric string (pydantic's lax mode would take both)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("must be an integer")
+    if isinstance(v, float) and not (math.isfinite(v) and v.is_integer()):
+        raise ValueError("must be an integer")
+    return int(v)
+
+
+def _real_number(v):
+    """A float field of a diagnostics entry: a JSON number (not a numeric string or a bool); the range is the
+    field's own check."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("must be a number")
+    return v
+
+
+class DomainDiagnostics(BaseModel):
+    """One domain's distillation diagnostics at an evaluation (issue 14), every field optional:
+
+    kl:        the loss's divergence term on the domain's validation blocks (nats per token), a finite number;
+    ce:        the student's cross-entropy there (nats per token), finite and >= 0;
+    topk_mass: the teacher's mean top-k probability mass (how much of the distribution its k tokens cover), in [0, 1];
+    tokens:    student tokens trained on the domain so far, an integer >= 0;
+    route:     which teacher route served the domain (a URL or a name).
+    """
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # the range before the validator, so that the schema has it as minimum / maximum
+    kl: Annotated[float, BeforeValidator(_real_number)] | None = None
+    ce: Annotated[float, Field(ge=0), BeforeValidator(_real_number)] | None = None
+    topk_mass: Annotated[float, Field(ge=0, le=1), BeforeValidator(_real_number)] | None = None
+    tokens: Annotated[int, Field(ge=0, le=2**53), BeforeValidator(_whole_number)] | None = None
+    route: str | None = Field(default=None, max_length=MAX_ROUTE)
+
+
+DIAGNOSTICS_FIELDS = tuple(DomainDiagnostics.model_fields)
+
+
+def check_diagnostics(diagnostics: Mapping[str, Mapping] | None,
+                      domains: Sequence[str]) -> dict[str, dict] | None:
+    """An evaluation's optional ``diagnostics``: ``{domain: {"kl", "ce", "topk_mass", "tokens", "route"}}``,
+    any of the run's domains (not necessarily all), each field optional and checked by
+    :class:`DomainDiagnostics`. Returns the plain record in the run's domain order, each domain with only the
+    fields it was sent; None when absent or empty."""
+    if diagnostics is None:
+        return None
+    if not isinstance(diagnostics, Mapping):
+        raise Invalid("diagnostics: must be an object {domain: {kl, ce, topk_mass, tokens, route}}")
+    for d in diagnostics:
+        if d not in domains:
+            raise Invalid(f"diagnostics.{d}: unknown domain (run domains: {list(domains)})")
+    out = {}
+    for d in domains:
+        if d not in diagnostics:
+            continue
+        entry = diagnostics[d]
+        if isinstance(entry, DomainDiagnostics):
+            entry = entry.model_dump(exclude_none=True)
+        try:
+            checked = DomainDiagnostics.model_validate(entry)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err.get("loc", ()))
+            raise Invalid(f"diagnostics.{d}{'.' + where if where else ''}: {err.get('msg')}, "
+                          f"got {err.get('input')!r}") from None
+        out[d] = checked.model_dump(exclude_none=True)
+    return out or None
 
 
 def check_step(step) -> int:

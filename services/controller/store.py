@@ -9,7 +9,8 @@ retried POST for a step that was already recorded is refused instead of applied 
 Version 0 of a run holds its initial weights (step NULL, no losses); version n >= 1 is the n-th evaluation.
 Each version also keeps the policy's state after it (JSON, ``ddk.controller.policies``) and the evaluation's
 cumulative per-domain ``tokens``, when sent, so that a restarted controller continues a stateful policy where
-it was. Files written before those columns existed get them (NULL) when opened: see :data:`MIGRATIONS`.
+it was, and the evaluation's per-domain distillation ``diagnostics`` (issue 14), when sent, for the history and the
+page. Files written before those columns existed get them (NULL) when opened: see :data:`MIGRATIONS`.
 
 Besides the versions, each run may have a trainer's progress (the page's "step of total" and loss curve): the
 latest report in ``progress`` and a bounded loss history in ``loss_points``. At most :data:`LOSS_POINTS` points
@@ -30,7 +31,8 @@ from pathlib import Path
 
 from ddk.controller import policies
 from ddk.controller.policies import State
-from ddk.controller.spec import Invalid, RunSpec, check_losses, check_progress, check_step, check_tokens
+from ddk.controller.spec import (Invalid, RunSpec, check_diagnostics, check_losses, check_progress, check_step,
+                                 check_tokens)
 from ddk.vocab import WeightsVersion, ratio, weights_version
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ CREATE TABLE IF NOT EXISTS versions (
     created_at    TEXT NOT NULL,
     state         TEXT,                 -- the policy's state after this version (JSON) or NULL
     tokens        TEXT,                 -- the evaluation's cumulative tokens per domain (JSON) or NULL
+    diagnostics   TEXT,                 -- the evaluation's {domain: {kl, ce, topk_mass, tokens, route}} (JSON) or NULL
     PRIMARY KEY (run_id, version)
 );
 CREATE TABLE IF NOT EXISTS progress (   -- the latest progress report of a run (none before its first)
@@ -87,6 +90,7 @@ MIGRATIONS = (
     ("runs", "policy_params", "TEXT"),
     ("versions", "state", "TEXT"),
     ("versions", "tokens", "TEXT"),
+    ("versions", "diagnostics", "TEXT"),
 )
 
 LOSS_POINTS = 1024  # loss points kept per run (a chart a few hundred pixels wide needs fewer)
@@ -218,12 +222,15 @@ class Store:
     # -- evaluations -----------------------------------------------------------------------------------
     def add_evaluation(self, run_id: str, step: int, student_loss: Mapping[str, float],
                        teacher_loss: Mapping[str, float] | None = None,
-                       tokens: Mapping[str, float] | None = None) -> dict:
+                       tokens: Mapping[str, float] | None = None,
+                       diagnostics: Mapping[str, Mapping] | None = None) -> dict:
         """Record one evaluation and the weights it yields, atomically; return the weights object.
 
         Teacher losses are required on a run's first evaluation (except for ``fixed``, whose weights do not
         depend on them, so a CPT baseline without a teacher can still report) and reused until sent again.
         ``tokens`` (optional): the student tokens trained on each domain so far, for the policies that use them.
+        ``diagnostics`` (optional): per domain the distillation diagnostics (``spec.check_diagnostics``), kept with
+        the version for the history and the page; no policy reads them.
         The weights are the run's policy's (``ddk.controller.policies``), given the state it left with the
         previous version; its new state is stored with the new version.
         """
@@ -236,6 +243,7 @@ class Store:
             student = check_losses("student_loss", student_loss, spec.domains)
             teacher = None if teacher_loss is None else check_losses("teacher_loss", teacher_loss, spec.domains)
             toks = check_tokens(tokens, spec.domains)
+            diag = check_diagnostics(diagnostics, spec.domains)
             policy = policies.get(spec.policy)
 
             last = con.execute("SELECT * FROM versions WHERE run_id = ? ORDER BY version DESC LIMIT 1",
@@ -264,10 +272,11 @@ class Store:
             ts = now()
             con.execute(
                 "INSERT INTO versions (run_id, version, step, student_loss, teacher_loss, ratio, weights, "
-                "created_at, state, tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "created_at, state, tokens, diagnostics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, version, step, json.dumps(student), None if teacher is None else json.dumps(teacher),
                  None if q is None else json.dumps(q), json.dumps(weights), ts, state_text,
-                 None if toks is None else json.dumps(toks)))
+                 None if toks is None else json.dumps(toks),
+                 None if diag is None else json.dumps(diag, allow_nan=False)))
         log.info("run %s step %d -> version %d", run_id, step, version)
         return weights_version(version, step, weights, ts)
 
@@ -357,8 +366,8 @@ class Store:
         return _weights_version(row)
 
     def history(self, run_id: str) -> list[dict]:
-        """Every version in order, with its step, losses, ratios and weights; also ``tokens`` when the
-        evaluation carried them and ``policy_state`` when the policy keeps one."""
+        """Every version in order, with its step, losses, ratios and weights; also ``tokens`` and ``diagnostics``
+        when the evaluation carried them and ``policy_state`` when the policy keeps one."""
         rows = self._connect().execute("SELECT * FROM versions WHERE run_id = ? ORDER BY version",
                                        (run_id,)).fetchall()
         if not rows:
@@ -370,6 +379,8 @@ class Store:
                  "weights": json.loads(r["weights"]), "created_at": r["created_at"]}
             if r["tokens"] is not None:
                 v["tokens"] = json.loads(r["tokens"])
+            if r["diagnostics"] is not None:
+                v["diagnostics"] = json.loads(r["diagnostics"])
             if r["state"] is not None:
                 v["policy_state"] = json.loads(r["state"])
             out.append(v)

@@ -716,15 +716,31 @@ class DevTools:
                 if b0 & 0x80:
                     return json.loads(data)
 
-    def js(self, expression: str):
+    def call(self, method: str, params: dict | None = None) -> dict:
+        """One CDP command (``Page.captureScreenshot``, ...): its ``result``; an error answer raises."""
         self.ids += 1
-        self._send(json.dumps({"id": self.ids, "method": "Runtime.evaluate",
-                               "params": {"expression": expression, "returnByValue": True}}))
+        self._send(json.dumps({"id": self.ids, "method": method, "params": params or {}}))
         while (msg := self._message()).get("id") != self.ids:  # skip events
             pass
-        if "error" in msg or "exceptionDetails" in msg["result"]:
-            raise RuntimeError(f"{expression}: {msg}")
-        return msg["result"]["result"].get("value")
+        if "error" in msg:
+            raise RuntimeError(f"{method}: {msg['error']}")
+        return msg["result"]
+
+    def js(self, expression: str):
+        result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result}")
+        return result["result"].get("value")
+
+    def screenshot(self, path: Path, clip: dict | None = None) -> bytes:
+        """A PNG of the page (of ``clip`` = {x, y, width, height} in CSS pixels when given), also written to
+        ``path``; its bytes."""
+        params = {"format": "png", "captureBeyondViewport": True}
+        if clip is not None:
+            params["clip"] = {**clip, "scale": 1}
+        png = base64.b64decode(self.call("Page.captureScreenshot", params)["data"])
+        path.write_bytes(png)
+        return png
 
     def wait_for(self, expression: str, timeout: float = 10.0):
         """Poll the page (every 50 ms) until ``expression`` is truthy; its value. An expression that throws
