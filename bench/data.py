@@ -12,9 +12,12 @@ Rows (each one a fresh Python process, so its peak memory is its own):
                      held out, packed, saved as int32
   streamed, N proc   ``ddk.trainer.prepare.prepare_domains(..., workers=N)`` into an empty cache folder (1: in
                      this process, where the tokenizer's own threads may use both cores, as they do for the
-                     in-memory row; 2: two tokenising child processes)
-  baseline           a process that only loads transformers (which imports torch) and the tokenizer: the floor
-                     of every row; "above baseline" is a row's peak minus it
+                     in-memory row; 2: two tokenising child processes), with the tokenizer as ``ddk data
+                     prepare`` loads it (``load_tokenizer``: tokenizer.json with the tokenizers library only, no
+                     transformers or torch imported)
+  baseline           a process that only loads the tokenizer: with transformers (which imports torch), the floor
+                     of the in-memory row, and with the tokenizers library only, the floor of the streamed rows;
+                     "above baseline" is a row's peak minus its floor
 Peak RSS is that of the process tree, sampled every 50 ms with psutil, and PSS the same with shared pages split
 between the processes that share them (the main process's own ``ru_maxrss`` is
 printed too); tokens are the tokens tokenised (EOS included); tokens/s = tokens / wall seconds. The in-memory row
@@ -145,14 +148,20 @@ def write_domain(path: Path, megabytes: int) -> int:
 # one row, in its own process
 
 def run_row(mode: str, data: Path, workers: int, cache: Path) -> dict:
-    from transformers import AutoTokenizer
-
     from ddk.trainer.data import DomainSpec
 
-    tok = AutoTokenizer.from_pretrained(str(KIT_TOKENIZER))
+    if mode in ("new", "base-fast"):  # as `ddk data prepare` loads it: the tokenizers library only
+        from ddk.trainer.prepare import TokenizerFile, load_tokenizer
+
+        tok = load_tokenizer(KIT_TOKENIZER)
+        assert isinstance(tok, TokenizerFile)
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(KIT_TOKENIZER))
     spec = DomainSpec("code", [str(data)], val_fraction=VAL_FRACTION)
     t0 = time.perf_counter()
-    if mode == "base":  # the floor every row stands on: Python, transformers (and torch), the tokenizer
+    if mode in ("base", "base-fast"):  # the floor of the rows: Python, the tokenizer (base: transformers, torch)
         time.sleep(1.0)
         n_train = n_val = 0
         tokens, digest = None, None
@@ -173,7 +182,8 @@ def run_row(mode: str, data: Path, workers: int, cache: Path) -> dict:
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "train_blocks": n_train, "val_blocks": n_val, "tokens": tokens, "digest": digest,
             "maxrss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "maxrss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+            "maxrss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+            "torch_imported": "torch" in sys.modules, "transformers_imported": "transformers" in sys.modules}
 
 
 def tree_pss(pid: int) -> int:
@@ -247,7 +257,9 @@ def main() -> int:
     rows = []
     try:
         base = measure("base", Path(__file__), 1, root / "cache-base")
-        print(f"  baseline (tokenizer loaded): peak {base['peak_tree'] / 2**30:.2f} GiB", flush=True)
+        print(f"  baseline (transformers tokenizer loaded): peak {base['peak_tree'] / 2**30:.2f} GiB", flush=True)
+        fast = measure("base-fast", Path(__file__), 1, root / "cache-base-fast")
+        print(f"  baseline (tokenizers-only tokenizer): peak {fast['peak_tree'] / 2**30:.2f} GiB", flush=True)
         for mb in sizes:
             data = root / f"code-{mb}mb.jsonl"
             if not data.is_file():
@@ -259,7 +271,7 @@ def main() -> int:
                 new_rows[w] = r
                 rows.append((mb, f"streamed, {w} process" + ("es" if w > 1 else " (+ tokenizer threads)"), r))
                 print(f"  {mb} MB streamed {w}: {r['seconds']:.1f} s, peak {r['peak_tree'] / 2**30:.2f} GiB, "
-                      f"load {os.getloadavg()[0]:.2f}", flush=True)
+                      f"load {os.getloadavg()[0]:.2f}, torch imported: {r['torch_imported']}", flush=True)
             tokens = next(iter(new_rows.values()))["tokens"]
             need = 1.5 * BYTES_PER_TOKEN_IN_MEMORY * tokens
             if mem_available() > need:
@@ -284,17 +296,21 @@ def main() -> int:
           "| main ru_maxrss |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     gib = 2**30
-    print(f"| - | baseline: Python + transformers + the tokenizer, nothing read | | | | "
+    print(f"| - | baseline of in-memory: Python + transformers (torch) + the tokenizer, nothing read | | | | "
           f"{base['peak_tree'] / gib:.2f} GiB | 0 | {base['peak_pss'] / gib:.2f} GiB | "
           f"{base['maxrss_self'] / gib:.2f} GiB |")
+    print(f"| - | baseline of streamed: Python + the tokenizers-only tokenizer, nothing read | | | | "
+          f"{fast['peak_tree'] / gib:.2f} GiB | 0 | {fast['peak_pss'] / gib:.2f} GiB | "
+          f"{fast['maxrss_self'] / gib:.2f} GiB |")
     ref = {mb: r for mb, name, r in rows if r is not None and name.startswith("in-memory")}
     for mb, name, r in rows:
         if r is None:
             print(f"| {mb} MB | {name} | | | | | | | |")
             continue
         tps = r["tokens"] / r["seconds"]
+        floor = fast if name.startswith("streamed") else base
         print(f"| {mb} MB | {name} | {r['tokens']:,} | {r['seconds']:.1f} | {tps:,.0f} | "
-              f"{r['peak_tree'] / gib:.2f} GiB | {(r['peak_tree'] - base['peak_tree']) / gib:.2f} GiB | "
+              f"{r['peak_tree'] / gib:.2f} GiB | {(r['peak_tree'] - floor['peak_tree']) / gib:.2f} GiB | "
               f"{r['peak_pss'] / gib:.2f} GiB | {r['maxrss_self'] / gib:.2f} GiB |")
     print()
     for mb, name, r in rows:
@@ -302,7 +318,7 @@ def main() -> int:
             continue
         line = f"{mb} MB {name}: peak {r['peak_tree'] / 2**30:.2f} GiB (target <= 0.93 GiB = 1 GB)"
         if mb in ref:
-            above = (r["peak_tree"] - base["peak_tree"]) / max(1, ref[mb]["peak_tree"] - base["peak_tree"])
+            above = (r["peak_tree"] - fast["peak_tree"]) / max(1, ref[mb]["peak_tree"] - base["peak_tree"])
             line += (f", {r['peak_tree'] / ref[mb]['peak_tree']:.2f} x the in-memory peak (target <= 0.25; "
                      f"above the baseline {above:.2f} x), tokens/s {ref[mb]['seconds'] / r['seconds']:.2f} x "
                      f"(target >= 1.6)")

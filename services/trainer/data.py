@@ -504,8 +504,8 @@ def prepare_domains(specs: list[DomainSpec], tokenizer, seq_len: int, cache_dir:
     """Tokenised, packed, cached blocks for every domain (memory-mapped; cheap after the first call).
 
     A missing (or unfinished, or damaged) cache is built by :func:`ddk.trainer.prepare.prepare_domains`:
-    streamed, tokenised by ``workers`` processes (default: the machine's cores; ``use_ray``: Ray tasks across
-    the cluster at ``ray_address``), resumed from its complete shards. ``verify`` also checks every shard's
+    streamed, tokenised by ``workers`` processes (default: the machine's cores; ``use_ray``: Ray Data's
+    ``map_batches`` across the cluster at ``ray_address``), resumed from its complete shards. ``verify`` also checks every shard's
     checksum (``ddk data prepare``); without it, a cached domain is checked by its files' sizes and headers.
     ``dtype`` forces the token dtype (default: :func:`token_dtype`).
     """

@@ -2,8 +2,8 @@
 
 A domain is read document by document (:func:`ddk.trainer.data.read_documents`) and cut into *chunks* of whole
 documents (``shard_chars`` characters of text, at most ``SHARD_DOCS`` documents). Each chunk is tokenised by a
-worker -- this process (1 worker), worker processes running the fast tokenizer (``workers``), or Ray tasks across
-a cluster (``use_ray``) -- and becomes one *part* in the domain's cache folder:
+worker -- this process (1 worker), worker processes running the fast tokenizer (``workers``), or Ray Data's
+``map_batches`` across a cluster (``use_ray``) -- and becomes one *part* in the domain's cache folder:
 
   t00007.train.npy   the chunk's training documents in file order, each followed by EOS (1-D uint16 / uint32)
   t00007.held.npy    the chunk's documents held out for validation (hash < val_fraction), in file order
@@ -80,6 +80,144 @@ def default_workers() -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# the tokenizer, without transformers (and torch) where the folder allows it
+
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+TOKENIZER_ENV = "DDK_DATA_TOKENIZER"  # "auto" (default), "tokenizers" (tokenizer.json whatever the class), "transformers"
+
+
+class TokenizerFile:
+    """A tokenizer read from a folder's ``tokenizer.json`` with the ``tokenizers`` library only: what
+    :func:`prepare_domains` uses of a transformers tokenizer (``eos_token_id``, ``get_vocab()``, ``len()``,
+    ``is_fast``, ``backend_tokenizer``), and ``__call__`` / ``encode`` / ``decode`` as transformers has them
+    (no special tokens added unless asked). The vocabulary is the file's, added tokens included, which is what
+    transformers' ``get_vocab()`` returns for the same folder (:func:`load_tokenizer` checks when it is)."""
+
+    is_fast = True
+
+    def __init__(self, backend, eos_token: str, name_or_path: str = ""):
+        self.backend_tokenizer = backend
+        self.eos_token = eos_token
+        self.eos_token_id = backend.token_to_id(eos_token)
+        self.name_or_path = name_or_path
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __call__(self, texts, add_special_tokens: bool = True) -> dict:
+        one = isinstance(texts, str)
+        enc = self.backend_tokenizer.encode_batch([texts] if one else list(texts),
+                                                  add_special_tokens=add_special_tokens)
+        ids = [e.ids for e in enc]
+        return {"input_ids": ids[0] if one else ids}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def __repr__(self) -> str:
+        return f"TokenizerFile({self.name_or_path!r}, vocab {len(self)}, eos {self.eos_token!r})"
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token's text as tokenizer_config.json / special_tokens_map.json write it (str or AddedToken dict)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def tokenizer_file(path: str | Path) -> tuple[TokenizerFile | None, str]:
+    """(the folder's tokenizer read with ``tokenizers`` only, "") when that gives what transformers would --
+    the same ``get_vocab()`` (hence the same fingerprint and cache key), EOS and token ids -- else (None, why).
+
+    The rules of transformers 5's ``AutoTokenizer.from_pretrained`` that matter here: the special tokens are
+    tokenizer_config.json's, overridden by special_tokens_map.json when the config has no
+    ``added_tokens_decoder``; a special token missing from the vocabulary is *added* (another vocabulary: not
+    done here); a named tokenizer class (``Qwen2Tokenizer``, ``LlamaTokenizer``, ...) rebuilds its backend from
+    the vocabulary and merges with its own normalizer and pre-tokenizer, and a vocabulary over 100,000 may get
+    the Mistral regex patch, so only the generic classes (:data:`GENERIC_TOKENIZER_CLASSES`) are read
+    directly (``$DDK_DATA_TOKENIZER=tokenizers`` reads tokenizer.json whatever the class)."""
+    p = Path(path).expanduser()
+    tj = p / "tokenizer.json"
+    if not tj.is_file():
+        return None, "no tokenizer.json"
+    try:
+        cfg = json.loads((p / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        cfg = {}
+    except (OSError, ValueError) as e:
+        return None, f"tokenizer_config.json: {e}"
+    if not isinstance(cfg, dict):
+        return None, "tokenizer_config.json is not an object"
+    forced = os.environ.get(TOKENIZER_ENV, "auto").strip().lower() == "tokenizers"
+    cls = cfg.get("tokenizer_class")
+    if not forced and cls not in GENERIC_TOKENIZER_CLASSES:
+        return None, f"tokenizer_class {cls!r} (transformers may rebuild it)"
+    if cfg.get("split_special_tokens") or cfg.get("add_prefix_space") is not None:
+        return None, "split_special_tokens / add_prefix_space set in tokenizer_config.json"
+    special = dict(cfg)
+    if "added_tokens_decoder" not in cfg and (p / "special_tokens_map.json").is_file():
+        try:
+            special.update(json.loads((p / "special_tokens_map.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:
+            return None, f"special_tokens_map.json: {e}"
+    from tokenizers import Tokenizer
+
+    try:
+        backend = Tokenizer.from_file(str(tj))
+    except Exception as e:  # noqa: BLE001 - a file tokenizers cannot read: transformers may
+        return None, f"tokenizer.json: {e}"
+    vocab = backend.get_vocab(with_added_tokens=True)
+    if not forced and len(vocab) > 100_000:
+        return None, "a vocabulary over 100,000 (transformers may patch its regex)"
+    names = [_token_text(special.get(k)) for k in SPECIAL_TOKEN_KEYS]
+    names += [_token_text(special[k]) for k in special if k.endswith("_token") and k not in SPECIAL_TOKEN_KEYS]
+    for k in ("additional_special_tokens", "extra_special_tokens"):
+        extra = special.get(k) or []
+        names += [_token_text(t) for t in (extra.values() if isinstance(extra, dict) else extra)]
+    for idx, tok in (cfg.get("added_tokens_decoder") or {}).items():
+        text = _token_text(tok)
+        if text is None or vocab.get(text) != int(idx):
+            return None, f"added_tokens_decoder {idx}: {text!r} is not that id in tokenizer.json"
+    missing = [t for t in names if t is not None and t not in vocab]
+    if missing:
+        return None, f"special token {missing[0]!r} not in tokenizer.json (transformers would add it)"
+    eos = _token_text(special.get("eos_token"))
+    if eos is None:
+        return None, "no eos_token in tokenizer_config.json"
+    return TokenizerFile(backend, eos, str(p)), ""
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a model folder for preparing data: :func:`tokenizer_file` when it can (no transformers,
+    no torch imported), else transformers' ``AutoTokenizer`` (with a log line saying why)."""
+    how = os.environ.get(TOKENIZER_ENV, "auto").strip().lower()
+    if how not in ("auto", "tokenizers", "transformers"):
+        raise UsageError(f"{TOKENIZER_ENV}: expected auto, tokenizers or transformers, got {how!r}")
+    why = f"{TOKENIZER_ENV}=transformers"
+    if how != "transformers":
+        tok, why = tokenizer_file(path)
+        if tok is not None:
+            log.debug("tokenizer %s: read with the tokenizers library (tokenizer.json)", path)
+            return tok
+    log.info("tokenizer %s: loading with transformers (%s)", path, why)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"tokenizer: cannot load one from {path} ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
 # chunks of documents
 
 @dataclass
@@ -114,7 +252,7 @@ def iter_chunks(spec: DomainSpec, files: list[str], kind: str, shard_chars: int,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# tokenising a chunk (in this process, a worker process or a Ray task)
+# tokenising a chunk (in this process, a worker process or a Ray Data worker)
 
 def tokenizer_payload(tokenizer) -> tuple[str, Any, str]:
     """What a worker needs to rebuild ``tokenizer``: (kind, blob, key). A fast tokenizer travels as its
@@ -409,34 +547,118 @@ def worker_main() -> None:
             return
 
 
-def _ray_task(payload, args: tuple) -> dict:
+def _ray_data_tokenise(batch: dict, payload) -> dict:
+    """Ray Data ``map_batches`` function: each row's ``task`` (a :func:`write_message` of one chunk's texts and
+    settings) tokenised with the ``tokenizers`` library (the encoder built once per Ray worker process) into its
+    ``result`` (a :func:`write_message` of :func:`tokenize_chunk`'s dict). No pickle inside the rows."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return tokenize_chunk(_encoder(payload), *args)
+    encode = _encoder(payload)
+    results = []
+    for task in batch["task"]:
+        t = read_message(io.BytesIO(bytes(task)))
+        out = tokenize_chunk(encode, t["texts"], t["eos"], t["dtype"], t["holdout"], t["block_len"])
+        buf = io.BytesIO()
+        write_message(buf, out)
+        results.append(buf.getvalue())
+    return {"i": np.asarray(batch["i"]), "result": np.array(results, dtype=object)}
 
 
-class RayExecutor:
-    """Ray tasks across the cluster at ``address`` (a local Ray when empty): one CPU each, texts in and token
-    arrays back through the object store; this process reads the files and writes the shards."""
+WINDOW_WAIT_S = 1.0  # how long a Ray Data window waits for the driver's next chunk before it starts
+
+
+class RayDataExecutor:
+    """Ray Data across the cluster at ``address`` (a local Ray when empty). The driver reads and cuts the
+    documents in corpus order (as every executor: the parts keep their numbers, resuming works the same), and
+    each window of chunks becomes a Ray Dataset (``from_items``, one block per chunk) tokenised by
+    ``map_batches`` in Ray workers (one CPU each, the fast tokenizer rebuilt from its ``tokenizer.json``
+    text); the token arrays come back through the object store and this process writes the shards. Each
+    result carries its chunk's place in the window, so the order Ray returns them in does not matter. One
+    window runs while the next one fills (``slots`` = two windows)."""
 
     def __init__(self, payload, address: str | None, shard_chars: int):
+        import queue
+        import threading
+
         try:
             import ray
+            import ray.data
         except ImportError:
-            raise UsageError("--ray: Ray is not installed (pip install 'ray[default]')") from None
+            raise UsageError("--ray: Ray Data is not installed (pip install 'ray[data]')") from None
         self.ray = ray
         self.started = not ray.is_initialized()
         if self.started:
             ray.init(address=address or None, include_dashboard=False, logging_level=logging.WARNING,
                      runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-        self.task = ray.remote(num_cpus=1)(_ray_task)
-        self.payload = ray.put(payload)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.slots = max(2, min(2 * cpus, MAX_INFLIGHT_CHARS // max(1, shard_chars)))
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the driver's own bar counts tokens
+        ctx.execution_options.preserve_order = True  # not needed (results carry their place); keeps logs in order
+        self.payload = payload
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.window = max(1, min(2 * cpus, MAX_INFLIGHT_CHARS // (2 * max(1, shard_chars))))
+        self.slots = 2 * self.window
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="ddk-ray-data")
+        self._thread.start()
+
+    def _run(self) -> None:
+        import queue
+
+        done = False
+        while not done:
+            item = self._queue.get()
+            if item is None:
+                return
+            items = [item]
+            while len(items) < self.window:  # up to one window (waiting a little for the driver to read more)
+                try:
+                    nxt = self._queue.get(timeout=WINDOW_WAIT_S)
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    done = True
+                    break
+                items.append(nxt)
+            items = [(f, a) for f, a in items if f.set_running_or_notify_cancel()]
+            if not items:
+                continue
+            try:
+                rows = []
+                for i, (_, (texts, eos, dtype, hold, block_len)) in enumerate(items):
+                    buf = io.BytesIO()
+                    write_message(buf, {"texts": texts, "eos": eos, "dtype": dtype, "holdout": hold,
+                                        "block_len": block_len})
+                    rows.append({"i": i, "task": buf.getvalue()})
+                ds = self.ray.data.from_items(rows, override_num_blocks=len(rows))
+                del rows
+                ds = ds.map_batches(_ray_data_tokenise, batch_size=1, batch_format="numpy",
+                                    fn_kwargs={"payload": self.payload}, num_cpus=1)
+                for row in ds.iter_rows():
+                    fut = items[int(row["i"])][0]
+                    if not fut.done():
+                        fut.set_result(read_message(io.BytesIO(bytes(row["result"]))))
+                missing = [f for f, _ in items if not f.done()]
+                if missing:
+                    raise RuntimeError(f"Ray Data returned {len(items) - len(missing)} of {len(items)} chunks")
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting driver
+                for f, _ in items:
+                    if not f.done():
+                        f.set_exception(e if isinstance(e, Exception) else RuntimeError(repr(e)))
 
     def submit(self, args: tuple) -> cf.Future:
-        return self.task.remote(self.payload, args).future()
+        fut: cf.Future = cf.Future()
+        self._queue.put((fut, args))
+        return fut
 
     def close(self, abort: bool = False) -> None:
+        while True:  # drop what no window has taken yet
+            try:
+                item = self._queue.get_nowait()
+            except Exception:  # queue.Empty
+                break
+            if item is not None:
+                item[0].cancel()
+        self._queue.put(None)
+        self._thread.join(timeout=5 if abort else 600)
         if self.started:
             self.ray.shutdown()
 
@@ -453,7 +675,7 @@ class Executors:
             raise UsageError(f"workers: must be at least 1, got {self.workers}")
         self.use_ray, self.ray_address, self.shard_chars = use_ray, ray_address, shard_chars
         self._inline: InlineExecutor | None = None
-        self._parallel: ProcessExecutor | RayExecutor | None = None
+        self._parallel: ProcessExecutor | RayDataExecutor | None = None
 
     @property
     def payload(self) -> tuple:
@@ -471,7 +693,7 @@ class Executors:
                 self._inline = InlineExecutor(self.payload)
             return self._inline
         if self._parallel is None:
-            self._parallel = (RayExecutor(self.payload, self.ray_address, self.shard_chars) if self.use_ray
+            self._parallel = (RayDataExecutor(self.payload, self.ray_address, self.shard_chars) if self.use_ray
                               else ProcessExecutor(self.payload, self.workers, self.shard_chars))
         return self._parallel
 
@@ -935,13 +1157,7 @@ def _cli_inputs(args) -> tuple[list[DomainSpec], Any, int, Path, str | None]:
         cache = Path(args.cache_dir).expanduser()
     if seq_len < 2:
         raise UsageError("--seq-len: must be at least 2")
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_path), trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"tokenizer: cannot load one from {tok_path} ({e})") from None
-    return specs, tokenizer, seq_len, cache, ray_address
+    return specs, load_tokenizer(str(tok_path)), seq_len, cache, ray_address
 
 
 def summary_rows(domains: dict[str, PackedDomain]) -> list[dict]:

@@ -554,17 +554,108 @@ def test_ddk_data_inspect_and_prepare(tmp_path, kit, capsys):
 
 
 @pytest.mark.slow
-def test_ray_tasks_give_the_same_cache(tmp_path, kit_specs, kit_tokenizer, kit_reference):
-    """``ddk data prepare --ray``: chunks tokenised by Ray tasks on a local Ray (2 CPUs), the same blocks."""
+def test_ray_data_gives_the_same_cache(tmp_path, kit, kit_specs, kit_reference):
+    """``ddk data prepare --ray``: chunks tokenised by Ray Data's ``map_batches`` on a local Ray (2 CPUs), in
+    windows smaller than the domain (so several datasets run), with the tokenizers-only tokenizer: the same
+    blocks as the in-memory reference, and the same parts as the local path."""
     import ray
 
+    from ddk.fingerprint import tokenizer_fingerprint
+
     specs = [s for s in kit_specs if s.name in ("code", "prose-hash")]
+    tok = prep.load_tokenizer(kit / "tokenizer")
+    assert isinstance(tok, prep.TokenizerFile)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
-        got = prepare_domains(specs, kit_tokenizer, 128, tmp_path / "cache", use_ray=True, shard_chars=60_000)
+        got = prepare_domains(specs, tok, 128, tmp_path / "cache", use_ray=True, shard_chars=60_000)
     finally:
         ray.shutdown()
+    assert "ray.data" in sys.modules
+    local = prepare_domains(specs, tok, 128, tmp_path / "local", workers=1, shard_chars=60_000)
     for spec in specs:
         assert got[spec.name].build["tokenised"] >= 4
         np.testing.assert_array_equal(got[spec.name].train, kit_reference[spec.name][0], err_msg=spec.name)
         np.testing.assert_array_equal(got[spec.name].val, kit_reference[spec.name][1], err_msg=spec.name)
+        key = (spec, tokenizer_fingerprint(tok), tok.eos_token_id, 128, np.dtype("uint16"))
+        ray_dir, local_dir = prep.domain_dir(tmp_path / "cache", *key), prep.domain_dir(tmp_path / "local", *key)
+        assert ray_dir.name == local_dir.name and (ray_dir / "meta.json").is_file()
+        shards = got[spec.name].info["shards"]
+        assert shards == local[spec.name].info["shards"]       # the same shards, numbered by corpus position
+        for f in shards:
+            assert (ray_dir / f).read_bytes() == (local_dir / f).read_bytes(), f
+
+
+# ---- the tokenizer without transformers ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("folder", ["tokenizer", "student"])
+def test_tokenizers_only_tokenizer_gives_the_transformers_key_and_ids(tmp_path, kit, folder):
+    """``ddk data prepare`` reads tokenizer.json with the tokenizers library: the same fingerprint (vocabulary
+    with added tokens), EOS, dtype and so the same cache folder as transformers' tokenizer, and the same ids."""
+    from transformers import AutoTokenizer
+
+    from ddk.fingerprint import tokenizer_fingerprint, vocab_fingerprint
+    from ddk.trainer.data import read_documents, token_dtype
+
+    hf = AutoTokenizer.from_pretrained(str(kit / folder))
+    tok = prep.load_tokenizer(kit / folder)
+    assert isinstance(tok, prep.TokenizerFile)
+    assert tok.get_vocab() == hf.get_vocab() and len(tok) == len(hf)
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(hf) == vocab_fingerprint(hf.get_vocab())
+    assert (tok.eos_token, tok.eos_token_id) == (hf.eos_token, hf.eos_token_id)
+    assert token_dtype(tok) == token_dtype(hf)
+    specs = load_domain_specs(kit / "data.yaml")
+    for spec in specs:
+        key = [tokenizer_fingerprint(tok), tok.eos_token_id, 128, token_dtype(tok)]
+        assert prep.domain_dir(tmp_path, spec, *key) == prep.domain_dir(
+            tmp_path, spec, tokenizer_fingerprint(hf), hf.eos_token_id, 128, token_dtype(hf))
+        texts = list(read_documents(spec, spec.files))[:60] + ["", " leading", "tabs\t\tand\n\nnewlines  ",
+                                                               "</s> in text <s><pad>", "ünïcödé ✓ 中文"]
+        want = hf(texts, add_special_tokens=False)["input_ids"]
+        assert tok(texts, add_special_tokens=False)["input_ids"] == want, spec.name
+        assert prep.make_encoder(prep.tokenizer_payload(tok))(texts) == want, spec.name
+        assert prep.make_encoder(prep.tokenizer_payload(hf))(texts) == want, spec.name
+    assert tok.decode(tok.encode("def f(x):\n    return x", add_special_tokens=False)) == "def f(x):\n    return x"
+
+
+def test_tokenizer_falls_back_to_transformers_when_the_file_is_not_enough(tmp_path, kit, caplog):
+    import logging
+    import shutil
+
+    assert prep.tokenizer_file(tmp_path) == (None, "no tokenizer.json")
+    # an EOS that tokenizer.json lacks: transformers adds it (another vocabulary), so transformers is used
+    d = tmp_path / "tok"
+    shutil.copytree(kit / "tokenizer", d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": "<|end|>"}))
+    tok, why = prep.tokenizer_file(d)
+    assert tok is None and "'<|end|>' not in tokenizer.json" in why
+    with caplog.at_level(logging.INFO, logger="ddk.trainer.prepare"):
+        hf = prep.load_tokenizer(d)
+    assert not isinstance(hf, prep.TokenizerFile) and hf.eos_token == "<|end|>" and len(hf) == 2049
+    assert "loading with transformers" in caplog.text
+    # a named class is rebuilt by transformers: not read directly unless asked
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "GPT2Tokenizer"}))
+    assert prep.tokenizer_file(d)[0] is None
+    os.environ[prep.TOKENIZER_ENV] = "tokenizers"
+    try:
+        assert isinstance(prep.tokenizer_file(d)[0], prep.TokenizerFile)
+    finally:
+        del os.environ[prep.TOKENIZER_ENV]
+
+
+def test_ddk_data_prepare_imports_neither_torch_nor_transformers(tmp_path, kit):
+    """The driver of `ddk data prepare` (2 worker processes) never imports torch or transformers."""
+    docs = make_docs(400, 11, "doc")
+    write_jsonl(tmp_path / "data/a/train.jsonl", docs)
+    script = ("import json, sys\n"
+              "from ddk.cli import main\n"
+              "rc = main(sys.argv[1:])\n"
+              "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, "
+              "'transformers': 'transformers' in sys.modules}))\n")
+    argv = ["data", "prepare", str(tmp_path / "data"), "--tokenizer", str(kit / "tokenizer"), "--seq-len", "16",
+            "--cache-dir", str(tmp_path / "cache"), "--workers", "2", "--shard-chars", "2000", "--quiet"]
+    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"rc": 0, "torch": False, "transformers": False}
+    (d,) = (tmp_path / "cache").iterdir()
+    assert len(list(d.glob("t*.json"))) >= 4
