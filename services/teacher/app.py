@@ -3,7 +3,8 @@
 - ``GET /healthz``: 200 once the engine is loaded and its worker runs, 503 before.
 - ``GET /v1/info``: model, backend, vocab_size, max_seq_len, max_top_k, tokenizer_fingerprint,
   model_fingerprint.
-- ``POST /v1/topk``: ``{"input_ids": [[...]], "top_k": k, "dtype"?: "float16"|"float32"}``;
+- ``POST /v1/topk``: ``{"input_ids": [[...]], "top_k": k, "dtype"?: "float16"|"float32"}``, sequences
+  of any lengths (2..max_seq_len each, at most max_batch_tokens in all);
   binary frames (``application/x-ddk-topk``, see ``wire.py``) streamed one per sequence as the
   engine finishes it, or one JSON object with ``Accept: application/json``. With a token
   (``--token-file``) it needs ``Authorization: Bearer <token>`` (401 without, 403 wrong); the other
@@ -165,9 +166,10 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
                cache_encoding: str = "float16", token: str | None = None) -> FastAPI:
     """Build the app; ``load_engine()`` runs in a background thread at start-up.
 
-    ``max_batch_tokens`` bounds one request (B x L, else 413) and one engine batch; ``max_queue``
-    bounds the requests waiting (else 503 + Retry-After); ``max_body_bytes`` bounds the request
-    body (else 413; default: room for max_batch_tokens ids written as JSON). ``cache_dir``: the
+    ``max_batch_tokens`` bounds one request (the sum of its sequence lengths, else 413) and one
+    engine batch (padded for the hf engine, see batcher.py); ``max_queue`` bounds the requests
+    waiting (else 503 + Retry-After); ``max_body_bytes`` bounds the request body (else 413;
+    default: room for max_batch_tokens ids written as JSON). ``cache_dir``: the
     top-k store (``cache_dir/topk.sqlite``, at most ``cache_max_bytes`` of entries, written in
     ``cache_encoding``); ``token``: the bearer token /v1/topk needs.
     """
@@ -226,7 +228,7 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
         if isinstance(accepted, Response):
             return accepted
         req, hits, missing, job = accepted
-        n_seq, length = req.input_ids.shape
+        n_seq, n_tokens = len(req.input_ids), req.tokens
 
         first = None
         if job is not None:
@@ -242,7 +244,7 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
 
         def done() -> None:
             metrics.requests.labels("200").inc()
-            metrics.tokens.inc(n_seq * length)
+            metrics.tokens.inc(n_tokens)
             metrics.sequences.inc(n_seq)
             metrics.latency.observe(time.perf_counter() - t0)
 
@@ -280,19 +282,19 @@ async def _accept(request: Request, state: dict, metrics: Metrics, max_body_byte
     except RequestError as e:
         metrics.requests.labels(str(e.status)).inc()
         return _error(e.status, e.detail)
-    n_seq = req.input_ids.shape[0]
+    n_seq = len(req.input_ids)
     hits: dict = {}
     cache = state["cache"]
     if cache is not None:
         try:
-            found = await asyncio.to_thread(cache.get_many, info["model_fingerprint"], list(req.input_ids), req.top_k)
+            found = await asyncio.to_thread(cache.get_many, info["model_fingerprint"], req.input_ids, req.top_k)
             hits = {i: e for i, e in enumerate(found) if e is not None}
         except sqlite3.Error as e:  # a store that cannot be read is a miss, not a failed request
             log.warning("top-k cache: lookup failed (%s); asking the engine", e)
     missing = [i for i in range(n_seq) if i not in hits]
     job = None
     if missing:
-        job = Job(req.input_ids[missing] if hits else req.input_ids, req.top_k)
+        job = Job([req.input_ids[i] for i in missing] if hits else req.input_ids, req.top_k)
         try:
             state["batcher"].submit(job)
         except QueueFull as e:

@@ -1,9 +1,15 @@
 """Server-side batching: many concurrent requests, one engine worker thread.
 
-Each request becomes a :class:`Job` whose sequences wait in one FIFO queue. A single worker thread
-takes sequences from the head of the queue, from as many jobs as fit in ``max_batch_tokens``
-(counted padded: sequences x longest length), runs the engine once, and hands every sequence's
-answer back to the event loop of its request, which streams it out at once. So eight trainer
+Each request becomes a :class:`Job` whose sequences (of any lengths: ragged requests are fine) wait
+in one FIFO queue. A single worker thread takes sequences from the head of the queue, from as many
+jobs as fit in ``max_batch_tokens``, runs the engine once, and hands every sequence's answer back to
+the event loop of its request, which streams it out at once.
+
+The budget counts what the engine computes: an engine that right-pads a batch to its longest
+sequence (``engine.pads_batches``, True for the hf engine and for engines that do not say) is
+charged sequences x longest; one that packs prompts without padding (vLLM) is charged the sum of
+the lengths. The queue stays FIFO either way (no reordering by length), so a long sequence behind
+short ones closes the batch rather than overtaking them. So eight trainer
 workers calling together share engine batches instead of queueing one behind another, and a
 request's first frames leave before its last sequences are scored.
 
@@ -36,18 +42,23 @@ class QueueFull(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request: ``input_ids`` [B, L], one ``top_k``; answers arrive on ``results``.
+    """One request: ``input_ids`` B sequences (a [B, L] array or a list of 1-D arrays of any lengths),
+    one ``top_k``; answers arrive on ``results``.
 
     Each item on ``results`` is ``(index, TopK)`` or an exception (the engine failed). Create the
     job inside the request's event loop.
     """
 
-    input_ids: np.ndarray
+    input_ids: np.ndarray | list
     top_k: int
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     results: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     untaken: int = 0  # sequences not yet picked by the worker
+    lengths: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = [len(s) for s in self.input_ids]
 
     def cancel(self) -> None:
         """The client went away: drop the sequences that were not scored yet."""
@@ -60,9 +71,11 @@ class Job:
 
 class Batcher:
     def __init__(self, engine, *, max_batch_tokens: int = 16384, max_queue: int = 64,
-                 on_batch=None) -> None:
+                 on_batch=None, padded: bool | None = None) -> None:
         self.engine = engine
         self.max_batch_tokens = int(max_batch_tokens)
+        # count the budget padded (sequences x longest) or in real tokens; default: what the engine says
+        self.padded = bool(getattr(engine, "pads_batches", True)) if padded is None else bool(padded)
         self.max_queue = int(max_queue)
         self.on_batch = on_batch  # callback(sequences, padded_tokens, seconds, tokens) for metrics
         self._cond = threading.Condition()
@@ -76,14 +89,14 @@ class Batcher:
     # -- the event loop's side ---------------------------------------------------------------
     def submit(self, job: Job) -> None:
         """Queue every sequence of ``job``; raises QueueFull when ``max_queue`` jobs are waiting."""
-        b, length = job.input_ids.shape
+        b = len(job.lengths)
         with self._cond:
             if self._waiting_jobs >= self.max_queue:
                 raise QueueFull(self._retry_after())
             job.untaken = b
             self._units.extend((job, i) for i in range(b))
             self._waiting_jobs += 1
-            self._queued_tokens += b * length
+            self._queued_tokens += sum(job.lengths)
             self._cond.notify()
 
     @property
@@ -113,28 +126,30 @@ class Batcher:
             self._thread.join(timeout)
 
     def _take_batch(self) -> list[tuple[Job, int]]:
-        """Pop sequences from the head while the padded batch stays within max_batch_tokens."""
+        """Pop sequences from the head while the batch (padded or real tokens, see the module doc) stays
+        within max_batch_tokens; the first sequence is always taken (a request never exceeds the limit)."""
         batch: list[tuple[Job, int]] = []
-        longest = 0
+        longest = real = 0
         while self._units:
             job, i = self._units[0]
             if job.cancelled:
                 self._units.popleft()
-                self._account_taken(job)
+                self._account_taken(job, i)
                 continue
-            length = job.input_ids.shape[1]
+            length = job.lengths[i]
             new_longest = max(longest, length)
-            if batch and (len(batch) + 1) * new_longest > self.max_batch_tokens:
+            cost = (len(batch) + 1) * new_longest if self.padded else real + length
+            if batch and cost > self.max_batch_tokens:
                 break
             self._units.popleft()
-            self._account_taken(job)
+            self._account_taken(job, i)
             batch.append((job, i))
-            longest = new_longest
+            longest, real = new_longest, real + length
         return batch
 
-    def _account_taken(self, job: Job) -> None:
+    def _account_taken(self, job: Job, i: int) -> None:
         job.untaken -= 1
-        self._queued_tokens -= job.input_ids.shape[1]
+        self._queued_tokens -= job.lengths[i]
         if job.untaken == 0:
             self._waiting_jobs -= 1
 

@@ -1,7 +1,8 @@
 """Python client of the teacher service, used by the trainer.
 
 ``TeacherClient(urls).topk(input_ids, top_k)`` sends one request per batch, reads the binary frames
-as they stream in and writes each into preallocated tensors ``[B, L-1, k]``. It keeps one
+as they stream in and writes each into preallocated tensors ``[B, L-1, k]``; ``topk_ragged(sequences,
+top_k)`` does the same for sequences of different lengths and returns one output per sequence. It keeps one
 keep-alive ``httpx.Client`` per replica, spreads batches round-robin over the replicas, and
 retries with exponential backoff: a replica that refuses connections or breaks a stream is skipped
 for ``cooldown`` seconds and then tried again; a 503 (queue full, loading) is retried after the
@@ -34,6 +35,15 @@ class TeacherOutput:
     ids: torch.Tensor  # int64 [B, L-1, k]   top-k token ids, sorted by logprob descending
     logprobs: torch.Tensor  # float32 [B, L-1, k] natural-log probs at temperature 1, full-vocab normalised
     target_logprob: torch.Tensor  # float32 [B, L-1]    logprob of the actual next token input_ids[:, 1:]
+
+
+@dataclass
+class SequenceOutput:
+    """One sequence's answer from :meth:`TeacherClient.topk_ragged` (L: that sequence's length)."""
+
+    ids: torch.Tensor  # int64 [L-1, k]
+    logprobs: torch.Tensor  # float32 [L-1, k]
+    target_logprob: torch.Tensor  # float32 [L-1]
 
 
 def read_token_file(path) -> str:
@@ -187,7 +197,9 @@ class TeacherClient:
         return self._call("info", attempt)
 
     def topk(self, input_ids, top_k: int) -> TeacherOutput:
-        """Top-k of the teacher for every position of ``input_ids`` [B, L] (tensor or equal-length lists)."""
+        """Top-k of the teacher for every position of ``input_ids`` [B, L] (tensor or equal-length lists).
+
+        Sequences of different lengths: :meth:`topk_ragged`."""
         if isinstance(input_ids, torch.Tensor):
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids: expected [B, L], got shape {tuple(input_ids.shape)}")
@@ -195,38 +207,68 @@ class TeacherClient:
         else:
             rows = [[int(t) for t in row] for row in input_ids]
         if not rows or len({len(r) for r in rows}) != 1 or len(rows[0]) < 2:
-            raise ValueError("input_ids: need a non-empty batch of equal-length sequences of >= 2 ids")
+            raise ValueError("input_ids: need a non-empty batch of equal-length sequences of >= 2 ids "
+                             "(topk_ragged takes sequences of different lengths)")
         b, length, k = len(rows), len(rows[0]), int(top_k)
+
+        def new() -> TeacherOutput:
+            return TeacherOutput(ids=torch.empty((b, length - 1, k), dtype=torch.int64),
+                                 logprobs=torch.empty((b, length - 1, k), dtype=torch.float32),
+                                 target_logprob=torch.empty((b, length - 1), dtype=torch.float32))
+
+        def put(out: TeacherOutput, f) -> None:
+            out.ids[f.index].copy_(torch.from_numpy(f.ids.astype(np.int64)))
+            out.logprobs[f.index].copy_(torch.from_numpy(f.logprobs.astype(np.float32)))
+            out.target_logprob[f.index].copy_(torch.from_numpy(f.target_logprob.astype(np.float32)))
+
+        return self._call("topk", lambda rep: self._stream(rep, rows, k, new, put))
+
+    def topk_ragged(self, sequences, top_k: int) -> list[SequenceOutput]:
+        """Top-k for sequences of any lengths (each >= 2 ids) in one request: one :class:`SequenceOutput`
+        per sequence, in request order, sequence i holding ``len(sequences[i]) - 1`` rows. The sum of the
+        lengths must stay within the teacher's ``--max-batch-tokens`` (else ``TeacherRequestError`` 413)."""
+        rows = [[int(t) for t in (s.detach().to("cpu", torch.int64).reshape(-1).tolist()
+                                  if isinstance(s, torch.Tensor) else s)] for s in sequences]
+        if not rows or min(len(r) for r in rows) < 2:
+            raise ValueError("sequences: need a non-empty list of sequences of >= 2 ids each")
+        k = int(top_k)
+
+        def new() -> list:
+            return [None] * len(rows)
+
+        def put(out: list, f) -> None:
+            out[f.index] = SequenceOutput(ids=torch.from_numpy(f.ids.astype(np.int64)),
+                                          logprobs=torch.from_numpy(f.logprobs.astype(np.float32)),
+                                          target_logprob=torch.from_numpy(f.target_logprob.astype(np.float32)))
+
+        return self._call("topk", lambda rep: self._stream(rep, rows, k, new, put))
+
+    def _stream(self, rep: _Replica, rows: list[list[int]], k: int, new, put):
+        """One attempt: POST ``rows``, check every frame against its sequence (index seen once, R = L_i - 1
+        rows of k) and ``put(out, frame)`` it into ``out = new()``; all sequences must arrive."""
+        b = len(rows)
         body = json.dumps({"input_ids": rows, "top_k": k, "dtype": self.dtype}, separators=(",", ":")).encode()
         headers = {"Accept": MEDIA_TYPE, "Content-Type": "application/json"}
-
-        def attempt(rep: _Replica) -> TeacherOutput:
-            out = TeacherOutput(ids=torch.empty((b, length - 1, k), dtype=torch.int64),
-                                logprobs=torch.empty((b, length - 1, k), dtype=torch.float32),
-                                target_logprob=torch.empty((b, length - 1), dtype=torch.float32))
-            seen = np.zeros(b, dtype=bool)
-            reader = FrameReader()
-            try:
-                with rep.http.stream("POST", "/v1/topk", content=body, headers=headers) as r:
-                    self._check_status(r)
-                    for chunk in r.iter_bytes():
-                        for f in reader.feed(chunk):
-                            if not 0 <= f.index < b or seen[f.index] or f.ids.shape != (length - 1, k):
-                                raise WireError(f"unexpected frame index={f.index} shape={f.ids.shape}")
-                            seen[f.index] = True
-                            out.ids[f.index].copy_(torch.from_numpy(f.ids.astype(np.int64)))
-                            out.logprobs[f.index].copy_(torch.from_numpy(f.logprobs.astype(np.float32)))
-                            out.target_logprob[f.index].copy_(torch.from_numpy(f.target_logprob.astype(np.float32)))
-                reader.close()
-            except httpx.TransportError as e:  # refused, reset, broken stream: try another replica
-                raise _Retryable(f"{type(e).__name__}: {e}", replica_down=True) from None
-            except WireError as e:
-                raise _Retryable(f"bad stream: {e}", replica_down=True) from None
-            if not seen.all():
-                raise _Retryable(f"stream ended after {int(seen.sum())} of {b} sequences", replica_down=True)
-            return out
-
-        return self._call("topk", attempt)
+        out = new()
+        seen = np.zeros(b, dtype=bool)
+        reader = FrameReader()
+        try:
+            with rep.http.stream("POST", "/v1/topk", content=body, headers=headers) as r:
+                self._check_status(r)
+                for chunk in r.iter_bytes():
+                    for f in reader.feed(chunk):
+                        if not 0 <= f.index < b or seen[f.index] or f.ids.shape != (len(rows[f.index]) - 1, k):
+                            raise WireError(f"unexpected frame index={f.index} shape={f.ids.shape}")
+                        seen[f.index] = True
+                        put(out, f)
+            reader.close()
+        except httpx.TransportError as e:  # refused, reset, broken stream: try another replica
+            raise _Retryable(f"{type(e).__name__}: {e}", replica_down=True) from None
+        except WireError as e:
+            raise _Retryable(f"bad stream: {e}", replica_down=True) from None
+        if not seen.all():
+            raise _Retryable(f"stream ended after {int(seen.sum())} of {b} sequences", replica_down=True)
+        return out
 
     def close(self) -> None:
         for rep in self._replicas:

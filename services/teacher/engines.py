@@ -42,6 +42,7 @@ class TopK:
 
 class Engine(Protocol):
     backend: str
+    pads_batches: bool  # True: a batch costs sequences x longest (the batcher's token budget counts that)
     model: str
     vocab_size: int
     max_seq_len: int
@@ -89,12 +90,15 @@ class HFEngine:
     """transformers forward + log_softmax + topk (as topk of the logits minus their logsumexp).
 
     Sequences of different lengths are right-padded into one batch: in a causal model a real
-    position never attends to the padding after it, so no attention mask is needed and the
-    padded rows are simply dropped. The float32 log_softmax runs over row chunks so the extra
+    position never attends to the padding after it, and without an attention mask the position ids
+    are 0 .. L-1 in every row, which are each sequence's own; so no mask is needed, every real row
+    equals the unpadded sequence's, and the padded rows are simply dropped. (A batch therefore costs
+    sequences x longest: ``pads_batches``.) The float32 log_softmax runs over row chunks so the extra
     [tokens, vocab] copy stays bounded for large vocabularies.
     """
 
     backend = "hf"
+    pads_batches = True
 
     def __init__(self, model: str | Path, *, dtype: str = "auto", device: str | None = None,
                  max_top_k: int = 64, max_seq_len: int | None = None,
@@ -171,6 +175,7 @@ class VLLMEngine:
     """
 
     backend = "vllm"
+    pads_batches = False  # vLLM packs prompts without padding: the batcher counts real tokens
 
     def __init__(self, model: str | Path, *, dtype: str = "auto", max_top_k: int = 64,
                  max_seq_len: int | None = None, gpu_memory_utilization: float | None = None,

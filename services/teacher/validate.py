@@ -24,9 +24,18 @@ class RequestError(Exception):
 
 @dataclass
 class TopKRequest:
-    input_ids: np.ndarray  # int64 [B, L]
+    input_ids: list[np.ndarray]  # B sequences, int64 [L_i] each; lengths may differ (ragged), each 2..max_seq_len
     top_k: int
     dtype: str  # logprob type of binary frames: "float16" | "float32"
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(s) for s in self.input_ids]
+
+    @property
+    def tokens(self) -> int:
+        """Sum of the sequence lengths (what ``max_batch_tokens`` bounds)."""
+        return sum(len(s) for s in self.input_ids)
 
 
 def _strict_int(v) -> bool:
@@ -63,30 +72,31 @@ def parse_topk_request(body: bytes, *, vocab_size: int, max_seq_len: int, max_to
     for i, row in enumerate(rows):
         if not isinstance(row, list):
             raise RequestError(422, f"input_ids[{i}]: must be a list of token ids")
-    length = len(rows[0])
-    for i, row in enumerate(rows):
-        if len(row) != length:
-            raise RequestError(422, f"input_ids[{i}]: has {len(row)} ids but input_ids[0] has "
-                                    f"{length}; all sequences must have the same length")
-    if length < 2:
-        raise RequestError(422, f"input_ids: sequences must have at least 2 ids, got {length}")
-    if length > max_seq_len:
-        raise RequestError(413, f"input_ids: sequence length {length} exceeds max_seq_len {max_seq_len}")
-    if len(rows) * length > max_batch_tokens:
-        raise RequestError(413, f"input_ids: {len(rows)} x {length} = {len(rows) * length} tokens "
-                                f"exceed the limit of {max_batch_tokens} per request")
-    if {type(v) for row in rows for v in row} != {int}:
+    lengths = [len(row) for row in rows]
+    for i, n in enumerate(lengths):  # sequences may differ in length (ragged); each is checked on its own
+        if n < 2:
+            raise RequestError(422, f"input_ids[{i}]: sequences must have at least 2 ids, got {n}")
+        if n > max_seq_len:
+            raise RequestError(413, f"input_ids[{i}]: sequence length {n} exceeds max_seq_len {max_seq_len}")
+    total = sum(lengths)
+    if total > max_batch_tokens:
+        raise RequestError(413, f"input_ids: {len(rows)} sequences of {total} tokens in all exceed the limit of "
+                                f"{max_batch_tokens} per request")
+    flat = [v for row in rows for v in row]
+    if {type(v) for v in flat} != {int}:
         for i, row in enumerate(rows):
             for j, v in enumerate(row):
                 if not _strict_int(v):
                     raise RequestError(422, f"input_ids[{i}][{j}]: must be an integer token id, got {v!r}")
     try:
-        ids = np.array(rows, dtype=np.int64)
+        ids = np.array(flat, dtype=np.int64)
     except OverflowError:
         raise RequestError(422, "input_ids: token id out of the 64-bit integer range") from None
     bad = (ids < 0) | (ids >= vocab_size)
+    starts = np.cumsum([0] + lengths[:-1])
     if bad.any():
-        i, j = (int(x) for x in np.argwhere(bad)[0])
-        raise RequestError(422, f"input_ids[{i}][{j}]: token id {int(ids[i, j])} outside the "
+        pos = int(np.argmax(bad))
+        i = int(np.searchsorted(starts, pos, side="right")) - 1
+        raise RequestError(422, f"input_ids[{i}][{pos - int(starts[i])}]: token id {int(ids[pos])} outside the "
                                 f"vocabulary 0..{vocab_size - 1}")
-    return TopKRequest(input_ids=ids, top_k=top_k, dtype=dtype)
+    return TopKRequest(input_ids=[ids[a:a + n] for a, n in zip(starts.tolist(), lengths)], top_k=top_k, dtype=dtype)

@@ -13,7 +13,7 @@ Frame, version 1 (header 24 bytes, then the payload)::
     6      1     dtype          uint8, 1 = float16, 2 = float32 (the logprobs' and target's type)
     7      1     flags          uint8, 0 (reserved; a reader rejects anything else)
     8      4     index          uint32, the sequence's row in the request's input_ids
-    12     4     rows           uint32, positions R = L - 1
+    12     4     rows           uint32, positions R = L - 1 (L: this sequence's length; they may differ)
     16     4     k              uint32, top-k
     20     4     crc32          uint32, zlib.crc32 of header bytes 0..19 followed by the payload
     24     4*R*k ids            int32 [R, k], token ids, logprob descending in each row

@@ -93,6 +93,33 @@ def test_second_identical_request_is_served_without_the_engine(cached, teacher_u
     assert post(teacher_url, ids, 8, headers={}).content == first.content
 
 
+def test_a_ragged_request_is_served_from_the_cache_the_second_time(cached, teacher_url):
+    """Sequences of lengths 5, 17, 2, 33 (each keyed by its own ids): the second request never reaches the
+    engine and answers the same bytes; a sequence seen before in another request and length is a hit too."""
+    from ddk.teacher.wire import decode_frames
+
+    url = cached["url"]
+    g = np.random.default_rng(7)
+    ids = [g.integers(3, 2000, n).tolist() for n in (5, 17, 2, 33)]
+    tokens0, hits0 = metric(url, "ddk_teacher_engine_tokens_total"), metric(url, "ddk_teacher_cache_hits_total")
+    first = post(url, ids, 8)
+    assert first.status_code == 200
+    assert metric(url, "ddk_teacher_engine_tokens_total") - tokens0 == 5 + 17 + 2 + 33
+    second = post(url, ids, 8)
+    assert metric(url, "ddk_teacher_engine_tokens_total") - tokens0 == 5 + 17 + 2 + 33  # the engine did not run
+    assert metric(url, "ddk_teacher_cache_hits_total") - hits0 == 4
+    assert second.content == first.content
+    assert post(teacher_url, ids, 8, headers={}).content == first.content
+    mixed = [ids[3], g.integers(3, 2000, 9).tolist(), ids[0]]  # two known sequences in other places
+    got = sorted(decode_frames(post(url, mixed, 8).content), key=lambda f: f.index)  # hits come first
+    want = sorted(decode_frames(post(teacher_url, mixed, 8, headers={}).content), key=lambda f: f.index)
+    assert [f.index for f in got] == [0, 1, 2] and [f.ids.shape[0] for f in got] == [32, 8, 4]
+    for a, b in zip(got, want):  # float16 store and frames: the numbers of an uncached server, each in its place
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.logprobs, b.logprobs)
+        assert np.array_equal(a.target_logprob, b.target_logprob)
+    assert metric(url, "ddk_teacher_cache_hits_total") - hits0 == 6
+
+
 def test_a_smaller_k_is_served_from_a_larger_entry(cached, teacher_url):
     url = cached["url"]
     ids = rows(3, seed=2)

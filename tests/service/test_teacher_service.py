@@ -200,6 +200,40 @@ def test_binary_frames_match_reference_and_json(server, client, batch, ref):
     assert len(raw.content) == 2 * (24 + (SEQ - 1) * 16 * (4 + 4) + (SEQ - 1) * 4)
 
 
+RAGGED = (5, 17, 2, 33)
+
+
+def test_ragged_request_matches_reference_per_sequence(server, client, ref_model, batch):
+    """Sequences of lengths 5, 17, 2, 33 in one request (one padded engine batch): each sequence's rows equal
+    the unpadded reference of that sequence alone, in binary frames (client) and in JSON; ragged frames carry
+    their own rows."""
+    from ddk.teacher.wire import decode_frames
+
+    seqs = [batch[i, :n] for i, n in enumerate(RAGGED)]
+    refs = [reference_logprobs(ref_model, s[None])[0] for s in seqs]
+    k = 8
+    outs = client.topk_ragged(seqs, k)
+    assert len(outs) == len(seqs)
+    for out, s, rf in zip(outs, seqs, refs):
+        as_batch = type("Out", (), {a: getattr(out, a)[None] for a in ("ids", "logprobs", "target_logprob")})
+        check_against_reference(as_batch, s[None], k, rf[None])
+    r = httpx.post(server["url"] + "/v1/topk", json={"input_ids": [s.tolist() for s in seqs], "top_k": k},
+                   headers={"Accept": "application/json"}, timeout=60)
+    assert r.status_code == 200
+    answer = r.json()["sequences"]
+    for got, out in zip(answer, outs):  # JSON: the same numbers as the frames, in request order
+        assert torch.equal(torch.tensor(got["ids"]), out.ids)
+        assert torch.equal(torch.tensor(got["logprobs"], dtype=torch.float32), out.logprobs)
+        assert torch.equal(torch.tensor(got["target_logprob"], dtype=torch.float32), out.target_logprob)
+    raw = httpx.post(server["url"] + "/v1/topk", json={"input_ids": [s.tolist() for s in seqs], "top_k": k},
+                     timeout=60).content
+    frames = sorted(decode_frames(raw), key=lambda f: f.index)
+    assert [f.ids.shape for f in frames] == [(n - 1, k) for n in RAGGED]
+    assert len(raw) == sum(24 + (n - 1) * k * 8 + (n - 1) * 4 for n in RAGGED)
+    with pytest.raises(ValueError, match="topk_ragged"):  # the equal-length API stays as it was
+        client.topk([s.tolist() for s in seqs], k)
+
+
 def test_float16_frames_within_half_precision(batch, server, client):
     from ddk.teacher.client import TeacherClient
 

@@ -44,9 +44,16 @@ def vllm_server(model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(model_dir, kit):
+def ref_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def data(model_dir, kit, ref_model):
     """[6, 48] ids of real validation text and of random tokens, with the reference logprobs."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows = []
@@ -58,9 +65,8 @@ def data(model_dir, kit):
     g = torch.Generator().manual_seed(3)
     rows = rows[:4] + torch.randint(0, len(tok), (2, 48), generator=g).tolist()
     ids = torch.tensor(rows)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
-        ref = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), dim=-1)
+        ref = torch.log_softmax(ref_model(input_ids=ids).logits[:, :-1].double(), dim=-1)
     return ids, ref
 
 
@@ -89,6 +95,30 @@ def test_vllm_server_matches_reference(vllm_server, data):
         out = c.topk(ids, 16)
     assert torch.equal(torch.tensor([s["ids"] for s in seqs]), out.ids)
     assert torch.equal(torch.tensor([s["logprobs"] for s in seqs], dtype=torch.float32), out.logprobs)
+
+
+def test_vllm_server_ragged_request_matches_reference_per_sequence(vllm_server, data, ref_model):
+    """Lengths 5, 17, 2, 33 in one request: each sequence equals the reference of that sequence alone (no
+    padding anywhere), in binary frames (client) and in JSON."""
+    from ddk.teacher.client import TeacherClient
+
+    ids, _ = data
+    seqs = [ids[i, :n] for i, n in enumerate((5, 17, 2, 33))]
+    k = 8
+    with TeacherClient(vllm_server, dtype="float32") as c:
+        outs = c.topk_ragged(seqs, k)
+    r = httpx.post(vllm_server + "/v1/topk", json={"input_ids": [s.tolist() for s in seqs], "top_k": k},
+                   headers={"Accept": "application/json"}, timeout=120)
+    assert r.status_code == 200
+    answer = r.json()["sequences"]
+    for s, out, got in zip(seqs, outs, answer):
+        with torch.inference_mode():
+            ref = torch.log_softmax(ref_model(input_ids=s[None]).logits[:, :-1].double(), dim=-1)
+        check(type("Out", (), {a: getattr(out, a)[None] for a in ("ids", "logprobs", "target_logprob")}),
+              s[None], k, ref)
+        assert torch.equal(torch.tensor(got["ids"]), out.ids)
+        assert torch.equal(torch.tensor(got["logprobs"], dtype=torch.float32), out.logprobs)
+        assert torch.equal(torch.tensor(got["target_logprob"], dtype=torch.float32), out.target_logprob)
 
 
 def test_vllm_server_bad_input_and_concurrency(vllm_server, data):

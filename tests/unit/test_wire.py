@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import threading
 import zlib
@@ -140,8 +141,26 @@ def parse(body):
 
 def test_valid_request_parses():
     req = parse('{"input_ids": [[1, 2, 3], [4, 5, 99]], "top_k": 8, "dtype": "float16"}')
-    assert req.input_ids.tolist() == [[1, 2, 3], [4, 5, 99]] and req.top_k == 8 and req.dtype == "float16"
+    assert [r.tolist() for r in req.input_ids] == [[1, 2, 3], [4, 5, 99]] and req.top_k == 8 and req.dtype == "float16"
+    assert all(r.dtype == np.int64 for r in req.input_ids)
     assert parse('{"input_ids": [[0, 1]], "top_k": 1}').dtype == "float32"
+
+
+def test_ragged_request_parses_and_is_bounded_by_the_sum_of_lengths():
+    rows = [[1, 2, 3, 4, 5], list(range(16)), [7, 8], list(range(10, 27))[:16]]
+    req = parse(json.dumps({"input_ids": rows, "top_k": 2}))
+    assert [r.tolist() for r in req.input_ids] == rows and req.lengths == [5, 16, 2, 16] and req.tokens == 39
+    with pytest.raises(RequestError) as e:  # 41 tokens in all (the longest x B would be 64: not what counts)
+        parse(json.dumps({"input_ids": rows + [[1, 2]], "top_k": 2}))
+    assert e.value.status == 413 and "41 tokens" in e.value.detail and "limit of 40" in e.value.detail
+    for bad, status, field in (([[1, 2], list(range(17))], 413, "input_ids[1]: sequence length 17"),
+                               ([[1, 2, 3], [4]], 422, "input_ids[1]: sequences must have at least 2"),
+                               ([[1, 2, 3], [4, 5, 6, 7], [8, 100]], 422, "input_ids[2][1]: token id 100"),
+                               ([[1, 2, 3], [4, 5, -3, 7]], 422, "input_ids[1][2]"),
+                               ([[1, 2, 3], [4, 5.5]], 422, "input_ids[1][1]")):
+        with pytest.raises(RequestError) as e:
+            parse(json.dumps({"input_ids": bad, "top_k": 2}))
+        assert e.value.status == status and field in e.value.detail, e.value.detail
 
 
 @pytest.mark.parametrize("body, status, field", [
@@ -229,6 +248,53 @@ def test_batcher_merges_requests_within_the_token_limit_and_bounds_the_queue():
             b.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("padded, expected", [
+    # FIFO order 5, 17, 2, 33 | 3, 3 | 20 with a budget of 40: padded = sequences x longest, real = sum of lengths
+    (True, [[4], [5, 17], [2], [33], [3, 3], [20]]),  # 3 x 17, 2 x 33, 3 x 20 would pass 40
+    (False, [[4], [5, 17, 2], [33, 3, 3], [20]]),
+])
+def test_batcher_packs_ragged_sequences_by_tokens(padded, expected):
+    async def scenario():
+        engine = GatedEngine()
+        b = Batcher(engine, max_batch_tokens=40, max_queue=8, padded=padded)
+        b.start()
+        try:
+            blocker = Job([np.arange(4)], 1)
+            b.submit(blocker)
+            while b.queued_sequences:
+                await asyncio.sleep(0.01)
+            ragged = Job([np.arange(n) + n for n in (5, 17, 2, 33)], 1)
+            short = Job(np.arange(6).reshape(2, 3), 1)
+            last = Job([np.arange(20)], 1)
+            for j in (ragged, short, last):
+                b.submit(j)
+            engine.gate.set()
+            for j in (blocker, ragged, short, last):
+                got = sorted([await asyncio.wait_for(j.results.get(), 10) for _ in j.lengths], key=lambda x: x[0])
+                assert [i for i, _ in got] == list(range(len(j.lengths)))
+                for i, res in got:  # each answer went to its own request and sequence, with its own length
+                    assert res.ids[:, 0].tolist() == list(j.input_ids[i][1:])
+            assert engine.batches == expected
+            for batch in expected:
+                cost = len(batch) * max(batch) if padded else sum(batch)
+                assert cost <= 40 or len(batch) == 1
+            assert b.queue_depth == 0 and b.queued_sequences == 0 and b._queued_tokens == 0
+        finally:
+            engine.gate.set()
+            b.stop()
+
+    asyncio.run(scenario())
+
+
+def test_batcher_counts_padding_unless_the_engine_packs():
+    class Packing(GatedEngine):
+        pads_batches = False
+
+    assert Batcher(GatedEngine()).padded is True  # engines that do not say are taken to pad (the safe side)
+    assert Batcher(Packing()).padded is False
+    assert Batcher(Packing(), padded=True).padded is True
 
 
 def test_batcher_skips_cancelled_requests_and_reports_engine_errors():
