@@ -25,11 +25,20 @@ from ddk.trainer.data import PackedDomain
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
 def evaluate_loss(model, blocks: np.ndarray, batch_size: int, device: str | torch.device = "cpu") -> float:
     """Mean next-token CE (nats per token) of ``model`` over ``blocks`` ``[n, seq_len + 1]``."""
     if len(blocks) == 0:
         raise ValueError("blocks: nothing to evaluate")
+    total, count = loss_sums(model, blocks, batch_size, device)
+    return total / count
+
+
+@torch.no_grad()
+def loss_sums(model, blocks: np.ndarray, batch_size: int, device: str | torch.device = "cpu") -> tuple[float, int]:
+    """``(sum of the next-token CE over every prediction, number of predictions)`` of ``model`` on ``blocks``
+    (``(0.0, 0)`` for none): what a shard of an evaluation adds to the whole."""
+    if len(blocks) == 0:
+        return 0.0, 0
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -43,7 +52,7 @@ def evaluate_loss(model, blocks: np.ndarray, batch_size: int, device: str | torc
             count += labels.numel()
     finally:
         model.train(was_training)
-    return total / count
+    return total, count
 
 
 def evaluation_blocks(domain: PackedDomain, sequences_per_domain: int) -> np.ndarray:
@@ -56,6 +65,28 @@ def evaluate_domains(model, domains: dict[str, PackedDomain], sequences_per_doma
     """``{domain: student loss}`` on each domain's evaluation blocks."""
     return {name: evaluate_loss(model, evaluation_blocks(d, sequences_per_domain), batch_size, device)
             for name, d in domains.items()}
+
+
+def shard_of(blocks: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s contiguous part of ``blocks`` when ``world_size`` ranks share an evaluation (the parts
+    cover every block once; some are empty when there are fewer blocks than ranks)."""
+    n = len(blocks)
+    return blocks[rank * n // world_size:(rank + 1) * n // world_size]
+
+
+def domain_loss_sums(model, domains: dict[str, PackedDomain], sequences_per_domain: int, batch_size: int,
+                     device: str | torch.device = "cpu", rank: int = 0,
+                     world_size: int = 1) -> dict[str, tuple[float, int]]:
+    """``{domain: (loss sum, predictions)}`` on this rank's shard (:func:`shard_of`) of each domain's evaluation
+    blocks. Summed over the ranks and divided, they give :func:`evaluate_domains` of the whole, split W ways."""
+    return {name: loss_sums(model, shard_of(evaluation_blocks(d, sequences_per_domain), rank, world_size),
+                            batch_size, device)
+            for name, d in domains.items()}
+
+
+def losses_from_sums(sums: dict[str, tuple[float, int]]) -> dict[str, float]:
+    """``{domain: loss sum / predictions}`` of (all-reduced) :func:`domain_loss_sums`."""
+    return {name: total / count for name, (total, count) in sums.items()}
 
 
 def teacher_losses_from_client(client, domains: dict[str, PackedDomain], sequences_per_domain: int,

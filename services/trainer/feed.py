@@ -14,6 +14,12 @@ next window once the new weights are known. When weights change inside a window 
 after the last batch actually trained on, so discarded draws leave no trace (the sampler's state
 is snapshotted with every batch for that reason; it is also what a checkpoint stores).
 
+Gradient accumulation (``micro_batches`` M > 1): the sampler draws one batch of M x ``batch_size`` rows per
+step (a pure function of the step, as before), which the producer splits into M micro-batches, each fetched
+from the teacher on its own and queued on its own; :meth:`TeacherFeed.next` hands them out in order, and the
+step counts as consumed (the sampler state a checkpoint stores) after its last micro-batch. All of a step's
+micro-batches come from one draw, so under one weights version.
+
 The sampler is only touched by the producer thread while a window is active and by the caller
 otherwise, so no lock is needed around it.
 """
@@ -33,7 +39,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DEPTH = 4  # batches fetched ahead; small: each holds [B, L, k] teacher outputs
+DEFAULT_DEPTH = 4  # (micro-)batches fetched ahead; small: each holds [B, L, k] teacher outputs
 
 
 class Sampler(Protocol):
@@ -44,7 +50,7 @@ class Sampler(Protocol):
 
 @dataclass
 class Batch:
-    """One step's training batch."""
+    """One step's training batch (with gradient accumulation: one of the step's micro-batches)."""
 
     step: int                      # optimiser steps completed before this batch (0-based step index)
     version: int                   # weights version it was drawn under
@@ -53,6 +59,8 @@ class Batch:
     teacher: Any | None            # TeacherOutput for input_ids (rows j predict token j+1), None for CPT
     sampler_state: dict            # the sampler's state right after drawing this batch
     fetch_s: float                 # time the producer spent on the teacher request
+    micro: int = 0                 # which micro-batch of the step (0 .. micros - 1)
+    micros: int = 1                # micro-batches per step (train.grad_accum_steps)
 
 
 class _Failure:
@@ -65,14 +73,19 @@ class TeacherFeed:
 
     ``blocks(rows) -> np.ndarray [B, seq_len + 1]`` gathers the token blocks of the drawn rows;
     ``teacher`` is a :class:`~ddk.teacher.client.TeacherClient` (or anything with ``topk``),
-    or None when the loss needs no teacher (CPT): then no request is ever made.
+    or None when the loss needs no teacher (CPT): then no request is ever made. ``micro_batches``: batches of
+    ``batch_size`` per step (:meth:`next` is called that many times per step).
     """
 
     def __init__(self, sampler: Sampler, blocks: Callable[[Sequence[tuple[str, int]]], np.ndarray],
                  batch_size: int, teacher: Any | None = None, top_k: int = 0,
-                 depth: int = DEFAULT_DEPTH):
+                 depth: int = DEFAULT_DEPTH, micro_batches: int = 1):
         if depth < 1:
             raise ValueError("depth must be >= 1")
+        if micro_batches < 1:
+            raise ValueError("micro_batches must be >= 1")
+        self.micro_batches = int(micro_batches)
+        self._next_micro = 0
         self.sampler = sampler
         self.blocks = blocks
         self.batch_size = batch_size
@@ -114,6 +127,7 @@ class TeacherFeed:
         self._window = (start, stop)
         self._version = version
         self._next_step = start
+        self._next_micro = 0
         self._thread = threading.Thread(
             target=self._produce, name=f"teacher-feed-{start}",
             args=(start, stop, dict(weights), version, self._stop, self._queue), daemon=True)
@@ -132,6 +146,7 @@ class TeacherFeed:
             self._thread = None
         self._window = None
         self._next_step = None
+        self._next_micro = 0
         self.sampler.load_state_dict(copy.deepcopy(self._consumed_state))
 
     def close(self) -> None:
@@ -139,7 +154,7 @@ class TeacherFeed:
 
     # -- consumer ------------------------------------------------------------------------------
     def next(self, step: int) -> tuple[Batch, float]:
-        """The batch for ``step`` and the seconds spent waiting for it."""
+        """The (next micro-)batch for ``step`` and the seconds spent waiting for it."""
         if not self.covers(step):
             raise RuntimeError(f"step {step} is outside the feed's window {self._window} "
                                f"(next expected {self._next_step})")
@@ -151,14 +166,19 @@ class TeacherFeed:
             self._thread = None
             self._window = None
             raise item.exc
-        assert item.step == step, (item.step, step)
+        assert item.step == step and item.micro == self._next_micro, (item.step, item.micro, step,
+                                                                      self._next_micro)
+        self.wait_s_total += waited
+        if item.micro + 1 < item.micros:  # more micro-batches of this step to come
+            self._next_micro += 1
+            return item, waited
+        self._next_micro = 0
         self._consumed_state = item.sampler_state
         self._next_step = step + 1
         if self._next_step >= self._window[1]:
             self._thread.join()
             self._thread = None
             self._window = None
-        self.wait_s_total += waited
         return item, waited
 
     def state_dict(self) -> dict:
@@ -172,20 +192,25 @@ class TeacherFeed:
             for step in range(start, stop):
                 if stop_event.is_set():
                     return
-                rows = self.sampler.draw(step, weights, self.batch_size)
+                B, M = self.batch_size, self.micro_batches
+                drawn = self.sampler.draw(step, weights, B * M)
                 state = copy.deepcopy(self.sampler.state_dict())
-                ids = torch.from_numpy(np.asarray(self.blocks(rows), dtype=np.int64))
-                t0 = time.perf_counter()
-                teacher = self.teacher.topk(ids, self.top_k) if self.teacher is not None else None
-                batch = Batch(step=step, version=version, rows=list(rows), input_ids=ids,
-                              teacher=teacher, sampler_state=state,
-                              fetch_s=time.perf_counter() - t0)
-                while not stop_event.is_set():
-                    try:
-                        out.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                for m in range(M):
+                    if stop_event.is_set():
+                        return
+                    rows = drawn[m * B:(m + 1) * B]
+                    ids = torch.from_numpy(np.asarray(self.blocks(rows), dtype=np.int64))
+                    t0 = time.perf_counter()
+                    teacher = self.teacher.topk(ids, self.top_k) if self.teacher is not None else None
+                    batch = Batch(step=step, version=version, rows=list(rows), input_ids=ids,
+                                  teacher=teacher, sampler_state=state,
+                                  fetch_s=time.perf_counter() - t0, micro=m, micros=M)
+                    while not stop_event.is_set():
+                        try:
+                            out.put(batch, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
         except BaseException as e:  # handed to the consumer, raised in the training loop
             log.debug("teacher feed failed", exc_info=True)
             while not stop_event.is_set():

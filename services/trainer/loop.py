@@ -5,7 +5,8 @@ newest checkpoint, then teacher, feed, controller, metrics writer), the steps be
 Per step ``s`` (``s`` optimiser steps done so far, :attr:`TrainState.step`), every rank:
 
 1. :meth:`Trainer.evaluate`: at an interval boundary (``s % interval_steps == 0``, step 0 included, and at the
-   last step), rank 0 evaluates the student on every domain's validation blocks and posts the losses to the
+   last step), every rank evaluates the student on its shard of every domain's validation blocks (the sums
+   all-reduced: :meth:`Trainer.student_losses`) and rank 0 posts the losses to the
    controller, which answers with the next weights version (the DDK update). A controller that cannot be
    reached does not stop the run: the run keeps its last weights, says so in the log and retries the same
    evaluation at later steps (1, 2, 4 ... steps later, at most 32) until it gets through or a newer
@@ -16,8 +17,10 @@ Per step ``s`` (``s`` optimiser steps done so far, :attr:`TrainState.step`), eve
 3. :meth:`Trainer.train_step`: the teacher feed hands out the step's batch (drawn with those weights, teacher
    top-k fetched in the background, see feed.py); when the weights changed, batches prefetched under the old
    ones are dropped.
-4. :meth:`Trainer.train_step`: forward, ``CE + gamma * KL`` (loss.py), backward (DDP all-reduce), clip, AdamW,
-   LR schedule, and rank 0's ``step`` line in the metrics.
+4. :meth:`Trainer.train_step`: per micro-batch (``train.grad_accum_steps`` of them) forward and
+   ``CE + gamma * KL`` (loss.py; from the hidden states in chunks unless ``kd.chunk_tokens: 0``) under
+   ``train.precision``'s autocast, backward (DDP all-reduce on the last micro-batch; :meth:`Trainer.backward`,
+   scale.py), clip, AdamW, LR schedule, and rank 0's ``step`` line in the metrics.
 5. :meth:`Trainer.save`: at ``checkpoint.every_steps`` and the last step, a checkpoint of the model, optimiser,
    schedule, RNG and :class:`~ddk.trainer.state.TrainState` (checkpoint.py), reported to the context.
 
@@ -48,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from ddk.trainer import checkpoint as ckpt
+from ddk.trainer import scale
 from ddk.trainer.config import FAULT_ENV, TrainJob
 from ddk.trainer.metrics import METRICS, MetricsWriter, truncate_metrics
 from ddk.trainer.optim import build_optimizer, lr_lambda
@@ -354,9 +358,13 @@ class Controller:
                             "tokens_per_s": _finite_or_none(tokens_per_s)})
         return True
 
-    def submit(self, step: int, student_loss: dict[str, float], teacher_loss: dict[str, float] | None) -> None:
-        """A new evaluation replaces one still waiting to be posted (the controller wants increasing steps)."""
+    def submit(self, step: int, student_loss: dict[str, float], teacher_loss: dict[str, float] | None,
+               tokens: dict[str, float] | None = None) -> None:
+        """A new evaluation replaces one still waiting to be posted (the controller wants increasing steps).
+        ``tokens``: student tokens trained per domain so far (posted with it when given)."""
         self.pending = {"step": step, "student_loss": student_loss, "teacher_loss": teacher_loss}
+        if tokens is not None:
+            self.pending["tokens"] = dict(tokens)
         self._next_try, self._gap = step, 1
 
     def try_post(self, step: int) -> dict | None:
@@ -370,7 +378,8 @@ class Controller:
 
         p = self.pending
         try:
-            answer = self.client.post_evaluation(self.run_id, p["step"], p["student_loss"], p["teacher_loss"])
+            answer = self.client.post_evaluation(self.run_id, p["step"], p["student_loss"], p["teacher_loss"],
+                                                 **({"tokens": p["tokens"]} if p.get("tokens") is not None else {}))
         except ControllerUnavailable as e:
             self._next_try = step + self._gap
             log.warning("controller unreachable (%s); keeping weights version %d, retrying at step %d",
@@ -454,6 +463,7 @@ class Trainer:
         self.teacher_client = teacher_client
         self.state = TrainState(version=int(self.job.initial_version), teacher_loss=self.job.teacher_loss)
         self.restored = False
+        self.fsdp, self.full_state = False, None  # train.strategy=fsdp (set in setup); the gathered export
         self.model = self.raw_model = self.teacher = self.feed = self.controller = self.writer = None
         self.throughput = _Throughput()
         self.t_start = time.perf_counter()
@@ -469,20 +479,67 @@ class Trainer:
         self.device = self.ctx.device()
         self._setup_data()
         self.raw_model = _load_model(cfg.student.model)
+        self.fsdp = cfg.train.strategy == "fsdp"
+        if self.fsdp:  # FSDP2 (parallel.py): shard first, so that the optimiser holds the sharded (DTensor) params
+            from ddk.trainer import parallel
+
+            self.model = parallel.prepare_student_step(self._student_step(), scale.resolve_precision(
+                cfg.train.precision, self.device), self.device, self.rank)
         self.optimizer = build_optimizer(self.raw_model, cfg.train.lr, cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train.warmup_steps,
                                                                                      self.total))
         self.resume()
-        self.model = self.ctx.prepare_model(self.raw_model)
-        self.raw_model = getattr(self.model, "module", self.model)
+        if not self.fsdp:
+            self.model = self.ctx.prepare_model(self._student_step())  # the student + its loss (scale.StudentStep)
+        self.raw_model = getattr(self.model, "module", self.model).student
+        self._setup_scale()
         if self.state.step >= self.total and self.rank == 0:
             log.info("the run already reached step %d of %d", self.state.step, self.total)
         self._setup_feed()
         if self.rank == 0:
             self._setup_rank0()
         self.faults = pending_faults(self.job.fault_at_steps, self.out_dir) if self.rank == self.world - 1 else set()
-        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * self.world
+        self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * self.world
         self.t_start = time.perf_counter()
+
+    def _student_step(self) -> torch.nn.Module:
+        """What the context places (DDP under Ray): :class:`~ddk.trainer.scale.StudentStep`, the student with its
+        loss, so that the forward DDP wraps returns the loss and every parameter is used inside it. Switches on
+        ``train.activation_checkpointing``. The hidden-state (chunked) loss is taken when ``kd.chunk_tokens != 0``
+        and the student's logits are its output projection of its last hidden states (checked on a short input;
+        otherwise the full-logits path, with a warning)."""
+        cfg = self.cfg
+        if cfg.train.activation_checkpointing:
+            scale.enable_activation_checkpointing(self.raw_model)
+        chunk = cfg.kd.chunk_tokens
+        if chunk != 0:
+            problem = scale.hidden_state_problem(self.raw_model)
+            if problem is not None:
+                log.warning("kd.chunk_tokens: %s; rank %d computes the loss from the full logits", problem,
+                            self.rank)
+                chunk = 0
+        self.step_module = scale.StudentStep(self.raw_model, cfg.kd, chunk)
+        return self.step_module
+
+    def _setup_scale(self) -> None:
+        """``train.precision`` (autocast dtype; fp16's GradScaler, resumed with the run), ``train.compile``
+        (the placed student's decoder, in place) and the FLOPs count behind MFU."""
+        cfg = self.cfg
+        self.accum = cfg.train.grad_accum_steps
+        self.precision = scale.resolve_precision(cfg.train.precision, self.device)
+        self.scaler = scale.grad_scaler(self.device, self.precision)
+        if self.state.scaler is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict(self.state.scaler)
+        if cfg.train.compile:
+            scale.compile_student(self.raw_model, self.device)
+        self.flop_params = scale.flop_parameters(self.raw_model)
+        self.peak_tflops = scale.peak_tflops(cfg.train.peak_tflops, self.device, self.precision)
+        if self.rank == 0:
+            log.info("precision %s, %d x %d sequences per worker and step, loss from %s%s%s", self.precision,
+                     self.accum, cfg.train.batch_size,
+                     "the hidden states (chunked)" if self.step_module.chunked else "the full logits",
+                     ", activation checkpointing" if cfg.train.activation_checkpointing else "",
+                     ", torch.compile" if cfg.train.compile else "")
 
     def _setup_data(self) -> None:
         """The driver prepared the token cache, so this only memory-maps it."""
@@ -507,15 +564,20 @@ class Trainer:
         if self.cfg.kd.gamma > 0:
             if self.teacher_client is not None:
                 self.teacher = self.teacher_client
+            elif self.cfg.cache.dir:  # the top-k store, teacher.urls (if any) behind it (topk_source.py)
+                from ddk.trainer.topk_source import open_source
+
+                self.teacher = open_source(self.cfg, self.job.teacher_token)
             else:
                 from ddk.teacher.client import TeacherClient
 
-                self.teacher = TeacherClient(self.cfg.teacher.urls)
+                self.teacher = TeacherClient(self.cfg.teacher.urls, token=self.job.teacher_token)
 
         def blocks(rows):
             return np.stack([self.domains[dn].train[i] for dn, i in rows])
 
-        self.feed = TeacherFeed(self.sampler, blocks, self.cfg.train.batch_size, self.teacher, self.cfg.kd.top_k)
+        self.feed = TeacherFeed(self.sampler, blocks, self.cfg.train.batch_size, self.teacher, self.cfg.kd.top_k,
+                                micro_batches=self.cfg.train.grad_accum_steps)
 
     def _setup_rank0(self) -> None:
         s = self.state
@@ -537,8 +599,15 @@ class Trainer:
             if d is None:
                 return False
             given = self.state.teacher_loss
-            self.state.load_state_dict(ckpt.load_training(d, rank=self.rank, model=self.raw_model,
-                                                          optimizer=self.optimizer, scheduler=self.scheduler))
+            if self.fsdp:  # each rank its own shards (parallel.py), same world size
+                from ddk.trainer.parallel import load_training_sharded
+
+                loaded = load_training_sharded(d, rank=self.rank, world_size=self.world, model=self.raw_model,
+                                               optimizer=self.optimizer, scheduler=self.scheduler)
+            else:
+                loaded = ckpt.load_training(d, rank=self.rank, model=self.raw_model, optimizer=self.optimizer,
+                                            scheduler=self.scheduler)
+            self.state.load_state_dict(loaded)
             self.state.weights = {n: self.state.weights[n] for n in self.names}
             self.state.teacher_loss = given or self.state.teacher_loss
             self._restore_sampler()
@@ -559,11 +628,13 @@ class Trainer:
 
     # -- the steps ---------------------------------------------------------------------------------------
     def evaluate(self) -> None:
-        """Steps 1-2: rank 0 evaluates at a boundary (or retries a pending post); every rank takes its weights."""
+        """Steps 1-2: at a boundary every rank evaluates its share and rank 0 posts the losses (or it retries a
+        pending post); every rank takes its weights."""
         s = self.state
+        losses = self.student_losses() if is_eval_step(s.step, self.K, self.total) else None
         if self.rank == 0:
-            if is_eval_step(s.step, self.K, self.total):
-                self._post_evaluation()
+            if losses is not None:
+                self._post_evaluation(losses)
             elif self.controller.pending is not None:
                 eval_step = self.controller.pending["step"]
                 answer = self.controller.try_post(s.step)
@@ -573,16 +644,25 @@ class Trainer:
             s.weights, s.version = self.controller.weights, self.controller.version
         s.weights, s.version = broadcast_weights(s.weights, s.version, self.names, self.world, self.device)
 
-    def _post_evaluation(self) -> None:
-        from ddk.trainer.evaluate import evaluate_domains
+    def student_losses(self) -> dict[str, float]:
+        """The student's loss per domain, the evaluation split over the ranks: each scores its shard of every
+        domain's evaluation blocks (evaluate.domain_loss_sums), the sums of loss and of predictions are
+        all-reduced, then divided. The same losses as one rank evaluating everything, in 1/W of its time."""
+        from ddk.trainer.evaluate import domain_loss_sums
 
-        s, cfg = self.state, self.cfg
-        losses = evaluate_domains(self.raw_model, {n: self.domains[n] for n in self.names},
-                                  cfg.eval.sequences_per_domain, cfg.eval.batch_size, self.device)
+        cfg = self.cfg
+        sums = domain_loss_sums(self.raw_model, {n: self.domains[n] for n in self.names},
+                                cfg.eval.sequences_per_domain, cfg.eval.batch_size, self.device, self.rank, self.world)
+        flat = all_reduce_sum([float(x) for n in self.names for x in sums[n]], self.world, self.device)
+        return {n: flat[2 * i] / flat[2 * i + 1] for i, n in enumerate(self.names)}
+
+    def _post_evaluation(self, losses: dict[str, float]) -> None:
+        s = self.state
         student_loss = {n: float(losses[n]) for n in self.names}
         if s.teacher_loss is None:  # CPT without a teacher: ratios relative to the initial student
             s.teacher_loss = dict(student_loss)
-        self.controller.submit(s.step, student_loss, s.teacher_loss)
+        self.controller.submit(s.step, student_loss, s.teacher_loss,
+                               {n: float(s.tokens.get(n, 0.0)) for n in self.names})
         answer = self.controller.try_post(s.step)
         self.writer.write({"event": "eval", "step": s.step, "student_loss": student_loss,
                            "teacher_loss": s.teacher_loss, "ratio": ratio(student_loss, s.teacher_loss),
@@ -590,32 +670,32 @@ class Trainer:
                            "weights": answer["weights"] if answer else None})
 
     def train_step(self) -> float:
-        """Steps 3-4: the batch, forward, loss, backward, clip, AdamW + schedule, the step line. The mean loss."""
-        from ddk.trainer.loss import distill_loss
-
+        """Steps 3-4: the step's ``train.grad_accum_steps`` micro-batches (forward, loss, backward each), clip,
+        AdamW + schedule, the step line. The step's mean loss."""
         s, cfg, device, world = self.state, self.cfg, self.device, self.world
         if not self.feed.covers(s.step) or self.feed.version != s.version:  # drops batches of stale weights
             self.feed.schedule(s.step, window_end(s.step, self.K, self.total), s.weights, s.version)
         t0, c0 = time.perf_counter(), time.process_time()
-        batch, waited = self.feed.next(s.step)
-        ids = batch.input_ids.to(device, non_blocking=True)
-        inputs, labels = ids[:, :-1], ids[:, 1:]
-        t_ids = t_lp = None
-        if batch.teacher is not None:
-            t_ids, t_lp = batch.teacher.ids.to(device), batch.teacher.logprobs.to(device).float()
-        logits = self.model(input_ids=inputs, use_cache=False).logits
-        loss, parts = distill_loss(logits, labels, t_ids, t_lp, cfg.kd.gamma, cfg.kd.temperature,
-                                   loss=cfg.kd.loss, beta=cfg.kd.beta, skew=cfg.kd.skew)
+        micro, waited = [], 0.0
+        for _ in range(self.accum):
+            b, w = self.feed.next(s.step)
+            micro.append(b)
+            waited += w
+        batch = micro[0]  # every micro-batch of a step is of one draw: one weights version
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, ce, kl = self.backward(micro)
         if cfg.train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # fp16: clip the true gradient (a no-op otherwise)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # optimizer.step(), unless fp16 found inf/NaN gradients
+        self.scaler.update()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         s.step += 1
-        rows = [sum(1 for dn, _ in batch.rows if dn == n) for n in self.names]
-        sums = all_reduce_sum([loss.item(), parts["ce"].item(), parts["kl"].item(), waited] + rows, world, device)
+        rows = [sum(1 for b in micro for dn, _ in b.rows if dn == n) for n in self.names]
+        sums = all_reduce_sum([loss, ce, kl, waited] + rows, world, device)
+        for i, n in enumerate(self.names):  # every rank: the rows are all ranks' (all-reduced)
+            s.tokens[n] = s.tokens.get(n, 0.0) + float(sums[4 + i]) * cfg.data.seq_len
         dt = time.perf_counter() - t0
         self.throughput.add(self.tokens_per_step, dt, time.process_time() - c0, waited)
         if self.rank == 0:
@@ -625,17 +705,65 @@ class Trainer:
                                "tokens_per_s": tps / dt if dt > 0 else 0.0, "step_s": dt,
                                "teacher_wait_s": sums[3] / world, "version": batch.version,
                                "weights": {n: s.weights[n] for n in self.names},
-                               "rows": {n: int(sums[4 + i]) for i, n in enumerate(self.names)}})
+                               "rows": {n: int(sums[4 + i]) for i, n in enumerate(self.names)},
+                               **self._mfu(tps, dt)})
             self.controller.progress(s.step, self.total, sums[0] / world, sums[1] / world, sums[2] / world,
                                      tps / dt if dt > 0 else None, force=is_eval_step(s.step, self.K, self.total))
         return sums[0] / world
+
+    def backward(self, micro: list) -> tuple[float, float, float]:
+        """Forward and backward of each micro-batch of a step; the gradients add up to the gradient of the
+        whole step's batch: micro-batch m's mean loss is scaled by its share of the step's labelled tokens
+        (scale.micro_weights), and DDP all-reduces on the last micro-batch only (``no_sync`` before). The
+        forward and the loss run under ``train.precision``'s autocast. Returns the step's (loss, ce, kl)."""
+        from ddk.trainer.loss import IGNORE_INDEX
+
+        device, last = self.device, len(micro) - 1
+        shares = scale.micro_weights([int((b.input_ids[:, 1:] != IGNORE_INDEX).sum()) for b in micro])
+        total = torch.zeros(3, dtype=torch.float64)
+        for i, (b, share) in enumerate(zip(micro, shares)):
+            ids = b.input_ids.to(device, non_blocking=True)
+            t_ids = t_lp = None
+            if b.teacher is not None:
+                t_ids, t_lp = b.teacher.ids.to(device), b.teacher.logprobs.to(device).float()
+            with scale.no_sync(self.model, sync=i == last):
+                with scale.autocast(device, self.precision):
+                    loss, parts = self._forward(ids[:, :-1], ids[:, 1:], t_ids, t_lp)
+                self.scaler.scale(loss * share).backward()
+            total += torch.stack([loss.detach().float(), parts["ce"].float(), parts["kl"].float()]).cpu().double() * share
+        return tuple(float(x) for x in total)
+
+    def _forward(self, inputs, labels, t_ids, t_lp):
+        """The placed student's loss (scale.StudentStep through DDP); a failing torch.compile named as such."""
+        if not self.cfg.train.compile:
+            return self.model(inputs, labels, t_ids, t_lp)
+        try:
+            return self.model(inputs, labels, t_ids, t_lp)
+        except Exception as e:
+            if scale.is_compile_error(e):
+                log.error("train.compile: torch.compile failed on rank %d: %s", self.rank, e)
+                raise scale.compile_error(e) from e
+            raise
+
+    def _mfu(self, tokens: int, seconds: float) -> dict:
+        """The step line's ``mfu`` (6 x parameters x tokens over world x peak): on CUDA, or wherever a peak is
+        known (``train.peak_tflops``); null on CUDA without a peak, absent on CPU without one."""
+        if self.device.type != "cuda" and self.peak_tflops is None:
+            return {}
+        return {"mfu": scale.mfu(self.flop_params, tokens, seconds, self.peak_tflops, self.world)}
 
     def save(self, loss: float) -> None:
         """Step 5: the checkpoint of this step (the feed's sampler position and the controller's pending
         evaluation included), reported to the context."""
         self.state.sampler = self.feed.state_dict()
+        self.state.scaler = self.scaler.state_dict() if self.scaler.is_enabled() else None
         self.state.pending = self.controller.pending if self.controller is not None else None
-        save_and_report(self.ctx, self.state, self.raw_model, self.optimizer, self.scheduler, loss)
+        if self.fsdp:  # every rank writes its shards
+            from ddk.trainer.parallel import save_and_report_sharded
+
+            save_and_report_sharded(self.ctx, self.state, self.raw_model, self.optimizer, self.scheduler, loss)
+        else:
+            save_and_report(self.ctx, self.state, self.raw_model, self.optimizer, self.scheduler, loss)
 
     def _inject_fault(self) -> None:
         step = self.state.step
@@ -652,7 +780,14 @@ class Trainer:
         tmp = target.with_name(target.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        self.raw_model.save_pretrained(tmp, safe_serialization=True)
+        if self.fsdp:  # the full student that every rank gathered in fit (parallel.gather_full_state)
+            from ddk.trainer.parallel import save_pretrained_full
+
+            if self.full_state is None:
+                raise RuntimeError("train.strategy=fsdp: export needs parallel.gather_full_state on every rank first")
+            save_pretrained_full(self.raw_model, self.full_state, tmp)
+        else:
+            self.raw_model.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
         try:
             (tmp / "README.md").write_text(self._model_card(), encoding="utf-8")
@@ -721,6 +856,10 @@ class Trainer:
                 self._inject_fault()
             self._close_inputs()
             summary = self.summary()
+            if self.fsdp:  # the export's full student: every rank takes part in the gather, rank 0 holds it
+                from ddk.trainer.parallel import gather_full_state
+
+                self.full_state = gather_full_state(self.raw_model)
             if self.rank == 0:
                 if self.controller.pending is not None:
                     log.warning("the last evaluation (step %d) never reached the controller",

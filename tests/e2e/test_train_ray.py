@@ -3,7 +3,7 @@ restarted driver resuming the run. Real teacher (hf) and controller servers (the
 
 The `ddk train` driver runs in this process (``ddk.trainer.launch.main``, what the CLI calls) against one
 local Ray cluster that the module starts once: a Ray start costs ~30 s on 2 cores, so three `ddk train`
-processes would pay it three times. The module makes three launches and checks everything on them:
+processes would pay it three times. The module makes four launches and checks everything on them:
 
 * ``reference``: a 12-step DDK run (K=4, batch 4 per worker, checkpoints every 4 steps);
 * ``resumed``: the same run under another run_id, where the last worker dies after step 6 (Ray replaces it
@@ -12,6 +12,9 @@ processes would pay it three times. The module makes three launches and checks e
   resumes from the step-8 checkpoint -- it must end like ``reference``. (When steps are fast, Ray Train may
   not have registered step 8 before the death at step 10; the worker then finds it in storage,
   checkpoint.resume_point.)
+* ``accum``: the reference's run with 2 micro-batches of 2 per worker and step (``train.grad_accum_steps=2``):
+  the same losses, weights and model as ``reference``. The reference's evaluations (split over the two workers)
+  are also checked against a one-rank evaluation here.
 
 Loop-level properties on one rank (weights follow the controller, CPT, outages, improvement) are in
 tests/loop/; the `ddk train` process itself (CLI, exit codes) in the demo and the two-node Ray Job test.
@@ -142,3 +145,84 @@ def test_resume_after_worker_death_and_restart_matches_uninterrupted(kit, ray_cl
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_run_matches_ddp_resumes_after_worker_death_and_exports(kit, ray_cluster, teacher_url, controller_url,
+                                                                      workdir, reference, monkeypatch):
+    """train.strategy=fsdp (FSDP2 over gloo, ddk.trainer.parallel): the last worker dies after step 6 and Ray
+    resumes both from the step-4 sharded checkpoint (each rank its own shard); the loss curve and the exported
+    student are the DDP reference's, and the export loads with transformers."""
+    ref_out, _ = reference
+    out = workdir / "fsdp"
+    monkeypatch.setenv("DDK_FAULT_AT_STEPS", "6")
+    ddk_train(kit, out, "ray-fsdp", teacher_url, controller_url, "train.strategy=fsdp")
+    assert (out / ".fault-6").exists()
+    assert re.search(r"rank 1: resumed from .* at step 4", worker_logs(ray_cluster))
+    last = max((out / "ray" / "ray-fsdp").glob("step-*"))  # sharded: no rank holds the whole model
+    assert {"model-rank0.safetensors", "model-rank1.safetensors", "optim-rank1.json"} <= {p.name for p in last.iterdir()}
+    assert not (last / "model.safetensors").exists()
+
+    lines, ref_lines = _lines(out), _lines(ref_out)
+    got = [r for r in lines if r["event"] == "step"]
+    want = [r for r in ref_lines if r["event"] == "step"]
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), (a["step"], a["loss"], b["loss"])
+    assert [r["step"] for r in lines if r["event"] == "eval"] == [0, 4, 8, 12]
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    final = out / "final"
+    assert not list(final.glob("*.bin")) and (final / "README.md").is_file()
+    model = AutoModelForCausalLM.from_pretrained(final, use_safetensors=True, dtype=torch.float32)
+    want_state = load_file(ref_out / "final" / "model.safetensors")
+    state = model.state_dict()
+    for k in want_state:
+        torch.testing.assert_close(state[k], want_state[k], rtol=1e-3, atol=1e-4)
+
+
+def test_accumulation_across_two_workers_matches_the_reference(kit, ray_cluster, teacher_url, controller_url,
+                                                               workdir, reference):
+    """2 workers x 2 micro-batches of 2 sequences per step (``train.grad_accum_steps=2``) against the reference's
+    2 workers x 1 batch of 4: each rank draws the same 4 rows per step, and DDP sums the gradient once, on the
+    last micro-batch (``no_sync`` before it), so the steps' losses, the controller's weights and the final model
+    are the reference's."""
+    from safetensors.torch import load_file
+
+    ref_out, ref_history = reference
+    out = workdir / "accum"
+    ddk_train(kit, out, "ray-accum", teacher_url, controller_url, "train.batch_size=2", "train.grad_accum_steps=2")
+    steps, ref_steps = ([r for r in _lines(o) if r["event"] == "step"] for o in (out, ref_out))
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    for r, ref in zip(steps, ref_steps):
+        assert r["rows"] == ref["rows"] and r["tokens"] == ref["tokens"] == BATCH * WORKERS * 128
+        assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5) and r["kl"] == pytest.approx(ref["kl"], rel=1e-4)
+    history = httpx.get(f"{controller_url}/v1/runs/ray-accum/history", timeout=10).json()["versions"]
+    assert [(v["version"], v["step"]) for v in history] == [(v["version"], v["step"]) for v in ref_history]
+    for a, b in zip(history, ref_history):
+        assert a["weights"] == pytest.approx(b["weights"], abs=1e-5)
+    got, want = load_file(out / "final" / "model.safetensors"), load_file(ref_out / "final" / "model.safetensors")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+def test_split_evaluation_equals_one_rank_evaluating_everything(kit, reference):
+    """The two workers each scored half of every domain's evaluation blocks (the sums all-reduced): the losses
+    of the reference's first and last evaluation are those of the initial and the final student evaluated here
+    on one rank."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ddk.trainer.config import load_config
+    from ddk.trainer.data import load_domain_specs, prepare_domains
+    from ddk.trainer.evaluate import evaluate_domains
+
+    out, _ = reference
+    cfg = load_config(kit / "train.yaml", ["eval.sequences_per_domain=8", f"data.cache_dir={kit.parent / 'token-cache'}"])
+    tokenizer = AutoTokenizer.from_pretrained(kit / "student")
+    domains = prepare_domains(load_domain_specs(cfg.data.source()), tokenizer, cfg.data.seq_len, cfg.data.cache_dir)
+    evals = [r for r in _lines(out) if r["event"] == "eval"]
+    for record, model_dir in ((evals[0], kit / "student"), (evals[-1], out / "final")):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        want = evaluate_domains(model, domains, cfg.eval.sequences_per_domain, cfg.eval.batch_size)
+        assert record["student_loss"] == pytest.approx(want, abs=1e-6)
