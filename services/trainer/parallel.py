@@ -139,19 +139,10 @@ def prepare_student_step(step_module: torch.nn.Module, precision: str, device: t
     LM head). StudentStep itself holds no parameters and is not wrapped: evaluation calls the student directly,
     and the student's own forward is what gathers its top-level parameters.
 
-    The hidden-state (chunked) loss path calls the student's base model and reads the output projection's
-    weight outside the student's forward, where FSDP2 has not gathered them, so under FSDP the loss is
-    computed from the full logits (a warning says so when ``kd.chunk_tokens`` asked for chunks).
+    The hidden-state (chunked) loss path runs through the student's own forward
+    (:func:`ddk.trainer.scale.last_hidden_states`), so the root's gathered LM head is what it projects with.
     """
-    import logging
-
     shard_model(step_module.student, precision, device)
-    if getattr(step_module, "chunked", False):
-        if rank == 0:
-            logging.getLogger("ddk.trainer").warning(
-                "kd.chunk_tokens: train.strategy=fsdp computes the loss from the full logits (the chunked path "
-                "reads the student's output projection outside its forward, which FSDP2 does not gather)")
-        step_module.chunked = False
     return step_module
 
 

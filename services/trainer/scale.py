@@ -154,17 +154,25 @@ def compile_error(e: BaseException) -> RuntimeError:
 # ---------------------------------------------------------------------------------------------------------
 # the student + its loss, the module that DDP wraps
 
+def last_hidden_states(student: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The student's final hidden states (after its last norm), through the student's *own* forward with the
+    logits of the last position only (``logits_to_keep=1``). Going through the student's forward, not its base
+    model's, is what lets DDP and FSDP2 see every parameter use: FSDP2 gathers the root's parameters (embeddings,
+    final norm, LM head) in the root's forward and, being the root, keeps them gathered for the backward, so
+    the LM head's weight read after it is the whole matrix."""
+    out = student(input_ids=input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
 def hidden_state_problem(student: torch.nn.Module) -> str | None:
     """Why the hidden-state path cannot stand in for the student's logits, or None.
 
     Checked, not assumed: the student's logits on a short input must equal its output projection of its base
-    model's last hidden states (models with logit soft-capping or scaling, say, fail this and take the plain
+    model's last hidden states (the last of ``output_hidden_states``; models with logit soft-capping or scaling, say, fail this and take the plain
     path)."""
-    base = getattr(student, "base_model", None)
     head = student.get_output_embeddings() if hasattr(student, "get_output_embeddings") else None
-    if not isinstance(base, torch.nn.Module) or base is student or head is None or \
-            getattr(head, "weight", None) is None:
-        return "the student has no base model and output projection to split"
+    if head is None or getattr(head, "weight", None) is None:
+        return "the student has no output projection to split off"
     vocab = head.weight.shape[0]
     ids = (torch.arange(8, device=head.weight.device) * 7 + 3).remainder(vocab).unsqueeze(0)
     was_training = student.training
@@ -172,10 +180,10 @@ def hidden_state_problem(student: torch.nn.Module) -> str | None:
     try:
         with torch.no_grad():
             logits = student(input_ids=ids, use_cache=False).logits.float()
-            hidden = base(input_ids=ids, use_cache=False).last_hidden_state
+            hidden = last_hidden_states(student, ids)
             mine = torch.nn.functional.linear(hidden, head.weight, getattr(head, "bias", None)).float()
     except Exception as e:  # noqa: BLE001 - any model that does not work this way takes the plain path
-        return f"its base model's forward failed ({type(e).__name__}: {e})"
+        return f"its forward with output_hidden_states and logits_to_keep failed ({type(e).__name__}: {e})"
     finally:
         student.train(was_training)
     if logits.shape != mine.shape or not torch.allclose(logits, mine, rtol=1e-4, atol=1e-4):
@@ -203,7 +211,7 @@ class StudentStep(torch.nn.Module):
         if self.chunked:
             from ddk.trainer.loss import chunked_distill_loss
 
-            hidden = self.student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+            hidden = last_hidden_states(self.student, input_ids)
             head = self.student.get_output_embeddings()
             return chunked_distill_loss(hidden, head.weight, labels, teacher_ids, teacher_logprobs, self.gamma,
                                         self.temperature, chunk_tokens=self.chunk_tokens,

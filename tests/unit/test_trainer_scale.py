@@ -145,10 +145,10 @@ def test_hidden_state_path_is_checked_not_assumed():
 
         def forward(self, **kw):
             out = self.inner(**kw)
-            return SimpleNamespace(logits=3.0 * torch.tanh(out.logits / 3.0))
+            return SimpleNamespace(logits=3.0 * torch.tanh(out.logits / 3.0), hidden_states=out.hidden_states)
 
     assert "not the output projection" in scale.hidden_state_problem(Capped())
-    assert "no base model" in scale.hidden_state_problem(torch.nn.Linear(2, 2))
+    assert "no output projection" in scale.hidden_state_problem(torch.nn.Linear(2, 2))
 
 
 def test_bf16_autocast_keeps_the_loss_float32():
