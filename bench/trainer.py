@@ -11,8 +11,11 @@ Rows:
                     the student's own speed
   (b) live teacher  the same loop with the teacher service behind the prefetching feed
   (c) DDK           (b) with the DDK mixture (evaluations posted to the controller, weights applied)
+  (d) from store    (a) with the teacher's outputs read from a top-k store on disk (``cache.dir``: the feed's
+                    ``ddk.trainer.topk_source.StoreTeacher`` over a ``TopkStore``, float16 entries) holding the
+                    run's batches, no teacher behind it
 Ratios: (b)/(a) (target >= 0.9: the feed hides the teacher), DDK wall / fixed-mixture KD wall (target
-<= 1.05), and end-to-end distillation tokens/s over the slower of teacher alone and student alone.
+<= 1.05), (d)/(a) (target >= 0.95: reading the store costs the step nothing), and end-to-end distillation tokens/s over the slower of teacher alone and student alone.
 tokens = predicted positions (batch x seq_len) per step; tokens/s from the steps' own time (the
 evaluations every K steps are in the wall times only). On a machine other programs are using too, the
 wall-clock ratio also measures them; the extra row "(b)/(a) by step CPU time + teacher wait" counts
@@ -55,6 +58,26 @@ def start(argv: list[str], core: int | None, log_path: Path) -> tuple[str, subpr
     prefix = ["taskset", "-c", str(core)] if core is not None else []
     return start_server(prefix + [sys.executable, "-m", "ddk.cli", *argv], log_path, timeout=300,
                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def fill_store(table: dict[bytes, object], path: Path, fingerprint: str, vocab_size: int, batch_size: int):
+    """A top-k store holding the recorded batches' outputs (every row one entry), as precompute writes it."""
+    from ddk.teacher.store import TopkStore
+
+    store = TopkStore(path, encoding="float16", vocab_size=vocab_size)
+    for key, out in table.items():
+        rows = np.frombuffer(key, dtype=np.int64).reshape(batch_size, -1)
+        store.put_many(fingerprint, [(rows[j], out.ids[j].numpy(), out.logprobs[j].numpy(),
+                                      out.target_logprob[j].numpy()) for j in range(batch_size)])
+    store.close()
+
+
+def store_teacher(path: Path, fingerprint: str, vocab_size: int, top_k: int):
+    """What a ``cache.dir`` run's feed asks: the store alone (a miss is an error)."""
+    from ddk.teacher.store import TopkStore
+    from ddk.trainer.topk_source import StoreTeacher
+
+    return StoreTeacher(TopkStore(path, vocab_size=vocab_size), fingerprint, None, top_k)
 
 
 class Replay:
@@ -159,22 +182,31 @@ def main() -> int:
         table = precompute(client, config("pre", "fixed"), args.steps)
         batches = [torch.from_numpy(np.frombuffer(k, dtype=np.int64).reshape(args.batch_size, -1).copy())
                    for k in table]
+        info = client.info()
+        store_file = work / "store" / "topk.sqlite"
+        fill_store(table, store_file, info["model_fingerprint"], info["vocab_size"], args.batch_size)
 
         # Each repeat runs every row back to back, so they share the machine's conditions; medians are shown.
-        # The order of (a), (b), (c) rotates from one repeat to the next, so that no row always runs first
+        # The order of (a), (b), (c), (d) rotates from one repeat to the next, so that no row always runs first
         # (cold caches) or last (a warmer, fuller process): measured idle, a fixed order made (c) 5-10% slower.
-        teacher, a, b, c = [], [], [], []
-        row_specs = {"a": (a, "fixed", True), "b": (b, "fixed", False), "c": (c, "ddk", False)}
+        teacher, a, b, c, d = [], [], [], [], []
+        row_specs = {"a": (a, "fixed", "replay"), "b": (b, "fixed", None), "c": (c, "ddk", None),
+                     "d": (d, "fixed", "store")}
         for r in range(args.repeats):
             t0 = time.perf_counter()  # teacher alone: the feed's pattern, one request at a time
             for ids in batches:
                 client.topk(ids, args.top_k)
             teacher.append(tokens_per_step * len(batches) / (time.perf_counter() - t0))
-            order = "abc"[r % 3:] + "abc"[:r % 3]
+            order = "abcd"[r % 4:] + "abcd"[:r % 4]
             for name in order:
                 results, policy, replay = row_specs[name]
+                source = (Replay(table) if replay == "replay" else
+                          store_teacher(store_file, info["model_fingerprint"], info["vocab_size"], args.top_k)
+                          if replay == "store" else None)
                 results.append(Trainer(config(f"{name}{r}", policy), LocalContext(work / f"{name}{r}"),
-                                       teacher_client=Replay(table) if replay else None).fit())
+                                       teacher_client=source).fit())
+                if replay == "store":
+                    source.close()
         client.close()
 
         def med(runs, key):
@@ -194,6 +226,9 @@ def main() -> int:
 
         b_over_a_cpu = float(np.median([cpu_tps(y) / cpu_tps(x) for x, y in zip(a, b)]))
         c_over_b = float(np.median(c_over_b_all))
+        d_over_a_all = [y["tokens_per_s"] / x["tokens_per_s"] for x, y in zip(a, d)]
+        d_over_a = float(np.median(d_over_a_all))
+        d_over_a_cpu = float(np.median([cpu_tps(y) / cpu_tps(x) for x, y in zip(a, d)]))
         e2e = float(np.median([y["tokens_per_s"] / min(t, x["tokens_per_s"]) for t, x, y in zip(teacher, a, b)]))
         rows += [
             ("teacher engine alone (topk, 1 in flight)", f"{teacher_tps:,.0f} tok/s", ""),
@@ -209,6 +244,11 @@ def main() -> int:
              "other tenants' load taken out"),
             ("DDK wall / fixed KD wall  [target <= 1.05]", f"{c_over_b:.3f}",
              ("met" if c_over_b <= 1.05 else "NOT met") + f"  {each(c_over_b_all)}"),
+            ("(d) student, teacher outputs from the top-k store", f"{med(d, 'tokens_per_s'):,.0f} tok/s",
+             f"waited {med(d, 'teacher_wait_s'):.2f} s, wall {med(d, 'wall_s'):.1f} s"),
+            ("(d)/(a)  [target >= 0.95]", f"{d_over_a:.3f}",
+             ("met" if d_over_a >= 0.95 else "NOT met") + f"  {each(d_over_a_all)}; by step CPU time + wait "
+             f"{d_over_a_cpu:.3f}"),
             ("e2e (b) / min(teacher alone, student alone)", f"{e2e:.3f}", ""),
         ]
     finally:

@@ -81,7 +81,7 @@ def _add_fixtures(sub) -> None:
 
 
 def _add_teacher(sub) -> None:
-    """ddk teacher serve"""
+    """ddk teacher serve, ddk teacher precompute"""
     teacher = sub.add_parser("teacher", help="the teacher service").add_subparsers(
         dest="teacher_command", metavar="COMMAND", parser_class=_Parser)
     teacher.required = True
@@ -119,6 +119,23 @@ def _add_teacher(sub) -> None:
     p.add_argument("--token-file", default=None,
                    help="file holding the bearer token that POST /v1/topk needs (other routes stay open)")
     p.set_defaults(func=_lazy("ddk.teacher.server:main"))
+    p = teacher.add_parser("precompute", help="score every training and validation block of a train config "
+                                              "through the teacher into a top-k store (resumable)")
+    p.add_argument("config", help="train config YAML (its data, student.model's tokenizer, kd.top_k, teacher.urls)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted config key; VALUE is parsed as YAML (repeatable)")
+    p.add_argument("--out", required=True, help="store folder: DIR/topk.sqlite and DIR/manifest.json (created if "
+                                                "absent; a second run adds only what is missing)")
+    p.add_argument("--teacher", default=None, type=argtypes.http_url, metavar="URL",
+                   help="teacher URL (default: the config's teacher.urls)")
+    p.add_argument("--batch-size", type=IntRange(1, 4096), default=32, help="blocks per request (default 32)")
+    p.add_argument("--concurrency", type=IntRange(1, 64), default=4,
+                   help="requests in flight, so that the teacher's batcher can fill its batches (default 4)")
+    p.add_argument("--encoding", choices=["float16", "compact"], default=None,
+                   help="how entries are stored (default: the folder's, else float16, what a float16 wire "
+                        "frame carries)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_lazy("ddk.teacher.precompute:main"))
 
 
 def _add_controller(sub) -> None:
@@ -217,6 +234,9 @@ def _add_compare(sub) -> None:
     p.add_argument("--out", default="ddk-compare", help="output directory (default ./ddk-compare)")
     p.add_argument("--teacher-model", default=None,
                    help="start a local teacher on this model (default: use the config's teacher.urls)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="no top-k store shared by the runs (default: the started teacher serves with "
+                        "--cache-dir OUT/teacher-cache, or every run gets cache.dir OUT/topk-store)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key for every run (repeatable)")
     p.set_defaults(func=_lazy("ddk.experiments.compare:main"))

@@ -15,6 +15,13 @@ The same distillation (steps, tokens, model, data) once per policy and seed; the
 Each run goes to ``DIR/runs/<run_id>-<policy>-s<seed>/``; a run with a ``summary.json`` is finished and
 reused, an unfinished one resumes from its last checkpoint (``ddk train`` does that by itself).
 
+One top-k store for all the runs, so that a block the arms share is scored by the teacher once: the teacher
+compare starts (``--teacher-model``) serves with a cache, ``ddk teacher serve --cache-dir DIR/teacher-cache``;
+with the config's ``teacher.urls`` every arm trains with ``cache.dir: DIR/topk-store`` (misses asked of the
+teacher and written back, ``ddk.trainer.topk_source``); a config that sets ``cache.dir`` itself keeps it (and
+may leave ``teacher.urls`` empty: then everything comes from that precomputed store). ``--no-cache`` turns off
+what compare adds.
+
 The table is measured on **held-out blocks**: each domain's validation blocks after the first
 ``eval.sequences_per_domain``, which the DDK runs use to steer their mixture. So no policy is scored on
 the data it steered by. Writes ``DIR/report.md``, ``DIR/report.json``, ``DIR/compare.png`` and
@@ -124,17 +131,25 @@ def main(args, runner=None) -> int:
     skip, count = base.eval.sequences_per_domain, max(base.eval.sequences_per_domain, 32)
 
     results: dict[str, list[dict]] = {p: [] for p in policies}
+    no_cache = bool(getattr(args, "no_cache", False))
     with Services(out / "logs") as services:
         teacher_urls = list(base.teacher.urls)
+        store_sets: dict = {}  # cache.dir for every arm, when compare makes the one store
         if args.teacher_model:
-            tsvc = services.start("teacher", ["teacher", "serve", "--model", args.teacher_model], free_port())
+            serve = ["teacher", "serve", "--model", args.teacher_model]
+            if not no_cache:  # one service cache for every arm: each block is scored once in the comparison
+                serve += ["--cache-dir", str(out / "teacher-cache")]
+            tsvc = services.start("teacher", serve, free_port())
             teacher_urls = [tsvc.wait_healthy().url]
-        if not teacher_urls:
-            raise UsageError("teacher.urls: compare needs a teacher (give --teacher-model or teacher.urls)")
+        elif teacher_urls and not base.cache.dir and not no_cache:
+            store_sets = {"cache.dir": str(out / "topk-store")}  # one top-k store, filled by the arms as they go
+        if not teacher_urls and not base.cache.dir:
+            raise UsageError("teacher.urls: compare needs a teacher (give --teacher-model or teacher.urls, or "
+                             "cache.dir: a precomputed top-k store)")
         csvc = services.start("controller", ["controller", "serve", "--db", str(out / "controller.sqlite")],
                               free_port())
         controller_url = csvc.wait_healthy().url
-        teacher = _teacher_losses(teacher_urls, domains, skip, count)
+        teacher = _teacher_losses(base, teacher_urls, store_sets.get("cache.dir"), tokenizer, domains, skip, count)
         initial = ratio(heldout_losses(Path(base.student.model), domains, skip, count), teacher)
         for seed in range(args.seeds):
             for policy in policies:
@@ -145,7 +160,7 @@ def main(args, runner=None) -> int:
                 else:
                     sets = {"run_id": run_id, "seed": seed, "output_dir": str(run_dir),
                             "teacher.urls": json.dumps(teacher_urls), "controller.url": controller_url,
-                            **policy_overrides(policy, natural, base.mixture.initial_weights)}
+                            **store_sets, **policy_overrides(policy, natural, base.mixture.initial_weights)}
                     print(f"ddk compare: {run_id} (log {out / 'logs' / (run_id + '.log')})", flush=True)
                     code = (runner or services.run)(run_id, _train_argv(args, sets))
                     if code != 0:
@@ -185,11 +200,25 @@ def _train_argv(args, sets: dict) -> list[str]:
     return argv
 
 
-def _teacher_losses(urls: list[str], domains: dict, skip: int, count: int) -> dict[str, float]:
+def _teacher_losses(base, urls: list[str], store_dir: str | None, tokenizer, domains: dict, skip: int,
+                    count: int) -> dict[str, float]:
+    """The teacher's held-out losses: from the arms' top-k store when there is one (``store_dir``, else the
+    config's ``cache.dir``; its misses from ``urls``, written back), else from the teacher."""
     from ddk.teacher.client import TeacherClient
     from ddk.trainer.evaluate import teacher_loss_on_blocks
 
-    tc = TeacherClient(urls)
+    tc = TeacherClient(urls) if urls else None
+    if store_dir or base.cache.dir:
+        from ddk.trainer.topk_source import checked_store_source
+
+        cfg = base.model_copy(deep=True)
+        cfg.cache.dir, cfg.teacher.urls = store_dir or base.cache.dir, list(urls)
+        try:
+            tc = checked_store_source(cfg, tokenizer, domains, tc)
+        except BaseException:
+            if tc is not None:
+                tc.close()
+            raise
     try:
         return {n: teacher_loss_on_blocks(tc, heldout_blocks(domains[n].val, skip, count)) for n in sorted(domains)}
     finally:

@@ -48,6 +48,14 @@ def join_outputs(parts: dict[Any, tuple[list[int], TeacherOutput]], rows: int) -
     return out
 
 
+def ask(teacher, input_ids, top_k: int, domains: Sequence[str | None]) -> TeacherOutput:
+    """``teacher.topk`` for rows of ``domains``: routed by domain when the teacher routes (RoutedTeacher), the
+    plain call for any other teacher (a TeacherClient, the top-k store)."""
+    if isinstance(teacher, RoutedTeacher):
+        return teacher.topk(input_ids, top_k, domains=domains)
+    return teacher.topk(input_ids, top_k)
+
+
 class RoutedTeacher:
     """``topk`` with rows routed by domain; the same interface as TeacherClient plus ``domains=``.
 
@@ -58,6 +66,7 @@ class RoutedTeacher:
 
     def __init__(self, urls: Sequence[str], routes: dict[str, Sequence[str]] | None = None,
                  make_client: Callable[[list[str]], TeacherClient] = TeacherClient) -> None:
+        self.urls = list(urls)
         self.routes = {d: list(u) for d, u in (routes or {}).items()}
         by_urls: dict[tuple[str, ...], TeacherClient] = {}
         self.clients: dict[str, TeacherClient] = {}
@@ -71,8 +80,9 @@ class RoutedTeacher:
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(by_urls)), thread_name_prefix="ddk-route")
 
     def urls_of(self, domain: str | None) -> list[str]:
+        """The replicas that serve ``domain``."""
         name = route_of(domain, self.routes)
-        return self.routes[name] if name else []
+        return self.routes[name] if name else self.urls
 
     def client(self, domain: str | None = None) -> TeacherClient:
         """The client that serves ``domain`` (the default route's for None or an unrouted domain)."""

@@ -44,6 +44,7 @@ API for the service cache and for precomputing (all methods thread-safe)::
     store = TopkStore(path, encoding="float16", vocab_size=V, max_bytes=None)
     store.get(teacher, token_ids, k)                 -> Entry(ids, logprobs, target_logprob) | None
     store.get_many(teacher, [token_ids, ...], k)     -> [Entry | None, ...]
+    store.has_many(teacher, [token_ids, ...], k)     -> [bool, ...]   (keys only: resuming, counting gaps)
     store.put(teacher, token_ids, ids, logprobs, target_logprob) -> bool   (False: not stored)
     store.put_many(teacher, [(token_ids, ids, logprobs, target_logprob), ...]) -> int  (stored)
     store.put_blob(teacher, token_ids, blob)         (a blob from store.encode(...); what the service uses)
@@ -349,6 +350,19 @@ class TopkStore:
         if used or corrupt:
             self._touch(used, corrupt)
         return out
+
+    def has_many(self, teacher: str, sequences: Sequence, k: int) -> list[bool]:
+        """Whether an entry with at least ``k`` columns is stored for each sequence: the keys alone, no blob read
+        or checked and nothing marked used (what resuming a precompute and counting a store's gaps need; a
+        corrupt entry still counts until a :meth:`get` finds it out)."""
+        k = int(k)
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                return [self._db.execute("SELECT 1 FROM topk WHERE teacher = ? AND seq = ? AND k >= ? LIMIT 1",
+                                         (teacher, sequence_key(t), k)).fetchone() is not None for t in sequences]
+            finally:
+                self._db.execute("COMMIT")
 
     def _verified(self, rid, teacher, seq, kk, blob, checksum, rows, k) -> Entry | None:
         if _checksum(teacher, seq, kk, blob) != checksum:

@@ -227,12 +227,13 @@ class TrainConfig(_Section):
             names = [d.name for d in self.data.domains]
             if len(set(names)) != len(names):
                 raise ValueError("data.domains: domain names must be unique")
-        if self.kd.gamma > 0 and not self.teacher.urls:
-            raise ValueError("teacher.urls: required when kd.gamma > 0")
+        # a top-k store (cache.dir, ddk.trainer.topk_source) stands in for the teacher: its checks are the driver's
+        if self.kd.gamma > 0 and not self.teacher.urls and not self.cache.dir:
+            raise ValueError("teacher.urls: required when kd.gamma > 0 (or cache.dir: a precomputed top-k store)")
         if self.mixture.policy in DDK_POLICIES:
-            if not self.teacher.urls:
+            if not self.teacher.urls and not self.cache.dir:
                 raise ValueError(f"teacher.urls: required for mixture.policy {self.mixture.policy} "
-                                 "(the weights need teacher losses)")
+                                 "(the weights need teacher losses; or cache.dir: a precomputed top-k store)")
             if not self.controller.url:
                 raise ValueError(f"controller.url: required for mixture.policy {self.mixture.policy}")
         return self

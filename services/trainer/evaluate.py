@@ -107,6 +107,52 @@ def teacher_loss_on_blocks(client, blocks, top_k: int = 1, batch_size: int = 16)
     return total / count
 
 
+def teacher_topk_on_blocks(client, blocks, top_k: int, batch_size: int = 16, domain: str | None = None):
+    """``(ids, logprobs)`` ``[n, seq_len, k]`` of the teacher for ``blocks``, asked ``batch_size`` blocks at a time
+    (through ``domain``'s route when the client routes by domain: ddk.teacher.routes.ask)."""
+    from ddk.teacher.routes import ask
+
+    ids, logprobs = [], []
+    for i in range(0, len(blocks), batch_size):
+        chunk = torch.from_numpy(np.asarray(blocks[i:i + batch_size], dtype=np.int64))
+        out = ask(client, chunk, top_k, [domain] * len(chunk))
+        ids.append(out.ids)
+        logprobs.append(out.logprobs.float())
+    return torch.cat(ids), torch.cat(logprobs)
+
+
+@torch.no_grad()
+def distill_sums(model, blocks: np.ndarray, teacher: tuple[torch.Tensor, torch.Tensor], batch_size: int,
+                 device: str | torch.device, kd) -> tuple[float, float, float, int]:
+    """``(CE sum, divergence sum, teacher top-k mass sum, predictions)`` of ``model`` on ``blocks`` against the
+    teacher's top-k for them (:func:`teacher_topk_on_blocks`): the per-domain diagnostics of one shard. The
+    divergence is ``kd.loss`` at ``kd.temperature`` with its T^2 scaling, as in training; the mass is
+    ``sum_k exp(logprob)``, how much of the teacher's distribution its k tokens cover."""
+    from ddk.trainer.loss import topk_divergence
+
+    if len(blocks) == 0:
+        return 0.0, 0.0, 0.0, 0
+    t_ids, t_lp = teacher
+    was_training = model.training
+    model.eval()
+    ce = kl = mass = 0.0
+    count = 0
+    try:
+        for i in range(0, len(blocks), batch_size):
+            chunk = torch.from_numpy(np.asarray(blocks[i:i + batch_size], dtype=np.int64)).to(device)
+            logits = model(input_ids=chunk[:, :-1]).logits.float()
+            labels = chunk[:, 1:]
+            ids, lp = t_ids[i:i + batch_size].to(device), t_lp[i:i + batch_size].to(device)
+            ce += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
+            kl += topk_divergence(logits, labels, ids, lp, kd.temperature, kd.loss, kd.beta, kd.skew).item() \
+                * labels.numel()
+            mass += lp.double().exp().sum(-1).sum().item()
+            count += labels.numel()
+    finally:
+        model.train(was_training)
+    return ce, kl, mass, count
+
+
 # ---------------------------------------------------------------------------------------------------------
 # ddk eval
 

@@ -37,6 +37,8 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from ddk.teacher.routes import ask
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DEPTH = 4  # (micro-)batches fetched ahead; small: each holds [B, L, k] teacher outputs
@@ -201,7 +203,8 @@ class TeacherFeed:
                     rows = drawn[m * B:(m + 1) * B]
                     ids = torch.from_numpy(np.asarray(self.blocks(rows), dtype=np.int64))
                     t0 = time.perf_counter()
-                    teacher = self.teacher.topk(ids, self.top_k) if self.teacher is not None else None
+                    teacher = None if self.teacher is None else \
+                        ask(self.teacher, ids, self.top_k, [dn for dn, _ in rows])  # rows to their domain's route
                     batch = Batch(step=step, version=version, rows=list(rows), input_ids=ids,
                                   teacher=teacher, sampler_state=state,
                                   fetch_s=time.perf_counter() - t0, micro=m, micros=M)

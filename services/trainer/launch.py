@@ -8,7 +8,8 @@ What the driver does, in order (everything that can be wrong with the input is f
    top-k ids of one vocabulary mean nothing to a student of another), and check ``kd.top_k`` and
    ``data.seq_len`` against what the teacher serves;
 3. tokenise the domains once into the memory-mapped cache (workers only map it);
-4. compute the teacher's per-domain validation losses once, from its ``target_logprob`` (they never change);
+4. compute the teacher's per-domain validation losses once, from its ``target_logprob`` (they never change; with ``cache.dir``
+   from the top-k store, whose manifest is checked first: topk_source.py);
 5. create the run at the controller (the same spec again is fine; a different spec under the same
    ``run_id`` is exit 2) and read its initial weights;
 6. start the workers: ``TorchTrainer`` with a fixed run name (``run_id``) and storage path
@@ -156,18 +157,34 @@ class Progress(threading.Thread):
 _Progress = Progress  # the earlier name
 
 
+def check_compile(cfg) -> None:
+    """``train.compile`` on CPU workers: torch.compile's C++ compiler is here (exit 2 otherwise). GPU workers
+    check Triton themselves (the driver may have no GPU), as every worker checks again."""
+    if cfg.train.compile and not cfg.ray.use_gpu:
+        from ddk.trainer.scale import compile_problem
+
+        problem = compile_problem("cpu")
+        if problem is not None:
+            raise UsageError(f"train.compile: {problem}; set train.compile: false")
+
+
 def prepare(cfg) -> TrainJob:
     """Steps 2-5: the checks, the data cache, teacher losses and the controller run. Returns the workers' job
     (``DDK_FAULT_AT_STEPS`` read into its ``fault_at_steps``)."""
     from ddk.trainer.tracking import check_packages
 
     check_packages(cfg)  # logging.*: each configured tracker's package imports (exit 2 otherwise)
+    check_compile(cfg)
     tokenizer, student_vocab = _student_tokenizer(cfg)
     client = _checked_teacher(cfg, tokenizer, student_vocab)  # None without teacher.urls
     try:
         domains = _prepare_data(cfg, tokenizer)
         names = sorted(domains)
         initial = resolve_initial_weights(cfg, names)
+        if cfg.cache.dir:  # the top-k store, checked (exit 2 naming what differs), the teacher behind it for misses
+            from ddk.trainer.topk_source import checked_store_source
+
+            client = checked_store_source(cfg, tokenizer, domains, client)
     except BaseException:
         if client is not None:
             client.close()
@@ -180,7 +197,7 @@ def prepare(cfg) -> TrainJob:
     # step 0, which comes before any training; a resumed run takes its weights from the checkpoint.
     return TrainJob(config=cfg, teacher_loss=teacher_loss,
                     initial_weights=initial or {n: 1.0 / len(names) for n in names}, initial_version=0,
-                    controller_token=token,
+                    controller_token=token, teacher_token=_teacher_token(cfg),
                     log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                     fault_at_steps=parse_fault_steps(os.environ.get(FAULT_ENV)))
 
@@ -197,6 +214,18 @@ def _student_tokenizer(cfg):
     return tokenizer, student_vocab
 
 
+def _teacher_token(cfg) -> str | None:
+    """The bearer token of ``teacher.token_file`` (read once, here; the workers get it in the TrainJob)."""
+    if not cfg.teacher.token_file:
+        return None
+    from ddk.teacher.client import read_token_file
+
+    try:
+        return read_token_file(cfg.teacher.token_file)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"teacher.token_file: {e}") from None
+
+
 def _checked_teacher(cfg, tokenizer, student_vocab: int):
     """Step 2: a TeacherClient for ``teacher.urls`` once :func:`check_teacher` accepts it (None without urls)."""
     if not cfg.teacher.urls:
@@ -204,7 +233,7 @@ def _checked_teacher(cfg, tokenizer, student_vocab: int):
     from ddk.fingerprint import tokenizer_fingerprint
     from ddk.teacher.client import TeacherClient
 
-    client = TeacherClient(cfg.teacher.urls)
+    client = TeacherClient(cfg.teacher.urls, token=_teacher_token(cfg))
     try:
         check_teacher(client.info(), tokenizer_fingerprint(tokenizer), cfg, student_vocab)
     except BaseException:
@@ -246,7 +275,8 @@ def _create_run(cfg, token: str | None, names: list[str], initial: dict[str, flo
     cc = ControllerClient(cfg.controller.url, token)
     try:
         cc.create_run(cfg.run_id, names, policy=cfg.mixture.policy, alpha=cfg.mixture.alpha,
-                      interval_steps=cfg.mixture.interval_steps, initial_weights=initial)
+                      interval_steps=cfg.mixture.interval_steps, initial_weights=initial,
+                      policy_params=cfg.mixture.policy_params)
     except ControllerError as e:
         if e.status == 409:
             raise UsageError(f"run_id: {cfg.run_id} exists at the controller with a different spec "

@@ -359,12 +359,15 @@ class Controller:
         return True
 
     def submit(self, step: int, student_loss: dict[str, float], teacher_loss: dict[str, float] | None,
-               tokens: dict[str, float] | None = None) -> None:
+               tokens: dict[str, float] | None = None, diagnostics: dict[str, dict] | None = None) -> None:
         """A new evaluation replaces one still waiting to be posted (the controller wants increasing steps).
-        ``tokens``: student tokens trained per domain so far (posted with it when given)."""
+        ``tokens``: student tokens trained per domain so far; ``diagnostics``: per-domain distillation
+        diagnostics (each posted with it when given)."""
         self.pending = {"step": step, "student_loss": student_loss, "teacher_loss": teacher_loss}
         if tokens is not None:
             self.pending["tokens"] = dict(tokens)
+        if diagnostics:
+            self.pending["diagnostics"] = {n: dict(d) for n, d in diagnostics.items()}
         self._next_try, self._gap = step, 1
 
     def try_post(self, step: int) -> dict | None:
@@ -379,7 +382,8 @@ class Controller:
         p = self.pending
         try:
             answer = self.client.post_evaluation(self.run_id, p["step"], p["student_loss"], p["teacher_loss"],
-                                                 **({"tokens": p["tokens"]} if p.get("tokens") is not None else {}))
+                                                 **{key: p[key] for key in ("tokens", "diagnostics")
+                                                    if p.get(key) is not None})
         except ControllerUnavailable as e:
             self._next_try = step + self._gap
             log.warning("controller unreachable (%s); keeping weights version %d, retrying at step %d",
@@ -570,8 +574,13 @@ class Trainer:
                 self.teacher = open_source(self.cfg, self.job.teacher_token)
             else:
                 from ddk.teacher.client import TeacherClient
+                from ddk.teacher.routes import RoutedTeacher
 
-                self.teacher = TeacherClient(self.cfg.teacher.urls, token=self.job.teacher_token)
+                token = self.job.teacher_token
+                # teacher.routes: each domain's rows go to its own teacher (ddk.teacher.routes)
+                self.teacher = RoutedTeacher(self.cfg.teacher.urls, self.cfg.teacher.routes,
+                                             make_client=lambda urls: TeacherClient(urls, token=token)) \
+                    if self.cfg.teacher.routes else TeacherClient(self.cfg.teacher.urls, token=token)
 
         def blocks(rows):
             return np.stack([self.domains[dn].train[i] for dn, i in rows])
@@ -647,27 +656,67 @@ class Trainer:
     def student_losses(self) -> dict[str, float]:
         """The student's loss per domain, the evaluation split over the ranks: each scores its shard of every
         domain's evaluation blocks (evaluate.domain_loss_sums), the sums of loss and of predictions are
-        all-reduced, then divided. The same losses as one rank evaluating everything, in 1/W of its time."""
+        all-reduced, then divided. The same losses as one rank evaluating everything, in 1/W of its time.
+        With a teacher, the same forward also gives the per-domain diagnostics (:meth:`_diagnosed_losses`)."""
         from ddk.trainer.evaluate import domain_loss_sums
 
         cfg = self.cfg
+        if self.teacher is not None:
+            return self._diagnosed_losses()
         sums = domain_loss_sums(self.raw_model, {n: self.domains[n] for n in self.names},
                                 cfg.eval.sequences_per_domain, cfg.eval.batch_size, self.device, self.rank, self.world)
         flat = all_reduce_sum([float(x) for n in self.names for x in sums[n]], self.world, self.device)
         return {n: flat[2 * i] / flat[2 * i + 1] for i, n in enumerate(self.names)}
+
+    def _diagnosed_losses(self) -> dict[str, float]:
+        """:meth:`student_losses` plus :attr:`diagnostics`: per domain the divergence term, the student CE, the
+        teacher's mean top-k mass, the tokens trained so far and the teacher route, on the evaluation blocks.
+        The teacher's top-k for this rank's shard of them is asked once and kept (the blocks never change)."""
+        from ddk.trainer.evaluate import distill_sums, evaluation_blocks, shard_of, teacher_topk_on_blocks
+
+        cfg = self.cfg
+        if not hasattr(self, "_eval_teacher"):
+            self._eval_blocks = {n: shard_of(evaluation_blocks(self.domains[n], cfg.eval.sequences_per_domain),
+                                             self.rank, self.world) for n in self.names}
+            self._eval_teacher = {n: teacher_topk_on_blocks(self.teacher, b, cfg.kd.top_k, cfg.eval.batch_size, n)
+                                  for n, b in self._eval_blocks.items() if len(b)}
+        sums = [distill_sums(self.raw_model, self._eval_blocks[n], self._eval_teacher.get(n), cfg.eval.batch_size,
+                             self.device, cfg.kd) for n in self.names]
+        flat = all_reduce_sum([float(x) for row in sums for x in row], self.world, self.device)
+        self.diagnostics = {}
+        losses = {}
+        for i, n in enumerate(self.names):
+            ce, kl, mass, count = flat[4 * i:4 * i + 4]
+            losses[n] = ce / count
+            self.diagnostics[n] = {"kl": kl / count, "ce": max(0.0, ce / count),
+                                   "topk_mass": min(1.0, max(0.0, mass / count)),
+                                   "tokens": int(self.state.tokens.get(n, 0)), "route": self._route_label(n)}
+        return losses
+
+    def _route_label(self, domain: str) -> str:
+        """Which teacher served ``domain``: its route's URLs, or the top-k store."""
+        from ddk.teacher.routes import RoutedTeacher
+
+        urls = self.teacher.urls_of(domain) if isinstance(self.teacher, RoutedTeacher) else self.cfg.teacher.urls
+        where = ",".join(urls)
+        if self.cfg.cache.dir:
+            return f"store {self.cfg.cache.dir}" + (f" + {where}" if where else "")
+        return where or "teacher"
 
     def _post_evaluation(self, losses: dict[str, float]) -> None:
         s = self.state
         student_loss = {n: float(losses[n]) for n in self.names}
         if s.teacher_loss is None:  # CPT without a teacher: ratios relative to the initial student
             s.teacher_loss = dict(student_loss)
+        diagnostics = getattr(self, "diagnostics", None)
         self.controller.submit(s.step, student_loss, s.teacher_loss,
-                               {n: float(s.tokens.get(n, 0.0)) for n in self.names})
+                               {n: float(s.tokens.get(n, 0.0)) for n in self.names}, diagnostics)
         answer = self.controller.try_post(s.step)
         self.writer.write({"event": "eval", "step": s.step, "student_loss": student_loss,
                            "teacher_loss": s.teacher_loss, "ratio": ratio(student_loss, s.teacher_loss),
                            "version": answer["version"] if answer else None,
-                           "weights": answer["weights"] if answer else None})
+                           "weights": answer["weights"] if answer else None,
+                           **({"diagnostics": diagnostics} if diagnostics else {})})
 
     def train_step(self) -> float:
         """Steps 3-4: the step's ``train.grad_accum_steps`` micro-batches (forward, loss, backward each), clip,

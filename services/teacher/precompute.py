@@ -1,0 +1,194 @@
+"""``ddk teacher precompute CONFIG [--set ...] --out DIR``: score every block of a train config through the teacher
+service once and keep the answers in a top-k store, so that runs can train from it without a teacher.
+
+What is scored: the trainer's packed blocks from the token cache, every training block and every validation block
+of each domain of the config (``data.seq_len + 1`` token ids each, exactly the rows the teacher feed and the
+evaluation send), at ``k = kd.top_k``. The store key is those token ids (``ddk.teacher.store.sequence_key``), and
+the teacher's identity is its ``model_fingerprint`` from ``GET /v1/info``.
+
+The folder ``DIR``:
+
+- ``DIR/topk.sqlite``: a :class:`~ddk.teacher.store.TopkStore` (the same layout as ``ddk teacher serve
+  --cache-dir DIR``, so a teacher can serve from a precomputed folder and a service cache can be trained from);
+- ``DIR/manifest.json``: what the store holds (:func:`manifest_for`): the teacher's model and tokenizer
+  fingerprints, ``k``, ``seq_len``, the encoding and the blocks per domain and split, and ``complete``
+  (false until every block is in). It holds no timestamps, so a run that was killed and resumed ends with the
+  manifest an uninterrupted one writes.
+
+Resumable: the manifest is written first (``complete: false``); each batch of blocks is looked up in the store
+(keys only, :meth:`TopkStore.has_many`) and only the missing ones are sent, so a second run after a kill (or
+after the data grew) scores only what is not there. A SIGKILLed run loses the requests in flight; the store
+stays consistent (SQLite WAL). A folder holding another teacher's, tokenizer's, k's or seq_len's store is
+refused (exit 2).
+
+Training from it: ``cache.dir: DIR`` in the train config (``ddk.trainer.topk_source``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ddk.errors import UsageError
+
+log = logging.getLogger("ddk.teacher.precompute")
+
+MANIFEST = "manifest.json"
+STORE_FILE = "topk.sqlite"  # the service cache's name too (app.py: cache_dir/topk.sqlite)
+FORMAT = 1
+SPLITS = ("train", "val")
+# the manifest keys a store's entries depend on: another value in any of them is another store
+IDENTITY = ("model_fingerprint", "tokenizer_fingerprint", "k", "seq_len")
+
+
+def store_path(directory: str | Path) -> Path:
+    return Path(directory) / STORE_FILE
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    """``DIR/manifest.json`` (None when absent; UsageError naming ``what`` when unreadable)."""
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"cache.dir: {path} is not a readable manifest ({e})") from None
+    if not isinstance(manifest, dict) or any(k not in manifest for k in IDENTITY):
+        raise UsageError(f"cache.dir: {path} is not a top-k store manifest (it lacks {', '.join(IDENTITY)})")
+    return manifest
+
+
+def write_manifest(directory: str | Path, manifest: dict) -> None:
+    """Atomically (a temporary file renamed over the old one)."""
+    path = Path(directory) / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def manifest_for(info: dict, k: int, seq_len: int, encoding: str, domains: dict, complete: bool) -> dict:
+    """The manifest of a store of ``info``'s teacher (``/v1/info``) for ``domains`` (name -> PackedDomain, or
+    name -> {"train": n, "val": n}). Pure."""
+    counts = {n: ({s: int(d[s]) for s in SPLITS} if isinstance(d, dict) else
+                  {"train": len(d.train), "val": len(d.val)}) for n, d in sorted(domains.items())}
+    return {"format": FORMAT, "model": info.get("model"), "model_fingerprint": info.get("model_fingerprint"),
+            "tokenizer_fingerprint": info.get("tokenizer_fingerprint"), "vocab_size": info.get("vocab_size"),
+            "k": int(k), "seq_len": int(seq_len), "encoding": encoding, "domains": counts,
+            "blocks": sum(c["train"] + c["val"] for c in counts.values()), "complete": bool(complete)}
+
+
+def identity_problem(old: dict, new: dict) -> str | None:
+    """What makes ``old``'s store another store than ``new``'s (None: the same). Pure."""
+    for key in IDENTITY:
+        if old.get(key) != new.get(key):
+            return f"{key} {old.get(key)!r} (the folder's) is not {new.get(key)!r}"
+    return None
+
+
+def blocks_of(domains: dict) -> list[tuple[str, str, object]]:
+    """(domain, split, TokenBlocks) of every split of every domain, in name order."""
+    return [(n, s, getattr(domains[n], s)) for n in sorted(domains) for s in SPLITS]
+
+
+def main(args) -> int:
+    """``ddk teacher precompute``."""
+    from ddk.fingerprint import tokenizer_fingerprint
+    from ddk.teacher.client import TeacherClient, read_token_file
+    from ddk.teacher.store import TopkStore
+    from ddk.trainer.config import load_config
+    from ddk.trainer.launch import _prepare_data, _student_tokenizer, check_teacher
+
+    overrides = list(args.overrides) + ([f"teacher.urls=[{args.teacher}]"] if args.teacher else [])
+    cfg = load_config(args.config, overrides)  # --teacher first, so that a config without teacher.urls validates
+    urls = list(cfg.teacher.urls)
+    if not urls:
+        raise UsageError("--teacher: give a teacher URL (or set teacher.urls in the config)")
+    out = Path(args.out).expanduser().resolve()
+    k, seq_len = int(cfg.kd.top_k), int(cfg.data.seq_len)
+    tokenizer, student_vocab = _student_tokenizer(cfg)
+    token = read_token_file(cfg.teacher.token_file) if cfg.teacher.token_file else None
+    client = TeacherClient(urls, token=token)
+    try:
+        info = client.info()
+        check_teacher(info, tokenizer_fingerprint(tokenizer), cfg, student_vocab)
+        if not info.get("model_fingerprint"):
+            raise UsageError(f"--teacher: {urls[0]} publishes no model_fingerprint (a store needs the teacher's "
+                             "identity)")
+        domains = _prepare_data(cfg, tokenizer)
+        old = read_manifest(out)
+        encoding = args.encoding or (old or {}).get("encoding") or "float16"
+        fresh = manifest_for(info, k, seq_len, encoding, domains, complete=False)
+        if old is not None:
+            problem = identity_problem(old, fresh)
+            if problem:
+                raise UsageError(f"--out: {out} holds another store ({problem}); use another folder")
+            fresh["domains"] = {**old.get("domains", {}), **fresh["domains"]}  # a domain scored before stays
+            fresh["blocks"] = sum(c["train"] + c["val"] for c in fresh["domains"].values())
+        write_manifest(out, fresh)
+        store = TopkStore(store_path(out), encoding=encoding, vocab_size=info.get("vocab_size"))
+        try:
+            scored, seconds = _score(client, store, info["model_fingerprint"], domains, k, args)
+        finally:
+            store.close()
+        write_manifest(out, {**fresh, "complete": True})
+    finally:
+        client.close()
+    n = sum(len(b) for _, _, b in blocks_of(domains))
+    rate = scored * (seq_len + 1) / seconds if seconds > 0 else 0.0
+    print(f"ddk teacher precompute: {n} blocks of {len(domains)} domains in {store_path(out)} "
+          f"({scored} scored now, {n - scored} there before; {rate:,.0f} tokens/s); manifest {out / MANIFEST}",
+          flush=True)
+    return 0
+
+
+def _score(client, store, fp: str, domains: dict, k: int, args) -> tuple[int, float]:
+    """Every block not in the store, sent in requests of ``args.batch_size`` blocks with ``args.concurrency`` in
+    flight, each answer stored as it comes. Returns (blocks scored, seconds)."""
+    import torch
+    from tqdm import tqdm
+
+    batch, todo = int(args.batch_size), []
+    present_tokens = total_tokens = 0
+    for name, split, blocks in blocks_of(domains):
+        for i in range(0, len(blocks), batch):
+            rows = np.asarray(blocks[i:i + batch], dtype=np.int64)
+            have = store.has_many(fp, list(rows), k)
+            total_tokens += rows.size
+            present_tokens += int(sum(len(r) for r, h in zip(rows, have) if h))
+            missing = rows[[j for j, h in enumerate(have) if not h]]
+            if len(missing):
+                todo.append(missing)
+    bar = tqdm(total=total_tokens, initial=present_tokens, unit="tok", unit_scale=True, desc="precompute",
+               dynamic_ncols=True, disable=args.quiet)
+    scored, t0 = 0, time.perf_counter()
+
+    def fetch(rows):
+        return rows, client.topk(torch.from_numpy(rows), k)
+
+    try:
+        with ThreadPoolExecutor(max_workers=int(args.concurrency), thread_name_prefix="precompute") as pool:
+            pending = []
+            for rows in todo:  # at most `concurrency` requests queued beyond the ones running
+                pending.append(pool.submit(fetch, rows))
+                if len(pending) >= 2 * int(args.concurrency):
+                    scored += _store_answer(store, fp, *pending.pop(0).result(), bar)
+            for f in pending:
+                scored += _store_answer(store, fp, *f.result(), bar)
+    finally:
+        bar.close()
+    return scored, time.perf_counter() - t0
+
+
+def _store_answer(store, fp: str, rows: np.ndarray, out, bar) -> int:
+    ids, lps, tgt = out.ids.numpy(), out.logprobs.numpy(), out.target_logprob.numpy()
+    store.put_many(fp, [(rows[j], ids[j], lps[j], tgt[j]) for j in range(len(rows))])
+    bar.update(int(rows.size))
+    return len(rows)
