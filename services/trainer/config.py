@@ -228,10 +228,12 @@ class TrainConfig(_Section):
             if len(set(names)) != len(names):
                 raise ValueError("data.domains: domain names must be unique")
         # a top-k store (cache.dir, ddk.trainer.topk_source) stands in for the teacher: its checks are the driver's
-        if self.kd.gamma > 0 and not self.teacher.urls and not self.cache.dir:
+        if self.teacher.routes and self.cache.dir:
+            raise ValueError("teacher.routes: not available with cache.dir (a top-k store holds one teacher's outputs)")
+        if self.kd.gamma > 0 and not self.teacher.all_urls() and not self.cache.dir:
             raise ValueError("teacher.urls: required when kd.gamma > 0 (or cache.dir: a precomputed top-k store)")
         if self.mixture.policy in DDK_POLICIES:
-            if not self.teacher.urls and not self.cache.dir:
+            if not self.teacher.all_urls() and not self.cache.dir:
                 raise ValueError(f"teacher.urls: required for mixture.policy {self.mixture.policy} "
                                  "(the weights need teacher losses; or cache.dir: a precomputed top-k store)")
             if not self.controller.url:

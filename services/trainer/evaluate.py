@@ -92,16 +92,20 @@ def losses_from_sums(sums: dict[str, tuple[float, int]]) -> dict[str, float]:
 def teacher_losses_from_client(client, domains: dict[str, PackedDomain], sequences_per_domain: int,
                                top_k: int, batch_size: int = 16) -> dict[str, float]:
     """``{domain: teacher loss}``: mean ``-target_logprob`` from the teacher service over the same blocks."""
-    return {name: teacher_loss_on_blocks(client, evaluation_blocks(d, sequences_per_domain), top_k, batch_size)
+    return {name: teacher_loss_on_blocks(client, evaluation_blocks(d, sequences_per_domain), top_k, batch_size,
+                                         domain=name)
             for name, d in domains.items()}
 
 
-def teacher_loss_on_blocks(client, blocks, top_k: int = 1, batch_size: int = 16) -> float:
-    """Mean ``-target_logprob`` of the teacher service over ``blocks`` (``[n, seq_len + 1]`` token ids)."""
+def teacher_loss_on_blocks(client, blocks, top_k: int = 1, batch_size: int = 16, domain: str | None = None) -> float:
+    """Mean ``-target_logprob`` of the teacher service over ``blocks`` (``[n, seq_len + 1]`` token ids), from
+    ``domain``'s teacher when the client routes by domain (ddk.teacher.routes)."""
+    from ddk.teacher.routes import ask
+
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
         ids = torch.from_numpy(np.asarray(blocks[i:i + batch_size], dtype=np.int64))
-        target = client.topk(ids, top_k).target_logprob.double()
+        target = ask(client, ids, top_k, [domain] * len(ids)).target_logprob.double()
         total += -target.sum().item()
         count += target.numel()
     return total / count

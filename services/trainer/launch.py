@@ -181,6 +181,7 @@ def prepare(cfg) -> TrainJob:
         domains = _prepare_data(cfg, tokenizer)
         names = sorted(domains)
         initial = resolve_initial_weights(cfg, names)
+        check_routes(cfg, names)
         if cfg.cache.dir:  # the top-k store, checked (exit 2 naming what differs), the teacher behind it for misses
             from ddk.trainer.topk_source import checked_store_source
 
@@ -227,19 +228,56 @@ def _teacher_token(cfg) -> str | None:
 
 
 def _checked_teacher(cfg, tokenizer, student_vocab: int):
-    """Step 2: a TeacherClient for ``teacher.urls`` once :func:`check_teacher` accepts it (None without urls)."""
-    if not cfg.teacher.urls:
+    """Step 2: a TeacherClient for ``teacher.urls`` once :func:`check_teacher` accepts it (None without urls);
+    with ``teacher.routes`` a RoutedTeacher, every route checked (the error names its domain and URL)."""
+    if not cfg.teacher.all_urls():
         return None
     from ddk.fingerprint import tokenizer_fingerprint
-    from ddk.teacher.client import TeacherClient
+    from ddk.teacher.client import TeacherClient, TeacherUnavailable
 
-    client = TeacherClient(cfg.teacher.urls, token=_teacher_token(cfg))
+    token = _teacher_token(cfg)
+    if not cfg.teacher.routes:
+        client = TeacherClient(cfg.teacher.urls, token=token)
+        try:
+            check_teacher(client.info(), tokenizer_fingerprint(tokenizer), cfg, student_vocab)
+        except BaseException:
+            client.close()
+            raise
+        return client
+    from ddk.teacher.routes import RoutedTeacher
+
+    routed = RoutedTeacher(cfg.teacher.urls, cfg.teacher.routes,
+                           make_client=lambda urls: TeacherClient(urls, token=token, retry_for=30.0))
+    fingerprint = tokenizer_fingerprint(tokenizer)
     try:
-        check_teacher(client.info(), tokenizer_fingerprint(tokenizer), cfg, student_vocab)
+        for domain in [None, *sorted(cfg.teacher.routes)]:
+            if domain is None and not cfg.teacher.urls:
+                continue
+            where = "teacher.urls" if domain is None else f"teacher.routes.{domain}"
+            urls = ",".join(routed.urls_of(domain))
+            try:
+                check_teacher(routed.client(domain).info(), fingerprint, cfg, student_vocab)
+            except UsageError as e:  # "teacher.urls: ..." becomes "teacher.routes.math (URL): ..."
+                key, _, rest = str(e).partition(": ")
+                raise UsageError(f"{where} ({urls}): {rest}" if key == "teacher.urls"
+                                 else f"{e} (the teacher of {where}, {urls})") from None
+            except TeacherUnavailable as e:
+                raise UsageError(f"{where}: no teacher answers at {urls} ({e})") from None
     except BaseException:
-        client.close()
+        routed.close()
         raise
-    return client
+    return routed
+
+
+def check_routes(cfg, names: list[str]) -> None:
+    """``teacher.routes`` name known domains, and every domain has a teacher (a route or ``teacher.urls``)."""
+    unknown = sorted(set(cfg.teacher.routes) - set(names))
+    if unknown:
+        raise UsageError(f"teacher.routes: unknown domain {unknown[0]!r} (domains: {', '.join(names)})")
+    if cfg.teacher.routes and not cfg.teacher.urls and cfg.kd.gamma > 0:
+        bare = [n for n in names if n not in cfg.teacher.routes]
+        if bare:
+            raise UsageError(f"teacher.urls: domain {bare[0]} has no route in teacher.routes and teacher.urls is empty")
 
 
 def _prepare_data(cfg, tokenizer) -> dict:

@@ -226,3 +226,92 @@ def test_split_evaluation_equals_one_rank_evaluating_everything(kit, reference):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         want = evaluate_domains(model, domains, cfg.eval.sequences_per_domain, cfg.eval.batch_size)
         assert record["student_loss"] == pytest.approx(want, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ routed teachers
+
+def _stored_keys(cache_dir: Path) -> set[bytes]:
+    """The sequence keys a teacher's --cache-dir store holds: what that teacher scored."""
+    import sqlite3
+
+    with sqlite3.connect(cache_dir / "topk.sqlite") as db:
+        return {bytes(row[0]) for row in db.execute("SELECT seq FROM topk")}
+
+
+def _engine_tokens(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return float(re.search(r"^ddk_teacher_engine_tokens_total (\S+)$", text, re.M).group(1))
+
+
+def test_math_routed_to_a_specialist_teacher_across_two_workers(kit, ray_cluster, controller_url, workdir,
+                                                                 tmp_path):
+    """teacher.routes: math's rows, teacher loss and diagnostics come from the specialist, the rest from the
+    kit's teacher. Both teachers cache what they score, so their stores say exactly which blocks each saw."""
+    from procs import service
+
+    from ddk.kit.fixtures import build_specialist
+    from ddk.teacher.store import sequence_key
+    from ddk.trainer.config import load_config
+    from ddk.trainer.data import load_domain_specs, prepare_domains
+
+    specialist = build_specialist(kit, "math")
+    cfg = load_config(str(kit / "train.yaml"), [f"data.cache_dir={kit.parent / 'token-cache'}"])
+    from transformers import AutoTokenizer
+
+    domains = prepare_domains(load_domain_specs(cfg.data.source()),
+                              AutoTokenizer.from_pretrained(kit / "student"), cfg.data.seq_len, cfg.data.cache_dir)
+    keys = {n: {sequence_key(b) for b in list(d.train) + list(d.val)} for n, d in domains.items()}
+    serve = ["teacher", "serve", "--backend", "hf"]
+    with service(serve + ["--model", str(kit / "teacher"), "--cache-dir", str(tmp_path / "c-default")],
+                 log_path=tmp_path / "default.log") as (default_url, _), \
+            service(serve + ["--model", str(specialist), "--cache-dir", str(tmp_path / "c-math")],
+                    log_path=tmp_path / "math.log") as (math_url, _):
+        out = workdir / "routed"
+        ddk_train(kit, out, "ray-routed", default_url, controller_url, "train.steps=4", "mixture.interval_steps=2",
+                  "checkpoint.every_steps=4", f"teacher.routes={{math: [{math_url}]}}")
+        assert _engine_tokens(math_url) > 0 and _engine_tokens(default_url) > 0
+        seen_math, seen_default = _stored_keys(tmp_path / "c-math"), _stored_keys(tmp_path / "c-default")
+        assert seen_math and seen_math <= keys["math"]          # the specialist scored math blocks only
+        assert seen_default and not seen_default & keys["math"]  # and the kit's teacher never a math block
+        assert seen_default <= set().union(*(keys[n] for n in keys if n != "math"))
+        # the controller's teacher loss for math is the specialist's: its mean -target_logprob on the same blocks
+        from ddk.teacher.client import TeacherClient
+        from ddk.trainer.evaluate import teacher_losses_from_client
+
+        with TeacherClient(math_url) as c:
+            want = teacher_losses_from_client(c, {"math": domains["math"]}, 8, top_k=1)["math"]
+        history = httpx.get(f"{controller_url}/v1/runs/ray-routed/history", timeout=10).json()["versions"]
+        evaluations = [v for v in history if v["version"] > 0]
+        assert evaluations[-1]["teacher_loss"]["math"] == pytest.approx(want, rel=1e-6)
+        assert want < evaluations[-1]["teacher_loss"]["code"] - 1.0  # not the kit teacher's (math is easier)
+        # the diagnostics name the route that served each domain, with the run's tokens so far
+        diag = evaluations[-1]["diagnostics"]
+        assert diag["math"]["route"] == math_url and diag["code"]["route"] == default_url
+        assert all(0 < diag[n]["topk_mass"] <= 1 and diag[n]["kl"] > 0 for n in diag)
+        eval_lines = [r for r in _lines(out) if r["event"] == "eval"]
+        assert eval_lines[-1]["diagnostics"]["math"]["tokens"] == diag["math"]["tokens"]
+        assert sum(d["tokens"] for d in diag.values()) == 4 * BATCH * WORKERS * 128
+
+
+def test_a_route_with_another_tokenizer_is_refused_with_exit_2(kit, tmp_path, teacher_url, controller_url):
+    """A route whose teacher has another tokenizer: exit 2 before anything starts, naming the domain and URL."""
+    import subprocess
+    import sys
+
+    from procs import service
+
+    other = tmp_path / "other-teacher"
+    shutil.copytree(kit / "teacher", other)
+    vocab = json.loads((other / "tokenizer.json").read_text())
+    vocab["model"]["vocab"]["zzzz-not-in-the-student"] = vocab["model"]["vocab"].pop(
+        next(t for t in vocab["model"]["vocab"] if len(t) > 3))
+    (other / "tokenizer.json").write_text(json.dumps(vocab))
+    with service(["teacher", "serve", "--backend", "hf", "--model", str(other)],
+                 log_path=tmp_path / "other.log") as (other_url, _):
+        r = subprocess.run([sys.executable, "-m", "ddk.cli", "train", str(kit / "train.yaml"),
+                            "--set", f"teacher.urls=[{teacher_url}]", "--set", f"controller.url={controller_url}",
+                            "--set", f"teacher.routes={{math: [{other_url}]}}", "--set", f"output_dir={tmp_path / 'o'}"],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "teacher.routes.math" in last and other_url in last and "fingerprint" in last
