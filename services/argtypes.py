@@ -161,6 +161,16 @@ def http_url(text: str) -> str:
 
 http_url.rule = "an http:// or https:// URL (port 1..65535)"
 
+def route(text: str) -> tuple[str, str]:
+    """``DOMAIN=URL`` (``ddk eval --route``): a domain name and its teacher's http(s) URL."""
+    domain, sep, url = text.partition("=")
+    if not sep or not domain.strip():
+        raise argparse.ArgumentTypeError(f"must be DOMAIN=URL, got {text!r}")
+    return domain.strip(), http_url(url.strip())
+
+
+route.rule = "DOMAIN=URL with an http:// or https:// URL"
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 

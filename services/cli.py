@@ -168,6 +168,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--data", required=True, help="data.yaml or a kit/data directory")
     p.add_argument("--teacher", default=None, type=argtypes.http_url, metavar="URL",
                    help="teacher URL: also report student/teacher ratios")
+    p.add_argument("--route", action="append", default=[], type=argtypes.route, metavar="DOMAIN=URL",
+                   help="DOMAIN's teacher (as teacher.routes in a train config); the others use --teacher; repeatable")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--seq-len", type=IntRange(2), default=None,
                    help="tokens per sequence (default: data.seq_len of a train config given as --data, else 128)")

@@ -189,6 +189,29 @@ def _train_config_defaults(path: Path) -> dict:
     return {"seq_len": sections.data.seq_len, "sequences": sections.eval.sequences_per_domain}
 
 
+def _routed_teacher_losses(url: str | None, routes: dict[str, str], fingerprint: str, domains, n_seq: int,
+                           batch_size: int) -> dict[str, float]:
+    """The teacher losses of ``ddk eval``: ``--teacher`` for every domain without a ``--route``; each teacher's
+    tokenizer checked against the model's (exit 2 naming the flag and URL)."""
+    from ddk.teacher.client import TeacherClient
+    from ddk.teacher.routes import RoutedTeacher
+
+    client = RoutedTeacher([url] if url else [], {d: [u] for d, u in routes.items()},
+                           make_client=lambda urls: TeacherClient(urls))
+    try:
+        for domain in [None, *sorted(routes)]:
+            if domain is None and not url:
+                continue
+            flag = "--teacher" if domain is None else f"--route {domain}"
+            theirs = client.client(domain).info().get("tokenizer_fingerprint")
+            if theirs != fingerprint:
+                raise UsageError(f"{flag}: the teacher at {','.join(client.urls_of(domain))} has tokenizer "
+                                 f"fingerprint {theirs}, the model's is {fingerprint}")
+        return teacher_losses_from_client(client, domains, n_seq, top_k=1, batch_size=batch_size)
+    finally:
+        client.close()
+
+
 def main(args) -> int:
     """``ddk eval --model PATH --data DATA [--teacher URL] [--json]``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -216,18 +239,16 @@ def main(args) -> int:
     losses = evaluate_domains(model, domains, n_seq, batch_size, device)
 
     teacher_losses = None
-    if args.teacher:
-        from ddk.teacher.client import TeacherClient
-
-        client = TeacherClient(args.teacher)
-        try:
-            info = client.info()
-            if info.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
-                raise UsageError(f"--teacher: tokenizer fingerprint {info.get('tokenizer_fingerprint')} differs "
-                                 f"from the model's {tokenizer_fingerprint(tokenizer)}")
-            teacher_losses = teacher_losses_from_client(client, domains, n_seq, top_k=1, batch_size=batch_size)
-        finally:
-            client.close()
+    routes = dict(getattr(args, "route", None) or [])
+    unknown = sorted(set(routes) - set(domains))
+    if unknown:
+        raise UsageError(f"--route: unknown domain {unknown[0]!r} (domains: {', '.join(domains)})")
+    if routes and not args.teacher and set(routes) != set(domains):
+        raise UsageError("--teacher: required for the domains without a --route "
+                         f"({', '.join(sorted(set(domains) - set(routes)))})")
+    if args.teacher or routes:
+        teacher_losses = _routed_teacher_losses(args.teacher, routes, tokenizer_fingerprint(tokenizer), domains,
+                                                n_seq, batch_size)
 
     rows = []
     for name, d in domains.items():

@@ -339,6 +339,7 @@ class Controller:
             self.client = ControllerClient(url, token, timeout=10.0, max_retries=2, backoff=0.25)
             self._poster = _ProgressPoster(url, token, run_id, self.PROGRESS_TIMEOUT_S)
         self.pending: dict | None = None     # {"step", "student_loss", "teacher_loss"} not yet accepted
+        self.backlog: list[dict] = []        # older evaluations not yet accepted either, oldest first
         self._next_try = 0
         self._gap = 1
         self._progress_at = -float("inf")
@@ -360,9 +361,12 @@ class Controller:
 
     def submit(self, step: int, student_loss: dict[str, float], teacher_loss: dict[str, float] | None,
                tokens: dict[str, float] | None = None, diagnostics: dict[str, dict] | None = None) -> None:
-        """A new evaluation replaces one still waiting to be posted (the controller wants increasing steps).
+        """A new evaluation to post. One still waiting goes to the backlog, posted first (the controller wants
+        increasing steps, and one version per interval: an outage across a boundary must not lose an interval).
         ``tokens``: student tokens trained per domain so far; ``diagnostics``: per-domain distillation
         diagnostics (each posted with it when given)."""
+        if self.pending is not None and self.pending["step"] < step:
+            self.backlog.append(self.pending)
         self.pending = {"step": step, "student_loss": student_loss, "teacher_loss": teacher_loss}
         if tokens is not None:
             self.pending["tokens"] = dict(tokens)
@@ -370,16 +374,34 @@ class Controller:
             self.pending["diagnostics"] = {n: dict(d) for n, d in diagnostics.items()}
         self._next_try, self._gap = step, 1
 
+    def unposted(self) -> list[dict]:
+        """Every evaluation not yet accepted, oldest first (what a checkpoint keeps)."""
+        return self.backlog + ([self.pending] if self.pending is not None else [])
+
     def try_post(self, step: int) -> dict | None:
-        """Post the pending evaluation if it is due; the new {version, step, weights} or None."""
+        """Post the backlog, then the pending evaluation, if due; the newest {version, step, weights} accepted,
+        or None when nothing got through."""
         if self.pending is None or step < self._next_try:
             return None
         if self.client is None:  # fixed mixture without a controller: the weights stay as they are
-            self.pending = None
+            self.pending, self.backlog = None, []
             return {"version": self.version, "step": step, "weights": dict(self.weights)}
+        answer = None
+        while self.backlog:
+            got = self._post(self.backlog[0], step)
+            if got is None:
+                return answer
+            self.backlog.pop(0)
+            answer = got
+        got = self._post(self.pending, step)
+        if got is not None:
+            self.pending, answer = None, got
+        return answer
+
+    def _post(self, p: dict, step: int) -> dict | None:
+        """Post one evaluation; its answer (the weights now in force), or None when the controller is away."""
         from ddk.controller.client import ControllerError, ControllerUnavailable
 
-        p = self.pending
         try:
             answer = self.client.post_evaluation(self.run_id, p["step"], p["student_loss"], p["teacher_loss"],
                                                  **{key: p[key] for key in ("tokens", "diagnostics")
@@ -396,7 +418,6 @@ class Controller:
             answer = self._recorded(p["step"])
             log.info("controller already has the evaluation of step %d (resumed run): using its version %d",
                      p["step"], answer["version"])
-        self.pending = None
         self.weights, self.version = {k: float(v) for k, v in answer["weights"].items()}, int(answer["version"])
         return answer
 
@@ -592,8 +613,8 @@ class Trainer:
         s = self.state
         self.controller = Controller(self.cfg.controller.url, self.job.controller_token, self.cfg.run_id,
                                      s.weights, s.version)
-        if s.pending is not None:
-            self.controller.submit(**s.pending)
+        for p in (s.pending if isinstance(s.pending, list) else [s.pending] if s.pending else []):
+            self.controller.submit(**p)  # the evaluations the checkpointed attempt had not got through, in order
         kept = truncate_metrics(self.out_dir / METRICS, s.step if self.restored else None)
         if kept:
             log.info("metrics: kept %d lines of the attempt that wrote checkpoint step %d", kept, s.step)
@@ -806,13 +827,36 @@ class Trainer:
         evaluation included), reported to the context."""
         self.state.sampler = self.feed.state_dict()
         self.state.scaler = self.scaler.state_dict() if self.scaler.is_enabled() else None
-        self.state.pending = self.controller.pending if self.controller is not None else None
+        unposted = self.controller.unposted() if self.controller is not None else []
+        self.state.pending = None if not unposted else unposted[0] if len(unposted) == 1 else unposted
         if self.fsdp:  # every rank writes its shards
             from ddk.trainer.parallel import save_and_report_sharded
 
             save_and_report_sharded(self.ctx, self.state, self.raw_model, self.optimizer, self.scheduler, loss)
         else:
             save_and_report(self.ctx, self.state, self.raw_model, self.optimizer, self.scheduler, loss)
+
+    LAST_POST_S = 60.0  # how long the end of a run keeps trying to post evaluations the controller has not got
+
+    def _post_last_evaluation(self) -> None:
+        """Before the export: evaluations still unposted (the controller was away at the last boundary) are
+        retried for up to LAST_POST_S seconds, backing off 1, 2, 4 ... s, so the controller's history ends with
+        the run's last interval; after that the run ends without them, and says so."""
+        c = self.controller
+        deadline, wait = time.monotonic() + self.LAST_POST_S, 1.0
+        while c.pending is not None and time.monotonic() < deadline:
+            eval_step = c.pending["step"]
+            c._next_try = 0  # due now
+            answer = c.try_post(self.state.step)
+            if answer:
+                self.writer.write({"event": "weights", "step": self.state.step, "eval_step": eval_step,
+                                   "version": answer["version"], "weights": answer["weights"]})
+                self.state.weights, self.state.version = c.weights, c.version
+            if c.pending is not None:
+                time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+                wait = min(wait * 2, 8.0)
+        if c.pending is not None:
+            log.warning("the last evaluation (step %d) never reached the controller", c.pending["step"])
 
     def _inject_fault(self) -> None:
         step = self.state.step
@@ -910,9 +954,8 @@ class Trainer:
 
                 self.full_state = gather_full_state(self.raw_model)
             if self.rank == 0:
-                if self.controller.pending is not None:
-                    log.warning("the last evaluation (step %d) never reached the controller",
-                                self.controller.pending["step"])
+                self._post_last_evaluation()
+                summary.update(version=self.state.version, weights=self.state.weights)
                 self.export()
                 self.writer.write({"event": "end", **summary})
             return summary

@@ -87,10 +87,26 @@ def micro_weights(counts: list[int]) -> list[float]:
 
 
 def no_sync(model: torch.nn.Module, sync: bool):
-    """``model.no_sync()`` unless ``sync`` (the step's last micro-batch) or the model has none (one rank)."""
-    if sync or not hasattr(model, "no_sync"):
+    """No gradient sync on this micro-batch unless ``sync`` (the step's last): DDP's ``model.no_sync()``, or for
+    FSDP2 (the sharded student inside :class:`StudentStep`) ``set_requires_gradient_sync(False)`` for the
+    backward, so its reduce-scatter too runs once a step; nothing on one unwrapped rank."""
+    if sync:
         return contextlib.nullcontext()
-    return model.no_sync()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    sharded = getattr(model, "student", model)
+    if hasattr(sharded, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(sharded)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module: torch.nn.Module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
 
 
 # ---------------------------------------------------------------------------------------------------------

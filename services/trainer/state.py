@@ -19,7 +19,8 @@ class TrainState:
     ``weights``/``version``: the mixture the next batches are drawn with (rank 0's, broadcast every step).
     ``teacher_loss``: the teacher's per-domain validation losses (the first student evaluation for CPT).
     ``pending``: the evaluation rank 0 has not yet got through to the controller,
-    ``{"step", "student_loss", "teacher_loss"}`` or None. ``sampler``: this rank's sampler state after the
+    ``{"step", "student_loss", "teacher_loss"}``, a list of them oldest first when several intervals went
+    unposted, or None. ``sampler``: this rank's sampler state after the
     last batch trained on (``DomainSampler.state_dict()``), None before the first save. ``tokens``: student
     tokens trained on each domain so far, all ranks together (sent with each evaluation, for the controller's
     ``ddk_progress`` policy); in ``state_dict()`` only once non-empty, so older checkpoints load as {}.
@@ -30,7 +31,7 @@ class TrainState:
     weights: dict[str, float] = field(default_factory=dict)
     version: int = 0
     teacher_loss: dict[str, float] | None = None
-    pending: dict[str, Any] | None = None
+    pending: dict[str, Any] | list[dict[str, Any]] | None = None
     sampler: dict[str, Any] | None = None
     tokens: dict[str, float] = field(default_factory=dict)
     scaler: dict[str, Any] | None = None

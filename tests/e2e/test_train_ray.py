@@ -12,9 +12,10 @@ processes would pay it three times. The module makes four launches and checks ev
   resumes from the step-8 checkpoint -- it must end like ``reference``. (When steps are fast, Ray Train may
   not have registered step 8 before the death at step 10; the worker then finds it in storage,
   checkpoint.resume_point.)
-* ``accum``: the reference's run with 2 micro-batches of 2 per worker and step (``train.grad_accum_steps=2``):
-  the same losses, weights and model as ``reference``. The reference's evaluations (split over the two workers)
-  are also checked against a one-rank evaluation here.
+  The resumed run also accumulates (2 micro-batches of 2 per worker and step, ``train.grad_accum_steps=2``), so
+  it checks accumulation across workers against the same reference. The reference's evaluations (split over
+  the two workers) are also checked against a one-rank evaluation here;
+* ``fsdp``: the reference's run under FSDP2, a worker killed; ``routed``: math routed to a specialist teacher.
 
 Loop-level properties on one rank (weights follow the controller, CPT, outages, improvement) are in
 tests/loop/; the `ddk train` process itself (CLI, exit codes) in the demo and the two-node Ray Job test.
@@ -117,21 +118,28 @@ def test_resume_after_worker_death_and_restart_matches_uninterrupted(kit, ray_cl
                                                                     monkeypatch):
     ref_out, ref_history = reference
     out = workdir / "resumed"
+    # this run also takes each worker's 4 rows a step as 2 micro-batches of 2 (train.grad_accum_steps=2): each
+    # rank draws the same rows per step, and DDP sums the gradient once, on the last micro-batch (no_sync before
+    # it), so the resumed and accumulated run must still end like the reference
+    accum = ("train.batch_size=2", "train.grad_accum_steps=2")
     monkeypatch.setenv("DDK_FAULT_AT_STEPS", "6,10")
     with pytest.raises(Exception) as failed:  # the second death exceeded max_failures: `ddk train` exits 1
-        ddk_train(kit, out, "ray-resume", teacher_url, controller_url, "ray.max_failures=1")
+        ddk_train(kit, out, "ray-resume", teacher_url, controller_url, "ray.max_failures=1", *accum)
     assert not isinstance(failed.value, AssertionError), failed.value
     assert (out / ".fault-6").exists() and (out / ".fault-10").exists()
     done = [r["step"] for r in _lines(out) if r["event"] == "step"]
     assert max(done) == 10 and 12 not in done
 
     monkeypatch.delenv("DDK_FAULT_AT_STEPS")
-    ddk_train(kit, out, "ray-resume", teacher_url, controller_url)
+    ddk_train(kit, out, "ray-resume", teacher_url, controller_url, *accum)
     assert re.search(r"resumed from .* at step 8", worker_logs(ray_cluster))
 
-    # metrics read as one uninterrupted run
+    # metrics read as one uninterrupted run, with the reference's rows and losses
     lines = _lines(out)
     assert [r["step"] for r in lines if r["event"] == "step"] == list(range(1, STEPS + 1))
+    for r, ref in zip((r for r in lines if r["event"] == "step"), (r for r in _lines(ref_out) if r["event"] == "step")):
+        assert r["rows"] == ref["rows"] and r["tokens"] == ref["tokens"] == BATCH * WORKERS * 128
+        assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5) and r["kl"] == pytest.approx(ref["kl"], rel=1e-4)
     assert [r["step"] for r in lines if r["event"] == "eval"] == [0, 4, 8, 12]
     # the controller saw the same evaluations and gave the same weights
     history = httpx.get(f"{controller_url}/v1/runs/ray-resume/history", timeout=10).json()["versions"]
@@ -155,7 +163,9 @@ def test_fsdp_run_matches_ddp_resumes_after_worker_death_and_exports(kit, ray_cl
     ref_out, _ = reference
     out = workdir / "fsdp"
     monkeypatch.setenv("DDK_FAULT_AT_STEPS", "6")
-    ddk_train(kit, out, "ray-fsdp", teacher_url, controller_url, "train.strategy=fsdp")
+    # 2 micro-batches of 2 a step: FSDP2 reduce-scatters once, on the last (set_requires_gradient_sync)
+    ddk_train(kit, out, "ray-fsdp", teacher_url, controller_url, "train.strategy=fsdp", "train.batch_size=2",
+              "train.grad_accum_steps=2")
     assert (out / ".fault-6").exists()
     assert re.search(r"rank 1: resumed from .* at step 4", worker_logs(ray_cluster))
     last = max((out / "ray" / "ray-fsdp").glob("step-*"))  # sharded: no rank holds the whole model
@@ -180,31 +190,6 @@ def test_fsdp_run_matches_ddp_resumes_after_worker_death_and_exports(kit, ray_cl
     state = model.state_dict()
     for k in want_state:
         torch.testing.assert_close(state[k], want_state[k], rtol=1e-3, atol=1e-4)
-
-
-def test_accumulation_across_two_workers_matches_the_reference(kit, ray_cluster, teacher_url, controller_url,
-                                                               workdir, reference):
-    """2 workers x 2 micro-batches of 2 sequences per step (``train.grad_accum_steps=2``) against the reference's
-    2 workers x 1 batch of 4: each rank draws the same 4 rows per step, and DDP sums the gradient once, on the
-    last micro-batch (``no_sync`` before it), so the steps' losses, the controller's weights and the final model
-    are the reference's."""
-    from safetensors.torch import load_file
-
-    ref_out, ref_history = reference
-    out = workdir / "accum"
-    ddk_train(kit, out, "ray-accum", teacher_url, controller_url, "train.batch_size=2", "train.grad_accum_steps=2")
-    steps, ref_steps = ([r for r in _lines(o) if r["event"] == "step"] for o in (out, ref_out))
-    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
-    for r, ref in zip(steps, ref_steps):
-        assert r["rows"] == ref["rows"] and r["tokens"] == ref["tokens"] == BATCH * WORKERS * 128
-        assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5) and r["kl"] == pytest.approx(ref["kl"], rel=1e-4)
-    history = httpx.get(f"{controller_url}/v1/runs/ray-accum/history", timeout=10).json()["versions"]
-    assert [(v["version"], v["step"]) for v in history] == [(v["version"], v["step"]) for v in ref_history]
-    for a, b in zip(history, ref_history):
-        assert a["weights"] == pytest.approx(b["weights"], abs=1e-5)
-    got, want = load_file(out / "final" / "model.safetensors"), load_file(ref_out / "final" / "model.safetensors")
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
 
 
 def test_split_evaluation_equals_one_rank_evaluating_everything(kit, reference):

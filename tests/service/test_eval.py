@@ -165,3 +165,21 @@ def test_ddk_eval_on_the_kit(kit, capsys):
                      "--sequences", "4"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [ln.split()[0] for ln in lines[2:]] == domains
+
+
+def test_ddk_eval_routes_a_domain_to_its_own_teacher(kit, teacher_url, capsys):
+    """--route DOMAIN=URL: that domain's teacher loss from that teacher, the others from --teacher. Routing math to
+    the same teacher as everything else changes nothing; routing it alone, without --teacher, is exit 2."""
+    base = ["eval", "--model", str(kit / "student"), "--data", str(kit / "train.yaml"), "--sequences", "4", "--json"]
+    assert cli_main(base + ["--teacher", teacher_url]) == 0
+    plain = json.loads(capsys.readouterr().out)["domains"]
+    assert cli_main(base + ["--teacher", teacher_url, "--route", f"math={teacher_url}"]) == 0
+    routed = json.loads(capsys.readouterr().out)["domains"]
+    assert {n: r["teacher_loss"] for n, r in routed.items()} == {n: r["teacher_loss"] for n, r in plain.items()}
+    assert cli_main(base + ["--route", f"math={teacher_url}"]) == 2
+    assert "--teacher" in capsys.readouterr().err
+    assert cli_main(base + ["--teacher", teacher_url, "--route", f"nope={teacher_url}"]) == 2
+    assert "--route: unknown domain 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli_main(base + ["--route", "math"])
+    assert e.value.code == 2

@@ -117,9 +117,9 @@ def test_topk_body_parser_raises_only_request_errors(doc, raw):
         assert e.status in (413, 422) and e.detail.split(":")[0] in ("body", "input_ids", "top_k", "dtype") or \
             e.detail.startswith("input_ids["), e.detail
         return
-    b, length = req.input_ids.shape
-    assert 2 <= length <= 10 and b * length <= 30 and 1 <= req.top_k <= 4
-    assert req.input_ids.min() >= 0 and req.input_ids.max() < 32
+    lengths = [len(seq) for seq in req.input_ids]  # ragged: one array per sequence
+    assert lengths and all(2 <= n <= 10 for n in lengths) and sum(lengths) <= 30 and 1 <= req.top_k <= 4
+    assert all(seq.min() >= 0 and seq.max() < 32 for seq in req.input_ids)
 
 
 # ----------------------------------------------------------------------------------------------

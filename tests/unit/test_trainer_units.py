@@ -358,7 +358,7 @@ class FakeControllerClient:
     def __init__(self, fail=0, conflict=False):
         self.fail, self.conflict, self.posts = fail, conflict, []
 
-    def post_evaluation(self, run_id, step, student_loss, teacher_loss=None):
+    def post_evaluation(self, run_id, step, student_loss, teacher_loss=None, tokens=None, diagnostics=None):
         from ddk.controller.client import ControllerError, ControllerUnavailable
 
         self.posts.append(step)
@@ -392,6 +392,51 @@ def test_controller_keeps_weights_and_retries_with_growing_gaps():
             break
     assert attempts == [4, 5, 7, 11]  # gaps 1, 2, 4; the fourth try gets through
     assert step == 11 and c.version == 4 and c.weights == {"a": 0.9, "b": 0.1} and c.pending is None
+
+
+def test_an_outage_across_boundaries_posts_every_interval_in_order():
+    """Found by bench/chaos.py: evaluations of steps 8 and 12 both made while the controller is down are both
+    posted, oldest first, once it is back (the newer one used to replace the older: a gap in the history)."""
+    c = Controller(None, None, "r", {"a": 0.5, "b": 0.5}, 0)
+    c.client = FakeControllerClient(fail=2)
+    c.submit(8, {"a": 1.0, "b": 1.0}, None)
+    assert c.try_post(8) is None                 # down
+    c.submit(12, {"a": 0.9, "b": 1.0}, None)
+    assert c.try_post(12) is None                # still down: 8 waits in the backlog, 12 behind it
+    assert [p["step"] for p in c.unposted()] == [8, 12]
+    answer = c.try_post(40)
+    assert c.client.posts == [8, 8, 8, 12]       # two failed tries of 8, then 8 and 12 in order
+    assert answer["step"] == 12 and c.version == 4 and c.unposted() == []
+
+
+def test_the_end_of_a_run_keeps_posting_its_last_evaluation(monkeypatch):
+    """Found by bench/chaos.py: the controller away at the last boundary used to leave the run's last interval out
+    of its history; the end of fit() now retries for a bounded time (here the third try gets through)."""
+    from types import SimpleNamespace
+
+    from ddk.trainer import loop
+    from ddk.trainer.state import TrainState
+
+    monkeypatch.setattr(loop.time, "sleep", lambda s: None)
+    c = Controller(None, None, "r", {"a": 0.5, "b": 0.5}, 0)
+    c.client = FakeControllerClient(fail=2)
+    c.submit(60, {"a": 1.0, "b": 1.0}, None)
+    written = []
+    t = SimpleNamespace(controller=c, state=TrainState(step=60), writer=SimpleNamespace(write=written.append),
+                        LAST_POST_S=60.0)
+    loop.Trainer._post_last_evaluation(t)
+    assert c.client.posts == [60, 60, 60] and c.pending is None
+    assert t.state.version == 3 and written[-1]["event"] == "weights" and written[-1]["eval_step"] == 60
+    # a controller that never comes back: given up after LAST_POST_S, the run goes on to its export
+    c2 = Controller(None, None, "r", {"a": 0.5, "b": 0.5}, 0)
+    c2.client = FakeControllerClient(fail=10**9)
+    c2.submit(60, {"a": 1.0, "b": 1.0}, None)
+    clock = iter(range(0, 10**6, 7))
+    monkeypatch.setattr(loop.time, "monotonic", lambda: float(next(clock)))
+    t2 = SimpleNamespace(controller=c2, state=TrainState(step=60), writer=SimpleNamespace(write=written.append),
+                         LAST_POST_S=60.0)
+    loop.Trainer._post_last_evaluation(t2)
+    assert c2.pending is not None and 3 <= len(c2.client.posts) <= 12
 
 
 def test_controller_409_takes_the_recorded_version():
