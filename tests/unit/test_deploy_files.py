@@ -716,3 +716,27 @@ def test_docs_deploy_commands_match_the_real_clis_and_files():
             continue
         checked += 1
     assert checked >= 10
+
+
+# ----------------------------------------------------------------------------- deploy/compose.routes.yml
+
+def test_compose_routes_override_adds_a_routed_teacher():
+    """The two-teacher compose example: its teacher command parses and binds all interfaces on its own port and
+    GPU, and its train command routes math there, a route the train config accepts."""
+    from ddk.trainer.config import TeacherSection
+
+    base = compose()["services"]
+    extra = yaml.safe_load(substitute((DEPLOY / "compose.routes.yml").read_text(), env_example()))["services"]
+    t = parse_ddk(extra["teacher-math"]["command"])
+    assert t.command == "teacher" and t.host == "0.0.0.0" and t.port == 8101 != TEACHER_PORT
+    assert extra["teacher-math"]["ports"] == ["8101:8101"]
+    gpus = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+            for s in (base["teacher"], extra["teacher-math"])]
+    assert gpus[0] != gpus[1]
+    sets = set_keys(ddk_after(extra["train"]["command"]))
+    assert set(sets) - {"teacher.routes"} <= CONTRACT_KEYS
+    routes = TeacherSection(urls=sets["teacher.urls"], routes=sets["teacher.routes"]).routes
+    assert routes == {"math": ["http://teacher-math:8101"]}
+    # the override keeps the base's train settings: same --set keys apart from the route
+    assert set(set_keys(ddk_after(base["train"]["command"]))) == set(sets) - {"teacher.routes"}
+    assert "teacher-math" in extra["train"]["depends_on"]
