@@ -50,7 +50,17 @@ log = logging.getLogger("ddk.compare")
 
 
 def policy_overrides(policy: str, natural: dict[str, float], config_initial: dict | None) -> dict:
-    """The config changes that turn one base config into each policy's run. Pure."""
+    """The config changes that turn one base config into each policy's run. Pure. An arm ``POLICY+LOSS``
+    (``ddk+jsd``) is that policy's run with ``kd.loss: LOSS`` (ddk.trainer.loss.LOSSES)."""
+    if "+" in policy:
+        from ddk.trainer.config import KD_LOSSES
+
+        base, _, loss = policy.partition("+")
+        if loss not in KD_LOSSES:
+            raise UsageError(f"--policies: unknown divergence {loss!r} in {policy!r} (choose from {', '.join(KD_LOSSES)})")
+        if base == "cpt":
+            raise UsageError(f"--policies: {policy!r}: cpt trains without a teacher, so it has no divergence")
+        return {**policy_overrides(base, natural, config_initial), "kd.loss": loss}
     fixed = {"mixture.policy": "fixed", "mixture.initial_weights": config_initial or natural}
     if policy == "cpt":
         return {**fixed, "kd.gamma": 0}
@@ -141,7 +151,7 @@ def main(args, runner=None) -> int:
                 serve += ["--cache-dir", str(out / "teacher-cache")]
             tsvc = services.start("teacher", serve, free_port())
             teacher_urls = [tsvc.wait_healthy().url]
-        elif teacher_urls and not base.cache.dir and not no_cache:
+        elif teacher_urls and not base.cache.dir and not no_cache and not base.teacher.routes:
             store_sets = {"cache.dir": str(out / "topk-store")}  # one top-k store, filled by the arms as they go
         if not teacher_urls and not base.cache.dir:
             raise UsageError("teacher.urls: compare needs a teacher (give --teacher-model or teacher.urls, or "
@@ -205,10 +215,14 @@ def _teacher_losses(base, urls: list[str], store_dir: str | None, tokenizer, dom
     """The teacher's held-out losses: from the arms' top-k store when there is one (``store_dir``, else the
     config's ``cache.dir``; its misses from ``urls``, written back), else from the teacher."""
     from ddk.teacher.client import TeacherClient
+    from ddk.teacher.routes import RoutedTeacher
     from ddk.trainer.evaluate import teacher_loss_on_blocks
 
-    tc = TeacherClient(urls) if urls else None
-    if store_dir or base.cache.dir:
+    if base.teacher.routes:  # teacher.routes: each domain's held-out loss from its own teacher (no store then)
+        tc = RoutedTeacher(urls, base.teacher.routes)
+    else:
+        tc = TeacherClient(urls) if urls else None
+    if (store_dir or base.cache.dir) and not base.teacher.routes:
         from ddk.trainer.topk_source import checked_store_source
 
         cfg = base.model_copy(deep=True)
@@ -220,7 +234,8 @@ def _teacher_losses(base, urls: list[str], store_dir: str | None, tokenizer, dom
                 tc.close()
             raise
     try:
-        return {n: teacher_loss_on_blocks(tc, heldout_blocks(domains[n].val, skip, count)) for n in sorted(domains)}
+        return {n: teacher_loss_on_blocks(tc, heldout_blocks(domains[n].val, skip, count), domain=n)
+                for n in sorted(domains)}
     finally:
         tc.close()
 

@@ -95,10 +95,10 @@ def comparison_pairs(policies: list[str]) -> list[tuple[str, str]]:
     arm, and against every steered arm listed before it."""
     pairs = []
     for i, p in enumerate(policies):
-        if p not in DDK_POLICIES:
+        if p.split("+")[0] not in DDK_POLICIES:
             continue
         for j, b in enumerate(policies):
-            if b != p and (b not in DDK_POLICIES or j < i):
+            if b != p and (b.split("+")[0] not in DDK_POLICIES or j < i):
                 pairs.append((p, b))
     return pairs
 

@@ -25,6 +25,23 @@ def test_policy_overrides_match_the_paper_baselines():
         policy_overrides("dkd", natural, None)
 
 
+def test_arms_with_a_divergence():
+    """``POLICY+LOSS`` arms: the policy's run with kd.loss set; cpt has no divergence; unknown ones are exit 2."""
+    from ddk.errors import UsageError
+    from ddk.experiments.tables import comparison_pairs
+
+    natural = {"a": 0.25, "b": 0.75}
+    assert policy_overrides("ddk+jsd", natural, None) == {"mixture.policy": "ddk", "kd.loss": "jsd"}
+    assert policy_overrides("kd+reverse_kl", natural, None) == {"mixture.policy": "fixed",
+                                                                "mixture.initial_weights": natural,
+                                                                "kd.loss": "reverse_kl"}
+    for bad in ("ddk+nope", "cpt+jsd", "nope+jsd"):
+        with pytest.raises(UsageError, match="--policies"):
+            policy_overrides(bad, natural, None)
+    # steered arms with a divergence pair with the fixed arms and with the steered arms before them
+    assert comparison_pairs(["kd", "ddk", "ddk+jsd"]) == [("ddk", "kd"), ("ddk+jsd", "kd"), ("ddk+jsd", "ddk")]
+
+
 def test_aggregate_means_spreads_and_worst_domain():
     results = {
         "kd": [{"ratio": {"a": 1.2, "b": 2.0}, "tokens": {"a": 30, "b": 10}},
