@@ -163,7 +163,7 @@ def main(args, runner=None) -> int:
         initial = ratio(heldout_losses(Path(base.student.model), domains, skip, count), teacher)
         for seed in range(args.seeds):
             for policy in policies:
-                run_id = f"{base.run_id}-{policy}-s{seed}"
+                run_id = f"{base.run_id}-{policy.replace('+', '.')}-s{seed}"  # ddk+jsd -> ddk.jsd (run_id rule)
                 run_dir = out / "runs" / run_id
                 if (run_dir / "summary.json").exists():
                     print(f"ddk compare: {run_id} finished before, reused", flush=True)
