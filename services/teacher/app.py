@@ -179,20 +179,8 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
     cache = {"dir": cache_dir, "max_bytes": cache_max_bytes, "encoding": cache_encoding} if cache_dir else None
     metrics = Metrics(lambda: state["batcher"])
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        loader = threading.Thread(target=_load, name="teacher-load", daemon=True,
-                                  args=(state, load_engine, model_dir, max_batch_tokens, max_queue, metrics,
-                                        on_load_error, cache))
-        loader.start()
-        yield
-        if state["batcher"] is not None:
-            state["batcher"].stop()
-        if state["engine"] is not None:
-            state["engine"].close()
-        if state["cache"] is not None:
-            state["cache"].close()
-
+    lifespan = _lifespan(state, (state, load_engine, model_dir, max_batch_tokens, max_queue, metrics,
+                                 on_load_error, cache))
     app = FastAPI(title="ddk teacher", version="1", lifespan=lifespan)
     app.state.teacher = state
 
@@ -230,13 +218,9 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
         req, hits, missing, job = accepted
         n_seq, n_tokens = len(req.input_ids), req.tokens
 
-        first = None
-        if job is not None:
-            first = await job.results.get()  # an engine failure before any output is a clean 503
-            if isinstance(first, BaseException):
-                job.cancel()
-                metrics.requests.labels("503").inc()
-                return _error(503, f"engine error: {type(first).__name__}: {first}")
+        first = await _first_output(job, metrics)
+        if isinstance(first, Response):
+            return first
         if state["cache"] is not None:
             metrics.cache_hits.inc(len(hits))
             metrics.cache_misses.inc(len(missing))
@@ -254,6 +238,37 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
         return StreamingResponse(_frames(items, job, n_seq, req.dtype, metrics, done), media_type=MEDIA_TYPE)
 
     return app
+
+
+def _lifespan(state: dict, load_args: tuple):
+    """The app's lifespan: the engine loads in a background thread (``_load(*load_args)``) while the server
+    already answers; at shutdown the batcher, the engine and the cache are closed."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=_load, name="teacher-load", daemon=True, args=load_args).start()
+        yield
+        if state["batcher"] is not None:
+            state["batcher"].stop()
+        if state["engine"] is not None:
+            state["engine"].close()
+        if state["cache"] is not None:
+            state["cache"].close()
+
+    return lifespan
+
+
+async def _first_output(job, metrics):
+    """The engine's first output for ``job`` (None without a job: everything came from the cache), or the 503
+    to answer when the engine failed before any output (a clean error, not a broken stream)."""
+    if job is None:
+        return None
+    first = await job.results.get()
+    if isinstance(first, BaseException):
+        job.cancel()
+        metrics.requests.labels("503").inc()
+        return _error(503, f"engine error: {type(first).__name__}: {first}")
+    return first
 
 
 def _check_token(request: Request, token: str | None) -> JSONResponse | None:

@@ -46,16 +46,6 @@ class SequenceOutput:
     target_logprob: torch.Tensor  # float32 [L-1]
 
 
-def read_token_file(path) -> str:
-    """A bearer token file's content without surrounding whitespace (ValueError when empty)."""
-    from pathlib import Path
-
-    token = Path(path).read_text(encoding="utf-8").strip()
-    if not token:
-        raise ValueError(f"teacher.token_file: {path} is empty")
-    return token
-
-
 class TeacherUnavailable(Exception):
     """No replica answered after all retries."""
 

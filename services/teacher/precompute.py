@@ -101,7 +101,8 @@ def blocks_of(domains: dict) -> list[tuple[str, str, object]]:
 def main(args) -> int:
     """``ddk teacher precompute``."""
     from ddk.fingerprint import tokenizer_fingerprint
-    from ddk.teacher.client import TeacherClient, read_token_file
+    from ddk.teacher.client import TeacherClient
+    from ddk.tokenfile import read_token
     from ddk.teacher.store import TopkStore
     from ddk.trainer.config import load_config
     from ddk.trainer.launch import _prepare_data, _student_tokenizer, check_teacher
@@ -114,7 +115,7 @@ def main(args) -> int:
     out = Path(args.out).expanduser().resolve()
     k, seq_len = int(cfg.kd.top_k), int(cfg.data.seq_len)
     tokenizer, student_vocab = _student_tokenizer(cfg)
-    token = read_token_file(cfg.teacher.token_file) if cfg.teacher.token_file else None
+    token = read_token(cfg.teacher.token_file, "teacher.token_file") if cfg.teacher.token_file else None
     client = TeacherClient(urls, token=token)
     try:
         info = client.info()

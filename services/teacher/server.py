@@ -11,23 +11,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from ddk.tokenfile import read_token
+
 log = logging.getLogger(__name__)
-
-
-def read_token(path: str) -> str:
-    """The bearer token: the file's content without surrounding whitespace; empty or unreadable -> exit 2
-    (the controller's rule, ``ddk.controller.server.read_token``)."""
-    from ddk.errors import UsageError
-
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--token-file: cannot read {path}: {e}") from None
-    if not token:
-        raise UsageError(f"--token-file: {path} is empty")
-    if any(c.isspace() for c in token):
-        raise UsageError(f"--token-file: {path} holds whitespace inside the token")
-    return token
 
 
 def engine_options(args: argparse.Namespace) -> dict:

@@ -219,12 +219,9 @@ def _teacher_token(cfg) -> str | None:
     """The bearer token of ``teacher.token_file`` (read once, here; the workers get it in the TrainJob)."""
     if not cfg.teacher.token_file:
         return None
-    from ddk.teacher.client import read_token_file
+    from ddk.tokenfile import read_token
 
-    try:
-        return read_token_file(cfg.teacher.token_file)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"teacher.token_file: {e}") from None
+    return read_token(cfg.teacher.token_file, "teacher.token_file")
 
 
 def _checked_teacher(cfg, tokenizer, student_vocab: int):

@@ -437,7 +437,26 @@ def read_message(stream) -> dict:
     return value
 
 
-class ProcessExecutor:
+class _QueuedExecutor:
+    """What the process and Ray Data executors share: ``submit`` puts ``(future, args)`` on ``self._queue`` for
+    their feeding thread(s), and ``_cancel_queued`` drops (cancels) what nothing has taken yet."""
+
+    def submit(self, args: tuple) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        self._queue.put((fut, args))
+        return fut
+
+    def _cancel_queued(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except Exception:  # queue.Empty
+                break
+            if item is not None:
+                item[0].cancel()
+
+
+class ProcessExecutor(_QueuedExecutor):
     """``workers`` child processes, two chunks in flight each. A child is ``python -c 'worker_main()'``: it imports
     numpy and ``tokenizers`` only (not torch, not the parent's main module, so any script may call this without a
     ``__main__`` guard), reads tasks from its stdin and writes results to its stdout (:func:`write_message`:
@@ -488,20 +507,10 @@ class ProcessExecutor:
             else:
                 fut.set_result(value)
 
-    def submit(self, args: tuple) -> cf.Future:
-        fut: cf.Future = cf.Future()
-        self._queue.put((fut, args))
-        return fut
 
     def close(self, abort: bool = False) -> None:
         """Let the children finish their chunk and exit (``abort``: kill them now)."""
-        while True:  # drop what no child has taken yet
-            try:
-                item = self._queue.get_nowait()
-            except Exception:  # queue.Empty
-                break
-            if item is not None:
-                item[0].cancel()
+        self._cancel_queued()  # what no child has taken yet
         for _ in self._threads:
             self._queue.put(None)
         for proc in self._procs:
@@ -566,7 +575,7 @@ def _ray_data_tokenise(batch: dict, payload) -> dict:
 WINDOW_WAIT_S = 1.0  # how long a Ray Data window waits for the driver's next chunk before it starts
 
 
-class RayDataExecutor:
+class RayDataExecutor(_QueuedExecutor):
     """Ray Data across the cluster at ``address`` (a local Ray when empty). The driver reads and cuts the
     documents in corpus order (as every executor: the parts keep their numbers, resuming works the same), and
     each window of chunks becomes a Ray Dataset (``from_items``, one block per chunk) tokenised by
@@ -644,19 +653,9 @@ class RayDataExecutor:
                     if not f.done():
                         f.set_exception(e if isinstance(e, Exception) else RuntimeError(repr(e)))
 
-    def submit(self, args: tuple) -> cf.Future:
-        fut: cf.Future = cf.Future()
-        self._queue.put((fut, args))
-        return fut
 
     def close(self, abort: bool = False) -> None:
-        while True:  # drop what no window has taken yet
-            try:
-                item = self._queue.get_nowait()
-            except Exception:  # queue.Empty
-                break
-            if item is not None:
-                item[0].cancel()
+        self._cancel_queued()  # what no window has taken yet
         self._queue.put(None)
         self._thread.join(timeout=5 if abort else 600)
         if self.started:
