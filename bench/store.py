@@ -8,8 +8,10 @@ entry = blob bytes / (positions x k), the per-row and per-blob headers and the t
 KL error: ``ddk.trainer.loss.topk_kl`` (forward KL on the top-k + tail bucket, T = 1, mean over positions)
 between the decoded teacher and the kit's student on the same blocks, relative to the float32 value; also the
 worst such relative error over single sequences, and the largest absolute logprob error. The bytes are also
-given for the ids of a 128,256-token vocabulary (Llama 3's: 17 bits, 3 whole bytes) on the same numbers, as a
-stand-in for a large teacher's vocabulary (the values are the kit's).
+given for the ids of a 128,256-token vocabulary (Llama 3's: 17 bits, 3 whole bytes), as a stand-in for a large
+teacher: the kit's ids are mapped one to one onto ids spread over 0..128,255 (a fixed random injection, seed 0),
+so the blob holds the same answers with ids of a large vocabulary. It keeps the kit's id statistics (how many
+distinct ids a sequence's top-k lists name); a large real teacher names more, which costs compact more.
 
 Run:  .venv/bin/python bench/store.py [--kit .cache/kit-quick] [--top-k 16 64] [--seq 128] [--sequences 16]
 """
@@ -54,6 +56,7 @@ def measure(kit: Path, ks: list[int], seq: int, per_domain: int) -> list[dict]:
     with torch.inference_mode():
         s_logits = student(input_ids=torch.from_numpy(blocks)).logits[:, :-1].float()
     labels = torch.from_numpy(blocks[:, 1:])
+    lift = np.random.default_rng(0).choice(BIG_VOCAB, size=engine.vocab_size, replace=False)
     out = []
     for k in ks:
         res = engine.topk(list(blocks), k)
@@ -70,7 +73,7 @@ def measure(kit: Path, ks: list[int], seq: int, per_domain: int) -> list[dict]:
         for enc in ENCODINGS:
             blobs = [encode_entry(r.ids, r.logprobs, r.target_logprob, encoding=enc, vocab_size=engine.vocab_size)
                      for r in res]
-            big = sum(len(encode_entry(r.ids, r.logprobs, r.target_logprob, encoding=enc, vocab_size=BIG_VOCAB))
+            big = sum(len(encode_entry(lift[r.ids], r.logprobs, r.target_logprob, encoding=enc, vocab_size=BIG_VOCAB))
                       for r in res)
             dec = [decode_entry(b) for b in blobs]
             lp = np.stack([d.logprobs for d in dec])

@@ -8,10 +8,13 @@ Two layers in one module:
 
   - ``float16``: ids in the fewest whole bytes the vocabulary needs (1, 2, 3 or 4), logprobs and target
     logprobs as IEEE float16. Relative error at most 2^-11, exactly what a float16 wire frame carries.
-  - ``compact``: ids bit-packed in ``ceil(log2(vocab))`` bits; per row the top logprob ``lp0`` as float16 and
-    every logprob as a 1-byte code of its gap ``v = lp0 - lp`` on a log scale, ``u = log1p(v / A)``
-    quantised in :data:`COMPACT_LEVELS` steps over ``v`` in [0, :data:`COMPACT_MAX_GAP`]; the codes of a row
-    are non-decreasing, so their differences (mostly 0..3) are stored zlib-compressed; target logprobs float16.
+  - ``compact``: ids through a per-blob id table: the distinct ids of the blob, most frequent first, in the
+    fewest whole bytes the vocabulary needs, and for every entry its position in that table (a teacher's
+    top-k lists of one sequence keep naming the same few hundred tokens, so positions are small numbers); per
+    row the top logprob ``lp0`` as float16 and every logprob as a 1-byte code of its gap ``v = lp0 - lp`` on a
+    log scale, ``u = log1p(v / A)`` quantised in :data:`COMPACT_LEVELS` steps over ``v`` in [0,
+    :data:`COMPACT_MAX_GAP`]; the codes of a row are non-decreasing, so their steps (mostly 0..3) are stored.
+    Table, positions and steps go through one zlib stream, as byte planes; target logprobs float16.
     The error of a logprob is at most ``|lp0 - fp16(lp0)| + (A + v) * (exp(step / 2) - 1)`` (:func:`compact_bound`):
     fine near the top of the distribution, coarser far down, where a probability weighs little in the KL.
     Gaps beyond COMPACT_MAX_GAP nats (probabilities e^-COMPACT_MAX_GAP times the top one) are clamped to it.
@@ -71,7 +74,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 ENCODINGS = ("float16", "compact")
-_ENC_CODE = {"float16": 1, "compact": 2}
+_ENC_CODE = {"float16": 1, "compact": 3}  # 2: the first compact layout (bit-packed ids), retired
 _CODE_ENC = {v: k for k, v in _ENC_CODE.items()}
 MAGIC = b"DKS1"
 HEADER = struct.Struct("<4sBBHII")  # magic, encoding, id width (bytes for float16, bits for compact), 0, rows, k
@@ -82,7 +85,7 @@ COMPACT_A = 0.25
 COMPACT_MAX_GAP = 40.0
 COMPACT_LEVELS = 128
 COMPACT_STEP = math.log1p(COMPACT_MAX_GAP / COMPACT_A) / (COMPACT_LEVELS - 1)
-_ZLIB_LEVEL = 6
+_ZLIB_LEVEL = 9
 MAX_ELEMENTS = 1 << 30  # a header claiming more is corrupt
 
 
@@ -138,6 +141,30 @@ def _check(ids, logprobs, target_logprob):
     return ids.astype(np.int64), logprobs, target_logprob
 
 
+def _planes(values: np.ndarray, width: int) -> bytes:
+    """Unsigned values as ``width`` little-endian byte planes (all low bytes, then the next ...): a plane of
+    near-constant bytes is what zlib compresses best."""
+    raw = np.ascontiguousarray(values.reshape(-1), dtype="<u4").view(np.uint8).reshape(-1, 4)[:, :width]
+    return np.ascontiguousarray(raw.T).tobytes()
+
+
+def _unpack_planes(data, n: int, width: int) -> np.ndarray:
+    raw = np.zeros((n, 4), dtype=np.uint8)
+    raw[:, :width] = np.frombuffer(data, dtype=np.uint8, count=n * width).reshape(width, n).T
+    return raw.view("<u4").reshape(n).astype(np.int64)
+
+
+def id_table(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(table, index): the distinct ids of a blob, most frequent first (ties: smaller id first), and each
+    entry's position in that table, so that ``table[index] == ids``. A teacher's top-k lists of one sequence
+    repeat the same few hundred tokens, so the index is small numbers, cheap for zlib's Huffman codes."""
+    distinct, inverse, counts = np.unique(ids.reshape(-1), return_inverse=True, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return distinct[order], rank[inverse.reshape(-1)]
+
+
 def _pack_bits(values: np.ndarray, bits: int) -> bytes:
     v = values.astype(np.uint32).reshape(-1)
     b = ((v[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
@@ -147,6 +174,65 @@ def _pack_bits(values: np.ndarray, bits: int) -> bytes:
 def _unpack_bits(data, n: int, bits: int) -> np.ndarray:
     b = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=n * bits, bitorder="little").reshape(n, bits)
     return (b.astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(axis=1)
+
+
+def _encode_compact(ids, logprobs, target, vocab: int) -> tuple[int, bytes]:
+    """(id width in bits, body): float16 row heads and targets, a layout byte, then the ids either through
+    the id table (layout 0: table size, table, positions and the logprob code steps in one zlib stream) or,
+    where that is larger (a blob whose ids hardly repeat), bit-packed (layout 1) ahead of a zlib stream of the
+    code steps."""
+    bits = id_bits(vocab)
+    head = logprobs[:, 0].astype("<f2")
+    gap = np.clip(head.astype(np.float64)[:, None] - logprobs.astype(np.float64), 0.0, COMPACT_MAX_GAP)
+    gap = np.nan_to_num(gap, nan=COMPACT_MAX_GAP, posinf=COMPACT_MAX_GAP)  # -inf logprobs: the floor
+    codes = np.rint(np.log1p(gap / COMPACT_A) / COMPACT_STEP).astype(np.int16)
+    codes = np.maximum.accumulate(codes, axis=1)  # descending rows -> non-decreasing codes (rounding ties)
+    steps = np.diff(codes, axis=1, prepend=0).astype(np.uint8).tobytes()
+    table, index = id_table(ids)
+    tabled = b"\0" + zlib.compress(struct.pack("<I", table.size) + _planes(table, id_bytes(vocab))
+                                   + _planes(index, id_bytes(table.size)) + steps, _ZLIB_LEVEL)
+    packed = b"\1" + _pack_bits(ids, bits) + zlib.compress(steps, _ZLIB_LEVEL)
+    return bits, head.tobytes() + target.astype("<f2").tobytes() + min(tabled, packed, key=len)
+
+
+def _inflate(data, most: int) -> bytes:
+    """One whole zlib stream of at most ``most`` bytes, nothing after it; else StoreError."""
+    z = zlib.decompressobj()
+    out = z.decompress(data, most + 1)
+    if not z.eof or z.unused_data or z.unconsumed_tail or len(out) > most:
+        raise StoreError("compact blob: a zlib stream is truncated, too long or followed by extra bytes")
+    return out
+
+
+def _decode_compact(body, rows: int, k: int, bits: int):
+    if not 1 <= bits <= 32 or len(body) < 4 * rows + 1:
+        raise StoreError(f"compact blob: id width {bits} bits, {len(body)} payload bytes")
+    n, width = rows * k, (bits + 7) // 8
+    head = np.frombuffer(body, dtype="<f2", count=rows).astype(np.float64)
+    tgt = np.frombuffer(body, dtype="<f2", count=rows, offset=2 * rows).astype(np.float32)
+    layout, rest = body[4 * rows], body[4 * rows + 1:]
+    if layout == 0:  # ids through the id table
+        payload = _inflate(rest, 4 + n * (width + 4))
+        distinct = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else 0
+        iw = id_bytes(max(distinct, 1))
+        if not 1 <= distinct <= n or len(payload) != 4 + distinct * width + n * iw + n:
+            raise StoreError(f"compact blob: {len(payload)} payload bytes do not fit rows={rows} k={k}")
+        index = _unpack_planes(payload[4 + distinct * width:], n, iw)
+        if index.max() >= distinct:
+            raise StoreError("compact blob: an id index points past the id table")
+        ids = _unpack_planes(payload[4:], distinct, width)[index]
+        steps = payload[4 + distinct * width + n * iw:]
+    elif layout == 1:  # ids bit-packed ahead of the code steps
+        nid = (n * bits + 7) // 8
+        ids = _unpack_bits(rest[:nid], n, bits)
+        steps = _inflate(rest[nid:], n)
+        if len(steps) != n:
+            raise StoreError(f"compact blob: {len(steps)} codes for {n} entries")
+    else:
+        raise StoreError(f"compact blob: unknown id layout {layout}")
+    codes = np.cumsum(np.frombuffer(steps, dtype=np.uint8).reshape(rows, k).astype(np.int64), axis=1)
+    lps = (head[:, None] - COMPACT_A * np.expm1(codes * COMPACT_STEP)).astype(np.float32)
+    return ids.astype(np.int32).reshape(rows, k), lps, tgt
 
 
 def encode_entry(ids, logprobs, target_logprob, *, encoding: str = "float16", vocab_size: int | None = None) -> bytes:
@@ -163,15 +249,7 @@ def encode_entry(ids, logprobs, target_logprob, *, encoding: str = "float16", vo
         raw = ids.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :width]
         body = (raw.tobytes() + logprobs.astype("<f2").tobytes() + target.astype("<f2").tobytes())
     else:
-        width = id_bits(vocab)
-        head = logprobs[:, 0].astype("<f2")
-        gap = np.clip(head.astype(np.float64)[:, None] - logprobs.astype(np.float64), 0.0, COMPACT_MAX_GAP)
-        gap = np.nan_to_num(gap, nan=COMPACT_MAX_GAP, posinf=COMPACT_MAX_GAP)  # -inf logprobs: the floor
-        codes = np.rint(np.log1p(gap / COMPACT_A) / COMPACT_STEP).astype(np.int16)
-        codes = np.maximum.accumulate(codes, axis=1)  # descending rows -> non-decreasing codes (rounding ties)
-        deltas = np.diff(codes, axis=1, prepend=0).astype(np.uint8)
-        body = (head.tobytes() + target.astype("<f2").tobytes() + _pack_bits(ids, width)
-                + zlib.compress(deltas.tobytes(), _ZLIB_LEVEL))
+        width, body = _encode_compact(ids, logprobs, target, vocab)
     return HEADER.pack(MAGIC, _ENC_CODE[encoding], width, 0, rows, k) + body
 
 
@@ -200,23 +278,7 @@ def decode_entry(blob, k: int | None = None) -> Entry:
             lps = np.frombuffer(body, dtype="<f2", count=n, offset=off).astype(np.float32).reshape(rows, kk)
             tgt = np.frombuffer(body, dtype="<f2", count=rows, offset=off + 2 * n).astype(np.float32)
         else:
-            if not 1 <= width <= 32:
-                raise StoreError(f"compact blob: id width {width} bits")
-            head = np.frombuffer(body, dtype="<f2", count=rows).astype(np.float64)
-            tgt = np.frombuffer(body, dtype="<f2", count=rows, offset=2 * rows).astype(np.float32)
-            off = 4 * rows
-            nid = (n * width + 7) // 8
-            ids = _unpack_bits(body[off:off + nid], n, width).astype(np.int32).reshape(rows, kk)
-            z = zlib.decompressobj()
-            raw_codes = z.decompress(body[off + nid:], n + 1)
-            if not z.eof or z.unused_data or z.unconsumed_tail:
-                raise StoreError("compact blob: the code stream is truncated or followed by extra bytes")
-            deltas = np.frombuffer(raw_codes, dtype=np.uint8)
-            if deltas.size != n:
-                raise StoreError(f"compact blob: {deltas.size} codes for {n} entries")
-            codes = np.cumsum(deltas.reshape(rows, kk).astype(np.int64), axis=1)
-            gap = COMPACT_A * np.expm1(codes * COMPACT_STEP)
-            lps = (head[:, None] - gap).astype(np.float32)
+            ids, lps, tgt = _decode_compact(body, rows, kk, width)
     except (ValueError, zlib.error) as e:  # truncated buffers, bad zlib stream
         if isinstance(e, StoreError):
             raise

@@ -349,3 +349,28 @@ def test_model_fingerprint_samples_large_files_only_where_documented(tmp_path):
     _flip(st, off)
     assert model_fingerprint(m, full_hash_bytes=1 << 16) == base
     assert model_fingerprint(m) != base  # a 3 MiB file is hashed whole by default
+
+
+def test_id_table_orders_ids_by_frequency_and_indexes_every_entry():
+    from ddk.teacher.store import id_table
+
+    table, index = id_table(np.array([[5, 5, 7], [7, 5, 9]]))
+    assert table.tolist() == [5, 7, 9]  # 5 three times, 7 twice, 9 once
+    assert index.tolist() == [0, 0, 1, 1, 0, 2]
+
+
+def test_compact_ids_of_a_large_vocabulary_cost_less_than_their_bits_when_they_repeat():
+    """Top-k lists that keep naming the same few hundred of 128,256 tokens: the id table beats 17-bit ids;
+    ids that never repeat fall back to the bit-packed layout (never worse than it by more than a byte)."""
+    g = np.random.default_rng(3)
+    vocab, rows, k = 128256, 255, 64
+    common = g.choice(vocab, size=400, replace=False)
+    ids = np.stack([g.choice(common, size=k, replace=False, p=None) for _ in range(rows)])
+    lp = -np.sort(g.exponential(2.0, (rows, k)), axis=1).astype(np.float32)
+    blob = encode_entry(ids, lp, lp[:, 0], encoding="compact", vocab_size=vocab)
+    assert np.array_equal(decode_entry(blob).ids, ids)
+    assert len(blob) < rows * k * 17 / 8  # less than the ids alone, bit-packed
+    unique = g.choice(vocab, size=(rows, k), replace=False)  # no id twice in the blob
+    blob = encode_entry(unique, lp, lp[:, 0], encoding="compact", vocab_size=vocab)
+    assert np.array_equal(decode_entry(blob).ids, unique)
+    assert blob[16 + 4 * rows] == 1  # the bit-packed layout
