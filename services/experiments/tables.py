@@ -77,16 +77,16 @@ def aggregate(results: dict[str, list[dict]], domains: list[str]) -> dict:
 
 
 # the paired metrics of one run: (key, words for a claim)
-METRICS = (("mean_ratio", "the mean"), ("worst_ratio", "the worst domain"), ("area", "the area under the curve"))
+METRICS = (("mean_ratio", "the mean"), ("worst_ratio", "the worst domain"), ("area", "the area under the curve"))  # area in ratio × M tokens
 
 
 def run_metrics(run: dict, domains: list[str]) -> dict[str, float]:
     """One run's numbers that ``compare`` pairs over seeds: mean and worst domain's held-out ratio, and the area
-    under its ratio-vs-tokens curve (when it has one)."""
+    under its ratio-vs-tokens curve (when it has one), in ratio × M tokens as the report's curve table gives it."""
     out = {"mean_ratio": statistics.fmean(run["ratio"][d] for d in domains),
            "worst_ratio": max(run["ratio"][d] for d in domains)}
     if run.get("curve"):
-        out["area"] = trapezoid_area(run["curve"])
+        out["area"] = trapezoid_area(run["curve"]) / 1e6
     return out
 
 

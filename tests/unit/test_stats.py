@@ -126,6 +126,9 @@ def test_report_words_a_claim_only_when_the_interval_excludes_zero():
     low, high = reference_interval(d)
     assert by[("ddk", "kd", "mean_ratio")]["low"] == pytest.approx(low, rel=1e-8)
     assert by[("ddk", "kd", "mean_ratio")]["high"] == pytest.approx(high, rel=1e-8)
+    # the area's difference in ratio x M tokens (the unit of the report's curve table): ddk's curve is d - 0.2
+    # lower at 1M tokens and d lower at 2M, so the trapezoids differ by (d - 0.2)/2 and (2d - 0.2)/2
+    assert by[("ddk", "kd", "area")]["mean"] == pytest.approx(np.mean(-0.2 + 1.5 * d), rel=1e-8)
 
     agg = aggregate(results, ["a", "b"])
     # area of kd's first seed: (2 + 1.3)/2 + (1.3 + 1.3)/2 = 2.95 per M tokens
