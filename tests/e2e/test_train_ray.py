@@ -1,24 +1,29 @@
-"""What only Ray shows: DDP across two Ray Train workers (gloo), resume after a worker's death, and a
-restarted driver resuming the run. Real teacher (hf) and controller servers (the session's).
+"""What only Ray shows: DDP across two Ray Train workers (gloo), resume after a worker's death, a restarted
+driver resuming the run, FSDP2, and teachers routed by domain. Real teacher (hf) and controller servers.
 
 The `ddk train` driver runs in this process (``ddk.trainer.launch.main``, what the CLI calls) against one
 local Ray cluster that the module starts once: a Ray start costs ~30 s on 2 cores, so three `ddk train`
-processes would pay it three times. The module makes four launches and checks everything on them:
+processes would pay it three times. Every run of the module routes math to a specialist teacher
+(``teacher.routes``; the specialist is the kit's teacher trained further on math, built once and kept in the
+kit) and everything else to the kit's teacher, two teacher processes of the module that keep what they score
+(``--cache-dir``). The module makes four launches and checks everything on them:
 
-* ``reference``: a 12-step DDK run (K=4, batch 4 per worker, checkpoints every 4 steps);
-* ``resumed``: the same run under another run_id, where the last worker dies after step 6 (Ray replaces it
-  and resumes from the step-4 checkpoint) and again after step 10 with no failures left
-  (``ray.max_failures=1``: the run stops with an error, exit 1 at the CLI), then is started again and
-  resumes from the step-8 checkpoint -- it must end like ``reference``. (When steps are fast, Ray Train may
-  not have registered step 8 before the death at step 10; the worker then finds it in storage,
-  checkpoint.resume_point.)
-  The resumed run also accumulates (2 micro-batches of 2 per worker and step, ``train.grad_accum_steps=2``), so
-  it checks accumulation across workers against the same reference. The reference's evaluations (split over
-  the two workers) are also checked against a one-rank evaluation here;
-* ``fsdp``: the reference's run under FSDP2, a worker killed; ``routed``: math routed to a specialist teacher.
+* ``reference``: a 12-step DDK run (K=4, batch 4 per worker, checkpoints every 4 steps). It is also the routed
+  run: each teacher's store says which blocks it scored, and the controller's teacher loss and diagnostics of
+  math are the specialist's. Its evaluations (split over the two workers) are checked against a one-rank
+  evaluation;
+* ``resumed``: the same run under another run_id, accumulating (2 micro-batches of 2 per worker and step,
+  ``train.grad_accum_steps=2``), where the last worker dies after step 10 with no failures allowed
+  (``ray.max_failures=0``: the run stops with an error, exit 1 at the CLI); started again, it resumes from the
+  step-8 checkpoint and must end like ``reference``;
+* ``fsdp``: the reference's run under FSDP2, accumulating, where the last worker dies after step 6 and Ray
+  replaces it within the run (``ray.max_failures`` left at its default): it resumes from the step-4 sharded
+  checkpoint and must end like ``reference``.
 
-Loop-level properties on one rank (weights follow the controller, CPT, outages, improvement) are in
-tests/loop/; the `ddk train` process itself (CLI, exit codes) in the demo and the two-node Ray Job test.
+Later runs get the teachers' answers from those stores (the same bytes as the engine's). A worker group
+replaced within a DDP run, and a driver killed and restarted, are also in tests/e2e/test_chaos.py. Loop-level
+properties on one rank (weights follow the controller, CPT, outages, improvement) are in tests/loop/; the
+`ddk train` process itself (CLI, exit codes) in the demo and the two-node Ray Job test.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import json
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -59,11 +65,13 @@ def worker_logs(temp_dir: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(temp_dir.glob("session_*/logs/worker-*.err")))
 
 
-def ddk_train(kit: Path, out: Path, run_id: str, teacher: str, controller: str, *extra: str) -> None:
-    """`ddk train kit/train.yaml --set ...`, the driver in this process on the module's Ray cluster."""
+def ddk_train(kit: Path, out: Path, run_id: str, teachers: "Teachers", controller: str, *extra: str) -> None:
+    """`ddk train kit/train.yaml --set ...`, the driver in this process on the module's Ray cluster, math routed
+    to the specialist."""
     from ddk.trainer.launch import main
 
-    sets = [f"run_id={run_id}", f"output_dir={out}", f"controller.url={controller}", f"teacher.urls=[{teacher}]",
+    sets = [f"run_id={run_id}", f"output_dir={out}", f"controller.url={controller}",
+            f"teacher.urls=[{teachers.default}]", f"teacher.routes={{math: [{teachers.math}]}}",
             f"train.steps={STEPS}", f"train.batch_size={BATCH}", "train.lr=2e-3",
             f"mixture.interval_steps={K}", f"checkpoint.every_steps={K}", f"ray.num_workers={WORKERS}",
             "eval.sequences_per_domain=8", f"data.cache_dir={kit.parent / 'token-cache'}", *extra]
@@ -79,10 +87,47 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("train-ray")
 
 
+@dataclass
+class Teachers:
+    """The module's two teacher servers: the kit's teacher (``default``) and the math specialist (``math``),
+    each with the store of what it scored (``--cache-dir``)."""
+    default: str
+    math: str
+    default_store: Path
+    math_store: Path
+
+
 @pytest.fixture(scope="module")
-def reference(kit, ray_cluster, teacher_url, controller_url, workdir):
+def teacher_procs(kit, workdir):
+    """The two teacher processes, started (not yet healthy: they load while Ray starts, see ``teachers``)."""
+    import procs
+
+    from ddk.kit.fixtures import build_specialist
+
+    specialist = build_specialist(kit, "math")  # reused when the kit already holds it
+    serve = ["teacher", "serve", "--backend", "hf"]
+    started = []
+    try:
+        for name, model in (("default", kit / "teacher"), ("math", specialist)):
+            started.append(procs.start(serve + ["--model", str(model), "--cache-dir", str(workdir / f"c-{name}")],
+                                       workdir / f"teacher-{name}.log", procs.free_port(), append=False))
+        yield started
+    finally:
+        for proc in started:
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def teachers(teacher_procs, ray_cluster, workdir) -> Teachers:
+    """The two teachers once healthy (after ``ray_cluster``, so that they load while Ray starts)."""
+    default, math = (proc.wait_healthy("/healthz", timeout=180) for proc in teacher_procs)
+    return Teachers(default.url, math.url, workdir / "c-default", workdir / "c-math")
+
+
+@pytest.fixture(scope="module")
+def reference(kit, teachers, controller_url, workdir):
     out = workdir / "reference"
-    ddk_train(kit, out, "ray-ref", teacher_url, controller_url)
+    ddk_train(kit, out, "ray-ref", teachers, controller_url)
     history = httpx.get(f"{controller_url}/v1/runs/ray-ref/history", timeout=10).json()["versions"]
     return out, history
 
@@ -113,26 +158,32 @@ def test_ddp_run_across_two_workers_follows_the_controller(kit, reference):
     assert not list(final.glob("*.bin")) and not list(final.glob("*.pt"))
 
 
-def test_resume_after_worker_death_and_restart_matches_uninterrupted(kit, ray_cluster, teacher_url,
-                                                                    controller_url, workdir, reference,
-                                                                    monkeypatch):
+def test_resume_after_worker_death_and_driver_restart_matches_uninterrupted(kit, ray_cluster, teachers,
+                                                                          controller_url, workdir, reference,
+                                                                          monkeypatch):
+    """DDP with accumulation: the last worker dies after step 10 and, with ``ray.max_failures=0``, the run
+    stops with an error (exit 1 at the CLI); the same command again resumes from the step-8 checkpoint (Ray
+    Train reloads the run's checkpoint list from storage) and the run ends like the uninterrupted reference:
+    the same rows, losses, controller versions and weights, and the same model. (When steps are fast, Ray Train
+    may not have registered step 8 before the death at step 10; the worker then finds it in storage,
+    checkpoint.resume_point.)"""
     ref_out, ref_history = reference
     out = workdir / "resumed"
     # this run also takes each worker's 4 rows a step as 2 micro-batches of 2 (train.grad_accum_steps=2): each
     # rank draws the same rows per step, and DDP sums the gradient once, on the last micro-batch (no_sync before
     # it), so the resumed and accumulated run must still end like the reference
     accum = ("train.batch_size=2", "train.grad_accum_steps=2")
-    monkeypatch.setenv("DDK_FAULT_AT_STEPS", "6,10")
-    with pytest.raises(Exception) as failed:  # the second death exceeded max_failures: `ddk train` exits 1
-        ddk_train(kit, out, "ray-resume", teacher_url, controller_url, "ray.max_failures=1", *accum)
+    monkeypatch.setenv("DDK_FAULT_AT_STEPS", "10")
+    with pytest.raises(Exception) as failed:  # the death exceeded max_failures: `ddk train` exits 1
+        ddk_train(kit, out, "ray-resume", teachers, controller_url, "ray.max_failures=0", *accum)
     assert not isinstance(failed.value, AssertionError), failed.value
-    assert (out / ".fault-6").exists() and (out / ".fault-10").exists()
+    assert (out / ".fault-10").exists()
     done = [r["step"] for r in _lines(out) if r["event"] == "step"]
     assert max(done) == 10 and 12 not in done
 
     monkeypatch.delenv("DDK_FAULT_AT_STEPS")
-    ddk_train(kit, out, "ray-resume", teacher_url, controller_url, *accum)
-    assert re.search(r"resumed from .* at step 8", worker_logs(ray_cluster))
+    ddk_train(kit, out, "ray-resume", teachers, controller_url, *accum)
+    assert re.search(r"resumed from \S*/ray-resume/step-\d+ at step 8", worker_logs(ray_cluster))
 
     # metrics read as one uninterrupted run, with the reference's rows and losses
     lines = _lines(out)
@@ -151,23 +202,27 @@ def test_resume_after_worker_death_and_restart_matches_uninterrupted(kit, ray_cl
 
     got, want = load_file(out / "final" / "model.safetensors"), load_file(ref_out / "final" / "model.safetensors")
     assert got.keys() == want.keys()
+    # the FSDP test's tolerance: 2 micro-batches of 2 sum the gradient in another order than 1 of 4, and AdamW's
+    # normalisation turns those ~1e-7 differences into up to ~3e-5 in the weights after 12 steps (the same on
+    # every run); a lost or repeated step moves weights by the order of the learning rate, 5e-4
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-4)
 
 
-def test_fsdp_run_matches_ddp_resumes_after_worker_death_and_exports(kit, ray_cluster, teacher_url, controller_url,
+def test_fsdp_run_matches_ddp_resumes_after_worker_death_and_exports(kit, ray_cluster, teachers, controller_url,
                                                                       workdir, reference, monkeypatch):
-    """train.strategy=fsdp (FSDP2 over gloo, ddk.trainer.parallel): the last worker dies after step 6 and Ray
-    resumes both from the step-4 sharded checkpoint (each rank its own shard); the loss curve and the exported
-    student are the DDP reference's, and the export loads with transformers."""
+    """train.strategy=fsdp (FSDP2 over gloo, ddk.trainer.parallel) with accumulation: the last worker dies after
+    step 6, Ray Train replaces it within the run (``ray.max_failures`` at its default) and both ranks resume from
+    the step-4 sharded checkpoint (each rank its own shard); the loss curve and the exported student are the DDP
+    reference's, and the export loads with transformers."""
     ref_out, _ = reference
     out = workdir / "fsdp"
     monkeypatch.setenv("DDK_FAULT_AT_STEPS", "6")
     # 2 micro-batches of 2 a step: FSDP2 reduce-scatters once, on the last (set_requires_gradient_sync)
-    ddk_train(kit, out, "ray-fsdp", teacher_url, controller_url, "train.strategy=fsdp", "train.batch_size=2",
+    ddk_train(kit, out, "ray-fsdp", teachers, controller_url, "train.strategy=fsdp", "train.batch_size=2",
               "train.grad_accum_steps=2")
     assert (out / ".fault-6").exists()
-    assert re.search(r"rank 1: resumed from .* at step 4", worker_logs(ray_cluster))
+    assert re.search(r"rank 1: resumed from \S*/ray-fsdp/step-\d+ at step 4", worker_logs(ray_cluster))
     last = max((out / "ray" / "ray-fsdp").glob("step-*"))  # sharded: no rank holds the whole model
     assert {"model-rank0.safetensors", "model-rank1.safetensors", "optim-rank1.json"} <= {p.name for p in last.iterdir()}
     assert not (last / "model.safetensors").exists()
@@ -228,57 +283,44 @@ def _engine_tokens(url: str) -> float:
     return float(re.search(r"^ddk_teacher_engine_tokens_total (\S+)$", text, re.M).group(1))
 
 
-def test_math_routed_to_a_specialist_teacher_across_two_workers(kit, ray_cluster, controller_url, workdir,
-                                                                 tmp_path):
-    """teacher.routes: math's rows, teacher loss and diagnostics come from the specialist, the rest from the
-    kit's teacher. Both teachers cache what they score, so their stores say exactly which blocks each saw."""
-    from procs import service
+def test_math_routed_to_a_specialist_teacher_across_two_workers(kit, teachers, controller_url, reference):
+    """teacher.routes, on the reference's run: math's rows, teacher loss and diagnostics come from the
+    specialist, the rest from the kit's teacher. Both teachers keep what they score, so their stores say exactly
+    which blocks each saw (in every run of the module: all are routed alike)."""
+    from transformers import AutoTokenizer
 
-    from ddk.kit.fixtures import build_specialist
+    from ddk.teacher.client import TeacherClient
     from ddk.teacher.store import sequence_key
     from ddk.trainer.config import load_config
     from ddk.trainer.data import load_domain_specs, prepare_domains
+    from ddk.trainer.evaluate import teacher_losses_from_client
 
-    specialist = build_specialist(kit, "math")
+    out, history = reference
     cfg = load_config(str(kit / "train.yaml"), [f"data.cache_dir={kit.parent / 'token-cache'}"])
-    from transformers import AutoTokenizer
-
     domains = prepare_domains(load_domain_specs(cfg.data.source()),
                               AutoTokenizer.from_pretrained(kit / "student"), cfg.data.seq_len, cfg.data.cache_dir)
     keys = {n: {sequence_key(b) for b in list(d.train) + list(d.val)} for n, d in domains.items()}
-    serve = ["teacher", "serve", "--backend", "hf"]
-    with service(serve + ["--model", str(kit / "teacher"), "--cache-dir", str(tmp_path / "c-default")],
-                 log_path=tmp_path / "default.log") as (default_url, _), \
-            service(serve + ["--model", str(specialist), "--cache-dir", str(tmp_path / "c-math")],
-                    log_path=tmp_path / "math.log") as (math_url, _):
-        out = workdir / "routed"
-        ddk_train(kit, out, "ray-routed", default_url, controller_url, "train.steps=4", "mixture.interval_steps=2",
-                  "checkpoint.every_steps=4", f"teacher.routes={{math: [{math_url}]}}")
-        assert _engine_tokens(math_url) > 0 and _engine_tokens(default_url) > 0
-        seen_math, seen_default = _stored_keys(tmp_path / "c-math"), _stored_keys(tmp_path / "c-default")
-        assert seen_math and seen_math <= keys["math"]          # the specialist scored math blocks only
-        assert seen_default and not seen_default & keys["math"]  # and the kit's teacher never a math block
-        assert seen_default <= set().union(*(keys[n] for n in keys if n != "math"))
-        # the controller's teacher loss for math is the specialist's: its mean -target_logprob on the same blocks
-        from ddk.teacher.client import TeacherClient
-        from ddk.trainer.evaluate import teacher_losses_from_client
-
-        with TeacherClient(math_url) as c:
-            want = teacher_losses_from_client(c, {"math": domains["math"]}, 8, top_k=1)["math"]
-        history = httpx.get(f"{controller_url}/v1/runs/ray-routed/history", timeout=10).json()["versions"]
-        evaluations = [v for v in history if v["version"] > 0]
-        assert evaluations[-1]["teacher_loss"]["math"] == pytest.approx(want, rel=1e-6)
-        assert want < evaluations[-1]["teacher_loss"]["code"] - 1.0  # not the kit teacher's (math is easier)
-        # the diagnostics name the route that served each domain, with the run's tokens so far
-        diag = evaluations[-1]["diagnostics"]
-        assert diag["math"]["route"] == math_url and diag["code"]["route"] == default_url
-        assert all(0 < diag[n]["topk_mass"] <= 1 and diag[n]["kl"] > 0 for n in diag)
-        eval_lines = [r for r in _lines(out) if r["event"] == "eval"]
-        assert eval_lines[-1]["diagnostics"]["math"]["tokens"] == diag["math"]["tokens"]
-        assert sum(d["tokens"] for d in diag.values()) == 4 * BATCH * WORKERS * 128
+    assert _engine_tokens(teachers.math) > 0 and _engine_tokens(teachers.default) > 0
+    seen_math, seen_default = _stored_keys(teachers.math_store), _stored_keys(teachers.default_store)
+    assert seen_math and seen_math <= keys["math"]          # the specialist scored math blocks only
+    assert seen_default and not seen_default & keys["math"]  # and the kit's teacher never a math block
+    assert seen_default <= set().union(*(keys[n] for n in keys if n != "math"))
+    # the controller's teacher loss for math is the specialist's: its mean -target_logprob on the same blocks
+    with TeacherClient(teachers.math) as c:
+        want = teacher_losses_from_client(c, {"math": domains["math"]}, 8, top_k=1)["math"]
+    evaluations = [v for v in history if v["version"] > 0]
+    assert evaluations[-1]["teacher_loss"]["math"] == pytest.approx(want, rel=1e-6)
+    assert want < evaluations[-1]["teacher_loss"]["code"] - 1.0  # not the kit teacher's (math is easier)
+    # the diagnostics name the route that served each domain, with the run's tokens so far
+    diag = evaluations[-1]["diagnostics"]
+    assert diag["math"]["route"] == teachers.math and diag["code"]["route"] == teachers.default
+    assert all(0 < diag[n]["topk_mass"] <= 1 and diag[n]["kl"] > 0 for n in diag)
+    eval_lines = [r for r in _lines(out) if r["event"] == "eval"]
+    assert eval_lines[-1]["diagnostics"]["math"]["tokens"] == diag["math"]["tokens"]
+    assert sum(d["tokens"] for d in diag.values()) == STEPS * BATCH * WORKERS * 128
 
 
-def test_a_route_with_another_tokenizer_is_refused_with_exit_2(kit, tmp_path, teacher_url, controller_url):
+def test_a_route_with_another_tokenizer_is_refused_with_exit_2(kit, tmp_path, teachers, controller_url):
     """A route whose teacher has another tokenizer: exit 2 before anything starts, naming the domain and URL."""
     import subprocess
     import sys
@@ -294,7 +336,7 @@ def test_a_route_with_another_tokenizer_is_refused_with_exit_2(kit, tmp_path, te
     with service(["teacher", "serve", "--backend", "hf", "--model", str(other)],
                  log_path=tmp_path / "other.log") as (other_url, _):
         r = subprocess.run([sys.executable, "-m", "ddk.cli", "train", str(kit / "train.yaml"),
-                            "--set", f"teacher.urls=[{teacher_url}]", "--set", f"controller.url={controller_url}",
+                            "--set", f"teacher.urls=[{teachers.default}]", "--set", f"controller.url={controller_url}",
                             "--set", f"teacher.routes={{math: [{other_url}]}}", "--set", f"output_dir={tmp_path / 'o'}"],
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
