@@ -66,9 +66,9 @@ def fill_store(table: dict[bytes, object], path: Path, fingerprint: str, vocab_s
 
     store = TopkStore(path, encoding="float16", vocab_size=vocab_size)
     for key, out in table.items():
-        rows = np.frombuffer(key, dtype=np.int64).reshape(batch_size, -1)
+        rows = np.frombuffer(key, dtype=np.int64).reshape(len(out.ids), -1)  # a batch, or a chunk of eval blocks
         store.put_many(fingerprint, [(rows[j], out.ids[j].numpy(), out.logprobs[j].numpy(),
-                                      out.target_logprob[j].numpy()) for j in range(batch_size)])
+                                      out.target_logprob[j].numpy()) for j in range(len(rows))])
     store.close()
 
 
@@ -90,8 +90,22 @@ class Replay:
         return self.table[np.asarray(ids, dtype=np.int64).tobytes()]
 
 
-def precompute(client, job, steps: int) -> dict[bytes, object]:
-    """The fixed-mixture run's batches (deterministic from the seed) and their teacher outputs."""
+class Recorder:
+    """A teacher client that keeps every answer it passes on, keyed like :class:`Replay` looks them up."""
+
+    def __init__(self, client, table: dict[bytes, object]):
+        self.client, self.table = client, table
+
+    def topk(self, ids, top_k):
+        out = self.client.topk(ids, top_k)
+        self.table[np.asarray(ids, dtype=np.int64).tobytes()] = out
+        return out
+
+
+def precompute(client, job, steps: int) -> tuple[dict[bytes, object], list[bytes]]:
+    """The fixed-mixture run's batches (deterministic from the seed) and their teacher outputs, and the teacher's
+    answers on the evaluation blocks, asked in the chunks the loop's diagnostics ask for them (one rank); and the
+    training batches' keys, in step order."""
     from transformers import AutoTokenizer
 
     from ddk.trainer.data import load_domain_specs, prepare_domains
@@ -108,7 +122,14 @@ def precompute(client, job, steps: int) -> dict[bytes, object]:
         rows = sampler.draw(step, job.initial_weights, cfg.train.batch_size)
         ids = torch.from_numpy(np.stack([domains[d].train[i] for d, i in rows]).astype(np.int64))
         table[ids.numpy().tobytes()] = client.topk(ids, cfg.kd.top_k)
-    return table
+    from ddk.trainer.evaluate import evaluation_blocks, shard_of, teacher_topk_on_blocks
+
+    train_keys = list(table)
+    for n in names:
+        blocks = shard_of(evaluation_blocks(domains[n], cfg.eval.sequences_per_domain), 0, 1)
+        if len(blocks):
+            teacher_topk_on_blocks(Recorder(client, table), blocks, cfg.kd.top_k, cfg.eval.batch_size, n)
+    return table, train_keys
 
 
 def teacher_sized_student(kit: Path, target: Path) -> Path:
@@ -179,9 +200,9 @@ def main() -> int:
         client = TeacherClient(teacher_url)
 
         # the batches of the fixed-mixture run (deterministic from the seed) and their teacher outputs
-        table = precompute(client, config("pre", "fixed"), args.steps)
+        table, train_keys = precompute(client, config("pre", "fixed"), args.steps)
         batches = [torch.from_numpy(np.frombuffer(k, dtype=np.int64).reshape(args.batch_size, -1).copy())
-                   for k in table]
+                   for k in train_keys]
         info = client.info()
         store_file = work / "store" / "topk.sqlite"
         fill_store(table, store_file, info["model_fingerprint"], info["vocab_size"], args.batch_size)
