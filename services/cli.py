@@ -115,7 +115,7 @@ def _add_teacher(sub) -> None:
                         "(default: no cap)")
     p.add_argument("--cache-encoding", choices=["float16", "compact"], default="float16",
                    help="how new entries are stored: float16 (answers as an uncached server's float16 frames) "
-                        "or compact (about 40% of the bytes, logprobs within the bound in docs/architecture.md)")
+                        "or compact (about 40%% of the bytes, logprobs within the bound in docs/architecture.md)")
     p.add_argument("--token-file", default=None,
                    help="file holding the bearer token that POST /v1/topk needs (other routes stay open)")
     p.set_defaults(func=_lazy("ddk.teacher.server:main"))
