@@ -8,7 +8,8 @@ Paths: relative paths written in the config file resolve against the file's dire
 next to its data); paths given with ``--set`` resolve against the current directory (as a shell user expects).
 After loading, every path in the config is absolute, because Ray workers do not share the driver's cwd.
 
-This is the one parser of a train config: ``ddk train`` (:func:`load_config`), ``ddk eval --data train.yaml``
+This is the one parser of a train config: ``ddk train`` (:func:`load_config`), ``ddk data prepare|inspect``
+(``load_config(path, for_job="data")``: data, student.model and ray alone), ``ddk eval --data train.yaml``
 and ``load_domain_specs(train.yaml)`` (:func:`train_sections`: the data and eval sections alone), the demo and
 ``ddk compare``. :class:`TrainJob` is what the driver hands every worker: the validated config plus what it
 measured before the workers start (teacher losses, initial weights); it crosses to Ray as plain data
@@ -26,6 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ddk.data.domains import is_train_config
 from ddk.errors import UsageError
 from ddk.vocab import DDK_POLICIES, POLICIES, RUN_ID_PATTERN, RUN_ID_RULE
 
@@ -91,10 +93,10 @@ class DataSection(_Section):
     domains: list[DomainEntry] | None = None
     seq_len: int = Field(128, gt=1)
     val_fraction: float = Field(0.05, gt=0, lt=1)  # for inline domains without val_files
-    cache_dir: str | None = None  # tokenised cache; None -> ddk.trainer.data.default_cache_dir()
+    cache_dir: str | None = None  # tokenised cache; None -> ddk.data.domains.default_cache_dir()
 
     def source(self) -> str | dict:
-        """What :func:`ddk.trainer.data.load_domain_specs` reads: ``file``, or the inline domains."""
+        """What :func:`ddk.data.domains.load_domain_specs` reads: ``file``, or the inline domains."""
         if self.file is not None:
             return self.file
         return {"domains": [d.model_dump(exclude_none=True) for d in self.domains or []],
@@ -221,12 +223,8 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> "TrainConfig":
         # Messages start with the dotted key; _format_error passes them through unchanged.
-        if (self.data.file is None) == (self.data.domains is None):
-            raise ValueError("data: give exactly one of data.file or data.domains")
-        if self.data.domains is not None:
-            names = [d.name for d in self.data.domains]
-            if len(set(names)) != len(names):
-                raise ValueError("data.domains: domain names must be unique")
+        check_data_section(self.data)
+        # the run's checks (a command that reads only part of a config, ddk data, uses DataJobConfig instead)
         # a top-k store (cache.dir, ddk.trainer.topk_source) stands in for the teacher: its checks are the driver's
         if self.teacher.routes and self.cache.dir:
             raise ValueError("teacher.routes: not available with cache.dir (a top-k store holds one teacher's outputs)")
@@ -239,6 +237,36 @@ class TrainConfig(_Section):
             if not self.controller.url:
                 raise ValueError(f"controller.url: required for mixture.policy {self.mixture.policy}")
         return self
+
+
+def check_data_section(data: DataSection) -> None:
+    """The data section's own cross-field checks (ValueError naming the key), for every job that reads it."""
+    if (data.file is None) == (data.domains is None):
+        raise ValueError("data: give exactly one of data.file or data.domains")
+    if data.domains is not None:
+        names = [d.name for d in data.domains]
+        if len(set(names)) != len(names):
+            raise ValueError("data.domains: domain names must be unique")
+
+
+class DataJobConfig(BaseModel):
+    """What ``ddk data prepare|inspect`` read of a train config (``load_config(path, for_job="data")``): the
+    data section, ``student.model`` (its tokenizer) and ``ray`` (``ray.address`` for ``--ray``), each checked as
+    ``ddk train`` checks it. The other sections are the run's: not read and not checked here, so a config
+    without a teacher or a controller prepares its data (preparing data before any teacher runs is the point)."""
+
+    model_config = ConfigDict(extra="ignore")
+    student: StudentSection
+    data: DataSection
+    ray: RaySection = Field(default_factory=RaySection)
+
+    @model_validator(mode="after")
+    def _data_checks(self) -> "DataJobConfig":
+        check_data_section(self.data)
+        return self
+
+
+JOBS = ("train", "data")  # load_config's for_job: the whole run, or what ddk data reads
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,12 +370,20 @@ def validate_config(raw: dict) -> TrainConfig:
     return cfg
 
 
-def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_config(path: str, overrides: list[str] | tuple[str, ...] = (),
+                for_job: Literal["train", "data"] = "train") -> TrainConfig | DataJobConfig:
     """Read the YAML config at ``path``, apply ``--set`` overrides, resolve paths, validate.
 
     Checks that local inputs exist (student.model, data.file, inline data files, controller.token_file), so a
     wrong path is exit 2 here rather than a failure inside a Ray worker.
+
+    ``for_job``: ``"train"`` (default) checks the whole run (a :class:`TrainConfig`); ``"data"`` checks what
+    ``ddk data prepare|inspect`` read (a :class:`DataJobConfig`: data, student.model, ray), so the run's
+    requirements (``teacher.urls`` when ``kd.gamma > 0``, ``controller.url`` for the DDK policies, ...) do not
+    apply. Top-level keys are checked against the sections in both.
     """
+    if for_job not in JOBS:
+        raise ValueError(f"for_job: must be one of {', '.join(JOBS)}, got {for_job!r}")
     p = Path(path).expanduser()
     try:
         text = p.read_text(encoding="utf-8")
@@ -368,12 +404,19 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Train
     cwd = Path.cwd()
     for item in overrides:
         _apply_override(raw, item, cwd)
+    if for_job == "data":
+        try:
+            job = DataJobConfig.model_validate(raw)
+        except ValidationError as err:
+            raise UsageError(_format_error(err)) from None
+        _check_data_paths(job)
+        return job
     cfg = validate_config(raw)
     _check_paths(cfg)
     return cfg
 
 
-def _check_paths(cfg: TrainConfig) -> None:
+def _check_data_paths(cfg: TrainConfig | DataJobConfig) -> None:
     if not Path(cfg.student.model).is_dir():
         raise UsageError(f"student.model: no such directory: {cfg.student.model}")
     if cfg.data.file is not None and not Path(cfg.data.file).exists():
@@ -383,6 +426,10 @@ def _check_paths(cfg: TrainConfig) -> None:
             for f in getattr(d, key) or []:
                 if not Path(f).exists():
                     raise UsageError(f"data.domains[{i}].{key}: domain {d.name}: no such file: {f}")
+
+
+def _check_paths(cfg: TrainConfig) -> None:
+    _check_data_paths(cfg)
     if cfg.controller.token_file is not None and not Path(cfg.controller.token_file).is_file():
         raise UsageError(f"controller.token_file: no such file: {cfg.controller.token_file}")
     if cfg.teacher.token_file is not None and not Path(cfg.teacher.token_file).is_file():
@@ -403,11 +450,6 @@ class TrainSections(BaseModel):
     model_config = ConfigDict(extra="ignore")
     data: DataSection
     eval: EvalSection = Field(default_factory=EvalSection)
-
-
-def is_train_config(raw: Any) -> bool:
-    """A parsed YAML that is a train config (a ``data`` section), not a data.yaml (``domains`` at the top)."""
-    return isinstance(raw, dict) and isinstance(raw.get("data"), dict) and "domains" not in raw
 
 
 def train_sections(raw: dict, base: str | Path) -> TrainSections:

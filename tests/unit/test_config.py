@@ -206,6 +206,78 @@ def test_cli_train_bad_config_exits_2(setup, capsys):
     assert err.count("\n") == 0 and "train.steps" in err
 
 
+def test_a_data_job_checks_data_student_and_ray_not_the_run(setup, tmp_path, monkeypatch):
+    """load_config(for_job="data"), what `ddk data prepare|inspect` read: no teacher or controller needed (issue 25),
+    while the data section, student.model and ray are checked as for `ddk train`."""
+    from ddk.trainer.config import DataJobConfig
+
+    cfg_dir, write = setup
+    monkeypatch.chdir(tmp_path)
+    no_teacher = write(teacher={}, controller={})  # kd.gamma 0.2 and policy ddk by default: a run needs a teacher
+    assert usage_message(no_teacher).startswith("teacher.urls: required when kd.gamma > 0")
+    assert usage_message(no_teacher, ["kd.gamma=0"]).startswith("teacher.urls: required for mixture.policy ddk")
+    job = load_config(str(no_teacher), ["ray.address=auto", "data.seq_len=32"], for_job="data")
+    assert isinstance(job, DataJobConfig)
+    assert job.student.model == str(cfg_dir / "student") and job.data.file == str(cfg_dir / "data.yaml")
+    assert (job.ray.address, job.data.seq_len) == ("auto", 32)
+    assert not hasattr(job, "teacher") and not hasattr(job, "train")
+    # what the data job reads is still checked, with the run's messages
+    for changes, overrides, key in [
+            ({"data": {"seq_len": 64}}, [], "data: give exactly one of data.file or data.domains"),
+            ({"data": {"domains": [{"name": "a", "files": ["x"]}, {"name": "a", "files": ["y"]}]}}, [],
+             "data.domains: domain names must be unique"),
+            ({}, ["data.seq_len=1"], "data.seq_len: must be greater than 1"),
+            ({"data": {"file": "nope.yaml"}}, [], "data.file: no such file"),
+            ({"student": {"model": "missing-dir"}}, [], "student.model: no such directory"),
+            ({"student": {"model": "student", "modle": "x"}}, [], "student.modle: unknown key"),
+            ({}, ["ray.num_workers=0"], "ray.num_workers: must be greater than 0"),
+            ({}, ["trian.steps=3"], "trian.steps: unknown key")]:
+        with pytest.raises(UsageError) as e:
+            load_config(str(write(teacher={}, controller={}, **changes)), overrides, for_job="data")
+        assert str(e.value).startswith(key), (key, str(e.value))
+    with pytest.raises(ValueError, match="for_job"):
+        load_config(str(no_teacher), for_job="eval")
+
+
+def _tiny_student(path: Path) -> None:
+    """A tokenizer folder standing in for student.model (ddk data reads only the student's tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["a small corpus of words", "another line of text"],
+                            trainers.BpeTrainer(vocab_size=280, special_tokens=["<eos>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(path)
+
+
+def test_ddk_data_takes_a_config_without_a_teacher_and_ddk_train_refuses_it(tmp_path, capsys):
+    """Issue 25: `ddk data prepare|inspect train.yaml` on a machine where no teacher runs yet: exit 0;
+    `ddk train` on the same file: exit 2, one line naming teacher.urls."""
+    from ddk.cli import main
+
+    _tiny_student(tmp_path / "student")
+    docs = {n: [f"{n} document {i} " + "word " * (i % 7 + 20) for i in range(30)] for n in ("a", "b")}
+    domains = []
+    for n, texts in docs.items():
+        (tmp_path / f"{n}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        domains.append({"name": n, "files": [f"{n}.jsonl"]})
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"run_id": "no-teacher", "student": {"model": "student"},
+                                      "data": {"domains": domains, "seq_len": 16, "val_fraction": 0.2},
+                                      "train": {"steps": 10}}))
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--workers", "1"]
+    assert main(["data", "prepare", str(config), *cache, "--quiet"]) == 0, capsys.readouterr().err
+    assert main(["data", "inspect", str(config), *cache, "--json"]) == 0, capsys.readouterr().err
+    rows = {r["domain"]: r for r in json.loads(capsys.readouterr().out)["domains"]}
+    assert set(rows) == {"a", "b"} and rows["a"]["train_blocks"] > 0
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "teacher.urls: required when kd.gamma > 0" in err, err
+
+
 @pytest.mark.slow
 def test_the_kit_train_yaml_loads(kit):
     cfg = load_config(str(kit / "train.yaml"))
