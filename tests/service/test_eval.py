@@ -1,4 +1,5 @@
-"""Evaluation: per-domain losses against transformers' own loss, teacher losses from target_logprob, `ddk eval`."""
+"""Evaluation: per-domain losses against transformers' own loss (the chunked loss from the hidden states), teacher
+losses from target_logprob (asked once per block), standard errors, `ddk eval`."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import torch
 import yaml
 
 from ddk.cli import main as cli_main
-from ddk.trainer.data import PackedDomain, load_domain_specs, prepare_domains
-from ddk.trainer.evaluate import evaluate_domains, evaluate_loss, teacher_losses_from_client
+from ddk.data.cache import prepare_domains
+from ddk.data.domains import PackedDomain, load_domain_specs
+from ddk.data.evalset import evaluation_set
+from ddk.trainer.evaluate import evaluate_domains, evaluate_loss, teacher_answers
 
 WORDS = "def return class import for while if else print value list dict the of and to in is".split()
 
@@ -76,7 +79,16 @@ def test_evaluate_loss_restores_training_mode(tiny):
         model.eval()
 
 
-def test_evaluate_domains_uses_first_val_blocks(tiny):
+def hf_loss(model, blocks, lengths):
+    """transformers' own mean loss over the scored predictions of (padded) blocks: labels -100 past each length."""
+    ids = torch.as_tensor(np.asarray(blocks, dtype=np.int64))
+    labels = ids.clone()
+    labels[torch.arange(ids.shape[1]).unsqueeze(0) >= torch.as_tensor(lengths)[:, None]] = -100
+    with torch.no_grad():
+        return model(input_ids=ids, labels=labels).loss.item()
+
+
+def test_evaluate_domains_scores_the_evaluation_set(tiny):
     _, model, _ = tiny
     g = torch.Generator().manual_seed(2)
     val_a = torch.randint(0, model.config.vocab_size, (6, 9), generator=g)
@@ -84,14 +96,18 @@ def test_evaluate_domains_uses_first_val_blocks(tiny):
     domains = {"a": PackedDomain("a", val_a.numpy(), val_a.numpy()),
                "b": PackedDomain("b", val_b.numpy(), val_b.numpy())}
     got = evaluate_domains(model, domains, sequences_per_domain=4, batch_size=3, device="cpu")
-    with torch.no_grad():
-        assert got["a"] == pytest.approx(model(input_ids=val_a[:4], labels=val_a[:4]).loss.item(), rel=1e-5)
-        assert got["b"] == pytest.approx(model(input_ids=val_b, labels=val_b).loss.item(), rel=1e-5)
+    es = evaluation_set(domains["a"], 4)
+    assert len(es) == 4 and es.documents == 4  # blocks without a document table: each its own document
+    assert {tuple(r) for r in es.blocks} <= {tuple(r) for r in val_a.tolist()}
+    assert got["a"] == pytest.approx(hf_loss(model, es.blocks, es.lengths), rel=1e-5)
+    assert got["b"] == pytest.approx(model(input_ids=val_b, labels=val_b).loss.item(), rel=1e-5)  # all 3
 
 
 @dataclass
 class _Out:
     target_logprob: torch.Tensor
+    ids: torch.Tensor = None
+    logprobs: torch.Tensor = None
 
 
 class FakeTeacher:
@@ -103,18 +119,24 @@ class FakeTeacher:
     def topk(self, input_ids, top_k):
         ids = torch.as_tensor(input_ids)
         self.calls.append((tuple(ids.shape), top_k))
-        return _Out(target_logprob=-(ids[:, 1:].float() / 100))
+        B, L = ids.shape
+        return _Out(target_logprob=-(ids[:, 1:].float() / 100), ids=torch.zeros(B, L - 1, top_k, dtype=torch.long),
+                    logprobs=torch.zeros(B, L - 1, top_k))
 
 
-def test_teacher_losses_from_client():
+def test_teacher_answers_once_per_block_padding_not_scored():
+    from ddk.data.evalset import EvalSet
+
     rng = np.random.default_rng(0)
-    domains = {"a": PackedDomain("a", np.zeros((1, 9), np.int32), rng.integers(0, 50, (20, 9)).astype(np.int32)),
-               "b": PackedDomain("b", np.zeros((1, 9), np.int32), rng.integers(0, 50, (3, 9)).astype(np.int32))}
+    blocks = rng.integers(1, 50, (10, 9))
+    lengths = np.array([9, 9, 4, 9, 2, 9, 9, 9, 5, 9])
+    blocks[np.arange(9)[None, :] >= lengths[:, None]] = 0  # padding
     client = FakeTeacher()
-    got = teacher_losses_from_client(client, domains, sequences_per_domain=10, top_k=4, batch_size=4)
-    assert got["a"] == pytest.approx(domains["a"].val[:10, 1:].mean() / 100)
-    assert got["b"] == pytest.approx(domains["b"].val[:, 1:].mean() / 100)
-    assert [c[0] for c in client.calls] == [(4, 9), (4, 9), (2, 9), (3, 9)]  # whole blocks, L = seq_len + 1
+    got = teacher_answers(client, EvalSet(blocks, lengths, np.arange(10)), top_k=4, batch_size=4)
+    want = [blocks[i, 1:lengths[i]].sum() / 100 for i in range(10)]  # -sum(target_logprob) over scored positions
+    assert got.nll == pytest.approx(want)
+    assert got.ids.shape == (10, 8, 4)
+    assert [c[0] for c in client.calls] == [(4, 9), (4, 9), (2, 9)]  # whole blocks, each asked once
     assert {c[1] for c in client.calls} == {4}
 
 
@@ -127,19 +149,17 @@ def test_ddk_eval_json_and_table(tiny, capsys, monkeypatch, tmp_path):
     assert set(out["domains"]) == {"code", "prose"}
     domains = prepare_domains(load_domain_specs(root), tokenizer, 16, tmp_path / "cache")
     for name, row in out["domains"].items():
-        blocks = torch.from_numpy(np.asarray(domains[name].val[:3], dtype=np.int64))
-        with torch.no_grad():
-            expected = model(input_ids=blocks, labels=blocks).loss.item()
-        assert row["loss"] == pytest.approx(expected, rel=1e-4)
+        es = evaluation_set(domains[name], 3)
+        assert row["loss"] == pytest.approx(hf_loss(model, es.blocks, es.lengths), rel=1e-4)
         assert row["ppl"] == pytest.approx(math.exp(row["loss"]))
-        assert row["tokens"] == 3 * 16
+        assert row["tokens"] == int(np.sum(es.lengths - 1)) and row["documents"] == 3  # 3 windows, 3 documents
 
     assert cli_main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split() == ["domain", "tokens", "loss", "PPL"]
+    assert lines[0].split() == ["domain", "docs", "tokens", "loss", "PPL"]
     rows = {ln.split()[0]: ln.split() for ln in lines[2:]}
     assert set(rows) == {"code", "prose"}
-    assert float(rows["code"][3]) == pytest.approx(out["domains"]["code"]["ppl"], abs=1e-3)
+    assert float(rows["code"][4]) == pytest.approx(out["domains"]["code"]["ppl"], abs=1e-3)
 
 
 def test_ddk_eval_missing_paths_exit_2(tiny, tmp_path, capsys):
@@ -159,7 +179,8 @@ def test_ddk_eval_on_the_kit(kit, capsys):
     out = json.loads(capsys.readouterr().out)
     assert list(out["domains"]) == domains
     for row in out["domains"].values():
-        assert math.isfinite(row["loss"]) and row["loss"] > 0 and row["tokens"] == 4 * out["seq_len"]
+        assert math.isfinite(row["loss"]) and row["loss"] > 0 and 4 <= row["tokens"] <= 4 * out["seq_len"]
+        assert row["documents"] == 4
     # a train config as --data: its seq_len; the table lists every domain
     assert cli_main(["eval", "--model", str(kit / "teacher"), "--data", str(kit / "train.yaml"),
                      "--sequences", "4"]) == 0
@@ -176,6 +197,9 @@ def test_ddk_eval_routes_a_domain_to_its_own_teacher(kit, teacher_url, capsys):
     assert cli_main(base + ["--teacher", teacher_url, "--route", f"math={teacher_url}"]) == 0
     routed = json.loads(capsys.readouterr().out)["domains"]
     assert {n: r["teacher_loss"] for n, r in routed.items()} == {n: r["teacher_loss"] for n, r in plain.items()}
+    for r in plain.values():  # 4 windows of 4 documents: a standard error of the log-ratio per domain
+        assert r["documents"] == 4 and isinstance(r["log_ratio_se"], float) and r["log_ratio_se"] > 0
+        assert r["ratio"] == pytest.approx(math.exp(r["loss"] - r["teacher_loss"]))
     assert cli_main(base + ["--route", f"math={teacher_url}"]) == 2
     assert "--teacher" in capsys.readouterr().err
     assert cli_main(base + ["--teacher", teacher_url, "--route", f"nope={teacher_url}"]) == 2

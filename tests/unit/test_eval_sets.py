@@ -1,4 +1,4 @@
-"""Evaluation sets and error bars (ddk.trainer.evalset, ddk.trainer.evaluate's sets): the sample, the halves, the
+"""Evaluation sets and error bars (ddk.data.evalset, ddk.trainer.evaluate's sets): the sample, the halves, the
 grouped standard error against a numpy reference written here, and the misranking corpus of issue 24."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddk.trainer.evalset import choose_windows, log_ratio_se, per_document, steering_half
+from ddk.data.evalset import choose_windows, log_ratio_se, per_document, steering_half
 from ddk.trainer.evaluate import (EvalSet, block_sums, evaluation_set, sets_fingerprint, summarize,
                                   teacher_answers)
 

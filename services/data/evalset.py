@@ -1,5 +1,6 @@
 """Evaluation sets and their error bars: which validation windows an evaluation scores, and how sure the
-per-domain log-ratio is. Pure (numpy only, no I/O); docs/architecture.md, "Evaluation sets and error bars".
+per-domain log-ratio is. numpy only, no torch; the sets read the cache's validation tokens and document table
+(``PackedDomain.val_docs``), the rest is pure. docs/architecture.md, "Evaluation sets and error bars".
 
 **The sample.** A domain's validation set is a sequence of documents (``lengths``: tokens of each, its EOS
 included; ``keys``: a 64-bit content hash of each, so the choice does not depend on file order). A document of
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -122,3 +124,112 @@ def block_fingerprint(parts: list[tuple[str, np.ndarray, np.ndarray]]) -> str:
         h.update(np.ascontiguousarray(blocks, dtype=np.int64).tobytes())
         h.update(np.ascontiguousarray(lengths, dtype=np.int64).tobytes())
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation sets of a domain
+
+PARTS = ("all", "steer", "score")  # eval.documents: every validation document, or one half (ddk compare)
+
+
+@dataclass
+class EvalSet:
+    """One domain's evaluation blocks. ``blocks [n, L]`` (int64, padded beyond ``lengths``), ``lengths [n]``
+    (tokens of each block that are scored: ``lengths - 1`` predictions), ``docs [n]`` (the document each block
+    comes from, its index in the validation set). ``note``: how the set was drawn when it is not as asked (a
+    half with no documents, say)."""
+
+    blocks: np.ndarray
+    lengths: np.ndarray
+    docs: np.ndarray
+    note: str = ""
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def documents(self) -> int:
+        return int(len(np.unique(self.docs)))
+
+    @property
+    def predictions(self) -> int:
+        return int(np.sum(self.lengths - 1))
+
+    def part(self, a: int, b: int) -> "EvalSet":
+        return EvalSet(self.blocks[a:b], self.lengths[a:b], self.docs[a:b], self.note)
+
+
+def full_blocks(blocks) -> EvalSet:
+    """Whole blocks ``[n, L]``, each its own document (blocks given directly, not drawn from a domain)."""
+    arr = np.asarray(blocks, dtype=np.int64)
+    if arr.ndim != 2:
+        raise ValueError(f"blocks must be [n, L], got shape {arr.shape}")
+    return EvalSet(arr, np.full(len(arr), arr.shape[1], np.int64), np.arange(len(arr)))
+
+
+def validation_documents(domain) -> tuple[np.ndarray, np.ndarray]:
+    """``(lengths, keys)`` of a domain's validation documents in stream order: the cache's document table
+    (``val_docs``), or, for validation data without one (blocks given as a plain array), every block a
+    document."""
+    docs = getattr(domain, "val_docs", None)
+    if docs is not None:
+        return np.asarray(docs["lengths"], dtype=np.int64), np.asarray(docs["keys"], dtype=np.uint64)
+    val = np.asarray(domain.val)
+    return (np.full(len(val), val.shape[1], np.int64),
+            np.array([content_key(row) for row in val], dtype=np.uint64))
+
+
+def _val_tokens(domain, a: int, b: int) -> np.ndarray:
+    val = domain.val
+    if hasattr(val, "tokens"):
+        return np.asarray(val.tokens(a, b))
+    return np.asarray(val).reshape(-1)[a:b]
+
+
+def evaluation_set(domain, sequences: int | None = 32, tokens: int | None = None, seed: int = 0,
+                   part: str = "all") -> EvalSet:
+    """The domain's evaluation set: ``sequences`` windows (or, with ``tokens``, windows until that many
+    predictions), drawn from ``part`` of its validation documents (:data:`PARTS`; a half with no documents
+    falls back to all of them, said in ``note``). Deterministic."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    L = int(domain.val.shape[1])
+    lengths, keys = validation_documents(domain)
+    allowed, note = None, ""
+    if part != "all":
+        steer = steering_half(keys)
+        allowed = steer if part == "steer" else ~steer
+        if not (allowed & (lengths >= 2)).any():
+            allowed, note = None, f"no validation document in the {part} half: every document used"
+    windows = choose_windows(lengths, keys, L, None if tokens else sequences, tokens, seed, allowed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    pad = int((getattr(domain, "info", None) or {}).get("eos", 0) or 0)
+    blocks = np.full((len(windows), L), pad, dtype=np.int64)
+    for i, w in enumerate(windows):
+        a = int(offsets[w.doc]) + w.start
+        blocks[i, :w.length] = _val_tokens(domain, a, a + w.length)
+    return EvalSet(blocks, np.array([w.length for w in windows], np.int64),
+                   np.array([w.doc for w in windows], np.int64), note)
+
+
+def validation_windows(domain) -> EvalSet:
+    """Every slot of every validation document (:func:`evaluation_set` without a budget): the blocks any
+    evaluation set of the domain is drawn from (what ``ddk teacher precompute`` scores for validation)."""
+    return evaluation_set(domain, sequences=None, tokens=None)
+
+
+def evaluation_sets(domains: dict, eval_cfg) -> dict[str, EvalSet]:
+    """``{domain: EvalSet}`` for a train config's ``eval`` section (``sequences_per_domain``,
+    ``tokens_per_domain``, ``seed``, ``documents``)."""
+    return {n: evaluation_set(d, eval_cfg.sequences_per_domain, getattr(eval_cfg, "tokens_per_domain", None),
+                              int(getattr(eval_cfg, "seed", 0)), getattr(eval_cfg, "documents", "all"))
+            for n, d in sorted(domains.items())}
+
+
+def sets_fingerprint(sets: dict[str, EvalSet]) -> str:
+    return block_fingerprint([(n, s.blocks, s.lengths) for n, s in sorted(sets.items())])
+
+
+def coverage(sets: dict[str, EvalSet]) -> dict[str, dict]:
+    """Per domain: blocks, distinct documents and predictions the evaluation set covers."""
+    return {n: {"blocks": len(s), "documents": s.documents, "tokens": s.predictions} for n, s in sets.items()}
