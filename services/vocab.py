@@ -1,10 +1,11 @@
 """The vocabulary the three services share: one name for one idea (pure, no I/O, no third-party imports).
 
-- **policies**: how the controller turns evaluations into weights (``ddk``, ``ddk_raw``, ``fixed``, ``doremi``,
-  ``ddk_progress``; each a plug-in of ``ddk.controller.policies``);
-- **arms**: what ``ddk compare`` runs side by side; each arm is a policy plus a loss and a starting mixture
-  (``cpt`` is CE only, ``kd`` the fixed natural mixture, ``kd_uniform`` the fixed uniform one, ``ddk_raw`` and
-  ``ddk`` the two DDK policies);
+- **policies**: how the controller turns evaluations into weights; their names are the registry's
+  (``ddk.controller.policies.names()``, each policy a plug-in module there), not a list here;
+- **arms**: what ``ddk compare`` runs side by side (``ddk.experiments.arms``: the fixed-mixture baselines plus
+  every policy that steers);
+- **divergences**: the distillation losses ``kd.loss`` names (:data:`DIVERGENCES`; ``ddk.trainer.loss`` computes
+  them, the train config and ``ddk compare`` read the names here without importing torch);
 - **run_id**: the one rule for a run's name (it is a URL segment, a folder name and Ray Train's run name);
 - **ratio**: q = PPL_S / PPL_T per domain, the number the whole method turns on;
 - **weights version**: ``{version, step, weights, updated_at}``, what the controller serves and the trainer draws with;
@@ -20,12 +21,10 @@ import sys
 from collections.abc import Mapping
 from typing import TypedDict
 
-# -- policies (controller) and arms (ddk compare) ------------------------------------------------------------
-POLICIES = ("ddk", "ddk_raw", "fixed", "doremi", "ddk_progress")
-# the policies that need the teacher's losses and a controller (all but fixed)
-DDK_POLICIES = ("ddk", "ddk_raw", "doremi", "ddk_progress")
-ARMS = ("cpt", "kd", "kd_uniform", "ddk_raw", "ddk", "doremi", "ddk_progress")
-PAPER_ARMS = ("cpt", "kd", "ddk_raw", "ddk")  # the paper's comparison, ddk compare's default
+# -- divergences (kd.loss) -----------------------------------------------------------------------------------
+# The one list of divergence names: ddk.trainer.loss.LOSSES is this tuple (its functions keyed by these names),
+# the train config's kd.loss and ddk compare's POLICY+LOSS arms accept exactly these.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd")
 
 # -- run ids -------------------------------------------------------------------------------------------------
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

@@ -1,8 +1,8 @@
 """The controller's HTTP API (FastAPI): runs, evaluations -> DDK weights, history, progress, SSE push, metrics,
 page.
 
-A thin layer over :mod:`ddk.controller.store` (state, transactions) and
-:mod:`ddk.controller.mixture` (the math). Contract: "Controller HTTP API (v1)" in ARCHITECTURE.md.
+A thin layer over :mod:`ddk.controller.store` (state, transactions, and the one check of an evaluation against
+its run, ``spec.check_evaluation``) and :mod:`ddk.controller.policies` (the math). Contract: docs/api.md.
 
 Errors are always JSON ``{"detail": "<field>: <why>"}``: 404 unknown run, 409 conflicting spec or old step,
 422 bad input (including NaN/Infinity, which Python's JSON parser would otherwise accept), 413 bodies over
@@ -17,14 +17,14 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Annotated, Any, get_type_hints
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -50,6 +50,7 @@ class RunCreate(BaseModel):
     interval_steps: int = Field(default=1000, strict=True)
     initial_weights: dict[str, float] | None = None
     policy_params: dict[str, Any] | None = None  # checked by the policy's own model (spec.check_run_spec)
+    gap_estimate: str = "raw"  # raw | shrunk, checked by spec.check_run_spec
 
 
 class ErrorBody(BaseModel):
@@ -57,15 +58,24 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+# A value the JSON schema documents but this model does not check: the evaluation's values are checked once,
+# against the run's domains, by the store (spec.check_evaluation), which names the field in its 422.
+_Number = Annotated[Any, WithJsonSchema({"type": "number"})]
+_NonNegative = Annotated[Any, WithJsonSchema({"type": "number", "minimum": 0})]
+
+
 class EvaluationIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    """The evaluation body's shape (which keys, objects where objects belong); the values: spec.check_evaluation."""
+    model_config = ConfigDict(extra="forbid")
     step: int = Field(strict=True)
-    student_loss: dict[str, float]
-    teacher_loss: dict[str, float] | None = None
-    tokens: dict[str, float] | None = None  # student tokens trained per domain so far (cumulative); optional
-    # per domain (any of the run's) the distillation diagnostics, every field optional (issue 14); the domains
-    # are checked against the run's in the store (spec.check_diagnostics)
-    diagnostics: dict[str, DomainDiagnostics] | None = None
+    student_loss: dict[str, _NonNegative]
+    teacher_loss: dict[str, _NonNegative] | None = None
+    tokens: dict[str, _NonNegative] | None = None  # student tokens trained per domain so far (cumulative); optional
+    # per domain (any of the run's) the distillation diagnostics, every field optional (issue 14)
+    diagnostics: dict[str, Annotated[dict[str, Any], WithJsonSchema(DomainDiagnostics.model_json_schema())]] | None \
+        = None
+    # per domain (any of the run's) the standard error of log(PPL_S / PPL_T), finite and >= 0 (issue 24)
+    log_ratio_se: dict[str, _NonNegative] | None = None
 
 
 class ProgressIn(BaseModel):
@@ -86,6 +96,9 @@ class ProgressIn(BaseModel):
 WeightsOut = create_model(
     "WeightsOut", __doc__=WeightsVersion.__doc__,
     **{name: (tp, ...) for name, tp in get_type_hints(WeightsVersion).items()})
+# The answer to an evaluation: the new weights version, with ``warning`` only when there is one (the domains' gaps
+# within their standard errors: "the mixture is steering by noise; raise eval tokens").
+EvaluationOut = create_model("EvaluationOut", __base__=WeightsOut, warning=(str | None, None))
 
 
 class ProgressOut(BaseModel):
@@ -356,7 +369,7 @@ def _add_routes(app: FastAPI, store: Store, broker: Broker) -> None:
     @app.post("/v1/runs", status_code=201)
     async def create_run(body: RunCreate):
         spec = check_run_spec(body.run_id, body.domains, body.policy, body.alpha, body.interval_steps,
-                              body.initial_weights, body.policy_params)
+                              body.initial_weights, body.policy_params, body.gap_estimate)
         run, created = await run_in_threadpool(store.create_run, spec)
         if created:
             broker.publish(None)
@@ -377,12 +390,10 @@ def _add_routes(app: FastAPI, store: Store, broker: Broker) -> None:
     def get_run(run_id: str):
         return store.get_run(run_id)
 
-    @app.post("/v1/runs/{run_id}/evaluations", response_model=WeightsOut)
+    @app.post("/v1/runs/{run_id}/evaluations", response_model=EvaluationOut, response_model_exclude_none=True)
     async def post_evaluation(run_id: str, body: EvaluationIn):
-        diagnostics = None if body.diagnostics is None else {
-            d: v.model_dump(exclude_none=True) for d, v in body.diagnostics.items()}
         weights = await run_in_threadpool(store.add_evaluation, run_id, body.step, body.student_loss,
-                                          body.teacher_loss, body.tokens, diagnostics)
+                                          body.teacher_loss, body.tokens, body.diagnostics, body.log_ratio_se)
         broker.publish(run_id)
         return weights
 

@@ -1,4 +1,6 @@
-"""DDK domain-mixture math (pure functions, no I/O).
+"""The mixture math the policies share (pure functions, no I/O): the overflow-safe "prior times exp(q)"
+update and the estimate of each domain's gap. Each policy's own rule lives in its module
+(``ddk.controller.policies``); nothing here knows a policy's name.
 
 The DDK paper (Liu et al., NeurIPS 2024, arXiv 2407.16154) re-weights the domains every K steps by how
 far the student lags the teacher on each domain's validation set:
@@ -9,31 +11,36 @@ far the student lags the teacher on each domain's validation set:
     later evaluations:  psi[i] = r_prev[i] * exp(q[i])
                         r = alpha * psi / sum(psi) + (1 - alpha) / N
 
-``ddk_raw`` (the paper's ablation without smoothing) uses r = softmax(q) at every evaluation, and
-``fixed`` (the KD and CPT baselines) keeps the initial weights forever.
-
 Why the log-space care: q itself is an exponential, and softmax(q) exponentiates it again, so a loss gap of
 only ~6.6 nats already makes exp(q) overflow a double, and a gap over ~709 nats overflows q. Both updates
-are "prior times exp(q), normalised", so we write them as
+are "prior times exp(q), normalised" (:func:`prior_times_exp_q`), computed as
 
     w[i] ∝ prior[i] * exp(q[i] - q_max)    with   q_max - q[i] = exp(d_max) * (1 - exp(d[i] - d_max)),
 
-d = loss_S - loss_T, computing the (non-negative) gap q_max - q[i] from d directly (expm1, in log space) so
-that it never overflows to a NaN: a gap too large for a double is +inf and its weight is exactly 0. The
-result is finite, non-negative and sums to 1 for any finite losses.
+d = loss_S - loss_T (the *gap*, log q), computing the (non-negative) gap q_max - q[i] from d directly (expm1, in
+log space) so that it never overflows to a NaN: a gap too large for a double is +inf and its weight is exactly 0.
+The result is finite, non-negative and sums to 1 for any finite gaps.
+
+The gap estimate (:func:`estimate_gaps`; docs/architecture.md, "The gap estimate"): ``raw`` is d as measured;
+``shrunk`` pulls each d[i] towards the mean of the domains by how noisy it is (its standard error, sent by the
+trainer) relative to how much the domains really differ (empirical Bayes). The same function says when the
+domains' gaps are within their standard errors: the mixture is then steering by noise.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-# The policy names and q = PPL_S / PPL_T (for display and the history) are the shared vocabulary's; they are
-# re-exported here for the callers that read them as mixture.POLICIES / mixture.ratio.
 from ddk.vocab import MAX_EXP as _MAX_EXP  # beyond this a q gap is treated as +inf (weight 0)
-from ddk.vocab import POLICIES, ratio
 
-__all__ = ["POLICIES", "next_weights", "prior_times_exp_q", "ratio", "uniform"]
+__all__ = ["GAP_ESTIMATES", "NOISE_WARNING", "GapEstimate", "estimate_gaps", "prior_times_exp_q", "softmax_q",
+           "uniform"]
+
+# how a policy reads each domain's gap (the run spec's ``gap_estimate``; the trainer's mixture.gap_estimate)
+GAP_ESTIMATES = ("raw", "shrunk")
+NOISE_WARNING = "the mixture is steering by noise; raise eval tokens"
 
 
 def uniform(domains: Sequence[str]) -> dict[str, float]:
@@ -76,74 +83,70 @@ def prior_times_exp_q(prior: Sequence[float], gaps: Sequence[float]) -> list[flo
     return [x / total for x in w]
 
 
-def _check_losses(name: str, losses: Mapping[str, float], domains: Sequence[str]) -> None:
-    if set(losses) != set(domains):
-        missing = sorted(set(domains) - set(losses))
-        unknown = sorted(set(losses) - set(domains))
-        raise ValueError(f"{name}: missing domains {missing}, unknown domains {unknown}")
-    for d, v in losses.items():
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0.0):
-            raise ValueError(f"{name}.{d}: must be a finite non-negative number, got {v!r}")
+def softmax_q(gaps: Sequence[float]) -> list[float]:
+    """softmax(q) with q = exp(gaps): the paper's first-evaluation rule (and ``ddk_raw``'s every time)."""
+    return prior_times_exp_q([1.0] * len(gaps), gaps)
 
 
-def next_weights(
-    policy: str,
-    domains: Sequence[str],
-    student_loss: Mapping[str, float],
-    teacher_loss: Mapping[str, float] | None,
-    previous: Mapping[str, float] | None,
-    initial: Mapping[str, float] | None = None,
-    alpha: float = 0.5,
-) -> dict[str, float]:
-    """The mixture for the next interval, given this evaluation's losses.
+# -- the gap estimate ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GapEstimate:
+    """Each domain's gap as a policy should read it, and what the standard errors say about them.
 
-    policy:   "ddk" | "ddk_raw" | "fixed" (computed here), or another registered policy (ddk.controller.policies),
-              called with no state and its default parameters
-    previous: the weights from the previous *evaluation* (r_prev), or None when this is the run's first
-              evaluation (the initial weights of version 0 are not r_prev: the paper starts from softmax(q)).
-    initial:  the run's initial weights (``fixed`` keeps them; uniform when None).
+    gaps:      the estimated log-ratios d[i] (``raw``: as measured; ``shrunk``: pulled towards ``mean``);
+    mean:      m, the plain mean of the measured gaps;
+    tau2:      the between-domain variance max(0, s^2 - mean(se^2)) (None: no standard error was sent);
+    noise:     True when the domains' gaps are within their standard errors (tau2 == 0 with a positive se):
+               the differences the mixture steers by are noise (:data:`NOISE_WARNING`).
     """
-    if policy not in POLICIES:
-        raise ValueError(f"policy: must be one of {list(POLICIES)}, got {policy!r}")
-    if policy not in _OWN:  # a plug-in policy (ddk.controller.policies), stateless here: its default params
-        return _plugin_weights(policy, domains, student_loss, teacher_loss, previous, initial, alpha)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha: must be in [0, 1], got {alpha!r}")
-    if policy == "fixed":
-        return dict(initial) if initial is not None else uniform(domains)
-    if teacher_loss is None:
-        raise ValueError("teacher_loss: required for policy " + policy)
-    _check_losses("student_loss", student_loss, domains)
-    _check_losses("teacher_loss", teacher_loss, domains)
 
-    gaps = [student_loss[d] - teacher_loss[d] for d in domains]  # log q
-    n = len(domains)
-    if policy == "ddk_raw" or previous is None:
-        r = prior_times_exp_q([1.0] * n, gaps)  # softmax(q)
-        return dict(zip(domains, r))
-
-    # ddk, later evaluations: psi = r_prev * exp(q), then smooth towards uniform
-    prev = [float(previous[d]) for d in domains]
-    psi = prior_times_exp_q(prev, gaps)
-    floor = (1.0 - alpha) / n
-    return {d: alpha * p + floor for d, p in zip(domains, psi)}
+    gaps: list[float]
+    mean: float
+    tau2: float | None
+    noise: bool
 
 
-_OWN = ("ddk", "ddk_raw", "fixed")  # the policies computed in this module; the plug-ins call next_weights
+def estimate_gaps(gaps: Sequence[float], se: Sequence[float | None] | None = None,
+                  how: str = "raw") -> GapEstimate:
+    """The gap estimate of docs/architecture.md, "The gap estimate" (pure; the inputs are trusted: finite gaps,
+    standard errors finite and >= 0 or None).
+
+    gaps: the measured log-ratios x[i] = loss_S[i] - loss_T[i]; se: the standard error of each (None, or an entry
+    None, when unknown: a domain with a single document; taken as 0, i.e. its gap is kept as measured);
+    how: ``raw`` (the gaps as measured) or ``shrunk`` (empirical-Bayes shrinkage towards their mean):
+
+        m     = mean(x)
+        s^2   = sum((x[i] - m)^2) / (N - 1)        (E[s^2] = tau^2 + mean(se^2) when x[i] = theta[i] + noise)
+        tau^2 = max(0, s^2 - mean(se^2))
+        x'[i] = m + tau^2 / (tau^2 + se[i]^2) * (x[i] - m)     (a domain with se[i] = 0 keeps x[i])
+
+    With every standard error 0 or missing, x' is x, bit for bit (``shrunk`` is then ``raw``).
+    """
+    x = [float(g) for g in gaps]
+    n = len(x)
+    mean = math.fsum(x) / n if n else 0.0
+    s = [0.0 if v is None else float(v) for v in se] if se is not None else [0.0] * n
+    if se is None or not any(v > 0.0 for v in s):
+        return GapEstimate(x, mean, None if se is None or n < 2 else _tau2(x, s, mean), False)
+    if n < 2:  # one domain: no between-domain variance to estimate, nothing to steer
+        return GapEstimate(x, mean, None, False)
+    tau2 = _tau2(x, s, mean)
+    noise = tau2 == 0.0
+    if how == "raw":
+        return GapEstimate(x, mean, tau2, noise)
+    if how != "shrunk":
+        raise ValueError(f"how: must be one of {list(GAP_ESTIMATES)}, got {how!r}")
+    out = []
+    for xi, si in zip(x, s):
+        if si == 0.0:  # known exactly: kept as measured
+            out.append(xi)
+            continue
+        b = tau2 / (tau2 + si * si)
+        out.append(mean + b * (xi - mean))
+    return GapEstimate(out, mean, tau2, noise)
 
 
-def _plugin_weights(policy, domains, student_loss, teacher_loss, previous, initial, alpha) -> dict[str, float]:
-    from ddk.controller import policies
-
-    p = policies.get(policy)
-    if teacher_loss is None and p.needs_teacher:
-        raise ValueError("teacher_loss: required for policy " + policy)
-    _check_losses("student_loss", student_loss, domains)
-    if teacher_loss is not None:
-        _check_losses("teacher_loss", teacher_loss, domains)
-    ev = policies.Evaluation(0, tuple(domains), dict(student_loss),
-                             None if teacher_loss is None else dict(teacher_loss), None,
-                             None if previous is None else dict(previous),
-                             dict(initial) if initial is not None else uniform(domains), alpha)
-    weights, _ = p.update(None, ev, p.params())
-    return weights
+def _tau2(x: list[float], s: list[float], mean: float) -> float:
+    n = len(x)
+    sample_var = math.fsum((v - mean) ** 2 for v in x) / (n - 1)
+    return max(0.0, sample_var - math.fsum(v * v for v in s) / n)

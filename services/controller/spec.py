@@ -1,7 +1,11 @@
-"""Validation of a run's spec and of an evaluation's losses (pure, no I/O).
+"""Validation of a run's spec and of an evaluation (pure, no I/O).
 
 Every check raises :class:`Invalid` whose message starts with the offending field, so the HTTP layer can
 answer 422 ``{"detail": "<field>: <why>"}`` and the user knows what to fix.
+
+An evaluation is checked once, here (:func:`check_evaluation`, called by the store with the run's domains, for
+the HTTP API and for Python callers alike): the HTTP layer's model only checks the JSON's shape, and the mixture
+math and the policies trust what they get.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Annotated
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ddk.controller import policies
-from ddk.controller.mixture import uniform
+from ddk.controller.mixture import GAP_ESTIMATES, uniform
 
 # run ids appear in URLs, folder names and Ray Train's run name: the one rule is ddk.vocab's (RUN_ID_RULE),
 # checked here when a run is created; reads of an unknown id are simply 404
@@ -40,6 +44,7 @@ class RunSpec:
     interval_steps: int = 1000
     initial_weights: dict[str, float] | None = None  # None: uniform
     policy_params: dict | None = None  # the policy's own parameters, defaults filled in (None: all defaults)
+    gap_estimate: str = "raw"  # how the policies read each domain's gap (ddk.controller.mixture.GAP_ESTIMATES)
 
     def effective_policy_params(self) -> dict:
         """The policy's parameters with the defaults filled in (what its ``update`` gets)."""
@@ -50,8 +55,8 @@ class RunSpec:
 
     def same_as(self, other: RunSpec) -> bool:
         """Same run: used to tell an idempotent re-create (200) from a conflicting one (409)."""
-        if (self.run_id, self.domains, self.policy, self.interval_steps) != (
-                other.run_id, other.domains, other.policy, other.interval_steps):
+        if (self.run_id, self.domains, self.policy, self.interval_steps, self.gap_estimate) != (
+                other.run_id, other.domains, other.policy, other.interval_steps, other.gap_estimate):
             return False
         if not math.isclose(self.alpha, other.alpha, rel_tol=0, abs_tol=1e-12):
             return False
@@ -68,7 +73,7 @@ def _finite_number(x) -> bool:
 def check_run_spec(run_id: str, domains: Sequence[str], policy: str = "ddk", alpha: float = 0.5,
                    interval_steps: int = 1000,
                    initial_weights: Mapping[str, float] | None = None,
-                   policy_params: Mapping | None = None) -> RunSpec:
+                   policy_params: Mapping | None = None, gap_estimate: str = "raw") -> RunSpec:
     """Validate a run spec and return it normalised (initial weights rescaled to sum exactly 1, the policy's
     parameters checked by the policy's own model, defaults filled in)."""
     if not is_run_id(run_id):
@@ -89,6 +94,8 @@ def check_run_spec(run_id: str, domains: Sequence[str], policy: str = "ddk", alp
         raise Invalid(f"alpha: must be a number in [0, 1], got {alpha!r}")
     if not isinstance(interval_steps, int) or isinstance(interval_steps, bool) or interval_steps < 1:
         raise Invalid(f"interval_steps: must be an integer >= 1, got {interval_steps!r}")
+    if gap_estimate not in GAP_ESTIMATES:
+        raise Invalid(f"gap_estimate: must be one of {list(GAP_ESTIMATES)}, got {gap_estimate!r}")
     weights = None
     if initial_weights is not None:
         weights = _check_distribution("initial_weights", initial_weights, domains)
@@ -96,7 +103,8 @@ def check_run_spec(run_id: str, domains: Sequence[str], policy: str = "ddk", alp
         params = policies.check_params(policy, policy_params)
     except ValueError as e:
         raise Invalid(str(e)) from None
-    return RunSpec(run_id, tuple(domains), policy, float(alpha), int(interval_steps), weights, params or None)
+    return RunSpec(run_id, tuple(domains), policy, float(alpha), int(interval_steps), weights, params or None,
+                   gap_estimate)
 
 
 def _check_distribution(field: str, weights: Mapping[str, float], domains: Sequence[str]) -> dict[str, float]:
@@ -148,6 +156,50 @@ def check_tokens(tokens: Mapping[str, float] | None, domains: Sequence[str]) -> 
             raise Invalid(f"tokens.{d}: must be a finite number >= 0 (tokens trained so far), got {v!r}")
         out[d] = float(v)
     return out
+
+
+def check_log_ratio_se(se: Mapping[str, float] | None, domains: Sequence[str]) -> dict[str, float] | None:
+    """An evaluation's optional ``log_ratio_se``: per domain the standard error of log(PPL_S / PPL_T), any of the
+    run's domains (a domain evaluated on a single document has none), finite and >= 0. Returns them in the run's
+    domain order; None when absent or empty."""
+    if se is None:
+        return None
+    if not isinstance(se, Mapping):
+        raise Invalid("log_ratio_se: must be an object {domain: number}")
+    for d in se:
+        if d not in domains:
+            raise Invalid(f"log_ratio_se.{d}: unknown domain (run domains: {list(domains)})")
+    out = {}
+    for d in domains:
+        if d in se:
+            v = se[d]
+            if not _finite_number(v) or v < 0:
+                raise Invalid(f"log_ratio_se.{d}: must be a finite number >= 0 (standard error of the log-ratio), "
+                              f"got {v!r}")
+            out[d] = float(v)
+    return out or None
+
+
+@dataclass(frozen=True)
+class CheckedEvaluation:
+    """An evaluation after :func:`check_evaluation`: plain values, keyed by the run's domains in their order."""
+
+    step: int
+    student_loss: dict[str, float]
+    teacher_loss: dict[str, float] | None
+    tokens: dict[str, float] | None
+    diagnostics: dict[str, dict] | None
+    log_ratio_se: dict[str, float] | None
+
+
+def check_evaluation(domains: Sequence[str], step, student_loss, teacher_loss=None, tokens=None,
+                     diagnostics=None, log_ratio_se=None) -> CheckedEvaluation:
+    """The one check of an evaluation against its run's domains: every field, each error naming it."""
+    return CheckedEvaluation(
+        check_step(step), check_losses("student_loss", student_loss, domains),
+        None if teacher_loss is None else check_losses("teacher_loss", teacher_loss, domains),
+        check_tokens(tokens, domains), check_diagnostics(diagnostics, domains),
+        check_log_ratio_se(log_ratio_se, domains))
 
 
 def _whole_number(v):

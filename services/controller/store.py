@@ -9,8 +9,10 @@ retried POST for a step that was already recorded is refused instead of applied 
 Version 0 of a run holds its initial weights (step NULL, no losses); version n >= 1 is the n-th evaluation.
 Each version also keeps the policy's state after it (JSON, ``ddk.controller.policies``) and the evaluation's
 cumulative per-domain ``tokens``, when sent, so that a restarted controller continues a stateful policy where
-it was, and the evaluation's per-domain distillation ``diagnostics`` (issue 14), when sent, for the history and the
-page. Files written before those columns existed get them (NULL) when opened: see :data:`MIGRATIONS`.
+it was, and the evaluation's per-domain distillation ``diagnostics`` (issue 14) and standard errors of the
+log-ratio ``log_ratio_se`` (issue 24), when sent, for the history and the page, with the ``warning`` the
+evaluation's answer carried (the mixture steering by noise). A run keeps its ``gap_estimate`` (NULL: ``raw``).
+Files written before those columns existed get them (NULL) when opened: see :data:`MIGRATIONS`.
 
 Besides the versions, each run may have a trainer's progress (the page's "step of total" and loss curve): the
 latest report in ``progress`` and a bounded loss history in ``loss_points``. At most :data:`LOSS_POINTS` points
@@ -30,9 +32,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ddk.controller import policies
+from ddk.controller.mixture import NOISE_WARNING
 from ddk.controller.policies import State
-from ddk.controller.spec import (Invalid, RunSpec, check_diagnostics, check_losses, check_progress, check_step,
-                                 check_tokens)
+from ddk.controller.spec import Invalid, RunSpec, check_evaluation, check_progress
 from ddk.vocab import WeightsVersion, ratio, weights_version
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,8 @@ CREATE TABLE IF NOT EXISTS runs (
     interval_steps  INTEGER NOT NULL,
     initial_weights TEXT,               -- JSON object or NULL (uniform)
     created_at      TEXT NOT NULL,
-    policy_params   TEXT                -- JSON object (defaults filled in) or NULL (a policy without params)
+    policy_params   TEXT,               -- JSON object (defaults filled in) or NULL (a policy without params)
+    gap_estimate    TEXT                -- raw | shrunk (ddk.controller.mixture.GAP_ESTIMATES); NULL: raw
 );
 CREATE TABLE IF NOT EXISTS versions (
     run_id        TEXT NOT NULL REFERENCES runs(run_id),
@@ -60,6 +63,8 @@ CREATE TABLE IF NOT EXISTS versions (
     state         TEXT,                 -- the policy's state after this version (JSON) or NULL
     tokens        TEXT,                 -- the evaluation's cumulative tokens per domain (JSON) or NULL
     diagnostics   TEXT,                 -- the evaluation's {domain: {kl, ce, topk_mass, tokens, route}} (JSON) or NULL
+    log_ratio_se  TEXT,                 -- the evaluation's {domain: standard error of log q} (JSON) or NULL
+    warning       TEXT,                 -- the warning the evaluation's answer carried, or NULL
     PRIMARY KEY (run_id, version)
 );
 CREATE TABLE IF NOT EXISTS progress (   -- the latest progress report of a run (none before its first)
@@ -91,6 +96,9 @@ MIGRATIONS = (
     ("versions", "state", "TEXT"),
     ("versions", "tokens", "TEXT"),
     ("versions", "diagnostics", "TEXT"),
+    ("runs", "gap_estimate", "TEXT"),
+    ("versions", "log_ratio_se", "TEXT"),
+    ("versions", "warning", "TEXT"),
 )
 
 LOSS_POINTS = 1024  # loss points kept per run (a chart a few hundred pixels wide needs fewer)
@@ -164,16 +172,18 @@ class Store:
                     raise Conflict(f"run_id: run {spec.run_id!r} exists with a different spec "
                                    f"(domains {list(existing.domains)}, policy {existing.policy!r}, "
                                    f"alpha {existing.alpha}, interval_steps {existing.interval_steps}, "
-                                   f"policy_params {existing.effective_policy_params()})")
+                                   f"policy_params {existing.effective_policy_params()}, "
+                                   f"gap_estimate {existing.gap_estimate!r})")
                 created = False
             else:
                 ts = now()
                 con.execute(
                     "INSERT INTO runs (run_id, domains, policy, alpha, interval_steps, initial_weights, created_at, "
-                    "policy_params) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "policy_params, gap_estimate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (spec.run_id, json.dumps(list(spec.domains)), spec.policy, spec.alpha, spec.interval_steps,
                      None if spec.initial_weights is None else json.dumps(spec.initial_weights), ts,
-                     json.dumps(spec.policy_params) if spec.policy_params else None))
+                     json.dumps(spec.policy_params) if spec.policy_params else None,
+                     None if spec.gap_estimate == "raw" else spec.gap_estimate))
                 con.execute(
                     "INSERT INTO versions (run_id, version, step, weights, created_at) VALUES (?, 0, NULL, ?, ?)",
                     (spec.run_id, json.dumps(spec.effective_initial_weights()), ts))
@@ -217,33 +227,38 @@ class Store:
         params = _loads(row["policy_params"])
         if params:  # only policies with parameters have the key (the run object of the others is unchanged)
             run["policy_params"] = params
+        if row["gap_estimate"] is not None:  # likewise only a run that does not read the gaps raw
+            run["gap_estimate"] = row["gap_estimate"]
         return run
 
     # -- evaluations -----------------------------------------------------------------------------------
     def add_evaluation(self, run_id: str, step: int, student_loss: Mapping[str, float],
                        teacher_loss: Mapping[str, float] | None = None,
                        tokens: Mapping[str, float] | None = None,
-                       diagnostics: Mapping[str, Mapping] | None = None) -> dict:
-        """Record one evaluation and the weights it yields, atomically; return the weights object.
+                       diagnostics: Mapping[str, Mapping] | None = None,
+                       log_ratio_se: Mapping[str, float] | None = None) -> dict:
+        """Record one evaluation and the weights it yields, atomically; return the weights object, with a
+        ``warning`` when the domains' gaps are within their standard errors (:data:`NOISE_WARNING`, for the
+        policies that steer by the gaps).
 
         Teacher losses are required on a run's first evaluation (except for ``fixed``, whose weights do not
         depend on them, so a CPT baseline without a teacher can still report) and reused until sent again.
         ``tokens`` (optional): the student tokens trained on each domain so far, for the policies that use them.
         ``diagnostics`` (optional): per domain the distillation diagnostics (``spec.check_diagnostics``), kept with
         the version for the history and the page; no policy reads them.
+        ``log_ratio_se`` (optional): per domain (any of the run's) the standard error of log(PPL_S / PPL_T), which
+        the run's ``gap_estimate`` uses and which says when the gaps are noise.
+        Every field is checked here, once (``spec.check_evaluation``), against the run's domains.
         The weights are the run's policy's (``ddk.controller.policies``), given the state it left with the
         previous version; its new state is stored with the new version.
         """
-        step = check_step(step)
         with self._write() as con:
             row = con.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
                 raise NotFound(f"run_id: no run {run_id!r}")
             spec = _spec(row)
-            student = check_losses("student_loss", student_loss, spec.domains)
-            teacher = None if teacher_loss is None else check_losses("teacher_loss", teacher_loss, spec.domains)
-            toks = check_tokens(tokens, spec.domains)
-            diag = check_diagnostics(diagnostics, spec.domains)
+            ev = check_evaluation(spec.domains, step, student_loss, teacher_loss, tokens, diagnostics, log_ratio_se)
+            step, student, teacher, toks, diag = ev.step, ev.student_loss, ev.teacher_loss, ev.tokens, ev.diagnostics
             policy = policies.get(spec.policy)
 
             last = con.execute("SELECT * FROM versions WHERE run_id = ? ORDER BY version DESC LIMIT 1",
@@ -259,10 +274,14 @@ class Store:
 
             evaluation = policies.Evaluation(
                 step, spec.domains, student, teacher, toks, previous=None if first else json.loads(last["weights"]),
-                initial=spec.effective_initial_weights(), alpha=spec.alpha)
+                initial=spec.effective_initial_weights(), alpha=spec.alpha, log_ratio_se=ev.log_ratio_se,
+                gap_estimate=spec.gap_estimate)
             weights, state = policy.update(_loads(last["state"]), evaluation,
                                            policies.params_of(spec.policy, spec.policy_params))
             weights = policies.check_weights(spec.policy, weights, spec.domains)
+            noisy = (policy.needs_teacher and teacher is not None and ev.log_ratio_se is not None
+                     and evaluation.estimate.noise)
+            warning = NOISE_WARNING if noisy else None
             try:
                 state_text = None if state is None else json.dumps(state, allow_nan=False)
             except (TypeError, ValueError) as e:
@@ -272,13 +291,19 @@ class Store:
             ts = now()
             con.execute(
                 "INSERT INTO versions (run_id, version, step, student_loss, teacher_loss, ratio, weights, "
-                "created_at, state, tokens, diagnostics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "created_at, state, tokens, diagnostics, log_ratio_se, warning) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, version, step, json.dumps(student), None if teacher is None else json.dumps(teacher),
                  None if q is None else json.dumps(q), json.dumps(weights), ts, state_text,
                  None if toks is None else json.dumps(toks),
-                 None if diag is None else json.dumps(diag, allow_nan=False)))
+                 None if diag is None else json.dumps(diag, allow_nan=False),
+                 None if ev.log_ratio_se is None else json.dumps(ev.log_ratio_se), warning))
         log.info("run %s step %d -> version %d", run_id, step, version)
-        return weights_version(version, step, weights, ts)
+        out = weights_version(version, step, weights, ts)
+        if warning is not None:
+            log.warning("run %s step %d: %s", run_id, step, warning)
+            return {**out, "warning": warning}
+        return out
 
     # -- progress --------------------------------------------------------------------------------------
     def add_progress(self, run_id: str, step: int, total_steps: int, loss: float | None = None,
@@ -366,8 +391,9 @@ class Store:
         return _weights_version(row)
 
     def history(self, run_id: str) -> list[dict]:
-        """Every version in order, with its step, losses, ratios and weights; also ``tokens`` and ``diagnostics``
-        when the evaluation carried them and ``policy_state`` when the policy keeps one."""
+        """Every version in order, with its step, losses, ratios and weights; also ``tokens``, ``diagnostics`` and
+        ``log_ratio_se`` when the evaluation carried them, ``warning`` when its answer had one and ``policy_state``
+        when the policy keeps one."""
         rows = self._connect().execute("SELECT * FROM versions WHERE run_id = ? ORDER BY version",
                                        (run_id,)).fetchall()
         if not rows:
@@ -381,6 +407,10 @@ class Store:
                 v["tokens"] = json.loads(r["tokens"])
             if r["diagnostics"] is not None:
                 v["diagnostics"] = json.loads(r["diagnostics"])
+            if r["log_ratio_se"] is not None:
+                v["log_ratio_se"] = json.loads(r["log_ratio_se"])
+            if r["warning"] is not None:
+                v["warning"] = r["warning"]
             if r["state"] is not None:
                 v["policy_state"] = json.loads(r["state"])
             out.append(v)
@@ -427,7 +457,8 @@ def _weights_version(row: sqlite3.Row) -> WeightsVersion:
 
 def _spec(row: sqlite3.Row) -> RunSpec:
     return RunSpec(row["run_id"], tuple(json.loads(row["domains"])), row["policy"], row["alpha"],
-                   row["interval_steps"], _loads(row["initial_weights"]), _loads(row["policy_params"]))
+                   row["interval_steps"], _loads(row["initial_weights"]), _loads(row["policy_params"]),
+                   row["gap_estimate"] or "raw")
 
 
 def _migrate(con: sqlite3.Connection) -> None:

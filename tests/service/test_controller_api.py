@@ -857,15 +857,15 @@ def test_page_updates_live_and_rides_out_a_controller_restart(tmp_path):
 
 # -- policy plug-ins (issue 18) ------------------------------------------------------------------------------
 def test_policies_endpoint_lists_every_policy_with_params_and_defaults(http, server):
-    from ddk import vocab
+    from ddk.controller import policies
 
     r = http.get(f"{server}/v1/policies")
     assert r.status_code == 200
     listed = {p["name"]: p for p in r.json()["policies"]}
-    assert list(listed) == list(vocab.POLICIES) == ["ddk", "ddk_raw", "fixed", "doremi", "ddk_progress"]
+    assert list(listed) == list(policies.names()) == ["ddk", "ddk_raw", "fixed", "doremi", "ddk_progress"]
     assert {k: v["default"] for k, v in listed["doremi"]["params"].items()} == {"eta": 1.0, "smoothing": 1e-3}
     assert listed["ddk_progress"]["params"]["min_learnability"]["default"] == 0.0
-    assert listed["ddk"]["params"] == {} and listed["ddk"]["run_fields"] == ["alpha"]
+    assert listed["ddk"]["params"] == {} and listed["ddk"]["run_fields"] == ["alpha", "gap_estimate"]
     assert listed["fixed"]["needs_teacher"] is False
     with ControllerClient(server) as c:
         assert c.list_policies() == r.json()

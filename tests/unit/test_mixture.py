@@ -1,4 +1,9 @@
-"""DDK mixture math and spec validation: hand-computed cases and property-based invariants (no I/O)."""
+"""DDK mixture math and spec validation: hand-computed cases and property-based invariants (no I/O).
+
+The paper's rules are the policies' own (``ddk.controller.policies``): :func:`next_weights` below runs a registered
+policy's update on one evaluation, as the store does, so these cases check the rule where it lives. The gap
+estimate (``mixture.estimate_gaps``, docs/architecture.md "The gap estimate") is hand-computed at the end.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,22 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ddk import vocab
-from ddk.controller import mixture
-from ddk.controller.mixture import next_weights, ratio
-from ddk.controller.spec import Invalid, check_losses, check_run_spec
+from ddk.controller import mixture, policies
+from ddk.controller.mixture import estimate_gaps, uniform
+from ddk.controller.spec import Invalid, check_evaluation, check_losses, check_run_spec
+from ddk.vocab import ratio
 
 D2 = ["a", "b"]
+
+
+def next_weights(policy, domains, student_loss, teacher_loss, previous, initial=None, alpha=0.5,
+                 log_ratio_se=None, gap_estimate="raw"):
+    """The weights the registered ``policy`` gives on one evaluation (no state, its default parameters)."""
+    p = policies.get(policy)
+    ev = policies.Evaluation(0, tuple(domains), student_loss, teacher_loss, None, previous,
+                             initial if initial is not None else uniform(domains), alpha, log_ratio_se, gap_estimate)
+    weights, _ = p.update(None, ev, p.params())
+    return weights
 
 
 # -- hand-computed cases ---------------------------------------------------------------------------------
@@ -76,11 +92,16 @@ def test_huge_gaps_do_not_overflow():
     assert w == pytest.approx({"a": 0.25, "b": 0.75})
 
 
-def test_losses_must_cover_the_domains():
+def test_losses_must_cover_the_domains(tmp_path):
+    # checked once, where an evaluation enters (spec.check_evaluation, which the store calls); the math trusts it
     with pytest.raises(ValueError, match="student_loss"):
-        next_weights("ddk", D2, {"a": 1.0}, {"a": 1.0, "b": 1.0}, None)
+        check_evaluation(D2, 0, {"a": 1.0}, {"a": 1.0, "b": 1.0})
+    from ddk.controller.store import Store
+
+    store = Store(tmp_path / "c.sqlite")
+    store.create_run(check_run_spec("r", D2, "ddk"))
     with pytest.raises(ValueError, match="teacher_loss"):
-        next_weights("ddk", D2, {"a": 1.0, "b": 1.0}, None, None)
+        store.add_evaluation("r", 0, {"a": 1.0, "b": 1.0}, None)
 
 
 # -- properties ------------------------------------------------------------------------------------------
@@ -193,11 +214,14 @@ def test_the_run_id_rule_is_the_vocab_one(run_id):
     assert vocab.is_run_id(run_id) == (run_id in ("r", "a" * 128, "Run-1.b_2"))
 
 
-def test_policies_and_ratio_are_the_vocab_ones():
-    assert mixture.POLICIES is vocab.POLICIES and mixture.ratio is vocab.ratio
-    for policy in vocab.POLICIES:  # every policy name the vocabulary has is one the math knows
+def test_every_registered_policy_is_a_run_spec_policy_with_its_math():
+    assert not hasattr(mixture, "next_weights")  # no dispatch on names: each policy module holds its rule
+    assert policies.names() == ("ddk", "ddk_raw", "fixed", "doremi", "ddk_progress")
+    for policy in policies.names():  # every registered name is one the run spec accepts and the math computes
         check_run_spec("r", ["a"], policy)
-        next_weights(policy, ["a"], {"a": 1.0}, {"a": 1.0}, None)
+        assert next_weights(policy, ["a"], {"a": 1.0}, {"a": 1.0}, None) == {"a": 1.0}
+    with pytest.raises(Invalid, match="^policy: must be one of"):
+        check_run_spec("r", ["a"], "kd")
 
 
 def test_good_run_spec_is_normalised():
@@ -216,3 +240,69 @@ def test_good_run_spec_is_normalised():
 def test_bad_losses(losses, field):
     with pytest.raises(Invalid, match="^" + field.replace(".", r"\.")):
         check_losses("student_loss", losses, ["a", "b"])
+    with pytest.raises(Invalid, match="^" + field.replace(".", r"\.")):  # the evaluation's one check
+        check_evaluation(["a", "b"], 0, losses, {"a": 1.0, "b": 1.0})
+
+
+# -- the gap estimate (docs/architecture.md, "The gap estimate") ----------------------------------------------
+X3 = [1.0, 0.4, 0.1]  # measured log-ratios of domains a, b, c
+
+
+def test_shrinkage_hand_computed():
+    # m = 0.5; s^2 = (0.25 + 0.01 + 0.16) / 2 = 0.21; mean(se^2) = (0.04 + 0.04 + 0.16) / 3 = 0.08; tau^2 = 0.13
+    est = estimate_gaps(X3, [0.2, 0.2, 0.4], "shrunk")
+    assert est.mean == pytest.approx(0.5, abs=1e-15) and est.tau2 == pytest.approx(0.13, abs=1e-12)
+    assert not est.noise
+    # B = 0.13/0.17 = 0.764706 for a and b, 0.13/0.29 = 0.448276 for c (the noisiest moves most)
+    assert est.gaps == pytest.approx([0.882353, 0.423529, 0.320690], abs=1e-6)
+    # raw: the same tau^2 and verdict, the gaps as measured
+    raw = estimate_gaps(X3, [0.2, 0.2, 0.4], "raw")
+    assert raw.gaps == X3 and raw.tau2 == est.tau2 and raw.noise is False
+
+
+def test_a_domain_without_a_standard_error_keeps_its_gap():
+    # c has a single document (no se): taken as 0 -> mean(se^2) = 0.08 / 3, tau^2 = 0.21 - 0.026667 = 0.183333
+    est = estimate_gaps(X3, [0.2, 0.2, None], "shrunk")
+    assert est.tau2 == pytest.approx(0.183333, abs=1e-6)
+    assert est.gaps == pytest.approx([0.910448, 0.417910, 0.1], abs=1e-6)
+    assert est.gaps[2] == 0.1
+
+
+def test_gaps_within_their_standard_errors_are_noise():
+    # m = 0.2, s^2 = 0.02 < mean(se^2) = 0.04: tau^2 = 0, every domain is the mean, the mixture steers by noise
+    est = estimate_gaps([0.3, 0.1], [0.2, 0.2], "shrunk")
+    assert est.tau2 == 0.0 and est.noise
+    assert est.gaps == pytest.approx([0.2, 0.2], abs=1e-15)
+    assert estimate_gaps([0.3, 0.1], [0.2, 0.2], "raw").noise  # the verdict does not depend on the estimate used
+    w = next_weights("ddk", D2, {"a": 1.3, "b": 1.1}, {"a": 1.0, "b": 1.0}, None, log_ratio_se={"a": 0.2, "b": 0.2},
+                     gap_estimate="shrunk")
+    assert w == pytest.approx({"a": 0.5, "b": 0.5}, abs=1e-12)
+    # no standard errors: no verdict; one domain: nothing to compare
+    assert not estimate_gaps([0.3, 0.1]).noise and estimate_gaps([0.3, 0.1]).tau2 is None
+    assert not estimate_gaps([0.3], [0.5], "shrunk").noise and estimate_gaps([0.3], [0.5], "shrunk").gaps == [0.3]
+
+
+def test_shrunk_weights_are_the_rule_on_the_shrunk_gaps():
+    # ddk_raw with the shrunk gaps of the hand-computed case: softmax(exp(x')) with x' = (0.882353, 0.423529, 0.320690)
+    s, t = {"a": 2.0, "b": 1.4, "c": 1.1}, {"a": 1.0, "b": 1.0, "c": 1.0}  # gaps 1.0, 0.4, 0.1 (to 1e-15)
+    se = {"a": 0.2, "b": 0.2, "c": 0.4}
+    w = next_weights("ddk_raw", ["a", "b", "c"], s, t, None, log_ratio_se=se, gap_estimate="shrunk")
+    e = [math.exp(math.exp(x)) for x in (0.8823529, 0.4235294, 0.3206897)]
+    assert [w["a"], w["b"], w["c"]] == pytest.approx([v / sum(e) for v in e], rel=1e-6)
+    # raw (the default) ignores the standard errors: today's rule
+    assert next_weights("ddk_raw", ["a", "b", "c"], s, t, None, log_ratio_se=se) == \
+        next_weights("ddk_raw", ["a", "b", "c"], s, t, None)
+
+
+@settings(max_examples=100, deadline=None)
+@given(evaluations(), st.sampled_from([None, 0.0]))
+def test_equal_to_todays_rule_when_every_standard_error_is_0(case, zero):
+    domains, student, teacher, prev, alpha = case
+    gaps = [student[d] - teacher[d] for d in domains]
+    se = {d: zero for d in domains} if zero is not None else {}
+    assert estimate_gaps(gaps, [se.get(d) for d in domains], "shrunk").gaps == gaps  # bit for bit
+    for name in ("ddk", "ddk_raw", "doremi", "ddk_progress"):
+        for previous in (None, prev):
+            today = next_weights(name, domains, student, teacher, previous, alpha=alpha)
+            assert next_weights(name, domains, student, teacher, previous, alpha=alpha, log_ratio_se=se,
+                                gap_estimate="shrunk") == today

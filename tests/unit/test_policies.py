@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ddk import vocab
-from ddk.controller import mixture, policies
+from ddk.controller import policies
 from ddk.controller.policies import Evaluation
 from ddk.controller.policies.ddk_progress import learnability, progress_weights
 from ddk.controller.policies.doremi import doremi_weights
@@ -26,6 +25,12 @@ E = math.e
 def ev(student, teacher, previous=None, tokens=None, domains=D2, initial=None, alpha=0.5, step=0):
     return Evaluation(step, tuple(domains), student, teacher, tokens, previous,
                       initial or {d: 1 / len(domains) for d in domains}, alpha)
+
+
+def weights_of(name, student, teacher, previous=None, alpha=0.5):
+    """One stateless update of a registered policy (its default parameters)."""
+    p = policies.get(name)
+    return p.update(None, ev(student, teacher, previous=previous, alpha=alpha), p.params())[0]
 
 
 def run_policy(name, evaluations, params=None):
@@ -43,20 +48,22 @@ def run_policy(name, evaluations, params=None):
 
 
 # -- the registry ---------------------------------------------------------------------------------------------
-def test_registry_has_every_vocab_policy_in_order():
-    assert policies.names() == vocab.POLICIES
-    assert set(vocab.DDK_POLICIES) == {n for n in policies.names() if policies.get(n).needs_teacher}
+def test_registry_has_every_policy_in_order():
+    assert policies.names() == ("ddk", "ddk_raw", "fixed", "doremi", "ddk_progress")
+    assert policies.steered() == ("ddk", "ddk_raw", "doremi", "ddk_progress")
+    assert set(policies.steered()) == {n for n in policies.names() if policies.get(n).needs_teacher}
     with pytest.raises(ValueError, match="^policy: must be one of"):
         policies.get("kd")
 
 
 def test_describe_lists_params_with_defaults():
     listed = {p["name"]: p for p in policies.describe()}
-    assert list(listed) == list(vocab.POLICIES)
+    assert list(listed) == list(policies.names())
     assert listed["doremi"]["params"]["eta"]["default"] == 1.0
     assert listed["doremi"]["params"]["smoothing"]["default"] == 1e-3
     assert listed["ddk_progress"]["params"]["min_learnability"]["default"] == 0.0
-    assert listed["ddk"]["params"] == {} and listed["ddk"]["run_fields"] == ["alpha"]
+    assert listed["ddk"]["params"] == {} and listed["ddk"]["run_fields"] == ["alpha", "gap_estimate"]
+    assert listed["fixed"]["run_fields"] == [] and listed["doremi"]["run_fields"] == ["gap_estimate"]
     assert listed["fixed"]["needs_teacher"] is False
     json.dumps(listed)  # plain JSON
 
@@ -87,13 +94,22 @@ def test_policy_params_are_resolved_and_part_of_the_spec():
     assert check_run_spec("r", ["a", "b"], "ddk").policy_params is None
 
 
-# -- the paper's policies move unchanged ---------------------------------------------------------------------
-def test_the_paper_policies_are_mixture_next_weights():
+# -- the paper's policies: each module holds its rule ----------------------------------------------------------
+def test_the_paper_policies_are_the_paper_formulas():
+    # gaps (1, -0.5): q = (e, e^-0.5), computed literally (small enough not to overflow)
     s, t = {"a": 2.0, "b": 1.0}, {"a": 1.0, "b": 1.5}
+    q = {"a": E, "b": math.exp(-0.5)}
+    z = sum(math.exp(v) for v in q.values())
+    softmax = {d: math.exp(q[d]) / z for d in D2}
+    prev = {"a": 0.2, "b": 0.8}
+    psi = {d: prev[d] * math.exp(q[d]) for d in D2}
+    smooth = {d: 0.3 * psi[d] / sum(psi.values()) + 0.7 / 2 for d in D2}
+    want = {("ddk", None): softmax, ("ddk", "prev"): smooth, ("ddk_raw", None): softmax, ("ddk_raw", "prev"): softmax,
+            ("fixed", None): {"a": 0.5, "b": 0.5}, ("fixed", "prev"): {"a": 0.5, "b": 0.5}}
     for name in ("ddk", "ddk_raw", "fixed"):
-        for prev in (None, {"a": 0.2, "b": 0.8}):
-            w, state = policies.get(name).update(None, ev(s, t, previous=prev, alpha=0.3), policies.NoParams())
-            assert w == mixture.next_weights(name, D2, s, t, prev, {"a": 0.5, "b": 0.5}, alpha=0.3)
+        for key, previous in ((None, None), ("prev", prev)):
+            w, state = policies.get(name).update(None, ev(s, t, previous=previous, alpha=0.3), policies.NoParams())
+            assert w == pytest.approx(want[name, key], rel=1e-12)
             assert state is None
 
 
@@ -134,7 +150,7 @@ def test_ddk_progress_hand_computed_stalled_domain_loses_its_boost():
     #   m = (0/0.01, 1) = (0, 1); b = (0 * (e^2 - 1), 1 * (e^0.5 - 1)); previous uniform (given)
     p = policies.get("ddk_progress")
     w1, s1 = p.update(None, ev({"a": 3.0, "b": 2.0}, {"a": 1.0, "b": 1.0}, tokens={"a": 100, "b": 100}), p.params())
-    assert w1 == mixture.next_weights("ddk", D2, {"a": 3.0, "b": 2.0}, {"a": 1.0, "b": 1.0}, None)
+    assert w1 == weights_of("ddk", {"a": 3.0, "b": 2.0}, {"a": 1.0, "b": 1.0})
     assert s1 == {"gap": {"a": 2.0, "b": 1.0}, "tokens": {"a": 100.0, "b": 100.0}}
     w2, s2 = p.update(s1, ev({"a": 3.0, "b": 1.5}, {"a": 1.0, "b": 1.0}, previous={"a": 0.5, "b": 0.5},
                              tokens={"a": 200, "b": 150}, step=10), p.params())
@@ -143,7 +159,7 @@ def test_ddk_progress_hand_computed_stalled_domain_loses_its_boost():
     assert w2["a"] == pytest.approx(0.4216, abs=1e-4)  # by hand: 0.5 / 2.9130 + 0.25
     assert s2["learnability"] == {"a": 0.0, "b": 1.0}
     # the paper's rule would have fed the stalled domain a nearly everything it can (0.5 * 0.998 + 0.25)
-    ddk = mixture.next_weights("ddk", D2, {"a": 3.0, "b": 1.5}, {"a": 1.0, "b": 1.0}, {"a": 0.5, "b": 0.5})
+    ddk = weights_of("ddk", {"a": 3.0, "b": 1.5}, {"a": 1.0, "b": 1.0}, {"a": 0.5, "b": 0.5})
     assert ddk["a"] > 0.74 and w2["a"] < 0.43
 
 

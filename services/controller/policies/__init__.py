@@ -9,12 +9,15 @@ A policy is a :class:`Policy`: a name, a pydantic model of its own parameters (`
 before states were stored); it must be plain JSON (dicts, lists, strings, finite numbers, None), because the
 store writes it next to each version in SQLite, which is how a restarted controller continues a run.
 ``evaluation`` (:class:`Evaluation`) is this evaluation's losses plus what the run already knows: its domains,
-initial weights, ``alpha`` and the weights of the previous evaluation. ``weights`` must be finite,
-non-negative and sum to 1 over the run's domains.
+initial weights, ``alpha``, ``gap_estimate`` and the weights of the previous evaluation; a policy reads each
+domain's gap through :meth:`Evaluation.gaps` (the run's gap estimate, ``ddk.controller.mixture.estimate_gaps``).
+``weights`` must be finite, non-negative and sum to 1 over the run's domains. The inputs are checked once, where
+they enter (``spec.check_evaluation``): a policy trusts them.
 
 The registry finds the policies by itself: every module of this package that calls :func:`register` at import.
-Adding one is one file here (plus its name in ``ddk.vocab.POLICIES``, so that train configs accept it);
-docs/architecture.md, "Policies and formulas", has an example.
+It is the one list of policy names: the controller's run spec, the train config (``mixture.policy``) and
+``ddk compare``'s arms read :func:`names` and :func:`steered`. Adding one is one file here; docs/architecture.md,
+"Policies and formulas", has an example.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ import math
 import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ddk.controller.mixture import GapEstimate, estimate_gaps
 
 State = Any  # plain JSON, or None
 
@@ -41,6 +47,8 @@ class Evaluation:
     previous:     the weights of the previous evaluation, or None on the run's first evaluation.
     initial:      the run's initial weights (version 0).
     alpha:        the run's top-level ``alpha`` (the paper's smoothing; read by the policies that use it).
+    log_ratio_se: per domain the standard error of log(PPL_S / PPL_T) (any of the domains), or None.
+    gap_estimate: the run's ``gap_estimate``: how :meth:`gaps` reads the gaps (``raw`` or ``shrunk``).
     """
 
     step: int
@@ -51,6 +59,19 @@ class Evaluation:
     previous: Mapping[str, float] | None
     initial: Mapping[str, float]
     alpha: float = 0.5
+    log_ratio_se: Mapping[str, float] | None = None
+    gap_estimate: str = "raw"
+
+    @cached_property
+    def estimate(self) -> GapEstimate:
+        """The gap estimate of this evaluation (needs the teacher's losses)."""
+        measured = [float(self.student_loss[d]) - float(self.teacher_loss[d]) for d in self.domains]
+        se = None if self.log_ratio_se is None else [self.log_ratio_se.get(d) for d in self.domains]
+        return estimate_gaps(measured, se, self.gap_estimate)
+
+    def gaps(self) -> list[float]:
+        """Each domain's gap log q = loss_S - loss_T as the run's gap estimate reads it, in the domains' order."""
+        return list(self.estimate.gaps)
 
 
 class NoParams(BaseModel):
@@ -66,8 +87,9 @@ class UpdateFn(Protocol):
 @dataclass(frozen=True)
 class Policy:
     """A registered policy. ``params``: a pydantic model whose fields all have defaults (extra="forbid");
-    ``needs_teacher``: the run's first evaluation must carry teacher losses; ``run_fields``: the top-level run
-    spec fields it reads (``alpha``), listed by ``GET /v1/policies``."""
+    ``needs_teacher``: the run's first evaluation must carry teacher losses, and the policy steers the mixture by
+    them (:func:`steered`); ``run_fields``: the top-level run spec fields it reads (``alpha``, ``gap_estimate``),
+    listed by ``GET /v1/policies``; ``rank``: where :func:`names` lists it (then by name)."""
 
     name: str
     summary: str
@@ -75,6 +97,7 @@ class Policy:
     params: type[BaseModel] = NoParams
     needs_teacher: bool = True
     run_fields: tuple[str, ...] = field(default_factory=tuple)
+    rank: int = 1000
 
 
 _REGISTRY: dict[str, Policy] = {}
@@ -101,11 +124,15 @@ def get(name: str) -> Policy:
 
 
 def names() -> tuple[str, ...]:
-    """Every registered policy: the built-in ones in ddk.vocab.POLICIES's order, then the others by name."""
+    """Every registered policy, by its ``rank`` (the built-in ones in the order they were added), then by name."""
     _discover()
-    from ddk.vocab import POLICIES
+    return tuple(sorted(_REGISTRY, key=lambda n: (_REGISTRY[n].rank, n)))
 
-    return tuple(sorted(_REGISTRY, key=lambda n: (POLICIES.index(n) if n in POLICIES else len(POLICIES), n)))
+
+def steered() -> tuple[str, ...]:
+    """The policies that steer the mixture by the teacher's losses (all but ``fixed``): they need a teacher and a
+    controller in a train config, and each is an arm of ``ddk compare``."""
+    return tuple(n for n in names() if _REGISTRY[n].needs_teacher)
 
 
 def check_params(name: str, raw: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 trained on it (ddk's own policy, for distillation). The rule and its reasoning: docs/architecture.md,
 "Policies and formulas".
 
-With d[i] = loss_S[i] - loss_T[i], q[i] = exp(d[i]), and, since the previous evaluation, n[i] student tokens
-trained on domain i and a gap change d_prev[i] - d[i]:
+With d[i] the gap (``Evaluation.gaps``: the run's gap estimate of loss_S[i] - loss_T[i]), q[i] = exp(d[i]),
+and, since the previous evaluation, n[i] student tokens trained on domain i and a gap change d_prev[i] - d[i]:
 
     rate[i] = (d_prev[i] - d[i]) / n[i]                  nats of gap closed per token (domains with n[i] > 0)
     m[i]    = clip(rate[i] / max_j rate[j], m_min, 1)    learnability relative to the fastest domain
@@ -79,11 +79,11 @@ def _vec(m: Mapping | None, domains) -> list[float] | None:
 
 def update(state, ev: Evaluation, params: ProgressParams):
     domains = ev.domains
-    gaps = [float(ev.student_loss[d]) - float(ev.teacher_loss[d]) for d in domains]
+    gaps = ev.gaps()
     new_state = {"gap": dict(zip(domains, gaps)),
                  "tokens": None if ev.tokens is None else {d: float(ev.tokens[d]) for d in domains}}
     if ev.previous is None:  # first evaluation: ddk's softmax(q)
-        return mixture.next_weights("ddk", domains, ev.student_loss, ev.teacher_loss, None), new_state
+        return dict(zip(domains, mixture.softmax_q(gaps))), new_state
     st = state or {}
     m = learnability(gaps, _vec(st.get("gap"), domains), _vec(ev.tokens, domains), _vec(st.get("tokens"), domains),
                      params.min_learnability)
@@ -93,4 +93,4 @@ def update(state, ev: Evaluation, params: ProgressParams):
 
 POLICY = register(Policy("ddk_progress", "ddk, with each domain's boost discounted by how little its gap closed "
                                          "per token trained on it (no tokens: ddk)", update,
-                         params=ProgressParams, run_fields=("alpha",)))
+                         params=ProgressParams, run_fields=("alpha", "gap_estimate"), rank=4))

@@ -1,4 +1,5 @@
-"""``ddk_raw``: r = softmax(q) at every evaluation (the paper's ablation without smoothing). Stateless."""
+"""``ddk_raw``: r = softmax(q) at every evaluation, q = exp(gap) (the paper's ablation without smoothing).
+Stateless."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ from ddk.controller.policies import Evaluation, Policy, register
 
 
 def update(state, ev: Evaluation, params):
-    w = mixture.next_weights("ddk_raw", ev.domains, ev.student_loss, ev.teacher_loss, ev.previous, ev.initial)
-    return w, None
+    return dict(zip(ev.domains, mixture.softmax_q(ev.gaps()))), None
 
 
 POLICY = register(Policy("ddk_raw", "softmax(q) at every evaluation (the paper's ablation without smoothing)",
-                         update))
+                         update, run_fields=("gap_estimate",), rank=1))

@@ -2,9 +2,10 @@
 reference model.
 
 At each evaluation, with the excess loss clipped at 0 (DoReMi's lambda) and the previous weights alpha_prev
-(the run's initial weights before the first evaluation):
+(the run's initial weights before the first evaluation), d the gaps (``Evaluation.gaps``: the run's gap estimate
+of loss_S - loss_T):
 
-    excess[i] = max(loss_S[i] - loss_T[i], 0)
+    excess[i] = max(d[i], 0)
     a[i]      = alpha_prev[i] * exp(eta * excess[i]),  normalised      (exponentiated gradient)
     alpha[i]  = (1 - c) * a[i] + c / N                                 (smoothing: every domain keeps c / N)
 
@@ -51,8 +52,7 @@ def doremi_weights(prior: Sequence[float], excess: Sequence[float], eta: float, 
 
 
 def update(state, ev: Evaluation, params: DoremiParams):
-    s, t = ev.student_loss, ev.teacher_loss
-    excess = [max(float(s[d]) - float(t[d]), 0.0) for d in ev.domains]
+    excess = [max(g, 0.0) for g in ev.gaps()]
     prior_map: Mapping[str, float] = ev.previous if ev.previous is not None else ev.initial
     alpha = doremi_weights([float(prior_map[d]) for d in ev.domains], excess, params.eta, params.smoothing)
     weights = dict(zip(ev.domains, alpha))
@@ -64,4 +64,5 @@ def update(state, ev: Evaluation, params: DoremiParams):
 
 
 POLICY = register(Policy("doremi", "DoReMi: exponentiated gradient on the clipped excess loss loss_S - loss_T, "
-                                   "smoothed towards uniform", update, params=DoremiParams))
+                                   "smoothed towards uniform", update, params=DoremiParams,
+                         run_fields=("gap_estimate",), rank=3))
