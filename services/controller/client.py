@@ -77,16 +77,18 @@ class ControllerClient:
 
     # -- API -------------------------------------------------------------------------------------------
     def create_run(self, run_id, domains, policy="ddk", alpha=0.5, interval_steps=1000,
-                   initial_weights=None, policy_params=None) -> dict:
+                   initial_weights=None, policy_params=None, gap_estimate=None) -> dict:
         """Create the run, or return it if it exists with the same spec (409 ControllerError otherwise).
         ``policy_params``: the policy's own parameters (``list_policies`` says which); omitted when empty, so an
-        older controller still accepts the run."""
+        older controller still accepts the run; likewise ``gap_estimate`` (``raw`` | ``shrunk``) unless ``shrunk``."""
         body = {"run_id": run_id, "domains": list(domains), "policy": policy, "alpha": alpha,
                 "interval_steps": interval_steps}
         if initial_weights is not None:
             body["initial_weights"] = dict(initial_weights)
         if policy_params:
             body["policy_params"] = dict(policy_params)
+        if gap_estimate not in (None, "raw"):
+            body["gap_estimate"] = gap_estimate
         return self._request("POST", "/v1/runs", body)
 
     def list_policies(self) -> dict:

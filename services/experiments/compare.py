@@ -1,7 +1,8 @@
 """``ddk compare CONFIG --policies cpt,kd,ddk_raw,ddk --seeds N [--out DIR]``: the paper's comparison.
 
 The same distillation (steps, tokens, model, data) once per policy and seed; the policies are the arms of
-``ddk.vocab.ARMS`` (``--policies`` omitted: the paper's, ``PAPER_ARMS``):
+``ddk.experiments.arms`` (the baselines below plus every policy that steers; ``--policies`` omitted: the
+paper's, ``PAPER_ARMS``):
 
 - ``cpt``: CE only (``kd.gamma = 0``, no teacher calls during training), fixed mixture;
 - ``kd``: CE + gamma KL, fixed mixture at the data's natural proportions (unless the config sets
@@ -44,20 +45,20 @@ from pathlib import Path
 from ddk.errors import UsageError
 from ddk.experiments.plots import plot_compare, plot_curves
 from ddk.experiments.tables import aggregate, format_report, paired_comparisons
-from ddk.vocab import ARMS, DDK_POLICIES, PAPER_ARMS, ratio
+from ddk.experiments.arms import PAPER_ARMS, arms, steered
+from ddk.vocab import DIVERGENCES, ratio
 
 log = logging.getLogger("ddk.compare")
 
 
 def policy_overrides(policy: str, natural: dict[str, float], config_initial: dict | None) -> dict:
     """The config changes that turn one base config into each policy's run. Pure. An arm ``POLICY+LOSS``
-    (``ddk+jsd``) is that policy's run with ``kd.loss: LOSS`` (ddk.trainer.loss.LOSSES)."""
+    (``ddk+jsd``) is that policy's run with ``kd.loss: LOSS`` (ddk.vocab.DIVERGENCES)."""
     if "+" in policy:
-        from ddk.trainer.config import KD_LOSSES
-
         base, _, loss = policy.partition("+")
-        if loss not in KD_LOSSES:
-            raise UsageError(f"--policies: unknown divergence {loss!r} in {policy!r} (choose from {', '.join(KD_LOSSES)})")
+        if loss not in DIVERGENCES:
+            raise UsageError(f"--policies: unknown divergence {loss!r} in {policy!r} "
+                             f"(choose from {', '.join(DIVERGENCES)})")
         if base == "cpt":
             raise UsageError(f"--policies: {policy!r}: cpt trains without a teacher, so it has no divergence")
         return {**policy_overrides(base, natural, config_initial), "kd.loss": loss}
@@ -68,9 +69,9 @@ def policy_overrides(policy: str, natural: dict[str, float], config_initial: dic
         return fixed
     if policy == "kd_uniform":
         return {"mixture.policy": "fixed", "mixture.initial_weights": {d: 1 / len(natural) for d in natural}}
-    if policy in DDK_POLICIES:
+    if policy in steered():
         return {"mixture.policy": policy}
-    raise UsageError(f"--policies: unknown policy {policy!r} (choose from {', '.join(ARMS)})")
+    raise UsageError(f"--policies: unknown policy {policy!r} (choose from {', '.join(arms())})")
 
 
 def heldout_losses(model_path: Path, domains: dict, skip: int, count: int) -> dict[str, float]:
@@ -190,7 +191,7 @@ def _check_args(args) -> list[str]:
     """The arms to run (exit 2 on a bad name, seed count or teacher model)."""
     policies = [p.strip() for p in (args.policies or ",".join(PAPER_ARMS)).split(",") if p.strip()]
     if not policies:
-        raise UsageError("--policies: give at least one of " + ", ".join(ARMS))
+        raise UsageError("--policies: give at least one of " + ", ".join(arms()))
     for p in policies:
         policy_overrides(p, {}, None)  # validates the name
     if args.seeds < 1:

@@ -10,7 +10,8 @@ import math
 import statistics
 
 from ddk.experiments.stats import claim, mean_curve, paired_difference, trapezoid_area
-from ddk.vocab import DDK_POLICIES, ratio
+from ddk.experiments.arms import steered
+from ddk.vocab import ratio
 
 
 # ----------------------------------------------------------------------------- ddk demo
@@ -91,14 +92,14 @@ def run_metrics(run: dict, domains: list[str]) -> dict[str, float]:
 
 
 def comparison_pairs(policies: list[str]) -> list[tuple[str, str]]:
-    """(policy, baseline) pairs: each controller-steered arm (ddk.vocab.DDK_POLICIES) against every fixed-mixture
-    arm, and against every steered arm listed before it."""
-    pairs = []
+    """(policy, baseline) pairs: each controller-steered arm (ddk.experiments.arms.steered) against every
+    fixed-mixture arm, and against every steered arm listed before it."""
+    pairs, steering = [], steered()
     for i, p in enumerate(policies):
-        if p.split("+")[0] not in DDK_POLICIES:
+        if p.split("+")[0] not in steering:
             continue
         for j, b in enumerate(policies):
-            if b != p and (b.split("+")[0] not in DDK_POLICIES or j < i):
+            if b != p and (b.split("+")[0] not in steering or j < i):
                 pairs.append((p, b))
     return pairs
 

@@ -29,7 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ddk.data.domains import is_train_config
 from ddk.errors import UsageError
-from ddk.vocab import DDK_POLICIES, POLICIES, RUN_ID_PATTERN, RUN_ID_RULE
+from ddk.controller import policies as policy_registry  # the policy names (pydantic, no torch)
+from ddk.controller.mixture import GAP_ESTIMATES
+from ddk.vocab import DIVERGENCES, RUN_ID_PATTERN, RUN_ID_RULE
 
 # Test hook for fault tolerance: "6,10" makes the last rank exit abruptly right after step 6 and after step 10
 # (each once per output_dir; a marker file remembers it), as a crashed worker would. ``ddk train`` reads it
@@ -118,14 +120,11 @@ class TrainSection(_Section):
     peak_tflops: float | None = Field(None, gt=0)  # the accelerator's peak, for MFU in metrics.jsonl
 
 
-KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd")  # = ddk.trainer.loss.LOSSES
-
-
 class KDSection(_Section):
     gamma: float = Field(0.2, ge=0)
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(16, gt=0)
-    loss: Literal[KD_LOSSES] = "forward_kl"  # the divergence (ddk.trainer.loss); not imported: no torch here
+    loss: Literal[DIVERGENCES] = "forward_kl"  # the divergence (ddk.trainer.loss computes it; the names: ddk.vocab)
     beta: float = Field(0.5, ge=0, le=1)  # jsd's interpolation: 0 forward KL, 1 reverse KL (TRL's convention)
     skew: float = Field(0.1, gt=0, le=1)  # skew_kl / skew_rkl's mixing weight (DistiLLM)
     # positions per chunk of the loss computed from the hidden states (output projection inside the chunk);
@@ -134,12 +133,15 @@ class KDSection(_Section):
 
 
 class MixtureSection(_Section):
-    policy: Literal[POLICIES] = "ddk"  # ddk.vocab.POLICIES
+    policy: Literal[policy_registry.names()] = "ddk"  # the controller's registry (ddk.controller.policies)
     interval_steps: int = Field(1000, gt=0)
     alpha: float = Field(0.5, ge=0, le=1)
     initial_weights: dict[str, float] | None = None
     # the policy's own parameters (GET /v1/policies lists them), checked by the controller on POST /v1/runs
     policy_params: dict[str, Any] = {}
+    # how the steering policies read each domain's gap: raw (as measured) or shrunk (towards the domains' mean by
+    # its standard error: docs/architecture.md, "The gap estimate")
+    gap_estimate: Literal[GAP_ESTIMATES] = "raw"
 
     @field_validator("initial_weights")
     @classmethod
@@ -230,7 +232,7 @@ class TrainConfig(_Section):
             raise ValueError("teacher.routes: not available with cache.dir (a top-k store holds one teacher's outputs)")
         if self.kd.gamma > 0 and not self.teacher.all_urls() and not self.cache.dir:
             raise ValueError("teacher.urls: required when kd.gamma > 0 (or cache.dir: a precomputed top-k store)")
-        if self.mixture.policy in DDK_POLICIES:
+        if self.mixture.policy in policy_registry.steered():
             if not self.teacher.all_urls() and not self.cache.dir:
                 raise ValueError(f"teacher.urls: required for mixture.policy {self.mixture.policy} "
                                  "(the weights need teacher losses; or cache.dir: a precomputed top-k store)")

@@ -311,7 +311,7 @@ def _create_run(cfg, token: str | None, names: list[str], initial: dict[str, flo
     try:
         cc.create_run(cfg.run_id, names, policy=cfg.mixture.policy, alpha=cfg.mixture.alpha,
                       interval_steps=cfg.mixture.interval_steps, initial_weights=initial,
-                      policy_params=cfg.mixture.policy_params)
+                      policy_params=cfg.mixture.policy_params, gap_estimate=cfg.mixture.gap_estimate)
     except ControllerError as e:
         if e.status == 409:
             raise UsageError(f"run_id: {cfg.run_id} exists at the controller with a different spec "

@@ -47,8 +47,10 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ddk.vocab import DIVERGENCES
+
 IGNORE_INDEX = -100
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd")  # kd.loss in the train config
+LOSSES = DIVERGENCES  # kd.loss in the train config: the names are ddk.vocab's (torch-free), the functions here
 _TINY = 1e-12  # floor for the student's tail probability (and any bucket probability) before its log
 _LOG_TINY = math.log(_TINY)
 _TAIL_NOISE = 1e-6  # a teacher tail below this is rounding noise of sum(exp(logprobs)): taken as 0
