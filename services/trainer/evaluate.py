@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ddk.errors import UsageError
 from ddk.data.evalset import (PARTS, EvalSet, coverage, evaluation_set, evaluation_sets, full_blocks,  # noqa: F401
@@ -357,13 +356,22 @@ def _routed_teacher(url: str | None, routes: dict[str, str], fingerprint: str):
 def score_sets(model, sets: dict[str, EvalSet], batch_size: int, device, teacher=None,
                precision: str = "fp32") -> dict[str, DomainResult]:
     """Student (and, with ``teacher``, teacher: asked once per block) on every domain's evaluation set."""
-    out = {}
+    t_nll = teacher_nlls(teacher, sets, batch_size) if teacher is not None else None
+    return score_sets_with(model, sets, batch_size, device, t_nll, precision)
+
+
+def teacher_nlls(teacher, sets: dict[str, EvalSet], batch_size: int = 16) -> dict[str, np.ndarray]:
+    """``{domain: the teacher's per-block summed loss}`` (top_k=1: its ``target_logprob`` alone)."""
+    return {n: teacher_answers(teacher, es, 1, batch_size, n, keep_topk=False).nll for n, es in sets.items()}
+
+
+def score_sets_with(model, sets: dict[str, EvalSet], batch_size: int, device,
+                    teacher_nll: dict[str, np.ndarray] | None = None, precision: str = "fp32") -> dict[str, DomainResult]:
+    """:func:`score_sets` with the teacher's per-block losses already known (``ddk compare`` scores many
+    students against one teacher)."""
     hidden_ok = _hidden_ok(model)
-    for name, es in sets.items():
-        t_nll = teacher_answers(teacher, es, 1, batch_size, name, keep_topk=False).nll if teacher else None
-        sums = block_sums(model, es, batch_size, device, precision, hidden_ok=hidden_ok)
-        out[name] = summarize(es, sums, t_nll)
-    return out
+    return {n: summarize(es, block_sums(model, es, batch_size, device, precision, hidden_ok=hidden_ok),
+                         None if teacher_nll is None else teacher_nll[n]) for n, es in sets.items()}
 
 
 def _hidden_ok(model) -> bool:

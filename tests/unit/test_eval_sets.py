@@ -241,3 +241,68 @@ def test_misranking_corpus_old_selection_misranks_new_one_does_not():
     for n in domains:  # and each new estimate is within 3 of its standard errors of the whole set's
         assert new[n][1] is not None and new[n][1] > 0
         assert abs(new[n][0] - full[n][0]) <= 3 * new[n][1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the trainer's Evaluator: teacher asked once per block, ranks' shards add up, the run's record
+
+def _cfg(**eval_kw):
+    from types import SimpleNamespace
+
+    ev = dict(sequences_per_domain=6, batch_size=4, tokens_per_domain=None, seed=0, documents="all")
+    ev.update(eval_kw)
+    return SimpleNamespace(eval=SimpleNamespace(**ev),
+                           kd=SimpleNamespace(gamma=0.5, top_k=3, temperature=1.0, loss="forward_kl", beta=0.5,
+                                              skew=0.1, chunk_tokens=None))
+
+
+def _domains():
+    rng = np.random.default_rng(3)
+    return {"a": make_domain([[EASY] * int(rng.integers(5, 60)) for _ in range(9)], 17),
+            "b": make_domain([[HARD] + rng.integers(3, V, 40).tolist() for _ in range(4)], 17)}
+
+
+def test_evaluator_asks_the_teacher_once_and_shards_add_up():
+    from ddk.trainer.evaluate import Evaluator
+
+    model, domains = TokenLoss(), _domains()
+    teacher = UniformTeacher()
+    whole = Evaluator(_cfg(), domains, 0, 1, "cpu", "fp32", True, teacher)
+    first = whole.evaluate(model)
+    n_blocks = sum(len(s) for s in whole.sets.values())
+    assert teacher.asked == n_blocks
+    again = whole.evaluate(model)
+    assert teacher.asked == n_blocks  # once per block for the run, not per evaluation
+    assert again.student_loss == first.student_loss
+    assert set(first.log_ratio_se) == {"a", "b"} and first.diagnostics["a"]["topk_mass"] == pytest.approx(3 / V)
+    assert first.teacher_loss["a"] == pytest.approx(math.log(V))  # the uniform teacher's loss
+
+    got = {}
+    r1 = Evaluator(_cfg(), domains, 1, 2, "cpu", "fp32", True, UniformTeacher(),
+                   all_reduce=lambda v: got.setdefault("r1", v))
+    r1.evaluate(model)
+    r0 = Evaluator(_cfg(), domains, 0, 2, "cpu", "fp32", True, UniformTeacher(),
+                   all_reduce=lambda v: [x + y for x, y in zip(v, got["r1"])])
+    split = r0.evaluate(model)
+    for n in domains:
+        assert split.student_loss[n] == pytest.approx(first.student_loss[n], rel=1e-9)
+        assert split.log_ratio_se[n] == pytest.approx(first.log_ratio_se[n], rel=1e-9)
+
+
+def test_resumed_run_warns_when_the_evaluation_set_changed(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from ddk.trainer.evaluate import Evaluator
+    from ddk.trainer.loop import Trainer
+
+    trainer = SimpleNamespace(out_dir=tmp_path, state=SimpleNamespace(step=8))
+    rec = Evaluator(_cfg(), _domains(), 0, 1, "cpu", "fp32", True).record()
+    assert rec["domains"]["b"]["documents"] == 4
+    with caplog.at_level("WARNING"):
+        Trainer._record_eval_set(trainer, rec)
+        Trainer._record_eval_set(trainer, rec)  # a resume on the same data: silent
+        assert "evaluation set changed" not in caplog.text
+        changed = Evaluator(_cfg(), {**_domains(), "b": make_domain([[HARD, 5, 6]] * 3, 17)}, 0, 1, "cpu",
+                            "fp32", True).record()
+        Trainer._record_eval_set(trainer, changed)
+    assert "evaluation set changed" in caplog.text and rec["fingerprint"] in caplog.text
