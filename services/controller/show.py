@@ -3,7 +3,10 @@
 Both talk to a running controller (``--controller URL``, default http://127.0.0.1:8200) through
 :class:`~ddk.controller.client.ControllerClient`: ``GET /v1/runs``, ``GET /v1/runs/{id}/weights`` and, with
 ``--watch``, the run's event stream (``GET /v1/runs/{id}/events``), one row per new weights version until
-Ctrl-C. ``--json`` prints the API's JSON instead (one object per line with ``--watch``). A controller that
+Ctrl-C. Without ``--watch`` the table also has the latest evaluation's ratio PPL_S / PPL_T per domain with its 95 %
+interval, exp(log q -/+ 1.96 se) from the evaluation's ``log_ratio_se`` (``GET /v1/runs/{id}/history``), and its
+warning when the domains' gaps were within their standard errors. ``--json`` prints the API's JSON instead (one
+object per line with ``--watch``). A controller that
 cannot be reached, or a run it does not have, is exit 2 with one line naming ``--controller`` or the run.
 The formatting (:func:`format_runs`, :func:`format_weights`, :func:`format_version_row`) is pure.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 
 from ddk.errors import UsageError
@@ -56,14 +60,42 @@ def format_runs(runs: list[dict]) -> str:
     return _cells(rows, right={2, 4, 5})
 
 
-def format_weights(run_id: str, weights: dict) -> str:
-    """A run's current weights (``GET .../weights``): a heading line, then one row per domain."""
+Z95 = 1.96  # the normal quantile of a two-sided 95 % interval
+
+
+def ratio_interval(ratio: float, se: float | None) -> tuple[float, float] | None:
+    """The 95 % interval of q = PPL_S / PPL_T from the standard error of log q: (q e^(-1.96 se), q e^(1.96 se));
+    None without a standard error."""
+    if se is None:
+        return None
+    return ratio * math.exp(-Z95 * se), ratio * math.exp(Z95 * se)
+
+
+def format_weights(run_id: str, weights: dict, evaluation: dict | None = None) -> str:
+    """A run's current weights (``GET .../weights``): a heading line, then one row per domain; with ``evaluation``
+    (the latest version of ``GET .../history``: the evaluation these weights answer) also each domain's ratio, its
+    95 % interval and the standard error of log q (``-`` where the evaluation has none), and the evaluation's
+    warning on a last line."""
     w = weights.get("weights") or {}
     head = (f"run {run_id}: version {weights.get('version')}"
             + (" (initial weights)" if weights.get("version") == 0 else f" at step {_step(weights.get('step'))}")
             + f", updated {weights.get('updated_at', '-')}")
-    rows = [["domain", "weight"]] + [[d, f"{w[d]:.4f}"] for d in sorted(w)]
-    return head + "\n" + _cells(rows, right={1})
+    ratios = (evaluation or {}).get("ratio")
+    if not ratios:
+        rows = [["domain", "weight"]] + [[d, f"{w[d]:.4f}"] for d in sorted(w)]
+        return head + "\n" + _cells(rows, right={1})
+    se = evaluation.get("log_ratio_se") or {}
+    rows = [["domain", "weight", "ratio", "95% interval", "se(log q)"]]
+    for d in sorted(w):
+        q = ratios.get(d)
+        ci = None if q is None else ratio_interval(q, se.get(d))
+        rows.append([d, f"{w[d]:.4f}", "-" if q is None else f"{q:.4f}",
+                     "-" if ci is None else f"{ci[0]:.4f}-{ci[1]:.4f}",
+                     "-" if se.get(d) is None else f"{se[d]:.4f}"])
+    out = head + "\n" + _cells(rows, right={1, 2, 4})
+    if evaluation.get("warning"):
+        out += f"\nwarning: {evaluation['warning']}"
+    return out
 
 
 def version_header(domains: list[str]) -> str:
@@ -136,7 +168,12 @@ def weights_main(args) -> int:
     with _client(url) as client:
         if not args.watch:
             weights = _call(lambda: client.get_weights(run_id), url, run_id)
-            print(json.dumps(weights, indent=1) if args.json else format_weights(run_id, weights))
+            if args.json:
+                print(json.dumps(weights, indent=1))
+                return 0
+            versions = _call(lambda: client.history(run_id), url, run_id).get("versions") or []
+            latest = versions[-1] if versions and versions[-1].get("ratio") else None
+            print(format_weights(run_id, weights, latest))
             return 0
         domains = sorted(_call(lambda: client.get_run(run_id), url, run_id).get("domains") or [])
         if not args.json:

@@ -213,3 +213,84 @@ def test_a_file_from_before_progress_gets_its_tables(tmp_path):
     assert store.get_run("old")["run_id"] == "old" and store.progress("old") == {"latest": None, "points": []}
     store.add_progress("old", 1, 2, loss=0.5)
     assert store.status("old")["step"] == 1
+
+
+# -- standard errors, the gap estimate and the noise warning (issue 24) ---------------------------------------------
+NOISE = "the mixture is steering by noise; raise eval tokens"
+
+
+def test_log_ratio_se_is_stored_and_the_noise_warning_answers(tmp_path):
+    store = Store(tmp_path / "c.sqlite")
+    store.create_run(check_run_spec("raw", DOMAINS))
+    store.create_run(check_run_spec("shrunk", DOMAINS, gap_estimate="shrunk"))
+    store.create_run(check_run_spec("fixed", DOMAINS, "fixed"))
+    # gaps (0.3, 0.1): m = 0.2, s^2 = 0.02 < mean(se^2) = 0.04 -> tau^2 = 0: within their standard errors
+    student, se = {"code": 1.3, "prose": 2.1}, {"code": 0.2, "prose": 0.2}
+    w_raw = store.add_evaluation("raw", 0, student, TEACHER, log_ratio_se=se)
+    assert w_raw["warning"] == NOISE
+    # raw: today's weights, softmax(q) with q = (e^0.3, e^0.1)
+    assert w_raw["weights"]["code"] == pytest.approx(1 / (1 + math.exp(math.exp(0.1) - math.exp(0.3))), rel=1e-12)
+    # shrunk: both gaps are the mean 0.2, so the first evaluation's softmax is uniform
+    w_shrunk = store.add_evaluation("shrunk", 0, student, TEACHER, log_ratio_se=se)
+    assert w_shrunk["warning"] == NOISE and w_shrunk["weights"] == pytest.approx({"code": 0.5, "prose": 0.5})
+    # fixed does not steer by the gaps: no warning
+    assert "warning" not in store.add_evaluation("fixed", 0, student, TEACHER, log_ratio_se=se)
+    hist = store.history("raw")
+    assert hist[1]["log_ratio_se"] == se and hist[1]["warning"] == NOISE
+    assert hist[1]["ratio"]["code"] == pytest.approx(math.exp(0.3))
+    # code's se 0.01, prose without one (taken as 0): mean(se^2) = 0.00005, tau^2 = 0.01995 > 0 -> no warning
+    w = store.add_evaluation("raw", 10, student, log_ratio_se={"code": 0.01})
+    assert "warning" not in w and set(w) == {"version", "step", "weights", "updated_at"}
+    assert store.history("raw")[2]["log_ratio_se"] == {"code": 0.01} and "warning" not in store.history("raw")[2]
+    # without standard errors: the answer and the history as before
+    w = store.add_evaluation("raw", 20, student)
+    assert set(w) == {"version", "step", "weights", "updated_at"}
+    assert not {"log_ratio_se", "warning"} & set(store.history("raw")[3])
+
+
+def test_gap_estimate_is_part_of_the_run(tmp_path):
+    store = Store(tmp_path / "c.sqlite")
+    run, _ = store.create_run(check_run_spec("s", DOMAINS, gap_estimate="shrunk"))
+    assert run["gap_estimate"] == "shrunk" and store.get_spec("s").gap_estimate == "shrunk"
+    assert "gap_estimate" not in store.create_run(check_run_spec("r", DOMAINS))[0]  # raw: the run object as before
+    with pytest.raises(Conflict, match="gap_estimate 'shrunk'"):
+        store.create_run(check_run_spec("s", DOMAINS))
+    with pytest.raises(Invalid, match="^gap_estimate: must be one of"):
+        check_run_spec("x", DOMAINS, gap_estimate="lcb")
+
+
+def test_bad_log_ratio_se_names_the_field(tmp_path):
+    store = Store(tmp_path / "c.sqlite")
+    store.create_run(check_run_spec("r", DOMAINS))
+    for se, field in (({"code": -0.1}, "log_ratio_se.code"), ({"code": math.nan}, "log_ratio_se.code"),
+                      ({"code": math.inf}, "log_ratio_se.code"), ({"code": "0.1"}, "log_ratio_se.code"),
+                      ({"code": True}, "log_ratio_se.code"), ({"math": 0.1}, "log_ratio_se.math"),
+                      ([0.1], "log_ratio_se")):
+        with pytest.raises(Invalid, match="^" + field.replace(".", r"\.") + ":"):
+            store.add_evaluation("r", 0, {"code": 1.0, "prose": 1.0}, TEACHER, log_ratio_se=se)
+    assert store.weights("r")["version"] == 0
+    store.add_evaluation("r", 0, {"code": 1.0, "prose": 1.0}, TEACHER, log_ratio_se={})  # empty: none
+    assert "log_ratio_se" not in store.history("r")[1]
+
+
+def test_a_file_from_before_the_standard_errors_keeps_working(tmp_path):
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript("""
+CREATE TABLE runs (run_id TEXT PRIMARY KEY, domains TEXT NOT NULL, policy TEXT NOT NULL, alpha REAL NOT NULL,
+    interval_steps INTEGER NOT NULL, initial_weights TEXT, created_at TEXT NOT NULL, policy_params TEXT);
+CREATE TABLE versions (run_id TEXT NOT NULL REFERENCES runs(run_id), version INTEGER NOT NULL, step INTEGER,
+    student_loss TEXT, teacher_loss TEXT, ratio TEXT, weights TEXT NOT NULL, created_at TEXT NOT NULL,
+    state TEXT, tokens TEXT, diagnostics TEXT, PRIMARY KEY (run_id, version));
+INSERT INTO runs VALUES ('old', '["code", "prose"]', 'ddk', 0.5, 10, NULL, '2026-01-01T00:00:00.000Z', NULL);
+INSERT INTO versions VALUES ('old', 0, NULL, NULL, NULL, NULL, '{"code": 0.5, "prose": 0.5}', 't0', NULL, NULL, NULL);
+""")
+    con.commit()
+    con.close()
+    store = Store(path)
+    runs_cols = {r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(runs)")}
+    version_cols = {r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(versions)")}
+    assert "gap_estimate" in runs_cols and {"log_ratio_se", "warning"} <= version_cols
+    assert store.get_spec("old").gap_estimate == "raw" and "gap_estimate" not in store.get_run("old")
+    w = store.add_evaluation("old", 0, {"code": 1.3, "prose": 2.1}, TEACHER, log_ratio_se={"code": 0.2, "prose": 0.2})
+    assert w["warning"] == NOISE and Store(path).history("old")[1]["log_ratio_se"] == {"code": 0.2, "prose": 0.2}
