@@ -23,12 +23,14 @@ teacher and written back, ``ddk.trainer.topk_source``); a config that sets ``cac
 may leave ``teacher.urls`` empty: then everything comes from that precomputed store). ``--no-cache`` turns off
 what compare adds.
 
-The table is measured on **held-out blocks**: each domain's validation blocks after the first
-``eval.sequences_per_domain``, which the DDK runs use to steer their mixture. So no policy is scored on
-the data it steered by. Writes ``DIR/report.md``, ``DIR/report.json``, ``DIR/compare.png`` and
+The table is measured on **scoring sets**: each domain's validation documents are split in two halves by a
+hash of their content (ddk.data.evalset.steering_half); every run steers by whole-document windows of one half
+(``eval.documents: steer``) and the report scores on windows of the other (``max(eval.sequences_per_domain,
+32)`` windows, or ``eval.tokens_per_domain``), so no policy is scored on a document it steered by. Each run's
+scoring-set ratios come with the standard error of their log-ratio, grouped by document. Writes ``DIR/report.md``, ``DIR/report.json``, ``DIR/compare.png`` and
 ``DIR/compare-curve.png``.
 
-With several seeds the report pairs the runs by seed (same seed, same initial student, same held-out blocks)
+With several seeds the report pairs the runs by seed (same seed, same initial student, same scoring set)
 and gives, for each steered policy against each baseline, the mean paired difference in the mean ratio, the
 worst domain's ratio and the area under the ratio-vs-tokens curve with a 95% t-interval
 (``ddk.experiments.stats``); it words a claim only when the interval excludes 0. ``--seeds 3`` or more for
@@ -74,20 +76,28 @@ def policy_overrides(policy: str, natural: dict[str, float], config_initial: dic
     raise UsageError(f"--policies: unknown policy {policy!r} (choose from {', '.join(arms())})")
 
 
-def heldout_losses(model_path: Path, domains: dict, skip: int, count: int) -> dict[str, float]:
-    """Mean loss on validation blocks [skip, skip+count) of each domain (those no run steered by)."""
+def scoring_sets(domains: dict, eval_cfg, count: int) -> dict:
+    """Per domain the scoring set: ``count`` windows (or ``eval.tokens_per_domain`` predictions) from the
+    scoring half of its validation documents (ddk.data.evalset: the runs steer by the other half, so no document
+    is in both), drawn as the runs draw theirs."""
+    from ddk.data.evalset import evaluation_set
+
+    return {n: evaluation_set(domains[n], count, getattr(eval_cfg, "tokens_per_domain", None),
+                              int(getattr(eval_cfg, "seed", 0) or 0), "score") for n in sorted(domains)}
+
+
+def heldout_losses(model_path: Path, sets: dict, teacher_nll: dict | None = None) -> tuple[dict, dict]:
+    """``({domain: mean loss}, {domain: SE of the log-ratio})`` of the model on the scoring sets (the SE needs
+    the teacher's per-block losses, ``teacher_nll``; a domain with one document has none)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ddk.trainer.evaluate import evaluate_loss
+    from ddk.trainer.evaluate import score_sets_with
 
     model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=False, dtype=torch.float32)
-    return {n: evaluate_loss(model, heldout_blocks(domains[n].val, skip, count), 16, "cpu") for n in sorted(domains)}
-
-
-def heldout_blocks(val, skip: int, count: int):
-    """Blocks after the first ``skip`` (the steering ones); all of them when a domain has too few."""
-    return val[skip:skip + count] if len(val) > skip else val[:count]
+    results = score_sets_with(model, sets, 16, "cpu", teacher_nll)
+    return ({n: r.loss for n, r in results.items()},
+            {n: r.se for n, r in results.items() if r.se is not None})
 
 
 def tokens_per_domain(metrics_path: Path, seq_len: int) -> dict[str, float]:
@@ -127,7 +137,8 @@ def main(args, runner=None) -> int:
 
     from ddk.launcher import Services, free_port
     from ddk.trainer.config import load_config
-    from ddk.trainer.data import default_cache_dir, load_domain_specs, natural_proportions, prepare_domains
+    from ddk.data.cache import prepare_domains
+    from ddk.data.domains import default_cache_dir, load_domain_specs, natural_proportions
     from ddk.trainer.metrics import read_metrics
 
     policies = _check_args(args)
@@ -139,7 +150,8 @@ def main(args, runner=None) -> int:
     domains = prepare_domains(load_domain_specs(base.data.source()), tokenizer, base.data.seq_len, default_cache_dir())
     names = sorted(domains)
     natural = natural_proportions(domains)
-    skip, count = base.eval.sequences_per_domain, max(base.eval.sequences_per_domain, 32)
+    count = max(base.eval.sequences_per_domain, 32)
+    sets = scoring_sets(domains, base.eval, count)
 
     results: dict[str, list[dict]] = {p: [] for p in policies}
     no_cache = bool(getattr(args, "no_cache", False))
@@ -160,8 +172,9 @@ def main(args, runner=None) -> int:
         csvc = services.start("controller", ["controller", "serve", "--db", str(out / "controller.sqlite")],
                               free_port())
         controller_url = csvc.wait_healthy().url
-        teacher = _teacher_losses(base, teacher_urls, store_sets.get("cache.dir"), tokenizer, domains, skip, count)
-        initial = ratio(heldout_losses(Path(base.student.model), domains, skip, count), teacher)
+        teacher_nll = _teacher_nlls(base, teacher_urls, store_sets.get("cache.dir"), tokenizer, domains, sets)
+        teacher = {n: float(teacher_nll[n].sum()) / sets[n].predictions for n in names}
+        initial = ratio(heldout_losses(Path(base.student.model), sets, teacher_nll)[0], teacher)
         for seed in range(args.seeds):
             for policy in policies:
                 run_id = f"{base.run_id}-{policy.replace('+', '.')}-s{seed}"  # ddk+jsd -> ddk.jsd (run_id rule)
@@ -171,19 +184,20 @@ def main(args, runner=None) -> int:
                 else:
                     sets = {"run_id": run_id, "seed": seed, "output_dir": str(run_dir),
                             "teacher.urls": json.dumps(teacher_urls), "controller.url": controller_url,
+                            "eval.documents": "steer",  # the runs steer by one half, the report scores the other
                             **store_sets, **policy_overrides(policy, natural, base.mixture.initial_weights)}
                     print(f"ddk compare: {run_id} (log {out / 'logs' / (run_id + '.log')})", flush=True)
                     code = (runner or services.run)(run_id, _train_argv(args, sets))
                     if code != 0:
                         raise RuntimeError(f"run {run_id} failed with exit code {code}; see its log")
-                loss = heldout_losses(run_dir / "final", domains, skip, count)
+                loss, se = heldout_losses(run_dir / "final", sets, teacher_nll)
                 tokens = tokens_per_domain(run_dir / "metrics.jsonl", base.data.seq_len)
                 curve = ratio_curve(read_metrics(run_dir / "metrics.jsonl"), base.data.seq_len)
-                results[policy].append({"seed": seed, "ratio": ratio(loss, teacher),
+                results[policy].append({"seed": seed, "ratio": ratio(loss, teacher), "ratio_log_se": se,
                                         "tokens": {n: tokens.get(n, 0) for n in names}, "curve": curve})
 
     _write_report(args, policies, out, names, results, initial, teacher, natural,
-                  _heldout_note(names, domains, skip, count))
+                  _heldout_note(names, sets))
     return 0
 
 
@@ -211,13 +225,14 @@ def _train_argv(args, sets: dict) -> list[str]:
     return argv
 
 
-def _teacher_losses(base, urls: list[str], store_dir: str | None, tokenizer, domains: dict, skip: int,
-                    count: int) -> dict[str, float]:
-    """The teacher's held-out losses: from the arms' top-k store when there is one (``store_dir``, else the
-    config's ``cache.dir``; its misses from ``urls``, written back), else from the teacher."""
+def _teacher_nlls(base, urls: list[str], store_dir: str | None, tokenizer, domains: dict,
+                  sets: dict) -> dict:
+    """The teacher's per-block losses on the scoring sets, asked once: from the arms' top-k store when there is
+    one (``store_dir``, else the config's ``cache.dir``; its misses from ``urls``, written back), else from the
+    teacher."""
     from ddk.teacher.client import TeacherClient
     from ddk.teacher.routes import RoutedTeacher
-    from ddk.trainer.evaluate import teacher_loss_on_blocks
+    from ddk.trainer.evaluate import teacher_nlls
 
     if base.teacher.routes:  # teacher.routes: each domain's held-out loss from its own teacher (no store then)
         tc = RoutedTeacher(urls, base.teacher.routes)
@@ -235,19 +250,18 @@ def _teacher_losses(base, urls: list[str], store_dir: str | None, tokenizer, dom
                 tc.close()
             raise
     try:
-        return {n: teacher_loss_on_blocks(tc, heldout_blocks(domains[n].val, skip, count), domain=n)
-                for n in sorted(domains)}
+        return teacher_nlls(tc, sets)
     finally:
         tc.close()
 
 
-def _heldout_note(names: list[str], domains: dict, skip: int, count: int) -> str:
-    note = ("Held-out blocks: validation blocks after the first "
-            f"{skip} per domain (those steer the DDK mixture), up to {count} per domain.")
-    short = [n for n in names if len(domains[n].val) <= skip]
-    if short:
-        note += (f" Domains with no block beyond the steering ones ({', '.join(short)}) are scored on their "
-                 "steering blocks.")
+def _heldout_note(names: list[str], sets: dict) -> str:
+    cover = ", ".join(f"{n} {sets[n].documents} documents / {sets[n].predictions} tokens" for n in names)
+    note = ("Scoring sets: whole-document windows from the scoring half of each domain's validation documents "
+            "(the runs steer by the other half; no document in both), " + cover + ".")
+    fallback = [n for n in names if sets[n].note]
+    if fallback:
+        note += f" Domains whose scoring half is empty ({', '.join(fallback)}) are scored on all their documents."
     return note
 
 
@@ -260,6 +274,7 @@ def _write_report(args, policies, out: Path, names, results, initial, teacher, n
                                         + [f"--set {o}" for o in args.overrides])
     comparisons = paired_comparisons(results, names)
     report = format_report(agg, names, initial, command, note, comparisons)
+    report += _se_table(names, results)
     (out / "report.md").write_text(report)
     (out / "report.json").write_text(json.dumps({"policies": agg, "initial": initial, "teacher_loss": teacher,
                                                  "comparisons": comparisons, "raw": results,
@@ -268,3 +283,18 @@ def _write_report(args, policies, out: Path, names, results, initial, teacher, n
     plot_curves(agg, out / "compare-curve.png")
     print(report)
     print(f"report: {out / 'report.md'}; plots: {out / 'compare.png'}, {out / 'compare-curve.png'}")
+
+
+def _se_table(names: list[str], results: dict) -> str:
+    """Markdown: each run's scoring-set ratio per domain with the standard error of its log-ratio (grouped by
+    document): ratio x exp(+-SE) is the one-SE band. Pure."""
+    lines = ["", "", "### Scoring-set ratios with standard errors", "",
+             "Each run's PPL ratio on the scoring set, +- the standard error of log(PPL_S / PPL_T) grouped by "
+             "document (n/a: one document).", "",
+             "| run | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for policy, runs in results.items():
+        for r in runs:
+            se = r.get("ratio_log_se") or {}
+            cells = [f"{r['ratio'][n]:.3f} +- {se[n]:.3f}" if n in se else f"{r['ratio'][n]:.3f} (n/a)" for n in names]
+            lines.append(f"| {policy} s{r['seed']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

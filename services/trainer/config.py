@@ -155,8 +155,11 @@ class MixtureSection(_Section):
 
 
 class EvalSection(_Section):
-    sequences_per_domain: int = Field(32, gt=0)
+    sequences_per_domain: int = Field(32, gt=0)  # whole-document windows per domain (ddk.data.evalset)
     batch_size: int = Field(16, gt=0)
+    tokens_per_domain: int | None = Field(None, gt=0)  # instead: windows until this many predictions per domain
+    seed: int = Field(0, ge=0)  # the evaluation set's sample (not the run's seed: every arm and seed scores alike)
+    documents: Literal["all", "steer", "score"] = "all"  # a half of the validation documents (ddk compare)
 
 
 class RaySection(_Section):

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from ddk.errors import UsageError
-from ddk.experiments.compare import heldout_blocks, policy_overrides
+from ddk.experiments.compare import _se_table, policy_overrides
 from ddk.experiments.tables import aggregate, format_markdown, format_report, format_weights_history, report_table
 
 
@@ -75,11 +75,24 @@ def test_report_verdicts_count_differences_within_the_seed_spread_as_none():
     assert "(ddk not better" in format_report(agg, ["a", "b"], {"a": 1.5, "b": 1.5}, "c", "n")
 
 
-def test_heldout_blocks_skip_the_steering_blocks():
-    val = list(range(10))
-    assert heldout_blocks(val, 4, 3) == [4, 5, 6]
-    assert heldout_blocks(val, 4, 100) == [4, 5, 6, 7, 8, 9]
-    assert heldout_blocks(val, 10, 3) == [0, 1, 2]  # too few: the steering ones
+def test_scoring_and_steering_sets_share_no_document():
+    import numpy as np
+
+    from ddk.data.domains import PackedDomain
+    from ddk.data.evalset import evaluation_set
+
+    rng = np.random.default_rng(0)
+    val = rng.integers(0, 1000, (200, 9))
+    d = PackedDomain("a", val, val)
+    steer, score = evaluation_set(d, 40, part="steer"), evaluation_set(d, 40, part="score")
+    assert len(steer) == len(score) == 40
+    assert not set(steer.docs.tolist()) & set(score.docs.tolist())
+
+
+def test_se_table_gives_each_run_its_ratio_and_se():
+    results = {"ddk": [{"seed": 0, "ratio": {"a": 1.5, "b": 2.0}, "ratio_log_se": {"a": 0.0123}}]}
+    table = _se_table(["a", "b"], results)
+    assert "| ddk s0 | 1.500 +- 0.012 | 2.000 (n/a) |" in table
 
 
 def test_demo_report_rows():
