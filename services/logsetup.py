@@ -15,6 +15,13 @@ every child it starts with a log file (``DDK_LOG_DETAIL=1``): ``logs/*.log`` sta
 next to a quiet console (``ddk demo`` writes ``logs/demo.log``).
 
 ``setup_logging`` is called once by ``ddk.cli.main`` (the entry point); importing this module changes nothing.
+
+The same rule holds in the Ray Train workers of ``ddk train``, whose console Ray forwards to the driver's
+(``(RayTrainWorker pid=...)`` lines): :func:`setup_worker_logging` applies it at the start of the worker
+function, at the driver's level (``TrainJob.log_level``), to the console handler that Ray Train put on the
+root logger; Ray Train's own per-report lines (``Reporting training result``, ``Checkpoint successfully
+created``) are turned off by Ray's setting for them, ``RunConfig(logging_config=LoggingConfig(log_level=...))``
+(:func:`ray_train_log_level`), which the driver sets.
 """
 
 from __future__ import annotations
@@ -101,6 +108,51 @@ def setup_logging(level: str | int = "INFO") -> bool:
             if _QUIET not in logger.filters:
                 logger.addFilter(_QUIET)
     return detail
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    """A handler that writes to the process's stderr or stdout (not a file, not a capture buffer)."""
+    if isinstance(handler, logging.FileHandler) or not isinstance(handler, logging.StreamHandler):
+        return False
+    # Ray's PlainRayHandler writes to whatever sys.stderr is at emit time (its stream attribute is stderr too)
+    return (type(handler).__name__ == "PlainRayHandler"
+            or getattr(handler, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__))
+
+
+def setup_worker_logging(level: str | int = "INFO") -> bool:
+    """:func:`setup_logging` in a process whose logging a framework configured already: a Ray Train worker,
+    where Ray Train puts a console handler (stderr, forwarded to the driver's console) and a log file handler
+    on the root logger at INFO before the worker function runs. The console rule goes onto the console
+    handlers (the level, and in quiet mode the filter of per-request lines and harmless warnings); the file
+    handlers keep every record. Without handlers on the root logger it is :func:`setup_logging`. Returns
+    whether the process is in detail mode."""
+    root = logging.getLogger()
+    if not root.handlers:
+        return setup_logging(level)
+    lvl = parse_level(level)
+    detail = detail_mode(lvl)
+    for handler in root.handlers:
+        if _is_console(handler):
+            handler.setLevel(lvl)
+            if not detail and _QUIET not in handler.filters:
+                handler.addFilter(_QUIET)
+    if root.level > lvl:  # --log-level DEBUG: the records below the framework's INFO too
+        root.setLevel(lvl)
+    if not detail:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for name, _ in HARMLESS_WARNINGS:
+            logger = logging.getLogger(name)
+            if _QUIET not in logger.filters:
+                logger.addFilter(_QUIET)
+    return detail
+
+
+def ray_train_log_level(level: str | int = "INFO") -> str:
+    """The level of Ray Train's own ``ray.train`` console lines (``ray.train.LoggingConfig(log_level=...)``)
+    for a driver at ``level``: WARNING on a quiet console (its per-report and checkpoint lines are INFO), the
+    level itself in detail mode (``--log-level DEBUG``, or output to a log file)."""
+    lvl = parse_level(level)
+    return logging.getLevelName(lvl) if detail_mode(lvl) else "WARNING"
 
 
 def add_log_file(path: str | Path, level: str | int = logging.INFO) -> logging.Handler:

@@ -42,6 +42,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ddk.errors import UsageError
+from ddk.runtime import apply_process_defaults, call_in_fresh_process
 from ddk.kit.corpus import Corpus, build_corpus, write_corpus
 from ddk.trainer.evaluate import evaluate_loss
 from ddk.trainer.optim import lr_lambda
@@ -315,13 +316,19 @@ def _lock(out: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def build_kit(out, quick: bool = False, seed: int = 0, force: bool = False) -> Path:
-    """Build the demo kit into ``out`` (or reuse the finished one there); return its path."""
+def build_kit(out, quick: bool = False, seed: int = 0, force: bool = False, spec: KitSpec | None = None) -> Path:
+    """Build the demo kit into ``out`` (or reuse the finished one there); return its path. ``spec``: the sizes
+    (default QUICK or DEFAULT, by ``quick``).
+
+    The build runs with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (ddk.runtime): when this
+    process imported torch before that was in force (a Python caller), the training runs in a fresh process
+    that loads torch with it, so the build keeps its speed while other processes share the cores."""
+    late = apply_process_defaults()
     out = Path(out).expanduser().absolute()
     _check_out(out)
     with _lock(out):
         info = read_finished_kit(out)
-        spec = QUICK if quick else DEFAULT
+        spec = spec or (QUICK if quick else DEFAULT)
         if info is not None and not force:
             same_sizes = same_spec(info, spec)
             if info.get("quick") == bool(quick) and info.get("seed") == seed and same_sizes:
@@ -335,7 +342,11 @@ def build_kit(out, quick: bool = False, seed: int = 0, force: bool = False) -> P
             shutil.rmtree(stale, ignore_errors=True)
         tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
         try:
-            _build(tmp, spec, quick, seed)
+            if late:  # this process's OpenMP spins: train in one that loads torch with the default
+                call_in_fresh_process("ddk.kit.fixtures:build_into",
+                                      {"root": str(tmp), "spec": asdict(spec), "quick": bool(quick), "seed": seed})
+            else:
+                _build(tmp, spec, quick, seed)
             _check_out(out)  # still only kit entries (or absent) before we replace it
             if out.exists():
                 shutil.rmtree(out)
@@ -343,6 +354,16 @@ def build_kit(out, quick: bool = False, seed: int = 0, force: bool = False) -> P
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def spec_from_dict(d: dict) -> KitSpec:
+    """A KitSpec from its ``asdict`` form (kit.json's "spec")."""
+    return KitSpec(**{**d, "teacher": ModelSize(**d["teacher"]), "student": ModelSize(**d["student"])})
+
+
+def build_into(root: str, spec: dict, quick: bool, seed: int) -> None:
+    """:func:`_build` with plain arguments: what build_kit runs in a fresh process (ddk.runtime)."""
+    _build(Path(root), spec_from_dict(spec), quick, seed)
 
 
 def _build(root: Path, spec: KitSpec, quick: bool, seed: int) -> dict:
@@ -372,10 +393,13 @@ def _build(root: Path, spec: KitSpec, quick: bool, seed: int) -> dict:
     for i, (name, size) in enumerate((("teacher", spec.teacher), ("student", spec.student))):
         torch.manual_seed(seed * 1000 + i)
         model = LlamaForCausalLM(llama_config(size, len(tokenizer), max_positions))
+        trained = time.monotonic()
         pretrain(model, train_ids, size, spec.seq_len, seed * 1000 + i, desc=f"pre-train {name}")
+        trained = time.monotonic() - trained
         losses[name] = val_loss(model, val_ids, spec.seq_len, spec.eval_blocks)
         model.save_pretrained(root / name)
-        models[name] = {"path": name, "params": n_params(model), **asdict(size)}
+        models[name] = {"path": name, "params": n_params(model), **asdict(size),
+                        "train_seconds": round(trained, 2)}  # pre-training alone (bench/kit_omp.py reads it)
         log.info("%s: %s", name, {d: round(v, 3) for d, v in losses[name].items()})
 
     sizes = corpus.sizes()
@@ -432,12 +456,15 @@ def build_specialist(kit: str | Path, domain: str) -> Path:
     from ddk.kit.corpus import read_jsonl
 
     kit = Path(kit).expanduser().absolute()
+    late = apply_process_defaults()
     info = read_finished_kit(kit)
     if info is None:
         raise UsageError(f"--specialist: {kit} holds no finished kit (build it first: ddk fixtures --out {kit})")
     if domain not in info["domains"]:
         raise UsageError(f"--specialist: unknown domain {domain!r} (the kit's domains: {', '.join(info['domains'])})")
     out = specialist_dir(kit, domain)
+    if late and read_specialist(kit, domain) is None:  # as in build_kit: train where torch loads with the default
+        return Path(call_in_fresh_process("ddk.kit.fixtures:specialist_path", {"kit": str(kit), "domain": domain}))
     with _lock(out):
         if read_specialist(kit, domain) is not None:
             log.info("reusing the specialist teacher in %s", out)
@@ -471,6 +498,11 @@ def build_specialist(kit: str | Path, domain: str) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("specialist teacher for %s: %s", domain, {d: round(v, 3) for d, v in losses.items()})
     return out
+
+
+def specialist_path(kit: str, domain: str) -> str:
+    """:func:`build_specialist` with plain arguments and result (what it runs in a fresh process)."""
+    return str(build_specialist(kit, domain))
 
 
 def specialist_table(record: dict) -> str:

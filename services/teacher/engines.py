@@ -103,6 +103,9 @@ class HFEngine:
     def __init__(self, model: str | Path, *, dtype: str = "auto", device: str | None = None,
                  max_top_k: int = 64, max_seq_len: int | None = None,
                  softmax_chunk_elements: int = 1 << 26) -> None:
+        from ddk.runtime import apply_process_defaults
+
+        apply_process_defaults("HFEngine")  # OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP (ddk.runtime)
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -181,6 +184,9 @@ class VLLMEngine:
                  max_seq_len: int | None = None, gpu_memory_utilization: float | None = None,
                  enforce_eager: bool = False, max_batch_tokens: int | None = None,
                  tensor_parallel_size: int = 1) -> None:
+        from ddk.runtime import apply_process_defaults
+
+        apply_process_defaults()  # inherited by vLLM's engine processes, which load torch after (ddk.runtime)
         self.model = str(model)
         on_gpu = cuda_available()
         cfg = read_model_config(model)
