@@ -168,9 +168,10 @@ def check_compile(cfg) -> None:
             raise UsageError(f"train.compile: {problem}; set train.compile: false")
 
 
-def prepare(cfg) -> TrainJob:
+def prepare(cfg, log_level: str | None = None) -> TrainJob:
     """Steps 2-5: the checks, the data cache, teacher losses and the controller run. Returns the workers' job
-    (``DDK_FAULT_AT_STEPS`` read into its ``fault_at_steps``)."""
+    (``DDK_FAULT_AT_STEPS`` read into its ``fault_at_steps``; ``log_level``: the workers' console level, by
+    default this process's root level)."""
     from ddk.trainer.tracking import check_packages
 
     check_packages(cfg)  # logging.*: each configured tracker's package imports (exit 2 otherwise)
@@ -199,7 +200,7 @@ def prepare(cfg) -> TrainJob:
     return TrainJob(config=cfg, teacher_loss=teacher_loss,
                     initial_weights=initial or {n: 1.0 / len(names) for n in names}, initial_version=0,
                     controller_token=token, teacher_token=_teacher_token(cfg),
-                    log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                    log_level=log_level or logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                     fault_at_steps=parse_fault_steps(os.environ.get(FAULT_ENV)))
 
 
@@ -325,16 +326,20 @@ def _create_run(cfg, token: str | None, names: list[str], initial: dict[str, flo
 def launch(job: TrainJob):
     """Step 6: Ray Train, the job crossing to the workers as plain data. Returns the ``Result``."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ddk.logsetup import ray_train_log_level
+    from ddk.runtime import PROCESS_DEFAULTS, set_process_defaults
     from ddk.trainer.loop import run_storage, train_loop_per_worker
     from ddk.trainer.tracking import configured
 
     cfg = job.config
+    set_process_defaults()  # before ray.init starts the raylet: the workers load OpenMP with them
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     if configured(cfg):
         env.update({k: os.environ[k] for k in TRACKER_ENV if os.environ.get(k)})
+    env.update({k: os.environ[k] for k in PROCESS_DEFAULTS})  # also on a cluster started elsewhere (ray.address)
     env["TOKENIZERS_PARALLELISM"] = "false"
     started = False
     if not ray.is_initialized():
@@ -354,6 +359,8 @@ def launch(job: TrainJob):
                 storage_path=str(run_storage(cfg.output_dir, cfg.run_id).parent),
                 failure_config=FailureConfig(max_failures=max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                # Ray Train's own console lines (per report, per checkpoint) off unless --log-level DEBUG
+                logging_config=LoggingConfig(log_level=ray_train_log_level(job.log_level)),
             ),
         )
         return trainer.fit()
@@ -385,7 +392,7 @@ def main(args) -> int:
     log_origin()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    job = prepare(cfg)
+    job = prepare(cfg, log_level=getattr(args, "log_level", None) or "INFO")  # ddk's --log-level, to the workers
     (out / "config.json").write_text(json.dumps(config_to_dict(job.config), indent=1))  # resolved cache_dir
 
     t0 = time.perf_counter()

@@ -479,6 +479,9 @@ class Trainer:
     """
 
     def __init__(self, job: TrainJob | dict, ctx, teacher_client: Any | None = None) -> None:
+        from ddk.runtime import apply_process_defaults
+
+        apply_process_defaults("Trainer")  # OMP_WAIT_POLICY=PASSIVE; a warning when torch loaded OpenMP without it
         self.job = job if isinstance(job, TrainJob) else TrainJob.model_validate(job)
         self.cfg = self.job.config
         self.ctx = ctx
@@ -967,8 +970,8 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker, train_loop_config=job.model_dump(mode="json"))``):
     the job validated again on this side, then :meth:`Trainer.fit` under a :class:`RayContext`."""
     job = TrainJob.model_validate(config)
-    from ddk.logsetup import setup_logging
+    from ddk.logsetup import setup_worker_logging
 
-    setup_logging(job.log_level)  # the driver's console rules (quiet unless DEBUG or a log file)
+    setup_worker_logging(job.log_level)  # the driver's console rules on Ray Train's console handler
     log_origin()
     Trainer(job, RayContext(storage=run_storage(job.config.output_dir, job.config.run_id))).fit()
