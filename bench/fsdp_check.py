@@ -1,14 +1,15 @@
 """GPU check of ``train.strategy: fsdp`` (ddk.trainer.parallel) with NCCL: one process per visible GPU.
 
-    python bench/fsdp_check.py [--gpus N] [--out DIR]
+    python bench/fsdp_check.py [--gpus N] [--out DIR] [--json OUT.json] [--dry-run]
 
 On each of N ranks (default: every visible GPU, one is enough) a tiny random Llama (tied embeddings) is sharded
 with FSDP2 on cuda and trained 3 steps twice: fp32 (must equal the unsharded model on rank 0's GPU, losses
 within 1e-4) and bf16 through the MixedPrecisionPolicy (losses within 5e-2 of fp32, parameters of the
 layers gathered in bf16). Then the sharded checkpoint is saved after step 2, loaded into a fresh sharded model
 and optimiser, step 3 run again (must equal the uninterrupted step 3), and the gathered export is loaded with
-transformers. Prints one JSON line per check and exits 1 if any failed. The CPU/gloo equivalent is
-tests/unit/test_fsdp.py.
+transformers. Prints one JSON line per check, writes them all to ``--json`` (bench/gpu.sh's fsdp.json) and exits
+1 if any failed. ``--dry-run``: the same checks on the CPU with gloo, one rank (bench/gpu_common.py's switch);
+the two-rank CPU/gloo equivalent is tests/unit/test_fsdp.py.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from gpu_common import Target, one_line, parser, run_part
 
 VOCAB, BATCH, SEQ, STEPS, SAVE_AT, LR = 256, 8, 33, 3, 2, 1e-3
 
@@ -58,14 +61,19 @@ def step(model, opt, sched, ids):
     return loss.detach()
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
+def worker(rank: int, world: int, port: int, out: str, dry_run: bool = False) -> None:
     import torch.distributed as dist
     from ddk.trainer import parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+    target = Target(dry_run)
+    if target.cuda:
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(target.dist_backend, rank=rank, world_size=world, device_id=device)
+    else:
+        device = target.device
+        dist.init_process_group(target.dist_backend, rank=rank, world_size=world)
     out = Path(out)
     checks = []
 
@@ -125,34 +133,59 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gpus", type=int, default=None)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print(json.dumps({"check": "cuda", "ok": False, "error": "no CUDA device"}))
-        return 1
-    world = args.gpus or torch.cuda.device_count()
-    out = Path(args.out or tempfile.mkdtemp(prefix="ddk-fsdp-check-"))
+def body(target: Target, args) -> dict:
+    world = 1 if args.dry_run else (args.gpus or torch.cuda.device_count())
+    if args.out is None:
+        with tempfile.TemporaryDirectory(prefix="ddk-fsdp-check-") as tmp:
+            return checks_in(target, args, world, Path(tmp))
+    return checks_in(target, args, world, Path(args.out))
+
+
+def checks_in(target: Target, args, world: int, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     import torch.multiprocessing as mp
 
+    problems = []
     try:
-        mp.start_processes(worker, args=(world, port, str(out)), nprocs=world, start_method="spawn")
+        if world == 1:  # one rank (one GPU, or the dry run): in this process, a spawn's start-up saved
+            worker(0, 1, port, str(out), bool(args.dry_run))
+        else:
+            mp.start_processes(worker, args=(world, port, str(out), bool(args.dry_run)), nprocs=world,
+                               start_method="spawn")
     except Exception as e:  # noqa: BLE001 - the checks files say more
+        problems.append(f"workers: {one_line(e)}")
         print(json.dumps({"check": "workers", "ok": False, "error": str(e)[-500:]}))
-    ok = True
+    checks, ok = [], not problems
     for r in range(world):
         f = out / f"checks-{r}.json"
-        for c in json.loads(f.read_text()) if f.is_file() else [{"check": f"rank {r}", "ok": False}]:
+        for c in json.loads(f.read_text()) if f.is_file() else [{"check": f"rank {r}", "ok": False,
+                                                                   "error": "wrote no checks"}]:
             print(json.dumps({"rank": r, **c}))
+            checks.append({"rank": r, **{k: v for k, v in c.items() if k != "traceback"}})
             ok = ok and c["ok"]
-    print(json.dumps({"world_size": world, "torch": torch.__version__, "ok": ok, "out": str(out)}))
-    return 0 if ok else 1
+            if not c["ok"]:
+                problems.append(f"rank {r} {c['check']}: {c.get('error', 'values outside the tolerance')}")
+    names = {c["check"] for c in checks}
+    for want in ("resume", "bf16", "fp32 equals unsharded", "export loads"):
+        if want not in names:
+            ok = False
+            problems.append(f"check {want!r} did not run")
+    print(json.dumps({"world_size": world, "backend": target.dist_backend, "torch": torch.__version__, "ok": ok,
+                      "out": str(out)}))
+    doc = {"world_size": world, "backend": target.dist_backend, "checks": checks, "ok": ok}
+    if problems:
+        doc["error"] = "; ".join(dict.fromkeys(problems))[:400]
+    return doc
+
+
+def main() -> int:
+    ap = parser("fsdp", __doc__)
+    ap.add_argument("--gpus", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    return run_part("fsdp", ap.parse_args(), body)
 
 
 if __name__ == "__main__":

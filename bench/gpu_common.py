@@ -4,7 +4,7 @@ shapes, and the wrapper that turns each part into one JSON file and one line of 
 Every CUDA-only call of the parts goes through :class:`Target` (device, synchronisation, peak memory, the
 collective backend, the card's peak), so ``--dry-run`` runs the very same code on the CPU at tiny shapes.
 
-``python bench/gpu_common.py summarize OUT PART=RC ...`` (called by gpu.sh at the end) writes the JSON of a part
+``python bench/gpu_common.py summarize OUT PART=STATUS ...`` (called by gpu.sh at the end) writes the JSON of a part
 that died without one (timed out, killed, crashed before its wrapper could write) and ``OUT/summary.json``, and
 prints one line per part.
 """
@@ -241,17 +241,25 @@ def summarize(out: Path, rcs: dict[str, int], log: Path | None, meta: dict) -> i
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bench/gpu_common.py")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("summarize")
+    s = sub.add_parser("summarize", help="gpu.sh's last step: missing part JSONs, summary.json")
     s.add_argument("out")
-    s.add_argument("rcs", nargs="+", help="PART=EXIT_STATUS")
-    s.add_argument("--log", default=None)
-    s.add_argument("--meta", default="{}", help="JSON object merged into summary.json")
+    s.add_argument("rcs", nargs="+", help="PART=EXIT_STATUS, one per part that ran")
+    s.add_argument("--log", default=None, help="the combined log (lines 'PART| ...')")
+    s.add_argument("--dry-run", action="store_true")
+    s.add_argument("--gpu", default="", help="nvidia-smi's line")
+    s.add_argument("--wheels", default="", help="what gpu.sh did with the carried wheels")
+    s.add_argument("--commit", default="")
+    s.add_argument("--wall-s", type=float, default=None)
     args = p.parse_args(argv)
     rcs = {}
     for item in args.rcs:
         part, _, rc = item.partition("=")
+        if part not in PARTS or not rc.lstrip("-").isdigit():
+            p.error(f"rcs: expected PART=STATUS with PART one of {', '.join(PARTS)}, got {item!r}")
         rcs[part] = int(rc)
-    return summarize(Path(args.out), rcs, Path(args.log) if args.log else None, json.loads(args.meta))
+    meta = {"dry_run": args.dry_run, "gpu": args.gpu, "wheels": args.wheels, "commit": args.commit,
+            "wall_s": args.wall_s, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return summarize(Path(args.out), rcs, Path(args.log) if args.log else None, meta)
 
 
 if __name__ == "__main__":

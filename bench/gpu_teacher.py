@@ -29,6 +29,13 @@ TOP_K = 16
 
 
 def body(target, args) -> dict:
+    if args.dry_run:
+        args.batch, args.seq, args.reps = min(args.batch, 4), min(args.seq, 64), min(args.reps, 2)
+    with tempfile.TemporaryDirectory(prefix="ddk-gpu-teacher-") as tmp:
+        return measure(target, args, Path(tmp))
+
+
+def measure(target, args, work: Path) -> dict:
     import numpy as np
     import torch
 
@@ -36,9 +43,6 @@ def body(target, args) -> dict:
     from ddk.teacher.client import TeacherClient
     from ddk.teacher.engines import HFEngine
 
-    if args.dry_run:
-        args.batch, args.seq, args.reps = min(args.batch, 4), min(args.seq, 64), min(args.reps, 2)
-    work = Path(tempfile.mkdtemp(prefix="ddk-gpu-teacher-"))
     model_dir = work / "llama"
     torch.manual_seed(0)
     model = llama(target, torch.bfloat16)
