@@ -552,12 +552,12 @@ def test_progress_of_an_unknown_run_is_404(http, server):
 
 
 def test_trainer_progress_never_blocks_and_reaches_the_controller(client, server):
-    """Rank 0's Controller helper: a report is handed to a background thread at once, at most every few
+    """Rank 0's ProgressReporter: a report is handed to a background thread at once, at most every few
     seconds unless forced (an evaluation step); with the controller down it neither waits nor raises."""
-    from ddk.trainer.loop import Controller
+    from ddk.trainer.loop import ProgressReporter
 
     run = new_run(client)
-    c = Controller(server, None, run, {d: 1 / 3 for d in DOMAINS}, 0)
+    c = ProgressReporter(server, None, run)
     try:
         t0 = time.monotonic()
         assert c.progress(1, 30, 5.0, 4.0, 1.0, 100.0)
@@ -569,14 +569,14 @@ def test_trainer_progress_never_blocks_and_reaches_the_controller(client, server
     got = client.get_progress(run)
     assert got["latest"]["step"] == 10 and got["latest"]["kl"] is None  # NaN goes as null
     assert [p["step"] for p in got["points"]] in ([1, 10], [10])  # the newest report may replace a waiting one
-    assert not Controller(None, None, run, {}, 0).progress(1, 30, force=True)  # no controller: nothing posted
-    down = Controller(f"http://127.0.0.1:{free_port()}", None, run, {d: 1 / 3 for d in DOMAINS}, 0)
+    assert not ProgressReporter(None, None, run).progress(1, 30, force=True)  # no controller: nothing posted
+    down = ProgressReporter(f"http://127.0.0.1:{free_port()}", None, run)
     t0 = time.monotonic()
     for step in range(1, 50):
         down.progress(step, 50, 1.0, 1.0, 0.0, 1.0, force=True)
     assert time.monotonic() - t0 < 0.5
     down.close()
-    assert time.monotonic() - t0 < Controller.PROGRESS_TIMEOUT_S + 2
+    assert time.monotonic() - t0 < ProgressReporter.PROGRESS_TIMEOUT_S + 2
 
 
 # -- the all-runs stream ---------------------------------------------------------------------------------------
@@ -773,8 +773,12 @@ def test_page_shows_the_runs_and_their_domains(http, client, server, tmp_path):
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
     run = client.create_run("page-run", ["code_domain", "prose_domain", "legal_domain"], interval_steps=10)
-    client.post_evaluation("page-run", 0, {"code_domain": 2.0, "prose_domain": 1.0, "legal_domain": 1.0},
-                           {"code_domain": 1.0, "prose_domain": 1.0, "legal_domain": 1.0})
+    # gaps (1, 0, 0): s^2 = 1/3; se (0.9, 0.6, -): mean(se^2) = 0.39 > 1/3, so the answer warns (issue 24)
+    answer = http.post(server + "/v1/runs/page-run/evaluations", json={
+        "step": 0, "student_loss": {"code_domain": 2.0, "prose_domain": 1.0, "legal_domain": 1.0},
+        "teacher_loss": {"code_domain": 1.0, "prose_domain": 1.0, "legal_domain": 1.0},
+        "log_ratio_se": {"code_domain": 0.9, "prose_domain": 0.6}})
+    assert answer.json()["warning"] == "the mixture is steering by noise; raise eval tokens", answer.text
     assert run["run_id"] == "page-run"
     r = http.get(server + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
@@ -790,6 +794,13 @@ def test_page_shows_the_runs_and_their_domains(http, client, server, tmp_path):
         assert "<p class=\"error\">" not in dom  # no "cannot reach the controller" message
         assert page.js("document.getElementById('conn').dataset.state") == "live"
         assert page.js("document.getElementById('status-page-run').dataset.version") == "1"
+        # the noise warning, and each ratio with its 95% interval exp(log q -/+ 1.96 se) (none without an se)
+        assert "the mixture is steering by noise; raise eval tokens" in page.js(_text("#run-page-run .noise-warning"))
+        cells = page.js("Object.fromEntries([...document.querySelectorAll('#run-page-run .gap tbody tr')]"
+                        ".map(tr => [tr.dataset.domain, [...tr.querySelectorAll('td')].map(td => td.textContent)]))")
+        lo, hi = math.exp(1 - 1.96 * 0.9), math.exp(1 + 1.96 * 0.9)
+        assert cells["code_domain"] == ["code_domain", f"{math.e:.4f}", f"{lo:.4f} – {hi:.4f}", "0.9000"]
+        assert cells["legal_domain"] == ["legal_domain", "1.0000", "–", "–"]
     finally:
         page.close()
 
@@ -907,6 +918,52 @@ def test_evaluation_tokens_are_optional_and_checked(http, client, server):
     hist = client.history(run)["versions"]
     assert "tokens" not in hist[1] and hist[2]["tokens"] == {"code": 1.0, "prose": 2.0, "legal": 3.0}
     assert hist[2]["policy_state"]["tokens"] == hist[2]["tokens"]
+
+
+# -- standard errors of the log-ratio, the gap estimate and the noise warning (issue 24) ------------------------
+NOISE = "the mixture is steering by noise; raise eval tokens"
+
+
+def test_log_ratio_se_is_optional_stored_and_warns_when_the_gaps_are_noise(http, client, server):
+    body = {"run_id": f"se-{next(_counter)}", "domains": DOMAINS, "gap_estimate": "shrunk", "interval_steps": 10}
+    r = http.post(f"{server}/v1/runs", json=body)
+    assert r.status_code == 201 and r.json()["gap_estimate"] == "shrunk", r.text
+    run = body["run_id"]
+    conflict = http.post(f"{server}/v1/runs", json={**body, "gap_estimate": "raw"})
+    assert conflict.status_code == 409 and "gap_estimate" in conflict.json()["detail"]
+    bad = http.post(f"{server}/v1/runs", json={**body, "run_id": "se-bad", "gap_estimate": "lcb"})
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("gap_estimate:"), bad.text
+    # gaps (1, 0, 1.5) of code, prose, legal: m = 5/6, s^2 = (1/36 + 25/36 + 16/36) / 2 = 7/12 = 0.5833;
+    # se (1.0, 1.0, -): mean(se^2) = 2/3 > s^2 -> tau^2 = 0: the answer warns
+    student = {"code": 2.0, "prose": 2.0, "legal": 2.0}
+    url = f"{server}/v1/runs/{run}/evaluations"
+    r = http.post(url, json={"step": 0, "student_loss": student, "teacher_loss": TEACHER,
+                             "log_ratio_se": {"code": 1.0, "prose": 1.0}})
+    assert r.status_code == 200 and r.json()["warning"] == NOISE, r.text
+    # shrunk: code and prose fall to the mean 5/6, legal (no se) keeps 1.5; softmax(exp(gaps))
+    e = {"code": math.exp(math.exp(5 / 6)), "prose": math.exp(math.exp(5 / 6)), "legal": math.exp(math.exp(1.5))}
+    assert r.json()["weights"] == pytest.approx({d: v / sum(e.values()) for d, v in e.items()}, rel=1e-9)
+    # an older client's body: no standard errors, no warning key, the answer as before
+    r = http.post(url, json={"step": 10, "student_loss": student})
+    assert r.status_code == 200 and set(r.json()) == {"version", "step", "weights", "updated_at"}, r.text
+    hist = client.history(run)["versions"]
+    assert hist[1]["log_ratio_se"] == {"code": 1.0, "prose": 1.0} and hist[1]["warning"] == NOISE
+    assert "log_ratio_se" not in hist[2] and "warning" not in hist[2]
+    assert client.get_run(run)["gap_estimate"] == "shrunk"
+
+
+@pytest.mark.parametrize("se, field", [
+    ('{"code": -0.5}', "log_ratio_se.code"), ('{"code": NaN}', "log_ratio_se.code"),
+    ('{"code": Infinity}', "log_ratio_se.code"), ('{"code": "0.1"}', "log_ratio_se.code"),
+    ('{"math": 0.1}', "log_ratio_se.math"), ('[0.1]', "log_ratio_se"),
+])
+def test_bad_log_ratio_se_is_422_naming_the_field(http, client, server, se, field):
+    run = new_run(client)
+    text = '{"step": 0, "student_loss": %s, "teacher_loss": %s, "log_ratio_se": %s}' % (
+        json.dumps(TEACHER), json.dumps(TEACHER), se)
+    r = http.post(f"{server}/v1/runs/{run}/evaluations", content=text, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"].startswith(field), r.text
+    assert client.get_weights(run)["version"] == 0
 
 
 def test_policy_state_continues_after_a_sigkill_restart(tmp_path):
