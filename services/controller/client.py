@@ -3,8 +3,9 @@
 Retries connection errors and 5xx answers with exponential backoff (a controller restart is survivable:
 its state is in SQLite); 4xx answers are the caller's mistake and raise :class:`ControllerError` at once.
 ``post_evaluation`` is safe to retry: the controller refuses a step it has already recorded (409), and
-when that happens on a retry (the first attempt was applied but its answer lost) the client returns the
-recorded weights instead of failing.
+when that happens on a retry (the first attempt was applied but its answer lost), or always for a client made
+with ``resolve_conflicts=True`` (the trainer's: a resumed run posts again), the client returns the version recorded
+for that step (:meth:`ControllerClient.recorded_version`) instead of failing: the one place a 409 is handled.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ class ControllerUnavailable(Exception):
 
 class ControllerClient:
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 10.0, max_retries: int = 5,
-                 backoff: float = 0.5):
+                 backoff: float = 0.5, resolve_conflicts: bool = False):
         self.url = url.rstrip("/")
+        self.resolve_conflicts = resolve_conflicts  # every 409 of post_evaluation: the recorded version
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
@@ -49,9 +51,9 @@ class ControllerClient:
     def _sleep(self, attempt: int) -> None:
         time.sleep(min(self.backoff * (2 ** attempt), 30.0))
 
-    def _request(self, method: str, path: str, body: dict | None = None,
-                 on_retry_conflict=None) -> dict:
-        """One call with retries; ``on_retry_conflict`` resolves a 409 that follows a failed attempt."""
+    def _request(self, method: str, path: str, body: dict | None = None, on_conflict=None) -> dict:
+        """One call with retries; ``on_conflict(after_failed_attempt)`` may resolve a 409 (the answer to return,
+        or None to raise it)."""
         last_error: Exception | None = None
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -66,8 +68,8 @@ class ControllerClient:
                 last_error = ControllerError(r.status_code, _detail(r))
                 log.warning("controller %s %s: HTTP %d (attempt %d)", method, path, r.status_code, attempt + 1)
                 continue
-            if r.status_code == 409 and attempt and on_retry_conflict is not None:
-                resolved = on_retry_conflict()
+            if r.status_code == 409 and on_conflict is not None:
+                resolved = on_conflict(attempt > 0)
                 if resolved is not None:
                     return resolved
             if r.status_code >= 400:
@@ -103,7 +105,7 @@ class ControllerClient:
 
     def post_evaluation(self, run_id, step, student_loss: dict,
                         teacher_loss: dict | None = None, tokens: dict | None = None,
-                        diagnostics: dict | None = None) -> WeightsVersion:
+                        diagnostics: dict | None = None, log_ratio_se: dict | None = None) -> WeightsVersion:
         """Record an evaluation; returns the new weights {"version", "step", "weights", "updated_at"}.
         ``tokens``: student tokens trained on each domain so far (cumulative), for policies that use them.
         ``diagnostics``: ``{domain: {"kl", "ce", "topk_mass", "tokens", "route"}}``, any of the run's domains and
@@ -117,13 +119,30 @@ class ControllerClient:
         if diagnostics is not None:
             body["diagnostics"] = {d: {k: _plain(v) for k, v in fields.items() if v is not None}
                                    for d, fields in diagnostics.items()}
+        if log_ratio_se:  # {domain: SE of log(PPL_S / PPL_T)}; left out when empty (older controllers: 422)
+            body["log_ratio_se"] = {k: float(v) for k, v in log_ratio_se.items()}
 
-        def already_recorded():
-            # an earlier attempt reached the controller; its version is the current one if its step matches
-            current = self.get_weights(run_id)
-            return current if current.get("step") == int(step) else None
+        def conflict(after_failed_attempt: bool):
+            # the one place a 409 is handled: the controller already has this step (or a later one)
+            if not (self.resolve_conflicts or after_failed_attempt):
+                return None
+            recorded = self.recorded_version(run_id, step)
+            if recorded.get("step") != int(step) and not self.resolve_conflicts:
+                return None  # not our earlier attempt's: the caller gets the 409
+            log.info("controller already has the evaluation of step %d: using its version %d", int(step),
+                     recorded["version"])
+            return recorded
 
-        return self._request("POST", f"/v1/runs/{run_id}/evaluations", body, on_retry_conflict=already_recorded)
+        return self._request("POST", f"/v1/runs/{run_id}/evaluations", body, on_conflict=conflict)
+
+    def recorded_version(self, run_id, step) -> WeightsVersion:
+        """The version the controller recorded for the evaluation of ``step`` (its history); the current
+        weights when no version has that step."""
+        for v in reversed(self.history(run_id).get("versions", [])):
+            if v.get("step") == int(step) and v.get("version", 0) > 0:
+                return {"version": v["version"], "step": v["step"], "weights": v["weights"],
+                        "updated_at": v.get("created_at")}
+        return self.get_weights(run_id)
 
     def post_progress(self, run_id, step, total_steps, loss=None, ce=None, kl=None, tokens_per_s=None) -> dict:
         """Report a run's progress (the page's "step of total" and loss curve); returns the stored report.

@@ -1,25 +1,26 @@
 """Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
 A checkpoint directory (one per saved step, written by every Ray worker into the same folder, which
-Ray Train merges in storage) holds:
+Ray Train merges in storage) holds, whatever ``train.strategy`` (ddp or fsdp) and world size wrote it:
 
-    model.safetensors        the student's weights (rank 0)
-    state.safetensors        every tensor of the training state: AdamW moments, RNG state (rank 0)
-    state.json               step, weights + version, LR schedule, optimiser hyper-parameters (rank 0);
-                             tensors appear there as {"__tensor__": key} pointers into state.safetensors
-    rank-<r>.json            worker r's own state (its sampler), with rank-<r>.safetensors for its tensors
+    model.safetensors        the full student (rank 0; an FSDP run gathers it parameter by parameter)
+    state.json               rank 0: layout, step, world_size, strategy, the optimiser's full state keyed by
+                             parameter name, LR schedule, torch RNG, and the shared ``entries``: ``trainer``
+                             (TrainState) and ``mixture`` (MixtureSync); tensors appear as
+                             {"__tensor__": key} pointers into state.safetensors
+    state.safetensors        every tensor of that state: AdamW moments, RNG state
+    rank-<r>.json            worker r's own ``entries`` (its ``sampler``), with rank-<r>.safetensors
 
-With ``train.strategy: fsdp`` every rank writes its own shard of the model and optimiser instead
-(``model-rank<r>``, ``optim-rank<r>``; ``"strategy": "fsdp"`` in state.json): see ddk.trainer.parallel.
-
-:func:`save_training` / :func:`load_training` write and read a trainer's whole state (state.py's
-``TrainState`` plus model, optimiser, schedule and RNG) in that layout.
+So a checkpoint resumes on any number of workers and under either strategy (ddk.trainer.parallel.Distributed
+writes and reads it; each rank takes its part of every tensor on load). This module is the format:
+:func:`save_checkpoint` / :func:`load_checkpoint` (which reads the layout before 2026-12-06 too,
+:func:`upgrade`), the model file, and the discovery of the newest complete checkpoint.
 
 `torch.save` would pickle, and a pickle in a checkpoint is code that runs on load. Instead
 :func:`flatten` walks a nested state (dicts, lists, tuples, scalars, tensors, numpy arrays) and
 splits it into a JSON-able skeleton plus a flat {key: tensor} map that safetensors can store;
 :func:`unflatten` puts it back together, numpy arrays and tuples included, so optimiser and sampler
-states round-trip exactly (``optimizer.load_state_dict`` accepts the result as is).
+states round-trip exactly.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from safetensors.torch import load_file, save_file
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 MODEL_TENSORS = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1   # the JSON skeleton + safetensors encoding of one state file (flatten/unflatten)
+LAYOUT = 2           # what the files hold: 2 = entries (2026-12-06); 1 = the fields before it
 
 
 def _rank_stem(rank: int) -> str:
@@ -134,20 +136,27 @@ def load_state(directory: str | Path, name: str = "state") -> dict[str, Any]:
     return unflatten(doc["state"], tensors)
 
 
-def save_model(directory: str | Path, model: torch.nn.Module) -> None:
-    """The student's parameters and buffers (tied weights stored once: safetensors refuses shared memory)."""
-    state = {}
-    seen: dict[int, str] = {}
-    for k, v in model.state_dict().items():
+def write_model(directory: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``model.safetensors`` from a full (unsharded) state dict: tensors shared under two names (tied embeddings
+    and LM head) are stored once, since safetensors refuses shared memory; loading ties them again."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in tensors.items():
         ptr = v.data_ptr()
         if ptr in seen and v.numel() > 0:
-            continue  # tied to an earlier tensor; load_state_dict(strict=False) + tie_weights restores it
-        seen[ptr] = k
+            continue
+        seen.add(ptr)
         state[k] = v.detach().cpu().contiguous()
     save_file(state, str(Path(directory) / MODEL_TENSORS))
 
 
+def save_model(directory: str | Path, model: torch.nn.Module) -> None:
+    """The (unsharded) student's parameters and buffers in ``model.safetensors``."""
+    write_model(directory, model.state_dict())
+
+
 def load_model(directory: str | Path, model: torch.nn.Module) -> None:
+    """``model.safetensors`` into an unsharded ``model`` (tied tensors tied again; anything else missing raises)."""
     state = load_file(str(Path(directory) / MODEL_TENSORS))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
@@ -161,78 +170,66 @@ def load_model(directory: str | Path, model: torch.nn.Module) -> None:
         raise ValueError(f"checkpoint lacks tensors of the model: {really_missing[:5]}")
 
 
-def save_checkpoint(directory: str | Path, *, rank: int, step: int, model: torch.nn.Module | None,
-                    optimizer: torch.optim.Optimizer | None, scheduler: Any | None,
-                    weights: dict[str, float], version: int, rank_state: dict[str, Any],
-                    extra: dict[str, Any] | None = None, world_size: int = 1) -> None:
-    """Write this worker's part of the checkpoint after ``step`` optimiser steps.
+def save_checkpoint(directory: str | Path, *, rank: int, step: int, world_size: int = 1, strategy: str = "ddp",
+                    model: dict[str, torch.Tensor] | None = None, optimizer: dict[str, Any] | None = None,
+                    scheduler: dict[str, Any] | None = None, entries: dict[str, Any] | None = None,
+                    rank_entries: dict[str, Any] | None = None) -> None:
+    """Write this worker's part of the checkpoint after ``step`` optimiser steps (the module docstring's files).
 
-    Rank 0 writes the shared part (model, optimiser, schedule, step, mixture); every rank writes
-    its own ``rank-<r>`` files (its sampler state), so a resumed worker continues its own stream.
+    Rank 0 writes the shared part: ``model`` (the full state dict), ``optimizer`` (its full state, keyed by
+    parameter name), the LR ``scheduler``'s state, the torch RNG and the shared ``entries`` (plain values:
+    the trainer's state, the mixture). Every rank writes its ``rank_entries`` (its sampler) to ``rank-<r>``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        assert model is not None and optimizer is not None
-        save_model(directory, model)
-        save_state(directory, {
-            "step": int(step),
-            "world_size": int(world_size),
-            "weights": {k: float(v) for k, v in weights.items()},
-            "version": int(version),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "torch_rng": torch.get_rng_state(),
-            "extra": extra or {},
-        })
-    save_state(directory, {"step": int(step), **rank_state}, name=_rank_stem(rank))
+        write_model(directory, model or {})
+        save_state(directory, {"layout": LAYOUT, "step": int(step), "world_size": int(world_size),
+                               "strategy": strategy, "optimizer": optimizer, "scheduler": scheduler,
+                               "torch_rng": torch.get_rng_state(), "entries": entries or {}})
+    save_state(directory, {"step": int(step), "entries": rank_entries or {}}, name=_rank_stem(rank))
 
 
 def load_checkpoint(directory: str | Path, *, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(shared state, this rank's state or None when the checkpoint has no file for this rank)."""
+    """(shared state, this rank's state or None when the checkpoint has no file for this rank), as
+    :func:`save_checkpoint` wrote them; a checkpoint of the layout before 2026-12-06 (DDP) is read into the
+    same shape (:func:`upgrade`)."""
     directory = Path(directory)
     shared = load_state(directory)
     own = load_state(directory, _rank_stem(rank)) if (directory / f"{_rank_stem(rank)}.json").exists() else None
-    return shared, own
+    return upgrade(shared, own, directory)
 
 
-def save_training(directory: str | Path, state: dict[str, Any], *, rank: int, world_size: int,
-                  model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
-                  scheduler: Any | None) -> None:
-    """This rank's part of the checkpoint of a trainer's state (``TrainState.state_dict()``, see state.py).
+def upgrade(shared: dict[str, Any], own: dict[str, Any] | None,
+            where: str | Path = "checkpoint") -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A layout-1 checkpoint's (shared, own) in layout 2's shape; layout 2 as it is.
 
-    The files are those of :func:`save_checkpoint`: step, weights and version in the shared state, teacher
-    losses and the pending evaluation under its ``extra``, the sampler in ``rank-<r>``.
-    """
-    save_checkpoint(directory, rank=rank, step=state["step"], model=model, optimizer=optimizer,
-                    scheduler=scheduler, weights=state["weights"], version=state["version"],
-                    rank_state={"sampler": state.get("sampler")},
-                    extra={"teacher_loss": state.get("teacher_loss"), "pending": state.get("pending"),
-                           **({"tokens": state["tokens"]} if state.get("tokens") else {}),
-                           **({"scaler": state["scaler"]} if state.get("scaler") else {})},
-                    world_size=world_size)
+    Layout 1 kept the mixture (``weights``, ``version``, ``extra.pending``) and the trainer's state
+    (``extra.teacher_loss``, ``tokens``, ``scaler``) in the shared state and the sampler in ``rank-<r>``; they
+    become the ``trainer`` and ``mixture`` entries and the ``sampler`` rank entry. Its optimiser state stays
+    keyed by index (the loader maps it). A layout-1 ``train.strategy: fsdp`` checkpoint (per-rank shards)
+    cannot be read: UsageError (exit 2) naming the folder."""
+    if int(shared.get("layout", 1)) >= LAYOUT:
+        return shared, own
+    if shared.get("strategy") == "fsdp":
+        from ddk.errors import UsageError
 
-
-def load_training(directory: str | Path, *, rank: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  scheduler: Any | None) -> dict[str, Any]:
-    """Inverse of :func:`save_training`: loads the model, optimiser, LR schedule and torch RNG in place and
-    returns the trainer's state as ``TrainState.load_state_dict`` takes it (``sampler`` None when the
-    checkpoint has no state for this rank, e.g. the world size changed)."""
-    shared, own = load_checkpoint(directory, rank=rank)
-    if shared.get("strategy") == "fsdp":  # sharded: ddk.trainer.parallel.load_training_sharded reads it
-        raise ValueError(f"{directory} is a sharded checkpoint of train.strategy=fsdp on {shared.get('world_size')} "
-                         "ranks: resume it with train.strategy=fsdp on as many workers")
-    load_model(directory, model)
-    optimizer.load_state_dict(shared["optimizer"])
-    if scheduler is not None and shared.get("scheduler") is not None:
-        scheduler.load_state_dict(shared["scheduler"])
-    torch.set_rng_state(shared["torch_rng"])
+        raise UsageError(f"{where}: a train.strategy=fsdp checkpoint of the per-rank shard format (before "
+                         "2026-12-06) cannot be resumed by this version: finish that run with the ddk that "
+                         "wrote it, or start it afresh in a new output_dir")
     extra = shared.get("extra") or {}
-    return {"step": int(shared["step"]), "weights": {k: float(v) for k, v in shared["weights"].items()},
-            "version": int(shared["version"]), "teacher_loss": extra.get("teacher_loss"),
-            "pending": extra.get("pending"), "sampler": own.get("sampler") if own is not None else None,
-            **({"tokens": extra["tokens"]} if extra.get("tokens") else {}),
-            **({"scaler": extra["scaler"]} if extra.get("scaler") else {})}
+    pending = extra.get("pending")
+    unposted = pending if isinstance(pending, list) else [pending] if pending else []
+    trainer = {"step": int(shared["step"]), "teacher_loss": extra.get("teacher_loss"),
+               **{k: extra[k] for k in ("tokens", "scaler") if extra.get(k)}}
+    mixture = {"weights": shared["weights"], "version": int(shared["version"]), "unposted": unposted}
+    new = {"layout": 1, "step": int(shared["step"]), "world_size": int(shared.get("world_size", 1)),
+           "strategy": "ddp", "optimizer": shared.get("optimizer"), "scheduler": shared.get("scheduler"),
+           "torch_rng": shared.get("torch_rng"), "entries": {"trainer": trainer, "mixture": mixture}}
+    if own is not None:
+        own = {"step": own.get("step"),
+               "entries": {"sampler": own["sampler"]} if own.get("sampler") is not None else {}}
+    return new, own
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,11 +258,8 @@ def complete_step(directory: str | Path) -> int | None:
     shared = _loads(directory, "state")
     if shared is None or "step" not in shared:
         return None
-    if shared.get("strategy") == "fsdp":  # every rank's model and optimiser shard (ddk.trainer.parallel)
-        from ddk.trainer.parallel import shards_complete
-
-        if not shards_complete(directory, shared):
-            return None
+    if int(shared.get("layout", 1)) < LAYOUT and shared.get("strategy") == "fsdp":
+        pass  # the old per-rank shard format: found, so that resuming it says why it cannot (upgrade)
     else:
         try:
             load_file(str(directory / MODEL_TENSORS))

@@ -7,12 +7,14 @@ in step order and records how long it waited (``teacher_wait_s``, ~0 when the te
 
 Weights and prefetching. A batch must be drawn with the domain weights in force at its step, and
 the weights change only when an evaluation (at an interval boundary, or a late retry after the
-controller was unreachable) returns a new version. So the feed is given a *window* of steps
-``[start, stop)`` and one set of weights, and prefetches only inside it; the loop schedules the
+controller was unreachable) returns a new version. The weights live in one place, the run's
+:class:`~ddk.trainer.mixture_sync.MixtureSync` (``mixture``): :meth:`TeacherFeed.schedule` reads them
+there for a *window* of steps ``[start, stop)`` and prefetches only inside it; the loop schedules the
 next window once the new weights are known. When weights change inside a window the loop calls
 :meth:`TeacherFeed.cancel`: queued batches are dropped and the sampler is rewound to its state
 after the last batch actually trained on, so discarded draws leave no trace (the sampler's state
-is snapshotted with every batch for that reason; it is also what a checkpoint stores).
+is snapshotted with every batch for that reason; it is also what a checkpoint stores: the feed is
+the checkpoint's per-rank ``sampler`` entry, :meth:`state_dict` / :meth:`load_state_dict`).
 
 Gradient accumulation (``micro_batches`` M > 1): the sampler draws one batch of M x ``batch_size`` rows per
 step (a pure function of the step, as before), which the producer splits into M micro-batches, each fetched
@@ -55,12 +57,10 @@ class Batch:
     """One step's training batch (with gradient accumulation: one of the step's micro-batches)."""
 
     step: int                      # optimiser steps completed before this batch (0-based step index)
-    version: int                   # weights version it was drawn under
     rows: list[tuple[str, int]]    # (domain, block index) per row
     input_ids: torch.Tensor        # int64 [B, seq_len + 1]: inputs are [:, :-1], labels [:, 1:]
     teacher: Any | None            # TeacherOutput for input_ids (rows j predict token j+1), None for CPT
     sampler_state: dict            # the sampler's state right after drawing this batch
-    fetch_s: float                 # time the producer spent on the teacher request
     micro: int = 0                 # which micro-batch of the step (0 .. micros - 1)
     micros: int = 1                # micro-batches per step (train.grad_accum_steps)
 
@@ -76,12 +76,13 @@ class TeacherFeed:
     ``blocks(rows) -> np.ndarray [B, seq_len + 1]`` gathers the token blocks of the drawn rows;
     ``teacher`` is a :class:`~ddk.teacher.client.TeacherClient` (or anything with ``topk``),
     or None when the loss needs no teacher (CPT): then no request is ever made. ``micro_batches``: batches of
-    ``batch_size`` per step (:meth:`next` is called that many times per step).
+    ``batch_size`` per step (:meth:`next` is called that many times per step). ``mixture``: where the weights
+    in force are read (anything with ``weights``: the run's MixtureSync).
     """
 
     def __init__(self, sampler: Sampler, blocks: Callable[[Sequence[tuple[str, int]]], np.ndarray],
                  batch_size: int, teacher: Any | None = None, top_k: int = 0,
-                 depth: int = DEFAULT_DEPTH, micro_batches: int = 1):
+                 depth: int = DEFAULT_DEPTH, micro_batches: int = 1, *, mixture: Any):
         if depth < 1:
             raise ValueError("depth must be >= 1")
         if micro_batches < 1:
@@ -89,6 +90,7 @@ class TeacherFeed:
         self.micro_batches = int(micro_batches)
         self._next_micro = 0
         self.sampler = sampler
+        self.mixture = mixture
         self.blocks = blocks
         self.batch_size = batch_size
         self.teacher = teacher
@@ -98,10 +100,8 @@ class TeacherFeed:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._window: tuple[int, int] | None = None
-        self._version: int | None = None
         self._next_step: int | None = None          # the step next() expects
         self._consumed_state = copy.deepcopy(sampler.state_dict())
-        self.wait_s_total = 0.0
 
     # -- window control ------------------------------------------------------------------------
     @property
@@ -109,17 +109,12 @@ class TeacherFeed:
         """The active window [start, stop), or None when idle."""
         return self._window
 
-    @property
-    def version(self) -> int | None:
-        """The weights version of the active window (None when idle)."""
-        return self._version if self._window is not None else None
-
     def covers(self, step: int) -> bool:
         return self._window is not None and self._window[0] <= step < self._window[1] \
             and self._next_step == step
 
-    def schedule(self, start: int, stop: int, weights: dict[str, float], version: int) -> None:
-        """Prefetch batches for steps ``start .. stop-1`` drawn with ``weights``."""
+    def schedule(self, start: int, stop: int) -> None:
+        """Prefetch batches for steps ``start .. stop-1``, drawn with the mixture's weights as they are now."""
         if stop <= start:
             raise ValueError(f"empty window [{start}, {stop})")
         self.cancel()
@@ -127,12 +122,11 @@ class TeacherFeed:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.depth)
         self._window = (start, stop)
-        self._version = version
         self._next_step = start
         self._next_micro = 0
         self._thread = threading.Thread(
             target=self._produce, name=f"teacher-feed-{start}",
-            args=(start, stop, dict(weights), version, self._stop, self._queue), daemon=True)
+            args=(start, stop, dict(self.mixture.weights), self._stop, self._queue), daemon=True)
         self._thread.start()
 
     def cancel(self) -> None:
@@ -170,7 +164,6 @@ class TeacherFeed:
             raise item.exc
         assert item.step == step and item.micro == self._next_micro, (item.step, item.micro, step,
                                                                       self._next_micro)
-        self.wait_s_total += waited
         if item.micro + 1 < item.micros:  # more micro-batches of this step to come
             self._next_micro += 1
             return item, waited
@@ -187,9 +180,19 @@ class TeacherFeed:
         """The sampler's state after the last batch handed out (what a checkpoint must store)."""
         return copy.deepcopy(self._consumed_state)
 
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the sampler's position (the feed idle). A state that does not fit this sampler (domains,
+        seed, rank or world size changed) is logged and skipped: the block order then starts afresh."""
+        self.cancel()
+        try:
+            self.sampler.load_state_dict(copy.deepcopy(state))
+        except (ValueError, KeyError) as e:
+            log.warning("sampler state not reusable (%s); its block order starts afresh", e)
+            return
+        self._consumed_state = copy.deepcopy(self.sampler.state_dict())
+
     # -- producer ------------------------------------------------------------------------------
-    def _produce(self, start: int, stop: int, weights: dict[str, float], version: int,
-                 stop_event: threading.Event, out: queue.Queue) -> None:
+    def _produce(self, start: int, stop: int, weights: dict[str, float], stop_event: threading.Event, out: queue.Queue) -> None:
         try:
             for step in range(start, stop):
                 if stop_event.is_set():
@@ -202,12 +205,10 @@ class TeacherFeed:
                         return
                     rows = drawn[m * B:(m + 1) * B]
                     ids = torch.from_numpy(np.asarray(self.blocks(rows), dtype=np.int64))
-                    t0 = time.perf_counter()
                     teacher = None if self.teacher is None else \
                         ask(self.teacher, ids, self.top_k, [dn for dn, _ in rows])  # rows to their domain's route
-                    batch = Batch(step=step, version=version, rows=list(rows), input_ids=ids,
-                                  teacher=teacher, sampler_state=state,
-                                  fetch_s=time.perf_counter() - t0, micro=m, micros=M)
+                    batch = Batch(step=step, rows=list(rows), input_ids=ids, teacher=teacher,
+                                  sampler_state=state, micro=m, micros=M)
                     while not stop_event.is_set():
                         try:
                             out.put(batch, timeout=0.1)

@@ -1,28 +1,30 @@
 """The per-worker distillation loop: :class:`Trainer` (one process per rank under Ray Train, or one in-process).
 
-``Trainer(job, ctx).fit()`` runs ``setup()`` (data, student, optimiser, LR schedule, then ``resume()`` from the
-newest checkpoint, then teacher, feed, controller, metrics writer), the steps below, ``export()`` and ``close()``.
+``Trainer(job, ctx).fit()`` runs ``setup()`` (data, the mixture, the student placed by its
+:class:`~ddk.trainer.parallel.Distributed`, optimiser, LR schedule, teacher and feed, then ``resume()`` from the
+newest checkpoint, then the metrics writer), the steps below, ``export()`` and ``close()``.
 Per step ``s`` (``s`` optimiser steps done so far, :attr:`TrainState.step`), every rank:
 
 1. :meth:`Trainer.evaluate`: at an interval boundary (``s % interval_steps == 0``, step 0 included, and at the
    last step), every rank evaluates the student on its shard of every domain's validation blocks (the sums
-   all-reduced: :meth:`Trainer.student_losses`) and rank 0 posts the losses to the
-   controller, which answers with the next weights version (the DDK update). A controller that cannot be
-   reached does not stop the run: the run keeps its last weights, says so in the log and retries the same
-   evaluation at later steps (1, 2, 4 ... steps later, at most 32) until it gets through or a newer
-   evaluation replaces it. A 409 (this step is already recorded: a resumed run) means: use the weights
-   the controller recorded for this step.
+   all-reduced: :meth:`Trainer.student_losses`) and rank 0 hands the losses to the run's
+   :class:`~ddk.trainer.mixture_sync.MixtureSync`, which posts them to the controller; its answer is the next
+   weights version (the DDK update). A controller that cannot be reached does not stop the run: the run keeps
+   its last weights, says so in the log and retries at later steps (the sync's one retry policy) until every
+   evaluation got through, in order; the end of the run keeps trying for a bounded time.
 2. :meth:`Trainer.evaluate` then broadcasts rank 0's ``[version, w_1 .. w_N]`` as one float64 tensor
    (torch.distributed, no pickle); every rank now draws with the same weights.
 3. :meth:`Trainer.train_step`: the teacher feed hands out the step's batch (drawn with those weights, teacher
-   top-k fetched in the background, see feed.py); when the weights changed, batches prefetched under the old
-   ones are dropped.
+   top-k fetched in the background, see feed.py; the feed reads the weights from the mixture sync); when the
+   weights changed, batches prefetched under the old ones are dropped.
 4. :meth:`Trainer.train_step`: per micro-batch (``train.grad_accum_steps`` of them) forward and
    ``CE + gamma * KL`` (loss.py; from the hidden states in chunks unless ``kd.chunk_tokens: 0``) under
    ``train.precision``'s autocast, backward (DDP all-reduce on the last micro-batch; :meth:`Trainer.backward`,
    scale.py), clip, AdamW, LR schedule, and rank 0's ``step`` line in the metrics.
 5. :meth:`Trainer.save`: at ``checkpoint.every_steps`` and the last step, a checkpoint of the model, optimiser,
-   schedule, RNG and :class:`~ddk.trainer.state.TrainState` (checkpoint.py), reported to the context.
+   schedule, RNG and the registered entries (:class:`~ddk.trainer.state.TrainState`, the mixture sync, each
+   rank's sampler position), written by the :class:`~ddk.trainer.parallel.Distributed` and reported to the
+   context.
 
 Rank 0 appends to ``output_dir/metrics.jsonl`` (see metrics.py; every record also goes to the trackers of
 ``logging.*``, see tracking.py) and finally (:meth:`Trainer.export`) writes
@@ -36,10 +38,10 @@ The loop talks to its surroundings through a small context (:class:`RayContext` 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ from ddk.trainer import checkpoint as ckpt
 from ddk.trainer import scale
 from ddk.trainer.config import FAULT_ENV, TrainJob
 from ddk.trainer.metrics import METRICS, MetricsWriter, truncate_metrics
+from ddk.trainer.mixture_sync import MixtureSync
 from ddk.trainer.optim import build_optimizer, lr_lambda
 from ddk.trainer.state import TrainState
 from ddk.trainer.tracking import tracked_writer
@@ -61,10 +64,8 @@ from ddk.vocab import ratio
 
 log = logging.getLogger("ddk.trainer")
 
-MAX_RETRY_GAP = 32  # steps between two attempts to reach an unreachable controller, at most
-
-__all__ = ["Controller", "InjectedFault", "LocalContext", "RayContext", "TrainState", "Trainer",
-           "save_and_report", "train_loop_per_worker"]
+__all__ = ["InjectedFault", "LocalContext", "ProgressReporter", "RayContext", "TrainState", "Trainer",
+           "train_loop_per_worker"]
 
 
 class InjectedFault(RuntimeError):
@@ -319,29 +320,17 @@ def _finite_or_none(x: float | None) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-class Controller:
-    """Rank 0's side of the controller: post evaluations, keep the last weights, retry when unreachable; and
-    report progress (step of total, loss) for the controller's page, which never blocks or fails the run."""
+class ProgressReporter:
+    """Rank 0's progress reports (step of total, loss) for the controller's page, which never block or fail the
+    run (the evaluations and the weights are the mixture sync's, ddk.trainer.mixture_sync)."""
 
     PROGRESS_EVERY_S = 5.0   # progress reports at most this often, besides the one at each evaluation step
     PROGRESS_TIMEOUT_S = 2.0
 
-    def __init__(self, url: str | None, token: str | None, run_id: str, weights: dict[str, float],
-                 version: int) -> None:
-        self.run_id = run_id
-        self.weights, self.version = dict(weights), int(version)
-        self.client = None
+    def __init__(self, url: str | None, token: str | None, run_id: str) -> None:
         self._poster: _ProgressPoster | None = None  # no controller: no progress reports
         if url:
-            from ddk.controller.client import ControllerClient
-
-            # few fast retries: an outage must not stall every step for long
-            self.client = ControllerClient(url, token, timeout=10.0, max_retries=2, backoff=0.25)
             self._poster = _ProgressPoster(url, token, run_id, self.PROGRESS_TIMEOUT_S)
-        self.pending: dict | None = None     # {"step", "student_loss", "teacher_loss"} not yet accepted
-        self.backlog: list[dict] = []        # older evaluations not yet accepted either, oldest first
-        self._next_try = 0
-        self._gap = 1
         self._progress_at = -float("inf")
 
     def progress(self, step: int, total_steps: int, loss: float | None = None, ce: float | None = None,
@@ -359,96 +348,10 @@ class Controller:
                             "tokens_per_s": _finite_or_none(tokens_per_s)})
         return True
 
-    def submit(self, step: int, student_loss: dict[str, float], teacher_loss: dict[str, float] | None,
-               tokens: dict[str, float] | None = None, diagnostics: dict[str, dict] | None = None) -> None:
-        """A new evaluation to post. One still waiting goes to the backlog, posted first (the controller wants
-        increasing steps, and one version per interval: an outage across a boundary must not lose an interval).
-        ``tokens``: student tokens trained per domain so far; ``diagnostics``: per-domain distillation
-        diagnostics (each posted with it when given)."""
-        if self.pending is not None and self.pending["step"] < step:
-            self.backlog.append(self.pending)
-        self.pending = {"step": step, "student_loss": student_loss, "teacher_loss": teacher_loss}
-        if tokens is not None:
-            self.pending["tokens"] = dict(tokens)
-        if diagnostics:
-            self.pending["diagnostics"] = {n: dict(d) for n, d in diagnostics.items()}
-        self._next_try, self._gap = step, 1
-
-    def unposted(self) -> list[dict]:
-        """Every evaluation not yet accepted, oldest first (what a checkpoint keeps)."""
-        return self.backlog + ([self.pending] if self.pending is not None else [])
-
-    def try_post(self, step: int) -> dict | None:
-        """Post the backlog, then the pending evaluation, if due; the newest {version, step, weights} accepted,
-        or None when nothing got through."""
-        if self.pending is None or step < self._next_try:
-            return None
-        if self.client is None:  # fixed mixture without a controller: the weights stay as they are
-            self.pending, self.backlog = None, []
-            return {"version": self.version, "step": step, "weights": dict(self.weights)}
-        answer = None
-        while self.backlog:
-            got = self._post(self.backlog[0], step)
-            if got is None:
-                return answer
-            self.backlog.pop(0)
-            answer = got
-        got = self._post(self.pending, step)
-        if got is not None:
-            self.pending, answer = None, got
-        return answer
-
-    def _post(self, p: dict, step: int) -> dict | None:
-        """Post one evaluation; its answer (the weights now in force), or None when the controller is away."""
-        from ddk.controller.client import ControllerError, ControllerUnavailable
-
-        try:
-            answer = self.client.post_evaluation(self.run_id, p["step"], p["student_loss"], p["teacher_loss"],
-                                                 **{key: p[key] for key in ("tokens", "diagnostics")
-                                                    if p.get(key) is not None})
-        except ControllerUnavailable as e:
-            self._next_try = step + self._gap
-            log.warning("controller unreachable (%s); keeping weights version %d, retrying at step %d",
-                        e, self.version, self._next_try)
-            self._gap = min(self._gap * 2, MAX_RETRY_GAP)
-            return None
-        except ControllerError as e:
-            if e.status != 409:
-                raise
-            answer = self._recorded(p["step"])
-            log.info("controller already has the evaluation of step %d (resumed run): using its version %d",
-                     p["step"], answer["version"])
-        self.weights, self.version = {k: float(v) for k, v in answer["weights"].items()}, int(answer["version"])
-        return answer
-
-    def _recorded(self, step: int) -> dict:
-        """The version the controller recorded for ``step`` (history); its current weights if none matches."""
-        for v in reversed(self.client.history(self.run_id).get("versions", [])):
-            if v.get("step") == step and v.get("version", 0) > 0:
-                return {"version": v["version"], "step": step, "weights": v["weights"]}
-        return self.client.get_weights(self.run_id)
-
     def close(self) -> None:
         if self._poster is not None:
             self._poster.close()
             self._poster = None
-        if self.client is not None and hasattr(self.client, "close"):
-            self.client.close()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# checkpoints
-
-def save_and_report(ctx, state: TrainState, model, optimizer, scheduler, loss: float) -> None:
-    """This rank's part of the checkpoint of ``state`` (rank 0 adds model, optimiser and schedule), written to
-    a temporary folder and handed to ``ctx.report``, which copies it to the run's storage."""
-    rank0 = ctx.rank == 0
-    with tempfile.TemporaryDirectory(prefix="ddk-ckpt-") as tmp:
-        ckpt.save_training(tmp, state.state_dict(), rank=ctx.rank, world_size=ctx.world_size,
-                           model=model if rank0 else None, optimizer=optimizer if rank0 else None,
-                           scheduler=scheduler if rank0 else None)
-        ctx.report({"step": state.step, "loss": loss, "version": state.version}, Path(tmp),
-                   ckpt.checkpoint_name(state.step))
 
 
 @dataclass
@@ -475,7 +378,9 @@ class Trainer:
 
     ``job``: a :class:`~ddk.trainer.config.TrainJob` (or its ``model_dump()``); ``ctx``: :class:`RayContext` or
     :class:`LocalContext`; ``teacher_client`` replaces the TeacherClient built from ``teacher.urls``
-    (benchmarks). Rank 0 alone holds ``controller`` and ``writer``.
+    (benchmarks). Every rank holds the run's :attr:`mixture` (rank 0's talks to the controller) and its
+    :attr:`distributed` (:class:`~ddk.trainer.parallel.Distributed`: placement, checkpoints, export); rank 0 alone holds
+    ``progress`` and ``writer``.
     """
 
     def __init__(self, job: TrainJob | dict, ctx, teacher_client: Any | None = None) -> None:
@@ -489,17 +394,18 @@ class Trainer:
         self.out_dir = Path(self.cfg.output_dir)
         self.total, self.K = self.cfg.train.steps, self.cfg.mixture.interval_steps
         self.teacher_client = teacher_client
-        self.state = TrainState(version=int(self.job.initial_version), teacher_loss=self.job.teacher_loss)
+        self.state = TrainState(teacher_loss=self.job.teacher_loss)
         self.restored = False
-        self.fsdp, self.full_state = False, None  # train.strategy=fsdp (set in setup); the gathered export
-        self.model = self.raw_model = self.teacher = self.feed = self.controller = self.writer = None
+        self.mixture: MixtureSync | None = None
+        self.model = self.raw_model = self.teacher = self.feed = self.progress = self.writer = self.distributed = None
         self.throughput = _Throughput()
         self.t_start = time.perf_counter()
 
     # -- setup -------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Data, student, optimiser and schedule; :meth:`resume` (into those); the student's placement, the
-        teacher and its feed; on rank 0 the controller and the metrics writer."""
+        """Data and the mixture; the student placed (:class:`~ddk.trainer.parallel.Distributed`), optimiser and
+        schedule; the teacher and its feed; the checkpoint entries registered and :meth:`resume` (into all of
+        them); on rank 0 the progress reports and the metrics writer."""
         cfg = self.cfg
         threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // self.ctx.local_world_size))
         torch.set_num_threads(max(1, threads))
@@ -507,23 +413,26 @@ class Trainer:
         self.device = self.ctx.device()
         self._setup_data()
         self.raw_model = _load_model(cfg.student.model)
-        self.fsdp = cfg.train.strategy == "fsdp"
-        if self.fsdp:  # FSDP2 (parallel.py): shard first, so that the optimiser holds the sharded (DTensor) params
-            from ddk.trainer import parallel
+        from ddk.trainer.parallel import Distributed
 
-            self.model = parallel.prepare_student_step(self._student_step(), scale.resolve_precision(
-                cfg.train.precision, self.device), self.device, self.rank)
+        # train.strategy (parallel.py): placed first, so that the optimiser holds the placed parameters (the
+        # sharded DTensors when sharded)
+        self.distributed = Distributed(cfg.train.strategy, self.ctx, self.device,
+                                scale.resolve_precision(cfg.train.precision, self.device))
+        self.model = self.distributed.place(self._student_step())  # the student + its loss (scale.StudentStep)
+        self.raw_model = getattr(self.model, "module", self.model).student
         self.optimizer = build_optimizer(self.raw_model, cfg.train.lr, cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train.warmup_steps,
                                                                                      self.total))
+        self._setup_feed()
+        self.distributed.attach(self.raw_model, self.optimizer, self.scheduler)
+        self.distributed.register("trainer", self.state)
+        self.distributed.register("mixture", self.mixture)
+        self.distributed.register("sampler", self.feed, per_rank=True)  # the sampler's position after the last batch
         self.resume()
-        if not self.fsdp:
-            self.model = self.ctx.prepare_model(self._student_step())  # the student + its loss (scale.StudentStep)
-        self.raw_model = getattr(self.model, "module", self.model).student
         self._setup_scale()
         if self.state.step >= self.total and self.rank == 0:
             log.info("the run already reached step %d of %d", self.state.step, self.total)
-        self._setup_feed()
         if self.rank == 0:
             self._setup_rank0()
         self.faults = pending_faults(self.job.fault_at_steps, self.out_dir) if self.rank == self.world - 1 else set()
@@ -573,7 +482,8 @@ class Trainer:
         """The driver prepared the token cache, so this only memory-maps it."""
         from transformers import AutoTokenizer
 
-        from ddk.trainer.data import load_domain_specs, prepare_domains
+        from ddk.data.cache import prepare_domains
+        from ddk.data.domains import load_domain_specs
         from ddk.trainer.sampler import DomainSampler
 
         cfg = self.cfg
@@ -582,42 +492,43 @@ class Trainer:
                                        cfg.data.cache_dir)
         self.names = sorted(self.domains)
         self.sampler = DomainSampler({n: len(self.domains[n].train) for n in self.names}, seed=cfg.seed,
-                                     rank=self.rank, world_size=self.world, tokens_per_block=cfg.data.seq_len)
-        self.state.weights = {n: float(self.job.initial_weights[n]) for n in self.names}
+                                     rank=self.rank, world_size=self.world)
+        # the run's one copy of the mixture; rank 0's posts the evaluations to the controller (mixture_sync.py)
+        self.mixture = MixtureSync.connect(cfg.controller.url if self.rank == 0 else None, self.job.controller_token,
+                                           cfg.run_id, {n: float(self.job.initial_weights[n]) for n in self.names},
+                                           int(self.job.initial_version))
 
     def _setup_feed(self) -> None:
         """The teacher only when the loss needs it (CPT never calls it), and the feed that prefetches from it."""
         from ddk.trainer.feed import TeacherFeed
 
         if self.cfg.kd.gamma > 0:
-            if self.teacher_client is not None:
-                self.teacher = self.teacher_client
-            elif self.cfg.cache.dir:  # the top-k store, teacher.urls (if any) behind it (topk_source.py)
-                from ddk.trainer.topk_source import open_source
-
-                self.teacher = open_source(self.cfg, self.job.teacher_token)
-            else:
-                from ddk.teacher.client import TeacherClient
-                from ddk.teacher.routes import RoutedTeacher
-
-                token = self.job.teacher_token
-                # teacher.routes: each domain's rows go to its own teacher (ddk.teacher.routes)
-                self.teacher = RoutedTeacher(self.cfg.teacher.urls, self.cfg.teacher.routes,
-                                             make_client=lambda urls: TeacherClient(urls, token=token)) \
-                    if self.cfg.teacher.routes else TeacherClient(self.cfg.teacher.urls, token=token)
+            self.teacher = self.teacher_client if self.teacher_client is not None else self._open_teacher()
 
         def blocks(rows):
             return np.stack([self.domains[dn].train[i] for dn, i in rows])
 
         self.feed = TeacherFeed(self.sampler, blocks, self.cfg.train.batch_size, self.teacher, self.cfg.kd.top_k,
-                                micro_batches=self.cfg.train.grad_accum_steps)
+                                micro_batches=self.cfg.train.grad_accum_steps, mixture=self.mixture)
+
+    def _open_teacher(self):
+        """The configured teacher: the top-k store (``cache.dir``, teacher.urls behind it: topk_source.py), or
+        the service (``teacher.routes``: each domain's rows to its own teacher, ddk.teacher.routes)."""
+        if self.cfg.cache.dir:
+            from ddk.trainer.topk_source import open_source
+
+            return open_source(self.cfg, self.job.teacher_token)
+        from ddk.teacher.client import TeacherClient
+        from ddk.teacher.routes import RoutedTeacher
+
+        token = self.job.teacher_token
+        return RoutedTeacher(self.cfg.teacher.urls, self.cfg.teacher.routes,
+                             make_client=lambda urls: TeacherClient(urls, token=token)) \
+            if self.cfg.teacher.routes else TeacherClient(self.cfg.teacher.urls, token=token)
 
     def _setup_rank0(self) -> None:
         s = self.state
-        self.controller = Controller(self.cfg.controller.url, self.job.controller_token, self.cfg.run_id,
-                                     s.weights, s.version)
-        for p in (s.pending if isinstance(s.pending, list) else [s.pending] if s.pending else []):
-            self.controller.submit(**p)  # the evaluations the checkpointed attempt had not got through, in order
+        self.progress = ProgressReporter(self.cfg.controller.url, self.job.controller_token, self.cfg.run_id)
         kept = truncate_metrics(self.out_dir / METRICS, s.step if self.restored else None)
         if kept:
             log.info("metrics: kept %d lines of the attempt that wrote checkpoint step %d", kept, s.step)
@@ -627,95 +538,88 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the newest checkpoint the context offers (none: a fresh start, False) into the student,
-        optimiser, schedule, RNG, :attr:`state` and sampler. The job's teacher losses win over the saved ones."""
+        optimiser, schedule, RNG and the registered entries (:attr:`state`, :attr:`mixture`, the feed's sampler),
+        whatever the number of workers and the strategy that wrote it. The job's teacher losses win over the
+        saved ones."""
         with self.ctx.restored() as d:
             if d is None:
                 return False
             given = self.state.teacher_loss
-            if self.fsdp:  # each rank its own shards (parallel.py), same world size
-                from ddk.trainer.parallel import load_training_sharded
-
-                loaded = load_training_sharded(d, rank=self.rank, world_size=self.world, model=self.raw_model,
-                                               optimizer=self.optimizer, scheduler=self.scheduler)
-            else:
-                loaded = ckpt.load_training(d, rank=self.rank, model=self.raw_model, optimizer=self.optimizer,
-                                            scheduler=self.scheduler)
-            self.state.load_state_dict(loaded)
-            self.state.weights = {n: self.state.weights[n] for n in self.names}
+            self.distributed.load(d)
+            self.mixture.adopt({n: self.mixture.weights[n] for n in self.names}, self.mixture.version)
             self.state.teacher_loss = given or self.state.teacher_loss
-            self._restore_sampler()
             log.info("rank %d: resumed from %s at step %d (weights version %d)", self.rank, d, self.state.step,
-                     self.state.version)
+                     self.mixture.version)
         self.restored = True
         return True
 
-    def _restore_sampler(self) -> None:
-        if self.state.sampler is None:
-            log.warning("rank %d: the checkpoint has no sampler state for this rank (world size changed?)",
-                        self.rank)
-            return
-        try:
-            self.sampler.load_state_dict(self.state.sampler)
-        except ValueError as e:
-            log.warning("rank %d: sampler state not reusable (%s); its block order starts afresh", self.rank, e)
-
     # -- the steps ---------------------------------------------------------------------------------------
     def evaluate(self) -> None:
-        """Steps 1-2: at a boundary every rank evaluates its share and rank 0 posts the losses (or it retries a
-        pending post); every rank takes its weights."""
-        s = self.state
+        """Steps 1-2: at a boundary every rank evaluates its share and rank 0 posts the losses (or retries the
+        unposted ones, when a try is due); every rank takes rank 0's weights, and the feed drops what it drew under
+        older ones."""
+        s, m = self.state, self.mixture
+        before = m.version
         losses = self.student_losses() if is_eval_step(s.step, self.K, self.total) else None
         if self.rank == 0:
             if losses is not None:
                 self._post_evaluation(losses)
-            elif self.controller.pending is not None:
-                eval_step = self.controller.pending["step"]
-                answer = self.controller.try_post(s.step)
+            elif m.unposted:
+                eval_step = m.unposted[-1]["step"]
+                answer = m.try_post(s.step)
                 if answer:
                     self.writer.write({"event": "weights", "step": s.step, "eval_step": eval_step,
                                        "version": answer["version"], "weights": answer["weights"]})
-            s.weights, s.version = self.controller.weights, self.controller.version
-        s.weights, s.version = broadcast_weights(s.weights, s.version, self.names, self.world, self.device)
+        m.adopt(*broadcast_weights(m.weights, m.version, self.names, self.world, self.device))
+        if m.version != before:
+            self.feed.cancel()  # batches prefetched under the old weights are dropped
 
     def student_losses(self) -> dict[str, float]:
-        """The student's loss per domain, the evaluation split over the ranks: each scores its shard of every
-        domain's evaluation blocks (evaluate.domain_loss_sums), the sums of loss and of predictions are
-        all-reduced, then divided. The same losses as one rank evaluating everything, in 1/W of its time.
-        With a teacher, the same forward also gives the per-domain diagnostics (:meth:`_diagnosed_losses`)."""
-        from ddk.trainer.evaluate import domain_loss_sums
+        """The student's loss per domain on the run's evaluation sets, the evaluation split over the ranks
+        (:class:`ddk.trainer.evaluate.Evaluator`: each rank scores its part of every domain's blocks, the per-block
+        sums are all-reduced). Also sets :attr:`evaluation` (teacher losses, standard errors, diagnostics)."""
+        self.evaluation = self._evaluator().evaluate(self.raw_model, self.state.tokens, self._route_label)
+        self.diagnostics = self.evaluation.diagnostics
+        return self.evaluation.student_loss
 
-        cfg = self.cfg
-        if self.teacher is not None:
-            return self._diagnosed_losses()
-        sums = domain_loss_sums(self.raw_model, {n: self.domains[n] for n in self.names},
-                                cfg.eval.sequences_per_domain, cfg.eval.batch_size, self.device, self.rank, self.world)
-        flat = all_reduce_sum([float(x) for n in self.names for x in sums[n]], self.world, self.device)
-        return {n: flat[2 * i] / flat[2 * i + 1] for i, n in enumerate(self.names)}
+    def _evaluator(self):
+        """The run's :class:`~ddk.trainer.evaluate.Evaluator`, built at the first evaluation; rank 0 records the
+        evaluation sets (``eval-set.json``: fingerprint and coverage per domain) and warns when a resumed run's
+        differ from the checkpointed attempt's (the validation data changed)."""
+        if getattr(self, "_eval", None) is None:
+            from ddk.trainer.evaluate import Evaluator
 
-    def _diagnosed_losses(self) -> dict[str, float]:
-        """:meth:`student_losses` plus :attr:`diagnostics`: per domain the divergence term, the student CE, the
-        teacher's mean top-k mass, the tokens trained so far and the teacher route, on the evaluation blocks.
-        The teacher's top-k for this rank's shard of them is asked once and kept (the blocks never change)."""
-        from ddk.trainer.evaluate import distill_sums, evaluation_blocks, shard_of, teacher_topk_on_blocks
+            teacher = self.teacher if self.teacher is not None else self._eval_teacher()
+            self._eval = Evaluator(self.cfg, {n: self.domains[n] for n in self.names}, self.rank, self.world,
+                                   self.device, self.precision, self.step_module.chunked, teacher,
+                                   lambda v: all_reduce_sum(v, self.world, self.device))
+            if self.rank == 0:
+                self._record_eval_set(self._eval.record())
+        return self._eval
 
-        cfg = self.cfg
-        if not hasattr(self, "_eval_teacher"):
-            self._eval_blocks = {n: shard_of(evaluation_blocks(self.domains[n], cfg.eval.sequences_per_domain),
-                                             self.rank, self.world) for n in self.names}
-            self._eval_teacher = {n: teacher_topk_on_blocks(self.teacher, b, cfg.kd.top_k, cfg.eval.batch_size, n)
-                                  for n, b in self._eval_blocks.items() if len(b)}
-        sums = [distill_sums(self.raw_model, self._eval_blocks[n], self._eval_teacher.get(n), cfg.eval.batch_size,
-                             self.device, cfg.kd) for n in self.names]
-        flat = all_reduce_sum([float(x) for row in sums for x in row], self.world, self.device)
-        self.diagnostics = {}
-        losses = {}
-        for i, n in enumerate(self.names):
-            ce, kl, mass, count = flat[4 * i:4 * i + 4]
-            losses[n] = ce / count
-            self.diagnostics[n] = {"kl": kl / count, "ce": max(0.0, ce / count),
-                                   "topk_mass": min(1.0, max(0.0, mass / count)),
-                                   "tokens": int(self.state.tokens.get(n, 0)), "route": self._route_label(n)}
-        return losses
+    def _eval_teacher(self):
+        """A teacher for the evaluation alone when the loss does not use one (``kd.gamma: 0``) but the config
+        names one (``teacher.urls`` or ``cache.dir``): the ratios are then the teacher's, not the first
+        evaluation's. None without one."""
+        if not (self.cfg.teacher.all_urls() or self.cfg.cache.dir):
+            return None
+        self._own_eval_teacher = self._open_teacher()
+        return self._own_eval_teacher
+
+    def _record_eval_set(self, record: dict) -> None:
+        path = self.out_dir / "eval-set.json"
+        try:
+            old = json.loads(path.read_text()) if path.exists() else None
+        except (OSError, ValueError):
+            old = None
+        if old and old.get("fingerprint") != record["fingerprint"]:
+            log.warning("the evaluation set changed (fingerprint %s, was %s): the validation data or eval.* differ "
+                        "from the earlier attempt's, so this run's evaluations before and after step %d are not "
+                        "comparable", record["fingerprint"], old.get("fingerprint"), self.state.step)
+        path.write_text(json.dumps(record, indent=1))
+        cover = record["domains"]
+        log.info("evaluation set %s: %s", record["fingerprint"], ", ".join(
+            f"{n} {c['documents']} docs / {c['tokens']} tokens" for n, c in cover.items()))
 
     def _route_label(self, domain: str) -> str:
         """Which teacher served ``domain``: its route's URLs, or the top-k store."""
@@ -730,31 +634,39 @@ class Trainer:
     def _post_evaluation(self, losses: dict[str, float]) -> None:
         s = self.state
         student_loss = {n: float(losses[n]) for n in self.names}
+        ev = getattr(self, "evaluation", None)
+        if ev is not None and ev.teacher_loss is not None:  # the teacher's, asked once by the evaluator
+            s.teacher_loss = dict(ev.teacher_loss)
         if s.teacher_loss is None:  # CPT without a teacher: ratios relative to the initial student
             s.teacher_loss = dict(student_loss)
         diagnostics = getattr(self, "diagnostics", None)
-        self.controller.submit(s.step, student_loss, s.teacher_loss,
-                               {n: float(s.tokens.get(n, 0.0)) for n in self.names}, diagnostics)
-        answer = self.controller.try_post(s.step)
+        se = dict(ev.log_ratio_se) if ev is not None and ev.teacher_loss is not None else {}
+        self.mixture.submit(s.step, student_loss, s.teacher_loss,
+                               {n: float(s.tokens.get(n, 0.0)) for n in self.names}, diagnostics,
+                               **({"log_ratio_se": se} if se else {}))
+        answer = self.mixture.try_post(s.step)
+        if answer and answer.get("warning"):  # the controller: the gaps are within their standard errors
+            log.warning("step %d: the mixture is steering by noise; raise eval tokens", s.step)
         self.writer.write({"event": "eval", "step": s.step, "student_loss": student_loss,
                            "teacher_loss": s.teacher_loss, "ratio": ratio(student_loss, s.teacher_loss),
                            "version": answer["version"] if answer else None,
                            "weights": answer["weights"] if answer else None,
+                           **({"log_ratio_se": se} if se else {}),
+                           **({"eval_set": self._eval.fingerprint} if getattr(self, "_eval", None) else {}),
                            **({"diagnostics": diagnostics} if diagnostics else {})})
 
     def train_step(self) -> float:
         """Steps 3-4: the step's ``train.grad_accum_steps`` micro-batches (forward, loss, backward each), clip,
         AdamW + schedule, the step line. The step's mean loss."""
         s, cfg, device, world = self.state, self.cfg, self.device, self.world
-        if not self.feed.covers(s.step) or self.feed.version != s.version:  # drops batches of stale weights
-            self.feed.schedule(s.step, window_end(s.step, self.K, self.total), s.weights, s.version)
+        if not self.feed.covers(s.step):  # drawn with the mixture's weights (evaluate cancels stale windows)
+            self.feed.schedule(s.step, window_end(s.step, self.K, self.total))
         t0, c0 = time.perf_counter(), time.process_time()
         micro, waited = [], 0.0
         for _ in range(self.accum):
             b, w = self.feed.next(s.step)
             micro.append(b)
             waited += w
-        batch = micro[0]  # every micro-batch of a step is of one draw: one weights version
         self.optimizer.zero_grad(set_to_none=True)
         loss, ce, kl = self.backward(micro)
         if cfg.train.grad_clip > 0:
@@ -776,11 +688,11 @@ class Trainer:
             self.writer.write({"event": "step", "step": s.step, "loss": sums[0] / world, "ce": sums[1] / world,
                                "kl": sums[2] / world, "lr": lr, "tokens": tps,
                                "tokens_per_s": tps / dt if dt > 0 else 0.0, "step_s": dt,
-                               "teacher_wait_s": sums[3] / world, "version": batch.version,
-                               "weights": {n: s.weights[n] for n in self.names},
+                               "teacher_wait_s": sums[3] / world, "version": self.mixture.version,
+                               "weights": {n: self.mixture.weights[n] for n in self.names},
                                "rows": {n: int(sums[4 + i]) for i, n in enumerate(self.names)},
                                **self._mfu(tps, dt)})
-            self.controller.progress(s.step, self.total, sums[0] / world, sums[1] / world, sums[2] / world,
+            self.progress.progress(s.step, self.total, sums[0] / world, sums[1] / world, sums[2] / world,
                                      tps / dt if dt > 0 else None, force=is_eval_step(s.step, self.K, self.total))
         return sums[0] / world
 
@@ -826,40 +738,20 @@ class Trainer:
         return {"mfu": scale.mfu(self.flop_params, tokens, seconds, self.peak_tflops, self.world)}
 
     def save(self, loss: float) -> None:
-        """Step 5: the checkpoint of this step (the feed's sampler position and the controller's pending
-        evaluation included), reported to the context."""
-        self.state.sampler = self.feed.state_dict()
+        """Step 5: the checkpoint of this step (every registered entry: the trainer's state, the mixture with its
+        unposted evaluations, each rank's sampler position), written by every rank through :attr:`distributed` and
+        reported to the context."""
         self.state.scaler = self.scaler.state_dict() if self.scaler.is_enabled() else None
-        unposted = self.controller.unposted() if self.controller is not None else []
-        self.state.pending = None if not unposted else unposted[0] if len(unposted) == 1 else unposted
-        if self.fsdp:  # every rank writes its shards
-            from ddk.trainer.parallel import save_and_report_sharded
-
-            save_and_report_sharded(self.ctx, self.state, self.raw_model, self.optimizer, self.scheduler, loss)
-        else:
-            save_and_report(self.ctx, self.state, self.raw_model, self.optimizer, self.scheduler, loss)
-
-    LAST_POST_S = 60.0  # how long the end of a run keeps trying to post evaluations the controller has not got
+        self.distributed.save_and_report(self.state.step, {"step": self.state.step, "loss": loss,
+                                                    "version": self.mixture.version})
 
     def _post_last_evaluation(self) -> None:
         """Before the export: evaluations still unposted (the controller was away at the last boundary) are
-        retried for up to LAST_POST_S seconds, backing off 1, 2, 4 ... s, so the controller's history ends with
-        the run's last interval; after that the run ends without them, and says so."""
-        c = self.controller
-        deadline, wait = time.monotonic() + self.LAST_POST_S, 1.0
-        while c.pending is not None and time.monotonic() < deadline:
-            eval_step = c.pending["step"]
-            c._next_try = 0  # due now
-            answer = c.try_post(self.state.step)
-            if answer:
-                self.writer.write({"event": "weights", "step": self.state.step, "eval_step": eval_step,
-                                   "version": answer["version"], "weights": answer["weights"]})
-                self.state.weights, self.state.version = c.weights, c.version
-            if c.pending is not None:
-                time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
-                wait = min(wait * 2, 8.0)
-        if c.pending is not None:
-            log.warning("the last evaluation (step %d) never reached the controller", c.pending["step"])
+        retried for a bounded time (the mixture sync's retry policy, :meth:`MixtureSync.flush`), so the
+        controller's history ends with the run's last interval; after that the run ends without them."""
+        for eval_step, answer in self.mixture.flush():
+            self.writer.write({"event": "weights", "step": self.state.step, "eval_step": eval_step,
+                               "version": answer["version"], "weights": answer["weights"]})
 
     def _inject_fault(self) -> None:
         step = self.state.step
@@ -876,14 +768,7 @@ class Trainer:
         tmp = target.with_name(target.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        if self.fsdp:  # the full student that every rank gathered in fit (parallel.gather_full_state)
-            from ddk.trainer.parallel import save_pretrained_full
-
-            if self.full_state is None:
-                raise RuntimeError("train.strategy=fsdp: export needs parallel.gather_full_state on every rank first")
-            save_pretrained_full(self.raw_model, self.full_state, tmp)
-        else:
-            self.raw_model.save_pretrained(tmp, safe_serialization=True)
+        self.distributed.save_pretrained(tmp)  # every rank ran dist.prepare_export (fit)
         self.tokenizer.save_pretrained(tmp)
         try:
             (tmp / "README.md").write_text(self._model_card(), encoding="utf-8")
@@ -914,8 +799,8 @@ class Trainer:
 
     def summary(self) -> dict:
         """The end-of-run numbers of this attempt (what :meth:`fit` returns and the ``end`` line holds)."""
-        t, s = self.throughput, self.state
-        return {"step": s.step, "version": s.version, "weights": s.weights,
+        t, s, m = self.throughput, self.state, self.mixture
+        return {"step": s.step, "version": m.version, "weights": dict(m.weights),
                 "wall_s": time.perf_counter() - self.t_start, "tokens": t.tokens, "tokens_per_s": t.tokens / t.step_s if t.step_s else 0.0,
                 "step_s": t.step_s, "step_cpu_s": t.step_cpu_s, "teacher_wait_s": t.wait_s}
 
@@ -926,16 +811,21 @@ class Trainer:
         if self.teacher is not None and self.teacher is not self.teacher_client and hasattr(self.teacher, "close"):
             self.teacher.close()
         self.teacher = None
+        own = getattr(self, "_own_eval_teacher", None)  # the evaluation's own teacher (kd.gamma 0)
+        if own is not None and hasattr(own, "close"):
+            own.close()
+        self._own_eval_teacher = None
 
     def close(self) -> None:
-        """Stop the feed; close the teacher client built here, the metrics file and the controller client."""
+        """Stop the feed; close the teacher client built here, the metrics file and the controller clients."""
         self._close_inputs()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-        if self.controller is not None:
-            self.controller.close()
-            self.controller = None
+        for name in ("progress", "mixture"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).close()
+                setattr(self, name, None)
 
     def fit(self) -> dict:
         """Set up (resuming), run the steps to ``train.steps``, export; returns :meth:`summary`."""
@@ -952,13 +842,10 @@ class Trainer:
                 self._inject_fault()
             self._close_inputs()
             summary = self.summary()
-            if self.fsdp:  # the export's full student: every rank takes part in the gather, rank 0 holds it
-                from ddk.trainer.parallel import gather_full_state
-
-                self.full_state = gather_full_state(self.raw_model)
+            self.distributed.prepare_export()  # every rank (sharded: each takes part in gathering the student)
             if self.rank == 0:
                 self._post_last_evaluation()
-                summary.update(version=self.state.version, weights=self.state.weights)
+                summary.update(version=self.mixture.version, weights=dict(self.mixture.weights))
                 self.export()
                 self.writer.write({"event": "end", **summary})
             return summary

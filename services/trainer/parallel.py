@@ -1,5 +1,5 @@
-"""``train.strategy: fsdp``: the student sharded with PyTorch FSDP2 across the workers, its sharded checkpoints
-and the gathered Hugging Face export.
+"""How the student is spread over the workers (``train.strategy``: ddp or fsdp) and its one distributed-state
+path, :class:`Distributed`.
 
 :func:`shard_model` applies ``fully_shard`` to every decoder layer, then to the root (which takes the rest:
 embeddings, final norm and the LM head; tied embedding/head weights stay one parameter, sharded once). Each
@@ -9,53 +9,32 @@ parameter becomes a DTensor sharded on dim 0 over a 1-d device mesh of all ranks
 parameters and the AdamW moments stay float32. FSDP2 runs on CPU with gloo too (tests/unit/test_fsdp.py).
 The optimiser must be built after sharding (its parameters are the DTensors).
 
-A sharded checkpoint (one folder per saved step, as checkpoint.py's; every rank writes its own files, no
-pickle anywhere):
-
-    state.json / state.safetensors        rank 0: step, world_size, "strategy": "fsdp", mixture weights and
-                                          version, LR schedule, torch RNG, extra (no model, no optimiser)
-    rank-<r>.json / .safetensors          rank r: its sampler (as for DDP)
-    model-rank<r>.safetensors             rank r's local shard of every model tensor (DTensor.to_local()),
-                                          keyed by the state-dict name; tied names stored once
-    model-rank<r>.json                    its manifest: format, rank, world_size, per name the global shape,
-                                          the local shape, the placements ("S0" = Shard(0), "R" = Replicate)
-                                          and dtype; ``tied``: {name: the name stored for it}
-    optim-rank<r>.json / .safetensors     rank r's AdamW state (checkpoint.save_state); each sharded moment is
-                                          {"__dtensor__": {"local", "shape", "stride", "placements"}}
-
-It resumes on the same world size only (each rank reads back its own shards, copied into the sharded
-parameters' local tensors; the moments are rebuilt with ``DTensor.from_local``). :func:`gather_full_state`
-(every rank takes part) and :func:`save_pretrained_full` (rank 0) write the export: one Hugging Face folder,
-as an unsharded run writes it.
+Checkpoints and export go through one object for both strategies, :class:`Distributed` (place the student,
+save, load, export, with stateful entries registered): the files are checkpoint.py's, rank 0 writing the full
+student and optimiser (gathered tensor by tensor under FSDP), so a checkpoint resumes on any number of workers
+(each rank slices its part on load). :func:`gather_full_state` (every rank takes part) and
+:func:`save_pretrained_full` (rank 0) write the FSDP export: one Hugging Face folder, as an unsharded run writes it.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import logging
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from ddk.errors import UsageError
 from ddk.trainer import checkpoint as ckpt
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-STRATEGY = "fsdp"
-SHARD_FORMAT = 1
+STRATEGIES = ("ddp", "fsdp")
 
-__all__ = ["decoder_layers", "gather_full_state", "load_training_sharded", "mixed_precision", "param_dtype",
-           "prepare_student_step", "save_and_report_sharded", "save_pretrained_full", "save_training_sharded",
-           "shard_model", "shards_complete", "unsharded_class"]
+log = logging.getLogger("ddk.trainer")
 
-
-def _model_stem(rank: int) -> str:
-    return f"model-rank{rank}"
-
-
-def _optim_stem(rank: int) -> str:
-    return f"optim-rank{rank}"
+__all__ = ["Distributed", "Stateful", "STRATEGIES", "decoder_layers", "gather_full_state", "mixed_precision",
+           "param_dtype", "prepare_student_step", "save_pretrained_full", "shard_model", "unsharded_class"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,236 +125,6 @@ def prepare_student_step(step_module: torch.nn.Module, precision: str, device: t
     return step_module
 
 
-def save_and_report_sharded(ctx, state, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                            loss: float) -> None:
-    """loop.save_and_report for ``train.strategy: fsdp``: every rank writes its shards to a temporary folder
-    (:func:`save_training_sharded`) and hands it to ``ctx.report`` (Ray Train merges the ranks' folders)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="ddk-ckpt-") as tmp:
-        save_training_sharded(tmp, state.state_dict(), rank=ctx.rank, world_size=ctx.world_size, model=model,
-                              optimizer=optimizer, scheduler=scheduler)
-        ctx.report({"step": state.step, "loss": loss, "version": state.version}, Path(tmp),
-                   ckpt.checkpoint_name(state.step))
-
-
-def _mesh(model: torch.nn.Module):
-    from torch.distributed.tensor import DTensor
-
-    for p in model.parameters():
-        if isinstance(p, DTensor):
-            return p.device_mesh
-    raise ValueError("the model has no sharded (DTensor) parameters: shard_model it first")
-
-
-# --------------------------------------------------------------------------------------------
-# DTensor <-> (local tensor, JSON description)
-# --------------------------------------------------------------------------------------------
-
-def _placement_names(placements) -> list[str]:
-    from torch.distributed.tensor import Replicate, Shard
-
-    out = []
-    for p in placements:
-        if isinstance(p, Shard):
-            out.append(f"S{p.dim}")
-        elif isinstance(p, Replicate):
-            out.append("R")
-        else:
-            raise TypeError(f"cannot checkpoint a DTensor placed as {p!r}")
-    return out
-
-
-def _placements(names: list[str]):
-    from torch.distributed.tensor import Replicate, Shard
-
-    return tuple(Replicate() if n == "R" else Shard(int(n[1:])) for n in names)
-
-
-def _local(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    """(this rank's part of ``x``, its description: global shape and placements; plain tensors: "R")."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(x, DTensor):
-        local = x.to_local()
-        return local, {"shape": list(x.shape), "local_shape": list(local.shape),
-                       "placements": _placement_names(x.placements), "dtype": str(local.dtype)}
-    return x, {"shape": list(x.shape), "local_shape": list(x.shape), "placements": None, "dtype": str(x.dtype)}
-
-
-def _mark_dtensors(obj: Any) -> Any:
-    """``obj`` (a nested optimiser state) with every DTensor as a ``{"__dtensor__": {...}}`` node that
-    checkpoint.flatten can store: its local shard plus global shape, stride and placements."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(obj, DTensor):
-        return {"__dtensor__": {"local": obj.to_local().detach(), "shape": list(obj.shape),
-                                "stride": list(obj.stride()), "placements": _placement_names(obj.placements)}}
-    if isinstance(obj, dict):
-        return {k: _mark_dtensors(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_mark_dtensors(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_mark_dtensors(v) for v in obj)
-    return obj
-
-
-def _unmark_dtensors(obj: Any, mesh, device: torch.device) -> Any:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(obj, dict):
-        if set(obj) == {"__dtensor__"}:
-            d = obj["__dtensor__"]
-            return DTensor.from_local(d["local"].to(device), mesh, _placements(d["placements"]), run_check=False,
-                                      shape=torch.Size(d["shape"]), stride=tuple(d["stride"]))
-        return {k: _unmark_dtensors(v, mesh, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_unmark_dtensors(v, mesh, device) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_unmark_dtensors(v, mesh, device) for v in obj)
-    return obj
-
-
-# --------------------------------------------------------------------------------------------
-# sharded checkpoints
-# --------------------------------------------------------------------------------------------
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def save_model_shard(directory: str | Path, model: torch.nn.Module, *, rank: int, world_size: int) -> None:
-    """``model-rank<r>.safetensors`` (this rank's local shards) and its ``model-rank<r>.json`` manifest."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, dict] = {}
-    tied: dict[str, str] = {}
-    first: dict[int, str] = {}
-    for name, value in model.state_dict(keep_vars=True).items():
-        if id(value) in first:  # the same parameter under a second name (tied embeddings and LM head)
-            tied[name] = first[id(value)]
-            continue
-        first[id(value)] = name
-        local, meta[name] = _local(value)
-        tensors[name] = local.detach().cpu().contiguous()
-    save_file(tensors, str(directory / f"{_model_stem(rank)}.safetensors"))
-    _write_json(directory / f"{_model_stem(rank)}.json", {"format": SHARD_FORMAT, "rank": int(rank),
-                                                          "world_size": int(world_size), "tensors": meta,
-                                                          "tied": tied})
-
-
-def read_manifest(directory: str | Path, rank: int) -> dict[str, Any]:
-    path = Path(directory) / f"{_model_stem(rank)}.json"
-    doc = json.loads(path.read_text())
-    if doc.get("format") != SHARD_FORMAT:
-        raise ValueError(f"{path}: unsupported shard format {doc.get('format')!r}")
-    return doc
-
-
-def _same_world(doc: dict, world_size: int, where: Path) -> None:
-    if int(doc["world_size"]) != int(world_size):
-        raise ValueError(f"{where}: a train.strategy=fsdp checkpoint of {doc['world_size']} ranks resumes on the "
-                         f"same world size only (this run has {world_size}); use ray.num_workers="
-                         f"{doc['world_size']}")
-
-
-def load_model_shard(directory: str | Path, model: torch.nn.Module, *, rank: int, world_size: int) -> None:
-    """Copy this rank's saved shards into the sharded model's local tensors (same world size and shapes)."""
-    directory = Path(directory)
-    doc = read_manifest(directory, rank)
-    _same_world(doc, world_size, directory)
-    tensors = load_file(str(directory / f"{_model_stem(rank)}.safetensors"))
-    state = model.state_dict(keep_vars=True)
-    stored, tied = doc["tensors"], doc.get("tied", {})
-    unexpected = sorted(set(stored) - set(state))
-    missing = sorted(k for k in state if k not in stored and k not in tied)
-    if unexpected or missing:
-        raise ValueError(f"{directory}: shard of rank {rank} does not fit the model "
-                         f"(unexpected {unexpected[:5]}, missing {missing[:5]})")
-    with torch.no_grad():
-        for name, value in state.items():
-            if name in tied:
-                if state[tied[name]] is not value:
-                    raise ValueError(f"{directory}: {name} was tied to {tied[name]} when saved but is not now")
-                continue
-            target, want = _local(value)
-            got = stored[name]
-            if got["shape"] != want["shape"] or got["local_shape"] != want["local_shape"] \
-                    or got["placements"] != want["placements"]:
-                raise ValueError(f"{directory}: {name} saved as {got} but the model has {want}")
-            target.copy_(tensors[name])
-
-
-_OWN_KEYS = ("step", "weights", "version", "sampler")  # TrainState keys stored outside ``extra``
-
-
-def _shared_state(state: dict[str, Any], world_size: int, scheduler: Any | None) -> dict[str, Any]:
-    """Rank 0's ``state`` file: what checkpoint.save_checkpoint writes, without model and optimiser."""
-    return {"step": int(state["step"]), "world_size": int(world_size), "strategy": STRATEGY,
-            "weights": {k: float(v) for k, v in state["weights"].items()}, "version": int(state["version"]),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "torch_rng": torch.get_rng_state(),
-            # the rest of TrainState's dict as it is (teacher_loss, pending, tokens, scaler, ...)
-            "extra": {k: v for k, v in state.items() if k not in _OWN_KEYS}}
-
-
-def save_training_sharded(directory: str | Path, state: dict[str, Any], *, rank: int, world_size: int,
-                          model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None) -> None:
-    """This rank's part of a sharded checkpoint of ``state`` (``TrainState.state_dict()``): every rank its model
-    and optimiser shards and its sampler; rank 0 the shared state (the module docstring has the files)."""
-    directory = Path(directory)
-    save_model_shard(directory, model, rank=rank, world_size=world_size)
-    ckpt.save_state(directory, {"step": int(state["step"]), "world_size": int(world_size),
-                                "optimizer": _mark_dtensors(optimizer.state_dict())}, name=_optim_stem(rank))
-    ckpt.save_state(directory, {"step": int(state["step"]), "sampler": state.get("sampler")},
-                    name=f"rank-{rank}")
-    if rank == 0:
-        ckpt.save_state(directory, _shared_state(state, world_size, scheduler))
-
-
-def load_training_sharded(directory: str | Path, *, rank: int, world_size: int, model: torch.nn.Module,
-                          optimizer: torch.optim.Optimizer, scheduler: Any | None) -> dict[str, Any]:
-    """Inverse of :func:`save_training_sharded` on the same world size (checkpoint.load_training's result)."""
-    directory = Path(directory)
-    shared, own = ckpt.load_checkpoint(directory, rank=rank)
-    if shared.get("strategy") != STRATEGY:
-        raise ValueError(f"{directory} was written with train.strategy=ddp (one full model); "
-                         "resume it with train.strategy=ddp")
-    _same_world({"world_size": shared["world_size"]}, world_size, directory)
-    load_model_shard(directory, model, rank=rank, world_size=world_size)
-    saved = ckpt.load_state(directory, _optim_stem(rank))
-    device = next(iter(model.parameters())).device
-    optimizer.load_state_dict(_unmark_dtensors(saved["optimizer"], _mesh(model), device))
-    if scheduler is not None and shared.get("scheduler") is not None:
-        scheduler.load_state_dict(shared["scheduler"])
-    torch.set_rng_state(shared["torch_rng"])
-    extra = shared.get("extra") or {}
-    return {"teacher_loss": None, "pending": None, **extra, "step": int(shared["step"]),
-            "weights": {k: float(v) for k, v in shared["weights"].items()}, "version": int(shared["version"]),
-            "sampler": own.get("sampler") if own is not None else None}
-
-
-def shards_complete(directory: str | Path, shared: dict[str, Any]) -> bool:
-    """Every rank's model and optimiser shard of a sharded checkpoint present and readable
-    (checkpoint.complete_step checks the shared and per-rank state files)."""
-    directory = Path(directory)
-    try:
-        for r in range(int(shared.get("world_size", 1))):
-            doc = read_manifest(directory, r)
-            if int(doc["world_size"]) != int(shared["world_size"]):
-                return False
-            load_file(str(directory / f"{_model_stem(r)}.safetensors"))
-            optim = ckpt.load_state(directory, _optim_stem(r))
-            if optim.get("step") != shared["step"]:
-                return False
-    except Exception:  # noqa: BLE001 - a file missing or half-copied: not (yet) a usable checkpoint
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------------------------
 # export: one Hugging Face folder
 # --------------------------------------------------------------------------------------------
@@ -414,3 +163,214 @@ def save_pretrained_full(model: torch.nn.Module, full_state: dict[str, torch.Ten
     if getattr(model, "generation_config", None) is not None:
         fresh.generation_config = model.generation_config
     fresh.save_pretrained(path, safe_serialization=True)
+
+
+# --------------------------------------------------------------------------------------------
+# the one distributed-state path
+# --------------------------------------------------------------------------------------------
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+class Distributed:
+    """DDP and FSDP2 behind one object: place the student, save, load and export it with its optimiser, LR
+    schedule and the registered stateful entries (torchtitan's checkpoint manager is the model).
+
+    ``strategy``: ``train.strategy`` (``ddp``: the context places the student, DDP under Ray Train with more than
+    one worker; ``fsdp``: :func:`shard_model`). ``ctx``: the loop's context (``rank``, ``world_size``,
+    ``prepare_model``, ``report``). After :meth:`place`, :meth:`attach` the (placed) student, its optimiser and
+    schedule and :meth:`register` the entries: shared ones (the Trainer's state, the mixture) are written by rank
+    0 and read by every rank; ``per_rank`` ones (the sampler) by each rank for itself.
+
+    The files are checkpoint.py's, the same for both strategies: rank 0 writes the full student and the full
+    optimiser state keyed by parameter name (an FSDP run gathers them tensor by tensor, every rank taking part),
+    and on load every rank reads them and keeps its own part (``distribute_tensor`` with local slicing), so a
+    checkpoint resumes on any number of workers, and under either strategy.
+    """
+
+    def __init__(self, strategy: str, ctx, device: torch.device | str = "cpu", precision: str = "fp32") -> None:
+        if strategy not in STRATEGIES:
+            raise UsageError(f"train.strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
+        self.strategy, self.ctx = strategy, ctx
+        self.rank, self.world = int(ctx.rank), int(ctx.world_size)
+        self.device, self.precision = torch.device(device), precision
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any | None = None
+        self.shared: dict[str, Stateful] = {}
+        self.per_rank: dict[str, Stateful] = {}
+        self._export_state: dict[str, torch.Tensor] | None = None
+
+    # -- placing -------------------------------------------------------------------------------------
+    def place(self, step_module: torch.nn.Module) -> torch.nn.Module:
+        """The student with its loss (:class:`~ddk.trainer.scale.StudentStep`) placed on the workers; build the
+        optimiser after this (under FSDP its parameters are the sharded DTensors)."""
+        if self.strategy == "fsdp":
+            return prepare_student_step(step_module, self.precision, self.device, self.rank)
+        return self.ctx.prepare_model(step_module)
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None = None) -> None:
+        """The placed student (unwrapped: the Hugging Face model), its optimiser and LR schedule."""
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+
+    def register(self, name: str, obj: Stateful, *, per_rank: bool = False) -> None:
+        if name in self.shared or name in self.per_rank:
+            raise ValueError(f"checkpoint entry {name!r} registered twice")
+        (self.per_rank if per_rank else self.shared)[name] = obj
+
+    # -- saving --------------------------------------------------------------------------------------
+    def _full(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The whole tensor on rank 0's CPU (a DTensor gathered: every rank must call), None elsewhere."""
+        if _is_dtensor(t):
+            t = t.full_tensor()
+        return t.detach().cpu() if self.rank == 0 else None
+
+    def _param_names(self) -> list[str]:
+        """The optimiser's parameters' names, in its index order (tied parameters: the first name)."""
+        names: dict[int, str] = {}
+        for n, p in self.model.named_parameters():
+            names.setdefault(id(p), n)
+        try:
+            return [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        except KeyError:
+            raise ValueError("the optimiser holds a parameter that is not the student's") from None
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The full student state dict on rank 0 ({} elsewhere); tied names share one tensor."""
+        full: dict[str, torch.Tensor] = {}
+        done: dict[int, torch.Tensor | None] = {}
+        for name, value in self.model.state_dict(keep_vars=True).items():
+            if id(value) not in done:
+                done[id(value)] = self._full(value)
+            if self.rank == 0:
+                full[name] = done[id(value)]
+        return full
+
+    def optimizer_state(self) -> dict[str, Any] | None:
+        """The optimiser's full state on rank 0, keyed by parameter name (None elsewhere)."""
+        sd, names = self.optimizer.state_dict(), self._param_names()
+        state: dict[str, Any] = {}
+        for idx in sorted(sd["state"]):
+            entry = {k: self._full(v) if isinstance(v, torch.Tensor) else v for k, v in sd["state"][idx].items()}
+            state[names[idx]] = entry
+        if self.rank != 0:
+            return None
+        groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
+    def save(self, directory: str | Path, step: int) -> None:
+        """This rank's part of the checkpoint after ``step`` steps (every rank calls it: FSDP gathers)."""
+        model, optim = self.model_state(), self.optimizer_state()
+        rank0 = self.rank == 0
+        ckpt.save_checkpoint(
+            directory, rank=self.rank, step=step, world_size=self.world, strategy=self.strategy,
+            model=model if rank0 else None, optimizer=optim,
+            scheduler=self.scheduler.state_dict() if rank0 and self.scheduler is not None else None,
+            entries={n: o.state_dict() for n, o in self.shared.items()} if rank0 else None,
+            rank_entries={n: o.state_dict() for n, o in self.per_rank.items()})
+
+    def save_and_report(self, step: int, metrics: dict[str, Any]) -> None:
+        """:meth:`save` into a temporary folder, handed to ``ctx.report`` (which copies it to the run's storage;
+        Ray Train merges the ranks' folders)."""
+        with tempfile.TemporaryDirectory(prefix="ddk-ckpt-") as tmp:
+            self.save(tmp, step)
+            self.ctx.report(metrics, Path(tmp), ckpt.checkpoint_name(step))
+
+    # -- loading -------------------------------------------------------------------------------------
+    def _local(self, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``full`` as ``like`` holds it: a DTensor placed as ``like`` (this rank's slice), else the tensor."""
+        if _is_dtensor(like):
+            from torch.distributed.tensor import distribute_tensor
+
+            return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+        return full
+
+    def load_model_file(self, directory: str | Path) -> None:
+        """``model.safetensors`` into the placed student, each rank its part (tied names filled by identity)."""
+        tensors = load_file(str(Path(directory) / ckpt.MODEL_TENSORS))
+        state = self.model.state_dict(keep_vars=True)
+        aliases: dict[int, list[str]] = {}
+        for name, value in state.items():
+            aliases.setdefault(id(value), []).append(name)
+        unexpected = sorted(set(tensors) - set(state))
+        missing = sorted(n for n, v in state.items() if not any(a in tensors for a in aliases[id(v)]))
+        if unexpected or missing:
+            raise ValueError(f"{directory}: the checkpoint's model does not fit the student "
+                             f"(unexpected {unexpected[:5]}, missing {missing[:5]})")
+        with torch.no_grad():
+            for names in aliases.values():
+                value = state[names[0]]
+                full = tensors[next(a for a in names if a in tensors)]
+                if tuple(full.shape) != tuple(value.shape):
+                    raise ValueError(f"{directory}: {names[0]} has shape {list(full.shape)} in the checkpoint, "
+                                     f"{list(value.shape)} in the student")
+                local = self._local(full, value)
+                target = value.to_local() if _is_dtensor(value) else value
+                target.copy_(local.to_local() if _is_dtensor(local) else local)
+
+    def load_optimizer_state(self, saved: dict[str, Any]) -> None:
+        """The full optimiser state (keyed by name; a layout-1 checkpoint's by index) into the optimiser, each
+        rank its part of every moment."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        names = self._param_names()
+        by_index = any(isinstance(i, int) for g in saved["param_groups"] for i in g["params"])
+        index = {n: i for i, n in enumerate(names)}
+
+        def idx(key) -> int:
+            i = key if by_index else index.get(key)
+            if i is None or not 0 <= i < len(params):
+                raise ValueError(f"the checkpoint's optimiser state has a parameter the student lacks: {key!r}")
+            return i
+
+        state = {}
+        for key, entry in saved["state"].items():
+            p = params[idx(key)]
+            state[idx(key)] = {k: self._local(v, p) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                               for k, v in entry.items()}
+        groups = [{**g, "params": [idx(k) for k in g["params"]]} for g in saved["param_groups"]]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def load(self, directory: str | Path) -> dict[str, Any]:
+        """The checkpoint in ``directory`` into the student, optimiser, schedule, torch RNG and every registered
+        entry (every rank; any world size and strategy). An entry the checkpoint lacks is logged and left as it
+        is (a rank beyond the saved world size has no sampler). Returns the shared state as read."""
+        shared, own = ckpt.load_checkpoint(directory, rank=self.rank)
+        self.load_model_file(directory)
+        if shared.get("optimizer") is not None:
+            self.load_optimizer_state(shared["optimizer"])
+        if self.scheduler is not None and shared.get("scheduler") is not None:
+            self.scheduler.load_state_dict(shared["scheduler"])
+        if shared.get("torch_rng") is not None:
+            torch.set_rng_state(shared["torch_rng"])
+        for entries, registered, where in ((shared.get("entries") or {}, self.shared, "the checkpoint"),
+                                           ((own or {}).get("entries") or {}, self.per_rank, "this rank")):
+            for name, obj in registered.items():
+                if entries.get(name) is None:
+                    log.warning("rank %d: %s has no %s state (saved on %s workers, now %d); it starts afresh",
+                                self.rank, where, name, shared.get("world_size"), self.world)
+                    continue
+                obj.load_state_dict(entries[name])
+        return shared
+
+    # -- export --------------------------------------------------------------------------------------
+    def prepare_export(self) -> None:
+        """Every rank, before rank 0's :meth:`save_pretrained`: FSDP gathers the full student onto rank 0."""
+        if self.strategy == "fsdp":
+            self._export_state = gather_full_state(self.model)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Rank 0: the student as a Hugging Face folder (safetensors + config), as an unsharded run writes it."""
+        if self.strategy == "fsdp":
+            if self._export_state is None:
+                raise RuntimeError("train.strategy=fsdp: prepare_export must run on every rank first")
+            save_pretrained_full(self.model, self._export_state, path)
+        else:
+            self.model.save_pretrained(path, safe_serialization=True)

@@ -28,13 +28,11 @@ def _domain_key(name: str) -> int:
 class DomainSampler:
     """Draws ``(domain, block_index)`` pairs for one rank.
 
-    ``domains`` maps each domain to its number of training blocks. ``tokens_per_block`` is what one drawn block
-    adds to ``tokens_drawn`` (pass ``seq_len``: the tokens the student predicts per block); with the default 1,
-    ``tokens_drawn`` counts blocks.
+    ``domains`` maps each domain to its number of training blocks. The weights to draw with are the caller's
+    (the teacher feed passes the mixture in force, ddk.trainer.mixture_sync); the sampler keeps none.
     """
 
-    def __init__(self, domains: dict[str, int], seed: int, rank: int = 0, world_size: int = 1,
-                 tokens_per_block: int = 1):
+    def __init__(self, domains: dict[str, int], seed: int, rank: int = 0, world_size: int = 1):
         if not domains:
             raise ValueError("domains: at least one domain is needed")
         if not 0 <= rank < world_size:
@@ -45,12 +43,8 @@ class DomainSampler:
         self.names = sorted(domains)  # a fixed order, whatever the dict order the caller used
         self.sizes = {name: int(domains[name]) for name in self.names}
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.tokens_per_block = int(tokens_per_block)
         self.cursors = {name: 0 for name in self.names}
         self.epochs = {name: 0 for name in self.names}
-        self.tokens_drawn = {name: 0 for name in self.names}
-        self.weights: dict[str, float] | None = None  # the last weights drawn with
-        self.weights_version: int | None = None       # their version, when the caller says
         self._perm_cache: dict[str, tuple[int, np.ndarray]] = {}
 
     # -- the shard and its permutations ---------------------------------------------------------------------
@@ -80,8 +74,7 @@ class DomainSampler:
             raise ValueError(f"weights: must be finite, >= 0 and not all 0, got {weights}")
         return w / w.sum()
 
-    def draw(self, step: int, weights: dict[str, float], batch_size: int,
-             version: int | None = None) -> list[tuple[str, int]]:
+    def draw(self, step: int, weights: dict[str, float], batch_size: int) -> list[tuple[str, int]]:
         """The batch of ``step``: ``batch_size`` pairs ``(domain, block_index)``; advances the cursors."""
         p = self.probabilities(weights)
         rng = np.random.default_rng([self.seed, self.rank, int(step)])
@@ -92,13 +85,9 @@ class DomainSampler:
             perm = self.permutation(name, self.epochs[name])
             batch.append((name, int(perm[self.cursors[name]])))
             self.cursors[name] += 1
-            self.tokens_drawn[name] += self.tokens_per_block
             if self.cursors[name] == len(perm):  # exhausted: cycle with a fresh permutation
                 self.cursors[name] = 0
                 self.epochs[name] += 1
-        self.weights = {n: float(weights.get(n, 0.0)) for n in self.names}
-        if version is not None:
-            self.weights_version = int(version)
         return batch
 
     # -- state -----------------------------------------------------------------------------------------------
@@ -106,13 +95,12 @@ class DomainSampler:
     def state_dict(self) -> dict:
         return {
             "seed": self.seed, "rank": self.rank, "world_size": self.world_size, "sizes": dict(self.sizes),
-            "cursors": dict(self.cursors), "epochs": dict(self.epochs), "tokens_drawn": dict(self.tokens_drawn),
-            "weights": None if self.weights is None else dict(self.weights),
-            "weights_version": self.weights_version,
+            "cursors": dict(self.cursors), "epochs": dict(self.epochs),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore cursors and counters. The domains, seed, rank and world size must match this sampler's."""
+        """Restore the cursors. The domains, seed, rank and world size must match this sampler's (keys a sampler
+        before 2026-12-06 also saved, ``tokens_drawn``, ``weights`` and ``weights_version``, are ignored)."""
         for key in ("seed", "rank", "world_size"):
             if int(state[key]) != getattr(self, key):
                 raise ValueError(f"sampler state: {key} {state[key]} != {getattr(self, key)}")
@@ -120,8 +108,4 @@ class DomainSampler:
             raise ValueError(f"sampler state: domains/sizes {state['sizes']} != {self.sizes}")
         self.cursors = {n: int(state["cursors"][n]) for n in self.names}
         self.epochs = {n: int(state["epochs"][n]) for n in self.names}
-        self.tokens_drawn = {n: int(state["tokens_drawn"][n]) for n in self.names}
-        self.weights = None if state.get("weights") is None else {n: float(w) for n, w in state["weights"].items()}
-        v = state.get("weights_version")
-        self.weights_version = None if v is None else int(v)
         self._perm_cache.clear()

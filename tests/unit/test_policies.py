@@ -350,7 +350,7 @@ def test_train_state_keeps_the_token_counter():
 
 
 def test_the_trainer_posts_tokens_with_its_evaluation():
-    from ddk.trainer.loop import Controller
+    from ddk.trainer.mixture_sync import MixtureSync
 
     class Client:
         def __init__(self):
@@ -360,10 +360,9 @@ def test_the_trainer_posts_tokens_with_its_evaluation():
             self.calls.append(kw)
             return {"version": 1, "step": step, "weights": {"a": 1.0}}
 
-    c = Controller(None, None, "r", {"a": 1.0}, 0)
-    c.client = Client()
+    c = MixtureSync({"a": 1.0}, 0, client=Client())
     c.submit(0, {"a": 1.0}, {"a": 1.0}, {"a": 128.0})
-    assert c.pending["tokens"] == {"a": 128.0}
+    assert c.unposted[-1]["tokens"] == {"a": 128.0}
     c.try_post(0)
     c.submit(4, {"a": 1.0}, None)  # without tokens: the old call, so an older client or fake still works
     c.try_post(4)
