@@ -1,4 +1,4 @@
-"""Data preparation at scale: the streamed, parallel cache (``ddk.trainer.prepare``) against the in-memory way.
+"""Data preparation at scale: the streamed, parallel cache (``ddk.data.cache``) against the in-memory way.
 
 Prints one table, the rows side by side in one run. The domains are code text built from the Python standard
 library on this machine (every ``.py`` under ``sysconfig``'s stdlib, site-packages left out), written as one
@@ -10,7 +10,7 @@ Rows (each one a fresh Python process, so its peak memory is its own):
   in-memory          today's algorithm before issue 16 (:func:`reference_split_and_pack`, kept here and in the
                      tests as the reference): every document read into memory, tokenised into Python lists,
                      held out, packed, saved as int32
-  streamed, N proc   ``ddk.trainer.prepare.prepare_domains(..., workers=N)`` into an empty cache folder (1: in
+  streamed, N proc   ``ddk.data.cache.prepare_domains(..., workers=N)`` into an empty cache folder (1: in
                      this process, where the tokenizer's own threads may use both cores, as they do for the
                      in-memory row; 2: two tokenising child processes), with the tokenizer as ``ddk data
                      prepare`` loads it (``load_tokenizer``: tokenizer.json with the tokenizers library only, no
@@ -57,7 +57,7 @@ BYTES_PER_TOKEN_IN_MEMORY = 58  # measured (issue 16): 2.30 GiB for 39.7M tokens
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the reference: the in-memory algorithm of ddk.trainer.data before issue 16 (format 1), unchanged
+# the reference: the in-memory algorithm of ddk.trainer.data (now ddk.data) before issue 16 (format 1), unchanged
 
 def reference_pack(token_lists: Iterable[list[int]], eos_id: int, seq_len: int) -> np.ndarray:
     """Concatenate documents (EOS after each) and cut into ``[n, seq_len + 1]`` int32 blocks."""
@@ -78,7 +78,7 @@ def reference_tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
 def reference_split_and_pack(spec, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Read, hold out validation, tokenise and pack one domain -> (train, val) int32 blocks, all in memory."""
     from ddk.errors import UsageError
-    from ddk.trainer.data import doc_hash_fraction, read_documents
+    from ddk.data.domains import doc_hash_fraction, read_documents
 
     eos = tokenizer.eos_token_id
     docs = list(read_documents(spec, spec.files))
@@ -148,10 +148,10 @@ def write_domain(path: Path, megabytes: int) -> int:
 # one row, in its own process
 
 def run_row(mode: str, data: Path, workers: int, cache: Path) -> dict:
-    from ddk.trainer.data import DomainSpec
+    from ddk.data.domains import DomainSpec
 
     if mode in ("new", "base-fast"):  # as `ddk data prepare` loads it: the tokenizers library only
-        from ddk.trainer.prepare import TokenizerFile, load_tokenizer
+        from ddk.data.tokenizer import TokenizerFile, load_tokenizer
 
         tok = load_tokenizer(KIT_TOKENIZER)
         assert isinstance(tok, TokenizerFile)
@@ -174,7 +174,7 @@ def run_row(mode: str, data: Path, workers: int, cache: Path) -> dict:
         digest = hashlib.sha1(np.ascontiguousarray(train).astype(np.uint16).tobytes()).hexdigest()
         tokens = None
     else:
-        from ddk.trainer.prepare import prepare_domains
+        from ddk.data.cache import prepare_domains
 
         d = prepare_domains([spec], tok, SEQ_LEN, cache, workers=workers, progress=False)["code"]
         n_train, n_val, tokens = len(d.train), len(d.val), d.build["tokens"]

@@ -108,7 +108,8 @@ def precompute(client, job, steps: int) -> tuple[dict[bytes, object], list[bytes
     training batches' keys, in step order."""
     from transformers import AutoTokenizer
 
-    from ddk.trainer.data import load_domain_specs, prepare_domains
+    from ddk.data.cache import prepare_domains
+    from ddk.data.domains import load_domain_specs
     from ddk.trainer.sampler import DomainSampler
 
     cfg = job.config

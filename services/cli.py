@@ -135,7 +135,7 @@ def _add_teacher(sub) -> None:
                    help="how entries are stored (default: the folder's, else float16, what a float16 wire "
                         "frame carries)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_lazy("ddk.teacher.precompute:main"))
+    p.set_defaults(func=_lazy("ddk.trainer.precompute:main"))
 
 
 def _add_controller(sub) -> None:
@@ -209,7 +209,7 @@ def _add_data(sub) -> None:
             p.add_argument("--quiet", action="store_true", help="no progress bar")
         else:
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        p.set_defaults(func=_lazy(f"ddk.trainer.prepare:{target}"))
+        p.set_defaults(func=_lazy(f"ddk.trainer.data_cli:{target}"))
 
 
 def _add_demo(sub) -> None:

@@ -14,7 +14,7 @@ domain's ``val_files`` when given (file order); otherwise the documents whose st
 falls below ``val_fraction`` -- the same documents whatever the file order, machine or process -- in hash order,
 and then more documents in hash order until validation fills at least one block.
 
-The cache (format 2) is built by :mod:`ddk.trainer.prepare` (streamed, in bounded memory, tokenised in parallel,
+The cache (format 2) is built by :mod:`ddk.data.cache` (streamed, in bounded memory, tokenised in parallel,
 resumable) under ``cache_dir/<domain>-<key>/``: the token streams as ``.npy`` shards of uint16 ids when the
 vocabulary fits in 65,536 ids (uint32 otherwise), and ``meta.json``, written last, listing them. The key covers
 the input files (path, size, mtime), the tokenizer fingerprint, EOS, ``seq_len``, the split settings, the token
@@ -254,10 +254,9 @@ def load_domain_specs(source: Any, base_dir: str | Path | None = None) -> list[D
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise UsageError(f"data: cannot read {path} ({str(e).splitlines()[0]})") from None
-        from ddk.trainer.config import is_train_config, train_sections
-
-        if is_train_config(raw):  # its data section, read by the train config's own parser
-            return load_domain_specs(train_sections(raw, path.resolve().parent).data.source())
+        if is_train_config(raw):  # its data section: data.file (a data.yaml) or the inline data.domains
+            return load_domain_specs(train_data_source(raw["data"], path.resolve().parent),
+                                     base_dir=path.resolve().parent)
         return load_domain_specs(raw, base_dir=path.resolve().parent)
 
     base = Path(base_dir) if base_dir is not None else Path.cwd()
@@ -274,6 +273,30 @@ def load_domain_specs(source: Any, base_dir: str | Path | None = None) -> list[D
             return _specs_from_entries(source["domains"], base, frac)
         return _specs_from_single_file(source["file"], source.get("val_file"), base, frac)
     raise UsageError(f"data: expected a data.yaml path, a directory or a list of domains, got {type(source).__name__}")
+
+
+def is_train_config(raw: Any) -> bool:
+    """A parsed YAML that is a train config (a ``data`` section), not a data.yaml (``domains`` at the top)."""
+    return isinstance(raw, dict) and isinstance(raw.get("data"), dict) and "domains" not in raw
+
+
+TRAIN_DATA_KEYS = ("file", "domains", "seq_len", "val_fraction", "cache_dir")  # a train config's data section
+
+
+def train_data_source(section: dict, base: Path) -> str | dict:
+    """The domains a train config's ``data`` section names, as :func:`load_domain_specs` reads them:
+    ``data.file`` (a data.yaml or data folder, against ``base``, the config's folder) or the inline
+    ``data.domains`` with ``data.val_fraction``. (The full config is parsed by ``ddk.trainer.config``.)"""
+    extra = sorted(set(section) - set(TRAIN_DATA_KEYS))
+    if extra:
+        raise UsageError(f"data.{extra[0]}: unknown key (known: {', '.join(TRAIN_DATA_KEYS)})")
+    if section.get("file") is None and section.get("domains") is None:
+        raise UsageError("data: the train config has neither data.file nor data.domains")
+    if section.get("file") is not None:
+        if not isinstance(section["file"], str) or not section["file"]:
+            raise UsageError("data.file: must be a path (a data.yaml or a data folder)")
+        return str(base / Path(section["file"]).expanduser())
+    return {"domains": section["domains"], "val_fraction": section.get("val_fraction", 0.05)}
 
 
 def _val_fraction(v: Any) -> float:
@@ -495,25 +518,6 @@ def cache_key(spec: DomainSpec, fingerprint: str, eos_id: int, seq_len: int, dty
 
 def safe_dirname(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:64]
-
-
-def prepare_domains(specs: list[DomainSpec], tokenizer, seq_len: int, cache_dir: str | Path | None = None, *,
-                    workers: int | None = None, use_ray: bool = False, ray_address: str | None = None,
-                    verify: bool = False, progress: bool | None = None, dtype: Any = None,
-                    shard_chars: int | None = None) -> dict[str, PackedDomain]:
-    """Tokenised, packed, cached blocks for every domain (memory-mapped; cheap after the first call).
-
-    A missing (or unfinished, or damaged) cache is built by :func:`ddk.trainer.prepare.prepare_domains`:
-    streamed, tokenised by ``workers`` processes (default: the machine's cores; ``use_ray``: Ray Data's
-    ``map_batches`` across the cluster at ``ray_address``), resumed from its complete shards. ``verify`` also checks every shard's
-    checksum (``ddk data prepare``); without it, a cached domain is checked by its files' sizes and headers.
-    ``dtype`` forces the token dtype (default: :func:`token_dtype`).
-    """
-    from ddk.trainer import prepare
-
-    return prepare.prepare_domains(specs, tokenizer, seq_len, cache_dir, workers=workers, use_ray=use_ray,
-                                   ray_address=ray_address, verify=verify, progress=progress, dtype=dtype,
-                                   shard_chars=shard_chars)
 
 
 def natural_proportions(domains: dict[str, PackedDomain]) -> dict[str, float]:

@@ -34,7 +34,8 @@ def per_domain_losses(model_path: Path, data_yaml: Path, seq_len: int, sequences
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ddk.trainer.data import default_cache_dir, load_domain_specs, prepare_domains
+    from ddk.data.cache import prepare_domains
+    from ddk.data.domains import default_cache_dir, load_domain_specs
     from ddk.trainer.evaluate import evaluate_domains, teacher_losses_from_client
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)

@@ -32,6 +32,8 @@ import threading
 import time
 from pathlib import Path
 
+from ddk.data.cache import prepare_data
+from ddk.data.tokenizer import student_tokenizer
 from ddk.errors import UsageError
 from ddk.trainer.config import FAULT_ENV, TrainJob, parse_fault_steps
 
@@ -176,10 +178,10 @@ def prepare(cfg, log_level: str | None = None) -> TrainJob:
 
     check_packages(cfg)  # logging.*: each configured tracker's package imports (exit 2 otherwise)
     check_compile(cfg)
-    tokenizer, student_vocab = _student_tokenizer(cfg)
+    tokenizer, student_vocab = student_tokenizer(cfg)
     client = _checked_teacher(cfg, tokenizer, student_vocab)  # None without teacher.urls
     try:
-        domains = _prepare_data(cfg, tokenizer)
+        domains = prepare_data(cfg, tokenizer)
         names = sorted(domains)
         initial = resolve_initial_weights(cfg, names)
         check_routes(cfg, names)
@@ -202,18 +204,6 @@ def prepare(cfg, log_level: str | None = None) -> TrainJob:
                     controller_token=token, teacher_token=_teacher_token(cfg),
                     log_level=log_level or logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                     fault_at_steps=parse_fault_steps(os.environ.get(FAULT_ENV)))
-
-
-def _student_tokenizer(cfg):
-    """(tokenizer, vocabulary size) of ``student.model``."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.student.model, trust_remote_code=False)
-        student_vocab = int(AutoConfig.from_pretrained(cfg.student.model, trust_remote_code=False).vocab_size)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"student.model: cannot load a tokenizer and config from {cfg.student.model} ({e})") from None
-    return tokenizer, student_vocab
 
 
 def _teacher_token(cfg) -> str | None:
@@ -276,19 +266,6 @@ def check_routes(cfg, names: list[str]) -> None:
         bare = [n for n in names if n not in cfg.teacher.routes]
         if bare:
             raise UsageError(f"teacher.urls: domain {bare[0]} has no route in teacher.routes and teacher.urls is empty")
-
-
-def _prepare_data(cfg, tokenizer) -> dict:
-    """Step 3: the token cache (in ``data.cache_dir``, resolved here so every worker uses the same folder)."""
-    from ddk.trainer.data import default_cache_dir, load_domain_specs, prepare_domains
-
-    if cfg.data.cache_dir is None:
-        cfg.data.cache_dir = str(default_cache_dir())  # the same folder for every worker
-    domains = prepare_domains(load_domain_specs(cfg.data.source()), tokenizer, cfg.data.seq_len, cfg.data.cache_dir)
-    for n in sorted(domains):
-        if len(domains[n].val) < 1:
-            raise UsageError(f"data: domain {n} has no validation block")
-    return domains
 
 
 def _teacher_losses(cfg, client, domains) -> dict[str, float]:

@@ -10,9 +10,9 @@ The folder ``DIR``:
 
 - ``DIR/topk.sqlite``: a :class:`~ddk.teacher.store.TopkStore` (the same layout as ``ddk teacher serve
   --cache-dir DIR``, so a teacher can serve from a precomputed folder and a service cache can be trained from);
-- ``DIR/manifest.json``: what the store holds (:func:`manifest_for`): the teacher's model and tokenizer
-  fingerprints, ``k``, ``seq_len``, the encoding and the blocks per domain and split, and ``complete``
-  (false until every block is in). It holds no timestamps, so a run that was killed and resumed ends with the
+- ``DIR/manifest.json``: what the store holds (:func:`ddk.data.topk_manifest.manifest_for`): the teacher's model
+  and tokenizer fingerprints, ``k``, ``seq_len``, the encoding and the blocks per domain and split, and
+  ``complete`` (false until every block is in). It holds no timestamps, so a run that was killed and resumed ends with the
   manifest an uninterrupted one writes.
 
 Resumable: the manifest is written first (``complete: false``); each batch of blocks is looked up in the store
@@ -21,92 +21,36 @@ after the data grew) scores only what is not there. A SIGKILLed run loses the re
 stays consistent (SQLite WAL). A folder holding another teacher's, tokenizer's, k's or seq_len's store is
 refused (exit 2).
 
-Training from it: ``cache.dir: DIR`` in the train config (``ddk.trainer.topk_source``).
+Training from it: ``cache.dir: DIR`` in the train config (``ddk.trainer.topk_source``). It lives in the trainer
+package, beside the train config it reads (the teacher package imports nothing of the trainer).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from ddk.data.cache import prepare_data
+from ddk.data.tokenizer import student_tokenizer
+from ddk.data.topk_manifest import (MANIFEST, blocks_of, identity_problem, manifest_for, read_manifest, store_path,
+                                   write_manifest)
 from ddk.errors import UsageError
+from ddk.fingerprint import tokenizer_fingerprint
+from ddk.teacher.client import TeacherClient
+from ddk.teacher.store import TopkStore
+from ddk.tokenfile import read_token
+from ddk.trainer.config import load_config
+from ddk.trainer.launch import check_teacher
 
-log = logging.getLogger("ddk.teacher.precompute")
-
-MANIFEST = "manifest.json"
-STORE_FILE = "topk.sqlite"  # the service cache's name too (app.py: cache_dir/topk.sqlite)
-FORMAT = 1
-SPLITS = ("train", "val")
-# the manifest keys a store's entries depend on: another value in any of them is another store
-IDENTITY = ("model_fingerprint", "tokenizer_fingerprint", "k", "seq_len")
-
-
-def store_path(directory: str | Path) -> Path:
-    return Path(directory) / STORE_FILE
-
-
-def read_manifest(directory: str | Path) -> dict | None:
-    """``DIR/manifest.json`` (None when absent; UsageError naming ``what`` when unreadable)."""
-    path = Path(directory) / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"cache.dir: {path} is not a readable manifest ({e})") from None
-    if not isinstance(manifest, dict) or any(k not in manifest for k in IDENTITY):
-        raise UsageError(f"cache.dir: {path} is not a top-k store manifest (it lacks {', '.join(IDENTITY)})")
-    return manifest
-
-
-def write_manifest(directory: str | Path, manifest: dict) -> None:
-    """Atomically (a temporary file renamed over the old one)."""
-    path = Path(directory) / MANIFEST
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def manifest_for(info: dict, k: int, seq_len: int, encoding: str, domains: dict, complete: bool) -> dict:
-    """The manifest of a store of ``info``'s teacher (``/v1/info``) for ``domains`` (name -> PackedDomain, or
-    name -> {"train": n, "val": n}). Pure."""
-    counts = {n: ({s: int(d[s]) for s in SPLITS} if isinstance(d, dict) else
-                  {"train": len(d.train), "val": len(d.val)}) for n, d in sorted(domains.items())}
-    return {"format": FORMAT, "model": info.get("model"), "model_fingerprint": info.get("model_fingerprint"),
-            "tokenizer_fingerprint": info.get("tokenizer_fingerprint"), "vocab_size": info.get("vocab_size"),
-            "k": int(k), "seq_len": int(seq_len), "encoding": encoding, "domains": counts,
-            "blocks": sum(c["train"] + c["val"] for c in counts.values()), "complete": bool(complete)}
-
-
-def identity_problem(old: dict, new: dict) -> str | None:
-    """What makes ``old``'s store another store than ``new``'s (None: the same). Pure."""
-    for key in IDENTITY:
-        if old.get(key) != new.get(key):
-            return f"{key} {old.get(key)!r} (the folder's) is not {new.get(key)!r}"
-    return None
-
-
-def blocks_of(domains: dict) -> list[tuple[str, str, object]]:
-    """(domain, split, TokenBlocks) of every split of every domain, in name order."""
-    return [(n, s, getattr(domains[n], s)) for n in sorted(domains) for s in SPLITS]
+log = logging.getLogger(__name__)
 
 
 def main(args) -> int:
     """``ddk teacher precompute``."""
-    from ddk.fingerprint import tokenizer_fingerprint
-    from ddk.teacher.client import TeacherClient
-    from ddk.tokenfile import read_token
-    from ddk.teacher.store import TopkStore
-    from ddk.trainer.config import load_config
-    from ddk.trainer.launch import _prepare_data, _student_tokenizer, check_teacher
-
     overrides = list(args.overrides) + ([f"teacher.urls=[{args.teacher}]"] if args.teacher else [])
     cfg = load_config(args.config, overrides)  # --teacher first, so that a config without teacher.urls validates
     urls = list(cfg.teacher.urls)
@@ -114,7 +58,7 @@ def main(args) -> int:
         raise UsageError("--teacher: give a teacher URL (or set teacher.urls in the config)")
     out = Path(args.out).expanduser().resolve()
     k, seq_len = int(cfg.kd.top_k), int(cfg.data.seq_len)
-    tokenizer, student_vocab = _student_tokenizer(cfg)
+    tokenizer, student_vocab = student_tokenizer(cfg)
     token = read_token(cfg.teacher.token_file, "teacher.token_file") if cfg.teacher.token_file else None
     client = TeacherClient(urls, token=token)
     try:
@@ -123,7 +67,7 @@ def main(args) -> int:
         if not info.get("model_fingerprint"):
             raise UsageError(f"--teacher: {urls[0]} publishes no model_fingerprint (a store needs the teacher's "
                              "identity)")
-        domains = _prepare_data(cfg, tokenizer)
+        domains = prepare_data(cfg, tokenizer)
         old = read_manifest(out)
         encoding = args.encoding or (old or {}).get("encoding") or "float16"
         fresh = manifest_for(info, k, seq_len, encoding, domains, complete=False)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ddk.errors import UsageError
-from ddk.teacher.precompute import MANIFEST, manifest_for, read_manifest, store_path, write_manifest
+from ddk.data.topk_manifest import MANIFEST, manifest_for, read_manifest, store_path, write_manifest
 
 log = logging.getLogger("ddk.trainer")
 

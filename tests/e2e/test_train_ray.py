@@ -254,7 +254,8 @@ def test_split_evaluation_equals_one_rank_evaluating_everything(kit, reference):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ddk.trainer.config import load_config
-    from ddk.trainer.data import load_domain_specs, prepare_domains
+    from ddk.data.cache import prepare_domains
+    from ddk.data.domains import load_domain_specs
     from ddk.trainer.evaluate import evaluate_domains
 
     out, _ = reference
@@ -292,7 +293,8 @@ def test_math_routed_to_a_specialist_teacher_across_two_workers(kit, teachers, c
     from ddk.teacher.client import TeacherClient
     from ddk.teacher.store import sequence_key
     from ddk.trainer.config import load_config
-    from ddk.trainer.data import load_domain_specs, prepare_domains
+    from ddk.data.cache import prepare_domains
+    from ddk.data.domains import load_domain_specs
     from ddk.trainer.evaluate import teacher_losses_from_client
 
     out, history = reference

@@ -82,10 +82,11 @@ def config(small: Path, run_id: str, *sets: str):
 
 
 def domains_of(cfg):
-    from ddk.trainer.launch import _prepare_data, _student_tokenizer
+    from ddk.data.cache import prepare_data
+    from ddk.data.tokenizer import student_tokenizer
 
-    tok, _ = _student_tokenizer(cfg)
-    return tok, _prepare_data(cfg, tok)
+    tok, _ = student_tokenizer(cfg)
+    return tok, prepare_data(cfg, tok)
 
 
 def entries(store_dir: Path) -> int:
@@ -136,7 +137,7 @@ def store(small, teacher, tmp_path_factory) -> dict:
 def test_precompute_resumes_after_a_kill(store, small, teacher):
     import httpx
 
-    from ddk.teacher.precompute import manifest_for
+    from ddk.data.topk_manifest import manifest_for
 
     out, killed = store["dir"], store["killed"]
     _, domains = domains_of(config(small, "store-resume"))

@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import yaml
 
+from ddk.data import cache as data_cache
+from ddk.data import tokenizer as data_tok
+from ddk.data.cache import prepare_domains
+from ddk.data.domains import DomainSpec, PackedDomain, TokenBlocks, load_domain_specs, natural_proportions
 from ddk.errors import UsageError
-from ddk.trainer import prepare as prep
-from ddk.trainer.data import (DomainSpec, PackedDomain, TokenBlocks, load_domain_specs, natural_proportions,
-                              prepare_domains)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -302,7 +303,7 @@ def test_streamed_cache_equals_in_memory_reference_on_kit(tmp_path, kit_specs, k
 
 def test_resume_after_an_error_midway(tmp_path, kit_specs, kit_tokenizer, kit_reference, monkeypatch):
     spec = next(s for s in kit_specs if s.name == "code-hash")
-    real, written = prep._write_part, []
+    real, written = data_cache._write_part, []
 
     def failing(*a, **k):
         if len(written) == 3:
@@ -310,10 +311,10 @@ def test_resume_after_an_error_midway(tmp_path, kit_specs, kit_tokenizer, kit_re
         written.append(a[2])
         return real(*a, **k)
 
-    monkeypatch.setattr(prep, "_write_part", failing)
+    monkeypatch.setattr(data_cache, "_write_part", failing)
     with pytest.raises(RuntimeError, match="injected"):
         prepare_domains([spec], kit_tokenizer, 128, tmp_path / "cache", workers=2, shard_chars=30_000)
-    monkeypatch.setattr(prep, "_write_part", real)
+    monkeypatch.setattr(data_cache, "_write_part", real)
     packed = prepare_domains([spec], kit_tokenizer, 128, tmp_path / "cache", workers=2,
                              shard_chars=30_000)[spec.name]
     assert packed.build["reused"] == 3 and packed.build["tokenised"] >= 3
@@ -332,15 +333,15 @@ def test_resume_after_sigkill_of_ddk_data_prepare(tmp_path, kit, kit_specs, kit_
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
     script = (
         "import os, signal, sys\n"
-        "from ddk.trainer import prepare\n"
-        "real, n = prepare._write_part, [0]\n"
+        "from ddk.data import cache\n"
+        "real, n = cache._write_part, [0]\n"
         "def write(*a, **k):\n"
         "    out = real(*a, **k)\n"
         "    n[0] += 1\n"
         "    if n[0] == 5:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return out\n"
-        "prepare._write_part = write\n"
+        "cache._write_part = write\n"
         "from ddk.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     argv = ["data", "prepare", str(tmp_path / "train.yaml"), "--workers", "1", "--shard-chars", "20000", "--quiet"]
@@ -368,7 +369,7 @@ def test_uint16_and_uint32_caches_give_the_same_blocks(tmp_path, tokenizer):
 
 
 def test_big_vocabulary_gets_uint32(tmp_path):
-    from ddk.trainer.data import token_dtype
+    from ddk.data.domains import token_dtype
 
     class Tok:
         def __init__(self, n):
@@ -455,13 +456,14 @@ def test_old_format_cache_is_rebuilt_not_misread(tmp_path, tokenizer):
     cache = tmp_path / "cache"
     good = prepare_domains([spec], tokenizer, 16, tmp_path / "fresh")["a"]
     # a format-1 cache (int32 train.npy/val.npy, meta.json without "format") sitting in the new key's folder
-    d = prep.domain_dir(cache, spec, tokenizer_fingerprint(tokenizer), tokenizer.eos_token_id, 16, np.dtype("uint16"))
+    d = data_cache.domain_dir(cache, spec, tokenizer_fingerprint(tokenizer), tokenizer.eos_token_id, 16,
+                              np.dtype("uint16"))
     d.mkdir(parents=True)
     np.save(d / "train.npy", np.zeros((3, 17), np.int32))
     np.save(d / "val.npy", np.zeros((1, 17), np.int32))
     (d / "meta.json").write_text(json.dumps({"name": "a", "seq_len": 16, "train_blocks": 3, "val_blocks": 1}))
     got = prepare_domains([spec], tokenizer, 16, cache)["a"]
-    assert got.build is not None and got.info["format"] == prep.CACHE_FORMAT
+    assert got.build is not None and got.info["format"] == data_cache.CACHE_FORMAT
     np.testing.assert_array_equal(got.train, good.train)
     assert not (d / "train.npy").exists()
 
@@ -563,8 +565,8 @@ def test_ray_data_gives_the_same_cache(tmp_path, kit, kit_specs, kit_reference):
     from ddk.fingerprint import tokenizer_fingerprint
 
     specs = [s for s in kit_specs if s.name in ("code", "prose-hash")]
-    tok = prep.load_tokenizer(kit / "tokenizer")
-    assert isinstance(tok, prep.TokenizerFile)
+    tok = data_tok.load_tokenizer(kit / "tokenizer")
+    assert isinstance(tok, data_tok.TokenizerFile)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         got = prepare_domains(specs, tok, 128, tmp_path / "cache", use_ray=True, shard_chars=60_000)
@@ -577,7 +579,8 @@ def test_ray_data_gives_the_same_cache(tmp_path, kit, kit_specs, kit_reference):
         np.testing.assert_array_equal(got[spec.name].train, kit_reference[spec.name][0], err_msg=spec.name)
         np.testing.assert_array_equal(got[spec.name].val, kit_reference[spec.name][1], err_msg=spec.name)
         key = (spec, tokenizer_fingerprint(tok), tok.eos_token_id, 128, np.dtype("uint16"))
-        ray_dir, local_dir = prep.domain_dir(tmp_path / "cache", *key), prep.domain_dir(tmp_path / "local", *key)
+        ray_dir = data_cache.domain_dir(tmp_path / "cache", *key)
+        local_dir = data_cache.domain_dir(tmp_path / "local", *key)
         assert ray_dir.name == local_dir.name and (ray_dir / "meta.json").is_file()
         shards = got[spec.name].info["shards"]
         assert shards == local[spec.name].info["shards"]       # the same shards, numbered by corpus position
@@ -594,11 +597,11 @@ def test_tokenizers_only_tokenizer_gives_the_transformers_key_and_ids(tmp_path, 
     from transformers import AutoTokenizer
 
     from ddk.fingerprint import tokenizer_fingerprint, vocab_fingerprint
-    from ddk.trainer.data import read_documents, token_dtype
+    from ddk.data.domains import read_documents, token_dtype
 
     hf = AutoTokenizer.from_pretrained(str(kit / folder))
-    tok = prep.load_tokenizer(kit / folder)
-    assert isinstance(tok, prep.TokenizerFile)
+    tok = data_tok.load_tokenizer(kit / folder)
+    assert isinstance(tok, data_tok.TokenizerFile)
     assert tok.get_vocab() == hf.get_vocab() and len(tok) == len(hf)
     assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(hf) == vocab_fingerprint(hf.get_vocab())
     assert (tok.eos_token, tok.eos_token_id) == (hf.eos_token, hf.eos_token_id)
@@ -606,14 +609,14 @@ def test_tokenizers_only_tokenizer_gives_the_transformers_key_and_ids(tmp_path, 
     specs = load_domain_specs(kit / "data.yaml")
     for spec in specs:
         key = [tokenizer_fingerprint(tok), tok.eos_token_id, 128, token_dtype(tok)]
-        assert prep.domain_dir(tmp_path, spec, *key) == prep.domain_dir(
+        assert data_cache.domain_dir(tmp_path, spec, *key) == data_cache.domain_dir(
             tmp_path, spec, tokenizer_fingerprint(hf), hf.eos_token_id, 128, token_dtype(hf))
         texts = list(read_documents(spec, spec.files))[:60] + ["", " leading", "tabs\t\tand\n\nnewlines  ",
                                                                "</s> in text <s><pad>", "ünïcödé ✓ 中文"]
         want = hf(texts, add_special_tokens=False)["input_ids"]
         assert tok(texts, add_special_tokens=False)["input_ids"] == want, spec.name
-        assert prep.make_encoder(prep.tokenizer_payload(tok))(texts) == want, spec.name
-        assert prep.make_encoder(prep.tokenizer_payload(hf))(texts) == want, spec.name
+        assert data_tok.make_encoder(data_tok.tokenizer_payload(tok))(texts) == want, spec.name
+        assert data_tok.make_encoder(data_tok.tokenizer_payload(hf))(texts) == want, spec.name
     assert tok.decode(tok.encode("def f(x):\n    return x", add_special_tokens=False)) == "def f(x):\n    return x"
 
 
@@ -621,26 +624,26 @@ def test_tokenizer_falls_back_to_transformers_when_the_file_is_not_enough(tmp_pa
     import logging
     import shutil
 
-    assert prep.tokenizer_file(tmp_path) == (None, "no tokenizer.json")
+    assert data_tok.tokenizer_file(tmp_path) == (None, "no tokenizer.json")
     # an EOS that tokenizer.json lacks: transformers adds it (another vocabulary), so transformers is used
     d = tmp_path / "tok"
     shutil.copytree(kit / "tokenizer", d)
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": "<|end|>"}))
-    tok, why = prep.tokenizer_file(d)
+    tok, why = data_tok.tokenizer_file(d)
     assert tok is None and "'<|end|>' not in tokenizer.json" in why
-    with caplog.at_level(logging.INFO, logger="ddk.trainer.prepare"):
-        hf = prep.load_tokenizer(d)
-    assert not isinstance(hf, prep.TokenizerFile) and hf.eos_token == "<|end|>" and len(hf) == 2049
+    with caplog.at_level(logging.INFO, logger="ddk.data.tokenizer"):
+        hf = data_tok.load_tokenizer(d)
+    assert not isinstance(hf, data_tok.TokenizerFile) and hf.eos_token == "<|end|>" and len(hf) == 2049
     assert "loading with transformers" in caplog.text
     # a named class is rebuilt by transformers: not read directly unless asked
     (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "GPT2Tokenizer"}))
-    assert prep.tokenizer_file(d)[0] is None
-    os.environ[prep.TOKENIZER_ENV] = "tokenizers"
+    assert data_tok.tokenizer_file(d)[0] is None
+    os.environ[data_tok.TOKENIZER_ENV] = "tokenizers"
     try:
-        assert isinstance(prep.tokenizer_file(d)[0], prep.TokenizerFile)
+        assert isinstance(data_tok.tokenizer_file(d)[0], data_tok.TokenizerFile)
     finally:
-        del os.environ[prep.TOKENIZER_ENV]
+        del os.environ[data_tok.TOKENIZER_ENV]
 
 
 def test_ddk_data_prepare_imports_neither_torch_nor_transformers(tmp_path, kit):

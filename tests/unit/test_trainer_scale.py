@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ddk.trainer import scale
-from ddk.trainer.data import PackedDomain
+from ddk.data.domains import PackedDomain
 from ddk.trainer.evaluate import domain_loss_sums, evaluate_domains, losses_from_sums, shard_of
 from ddk.trainer.feed import TeacherFeed
 from ddk.trainer.sampler import DomainSampler

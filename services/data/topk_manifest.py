@@ -1,0 +1,72 @@
+"""The manifest of a top-k store folder (``DIR/manifest.json`` beside ``DIR/topk.sqlite``): which teacher
+(model and tokenizer fingerprints), ``k``, ``seq_len``, encoding, and how many blocks of each domain and split it
+holds, and whether it is ``complete``. Written by ``ddk teacher precompute`` (:mod:`ddk.trainer.precompute`),
+checked by a run training from the store (:mod:`ddk.trainer.topk_source`). No timestamps: a run killed and
+resumed ends with the manifest an uninterrupted one writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ddk.errors import UsageError
+
+MANIFEST = "manifest.json"
+STORE_FILE = "topk.sqlite"  # the service cache's name too (app.py: cache_dir/topk.sqlite)
+FORMAT = 1
+SPLITS = ("train", "val")
+# the manifest keys a store's entries depend on: another value in any of them is another store
+IDENTITY = ("model_fingerprint", "tokenizer_fingerprint", "k", "seq_len")
+
+
+def store_path(directory: str | Path) -> Path:
+    return Path(directory) / STORE_FILE
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    """``DIR/manifest.json`` (None when absent; UsageError naming ``what`` when unreadable)."""
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"cache.dir: {path} is not a readable manifest ({e})") from None
+    if not isinstance(manifest, dict) or any(k not in manifest for k in IDENTITY):
+        raise UsageError(f"cache.dir: {path} is not a top-k store manifest (it lacks {', '.join(IDENTITY)})")
+    return manifest
+
+
+def write_manifest(directory: str | Path, manifest: dict) -> None:
+    """Atomically (a temporary file renamed over the old one)."""
+    path = Path(directory) / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def manifest_for(info: dict, k: int, seq_len: int, encoding: str, domains: dict, complete: bool) -> dict:
+    """The manifest of a store of ``info``'s teacher (``/v1/info``) for ``domains`` (name -> PackedDomain, or
+    name -> {"train": n, "val": n}). Pure."""
+    counts = {n: ({s: int(d[s]) for s in SPLITS} if isinstance(d, dict) else
+                  {"train": len(d.train), "val": len(d.val)}) for n, d in sorted(domains.items())}
+    return {"format": FORMAT, "model": info.get("model"), "model_fingerprint": info.get("model_fingerprint"),
+            "tokenizer_fingerprint": info.get("tokenizer_fingerprint"), "vocab_size": info.get("vocab_size"),
+            "k": int(k), "seq_len": int(seq_len), "encoding": encoding, "domains": counts,
+            "blocks": sum(c["train"] + c["val"] for c in counts.values()), "complete": bool(complete)}
+
+
+def identity_problem(old: dict, new: dict) -> str | None:
+    """What makes ``old``'s store another store than ``new``'s (None: the same). Pure."""
+    for key in IDENTITY:
+        if old.get(key) != new.get(key):
+            return f"{key} {old.get(key)!r} (the folder's) is not {new.get(key)!r}"
+    return None
+
+
+def blocks_of(domains: dict) -> list[tuple[str, str, object]]:
+    """(domain, split, TokenBlocks) of every split of every domain, in name order."""
+    return [(n, s, getattr(domains[n], s)) for n in sorted(domains) for s in SPLITS]

@@ -1,0 +1,121 @@
+"""``ddk data prepare CONFIG`` / ``ddk data inspect CONFIG``: the token cache (:mod:`ddk.data.cache`) of a train
+config (its data section, ``student.model``'s tokenizer, ``--set`` applies) or of a data.yaml / data folder with
+``--tokenizer``. Here, beside the train config's parser, so that :mod:`ddk.data` needs nothing of the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ddk.data.cache import prepare_domains
+from ddk.data.domains import (DomainSpec, PackedDomain, default_cache_dir, is_train_config, load_domain_specs,
+                              natural_proportions)
+from ddk.data.tokenizer import load_tokenizer
+from ddk.errors import UsageError
+from ddk.trainer.config import load_config
+
+
+def _cli_inputs(args) -> tuple[list[DomainSpec], Any, int, Path, str | None]:
+    """(specs, tokenizer, seq_len, cache_dir, ray address) from a train config (``--set`` applies) or a
+    data.yaml / data folder (then ``--tokenizer`` is needed)."""
+    path = Path(args.config).expanduser()
+    if not path.exists():
+        raise UsageError(f"config: no such file or directory: {path}")
+    raw = None
+    if path.is_file():
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise UsageError(f"config {path}: cannot read ({str(e).splitlines()[0]})") from None
+    overrides = getattr(args, "overrides", None) or []
+    ray_address = None
+    if is_train_config(raw):
+        cfg = load_config(str(path), overrides)
+        specs = load_domain_specs(cfg.data.source())
+        seq_len = cfg.data.seq_len
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+        tok_path = getattr(args, "tokenizer", None) or cfg.student.model
+        ray_address = cfg.ray.address or None
+    else:
+        if overrides:
+            raise UsageError("--set: needs a train config (CONFIG here is a data.yaml or a data folder)")
+        tok_path = getattr(args, "tokenizer", None)
+        if not tok_path:
+            raise UsageError("--tokenizer: required when CONFIG is a data.yaml or a data folder (no student.model)")
+        specs = load_domain_specs(path)
+        seq_len = 128
+        cache = default_cache_dir()
+    if getattr(args, "seq_len", None):
+        seq_len = int(args.seq_len)
+    if getattr(args, "cache_dir", None):
+        cache = Path(args.cache_dir).expanduser()
+    if seq_len < 2:
+        raise UsageError("--seq-len: must be at least 2")
+    return specs, load_tokenizer(str(tok_path)), seq_len, cache, ray_address
+
+
+def summary_rows(domains: dict[str, PackedDomain]) -> list[dict]:
+    """Per domain: documents, tokens, train/val blocks, natural proportion (share of the training tokens)."""
+    natural = natural_proportions(domains)
+    rows = []
+    for name, d in domains.items():
+        info = d.info or {}
+        tr, va = info.get("train", {}), info.get("val", {})
+        rows.append({"domain": name, "train_documents": tr.get("documents"), "val_documents": va.get("documents"),
+                     "train_tokens": tr.get("tokens"), "val_tokens": va.get("tokens"),
+                     "train_blocks": len(d.train), "val_blocks": len(d.val), "natural": natural[name],
+                     "dtype": str(d.train.dtype), "shards": len(info.get("shards", {}))})
+    return rows
+
+
+def format_summary(rows: list[dict]) -> str:
+    head = ["domain", "docs (train/val)", "tokens (train/val)", "train blocks", "val blocks", "natural", "dtype",
+            "shards"]
+    cells = [[r["domain"], f"{r['train_documents']:,} / {r['val_documents']:,}",
+              f"{r['train_tokens']:,} / {r['val_tokens']:,}", f"{r['train_blocks']:,}", f"{r['val_blocks']:,}",
+              f"{r['natural']:.3f}", r["dtype"], str(r["shards"])] for r in rows]
+    widths = [max(len(h), *(len(c[j]) for c in cells)) for j, h in enumerate(head)]
+
+    def fmt(cs):
+        return "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cs, widths)))
+
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in cells])
+
+
+def prepare_main(args) -> int:
+    """``ddk data prepare CONFIG [--set k=v] [--workers N] [--ray]``: build (or resume, or check and repair)
+    the token cache of every domain, with a progress bar in tokens/s."""
+    specs, tokenizer, seq_len, cache, ray_address = _cli_inputs(args)
+    t0 = time.perf_counter()
+    domains = prepare_domains(specs, tokenizer, seq_len, cache, workers=getattr(args, "workers", None),
+                              use_ray=bool(getattr(args, "ray", False)),
+                              ray_address=getattr(args, "ray_address", None) or ray_address,
+                              verify=True, progress=None if not getattr(args, "quiet", False) else False,
+                              shard_chars=getattr(args, "shard_chars", None))
+    built = [d for d in domains.values() if d.build is not None]
+    tokens = sum(d.build["tokens"] for d in built)
+    print(format_summary(summary_rows(domains)))
+    dt = time.perf_counter() - t0
+    print(f"\ncache {cache}: {len(built)} of {len(domains)} domains built, {tokens:,} tokens tokenised "
+          f"in {dt:.1f} s" + (f" ({tokens / dt:,.0f} tokens/s)" if tokens else ""))
+    return 0
+
+
+def inspect_main(args) -> int:
+    """``ddk data inspect CONFIG``: per domain documents, tokens, train/val blocks, natural proportions (the
+    cache is prepared first when it is missing)."""
+    specs, tokenizer, seq_len, cache, _ = _cli_inputs(args)
+    domains = prepare_domains(specs, tokenizer, seq_len, cache, workers=getattr(args, "workers", None),
+                              progress=None)
+    rows = summary_rows(domains)
+    if getattr(args, "json", False):
+        print(json.dumps({"cache_dir": str(cache), "seq_len": seq_len, "domains": rows}, indent=1))
+    else:
+        print(format_summary(rows))
+        print(f"\ncache {cache}, seq_len {seq_len}")
+    return 0
