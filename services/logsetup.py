@@ -21,7 +21,8 @@ The same rule holds in the Ray Train workers of ``ddk train``, whose console Ray
 function, at the driver's level (``TrainJob.log_level``), to the console handler that Ray Train put on the
 root logger; Ray Train's own per-report lines (``Reporting training result``, ``Checkpoint successfully
 created``) are turned off by Ray's setting for them, ``RunConfig(logging_config=LoggingConfig(log_level=...))``
-(:func:`ray_train_log_level`), which the driver sets.
+(:func:`ray_train_log_level`), which the driver sets, and by the workers' console filter, which keeps every
+library below WARNING (:class:`WorkerQuietFilter`; Ray 2.60 logs the per-report line outside ``ray.train``).
 """
 
 from __future__ import annotations
@@ -80,6 +81,22 @@ class QuietFilter(logging.Filter):
 _QUIET = QuietFilter()
 
 
+class WorkerQuietFilter(QuietFilter):
+    """The workers' console: :class:`QuietFilter`, and every logger outside ddk below WARNING. A Ray Train
+    worker's console carries the libraries' INFO records (Ray Train sets the root logger to INFO there), among
+    them Ray Train's ``Reporting training result ...`` per report, which Ray 2.60 logs under a logger named by
+    its file path (``logging.getLogger(__file__)`` in ray/train/v2/_internal/execution/context.py), so its own
+    ``LoggingConfig`` (which filters the ``ray.train`` loggers) does not reach it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and not (record.name == "ddk" or record.name.startswith("ddk.")):
+            return False
+        return super().filter(record)
+
+
+_WORKER_QUIET = WorkerQuietFilter()
+
+
 def setup_logging(level: str | int = "INFO") -> bool:
     """Configure this process's logging for ``--log-level level``; whether it is in detail mode.
 
@@ -125,7 +142,8 @@ def setup_worker_logging(level: str | int = "INFO") -> bool:
     on the root logger at INFO before the worker function runs. The console rule goes onto the console
     handlers (the level, and in quiet mode the filter of per-request lines and harmless warnings); the file
     handlers keep every record. Without handlers on the root logger it is :func:`setup_logging`. Returns
-    whether the process is in detail mode."""
+    whether the process is in detail mode. Quiet, the console drops every library record below WARNING
+    (:class:`WorkerQuietFilter`): the workers' console is ddk's lines, warnings and errors."""
     root = logging.getLogger()
     if not root.handlers:
         return setup_logging(level)
@@ -134,8 +152,8 @@ def setup_worker_logging(level: str | int = "INFO") -> bool:
     for handler in root.handlers:
         if _is_console(handler):
             handler.setLevel(lvl)
-            if not detail and _QUIET not in handler.filters:
-                handler.addFilter(_QUIET)
+            if not detail and _WORKER_QUIET not in handler.filters:
+                handler.addFilter(_WORKER_QUIET)
     if root.level > lvl:  # --log-level DEBUG: the records below the framework's INFO too
         root.setLevel(lvl)
     if not detail:

@@ -110,3 +110,43 @@ def test_progress_shows_steps_of_total_and_closes_at_the_end(tmp_path, capsys):
     assert "4/4" in err and "loss=4.600" in err and "tok_s=1000" in err and "v=1" in err
     assert "9/4" not in err
     assert "step 3: controller unreachable, keeping the previous weights" in out + err
+
+
+# ----------------------------------------------------------------------------- the Ray Train workers' console
+
+def test_a_worker_console_keeps_ddk_lines_and_warnings_only(tmp_path):
+    """setup_worker_logging in a process configured as Ray Train configures its workers (root at INFO with a
+    stderr handler and a log file handler): quiet, the console keeps ddk's INFO lines and every warning, and
+    drops the libraries' INFO lines (httpx's per-request lines; Ray Train's per-report line, logged under a
+    logger named by its file path); the file keeps everything; at DEBUG the console has them all again."""
+    script = (
+        "import logging, sys\n"
+        "root = logging.getLogger(); root.setLevel(logging.INFO)\n"
+        "root.addHandler(logging.StreamHandler(sys.stderr))\n"
+        f"root.addHandler(logging.FileHandler({str(tmp_path / 'app.log')!r}))\n"
+        "from ddk.logsetup import setup_worker_logging\n"
+        "setup_worker_logging(sys.argv[1])\n"
+        "logging.getLogger('httpx').info('HTTP Request: POST http://x/v1/topk')\n"
+        "logging.getLogger('/x/ray/train/v2/_internal/execution/context.py').info('Reporting training result 1')\n"
+        "logging.getLogger('ddk.trainer').info('rank 0: resumed from step 8')\n"
+        "logging.getLogger('torch.distributed').warning('a library warning')\n"
+        "logging.getLogger('httpcore').debug('a debug line')\n")
+    env = {"PATH": "/usr/bin:/bin"}
+    quiet = subprocess.run([sys.executable, "-c", script, "INFO"], capture_output=True, text=True, env=env, timeout=60)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr.splitlines() == ["rank 0: resumed from step 8", "a library warning"]
+    logged = (tmp_path / "app.log").read_text()
+    assert "HTTP Request" in logged and "Reporting training result" in logged and "a debug line" not in logged
+    loud = subprocess.run([sys.executable, "-c", script, "DEBUG"], capture_output=True, text=True, env=env, timeout=60)
+    assert loud.stderr.splitlines() == ["HTTP Request: POST http://x/v1/topk", "Reporting training result 1",
+                                        "rank 0: resumed from step 8", "a library warning", "a debug line"]
+
+
+def test_ray_train_own_lines_are_off_unless_detail(monkeypatch):
+    from ddk.logsetup import ray_train_log_level
+
+    monkeypatch.delenv(DETAIL_ENV, raising=False)
+    assert ray_train_log_level("INFO") == "WARNING" and ray_train_log_level("WARNING") == "WARNING"
+    assert ray_train_log_level("DEBUG") == "DEBUG"
+    monkeypatch.setenv(DETAIL_ENV, "1")  # a child writing a log file: complete
+    assert ray_train_log_level("INFO") == "INFO"
