@@ -35,7 +35,7 @@ def _cli_inputs(args) -> tuple[list[DomainSpec], Any, int, Path, str | None]:
     overrides = getattr(args, "overrides", None) or []
     ray_address = None
     if is_train_config(raw):
-        cfg = load_config(str(path), overrides)
+        cfg = load_config(str(path), overrides, for_job="data")  # data, student.model, ray: no teacher needed
         specs = load_domain_specs(cfg.data.source())
         seq_len = cfg.data.seq_len
         cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()

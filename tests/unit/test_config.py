@@ -270,6 +270,7 @@ def test_ddk_data_takes_a_config_without_a_teacher_and_ddk_train_refuses_it(tmp_
                                       "train": {"steps": 10}}))
     cache = ["--cache-dir", str(tmp_path / "cache"), "--workers", "1"]
     assert main(["data", "prepare", str(config), *cache, "--quiet"]) == 0, capsys.readouterr().err
+    assert "2 domains" in capsys.readouterr().out
     assert main(["data", "inspect", str(config), *cache, "--json"]) == 0, capsys.readouterr().err
     rows = {r["domain"]: r for r in json.loads(capsys.readouterr().out)["domains"]}
     assert set(rows) == {"a", "b"} and rows["a"]["train_blocks"] > 0
