@@ -21,7 +21,15 @@ Sizes. The plain path at 8 x 1024 and vocab 128k would hold several float32 [819
 each) at once: far more than ~10 GB, so vocab 128k runs at 4 x 512 (printed with each row); vocab 32k runs at
 8 x 1024. ``--quick``: vocab 32k at 4 x 512 and 128k at 2 x 256.
 
-Run:  .venv/bin/python bench/student.py [--quick] [--steps 1] [--threads 2] [--only 32000]
+Evaluation rows (``--eval``, issue 23 item 5): one evaluation batch (8 x 512 positions; 4 x 512 with ``--quick``;
+the full-logits path at 16 x 512 would hold three float32 [8192, 128000] tensors, 12 GiB) at vocabulary 128k, fp32, under ``torch.no_grad`` as evaluation runs, with a synthetic
+teacher top-k: ``chunked`` is ``ddk.trainer.evaluate.block_sums`` (the training loss's chunked CE and divergence
+from the hidden states, per block), ``full logits`` the evaluation before it (the model's ``[B, T, V]`` logits,
+``.float()``, ``F.cross_entropy`` and ``topk_divergence`` on them, as ``evaluate.distill_sums`` did). Peak above
+baseline as above; ratio chunked / full (target <= 0.25) and the CE and divergence sums of the two (same to 1e-5,
+relative).
+
+Run:  .venv/bin/python bench/student.py [--quick] [--steps 1] [--threads 2] [--only 32000] [--eval]
 """
 
 from __future__ import annotations
@@ -114,6 +122,91 @@ def child(spec: dict) -> dict:
             "cpu_s": median_cpu, "tokens_per_cpu_s": B * T / median_cpu}
 
 
+EVAL_FULL, EVAL_QUICK = (128000, 8, 512), (128000, 4, 512)  # (vocab, batch, seq_len) of the evaluation rows
+
+
+def child_eval(spec: dict) -> dict:
+    """One evaluation row in this (fresh) process: the batch's CE and divergence sums and the peak above the
+    baseline (the model and the batch in place, both paths warmed up on a tiny batch)."""
+    import numpy as np
+    import psutil
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ddk.data.evalset import full_blocks
+    from ddk.trainer.evaluate import TeacherAnswers, block_sums
+    from ddk.trainer.loss import topk_divergence
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    V, B, T, k = spec["vocab"], spec["batch"], spec["seq_len"], TOP_K
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                         num_key_value_heads=4, intermediate_size=688, vocab_size=V,
+                                         max_position_embeddings=T + 1, tie_word_embeddings=False)).eval()
+    g = torch.Generator().manual_seed(1)
+    blocks = torch.randint(0, V, (B, T + 1), generator=g)
+    stride = V // k
+    t_ids = torch.randint(0, stride, (B, T, k), generator=g) + torch.arange(k) * stride
+    t_lp = torch.log_softmax(torch.randn(B, T, k + 1, generator=g) * 2, -1)[..., :k].contiguous()
+    kd = type("KD", (), dict(loss="forward_kl", temperature=1.0, beta=0.5, skew=0.1))
+
+    @torch.no_grad()
+    def full(n):  # the evaluation before issue 23 item 5 (evaluate.distill_sums): full logits in float32
+        chunk = blocks[:n]
+        logits = model(input_ids=chunk[:, :-1]).logits.float()
+        labels = chunk[:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
+        kl = topk_divergence(logits, labels, t_ids[:n], t_lp[:n], 1.0, "forward_kl", 0.5, 0.1).item() * labels.numel()
+        return ce, kl
+
+    def chunked(n):
+        es = full_blocks(blocks[:n].numpy())
+        sums = block_sums(model, es, B, "cpu", "fp32", None, TeacherAnswers(np.zeros(n), t_ids[:n], t_lp[:n]), kd,
+                          hidden_ok=True)
+        return float(sums["ce"].sum()), float(sums["kl"].sum())
+
+    run = full if spec["path"] == "full" else chunked
+    with torch.no_grad():  # warm-up on 8 positions: lazy imports, thread pools (not the step's own buffers)
+        model(input_ids=blocks[:1, :8])
+    block_sums(model, full_blocks(blocks[:1, :9].numpy()), 1, "cpu", hidden_ok=True)
+    proc = psutil.Process()
+    rss_before = proc.memory_info().rss
+    max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    ce, kl = run(B)
+    seconds = time.perf_counter() - t0
+    max_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {**spec, "ce": ce, "kl": kl, "peak_delta": max_after - rss_before, "peak_rss": max_after,
+            "peak_valid": max_after > max_before, "seconds": seconds}
+
+
+def eval_rows(args) -> int:
+    vocab, batch, seq_len = EVAL_QUICK if args.quick else EVAL_FULL
+    res = {}
+    for path in ("full", "chunked"):
+        res[path] = run_row(dict(vocab=vocab, batch=batch, seq_len=seq_len, path=path, threads=args.threads,
+                                 eval=True))
+        print(f"  ... eval {path} done", file=sys.stderr, flush=True)
+    print(f"\nevaluation bench: one evaluation batch of {batch} x {seq_len} at vocabulary {vocab:,}, fp32, no_grad, "
+          f"k = {TOP_K}, Llama hidden 256 x 4 layers, {args.threads} thread(s); load average {os.getloadavg()[0]:.2f}")
+    for path, r in res.items():
+        if "error" in r:
+            print(f"  {path:<8} FAILED: {r['error'][:100]}")
+            continue
+        print(f"  {path:<8} peak above baseline {gib(r['peak_delta'])}{'' if r['peak_valid'] else ' (<= floor)'}  "
+              f"peak RSS {gib(r['peak_rss'])}  {r['seconds']:.2f} s  CE sum {r['ce']:.6f}  divergence sum {r['kl']:.6f}")
+    f, c = res["full"], res["chunked"]
+    if "error" not in f and "error" not in c:
+        mem = c["peak_delta"] / f["peak_delta"]
+        ce_rel = abs(c["ce"] - f["ce"]) / abs(f["ce"])
+        kl_rel = abs(c["kl"] - f["kl"]) / max(abs(f["kl"]), 1e-30)
+        print(f"  chunked / full peak {mem:.3f} [target <= 0.25] {'met' if mem <= 0.25 else 'NOT met'};  "
+              f"CE relative difference {ce_rel:.1e}, divergence {kl_rel:.1e} [target <= 1e-5] "
+              f"{'met' if max(ce_rel, kl_rel) <= 1e-5 else 'NOT met'}")
+    return 0
+
+
 def run_row(spec: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, cwd=REPO,
@@ -133,11 +226,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row after the first (default 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per row")
     ap.add_argument("--only", type=int, action="append", help="run only this vocabulary (repeatable)")
+    ap.add_argument("--eval", action="store_true", help="the evaluation rows only (chunked vs full logits)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(child_eval(spec) if spec.get("eval") else child(spec)))
         return 0
+    if args.eval:
+        return eval_rows(args)
 
     steps = args.steps if args.steps is not None else 1
     sizes = [s for s in (QUICK if args.quick else FULL) if not args.only or s[0] in args.only]
