@@ -60,7 +60,6 @@ class ErrorBody(BaseModel):
 
 # A value the JSON schema documents but this model does not check: the evaluation's values are checked once,
 # against the run's domains, by the store (spec.check_evaluation), which names the field in its 422.
-_Number = Annotated[Any, WithJsonSchema({"type": "number"})]
 _NonNegative = Annotated[Any, WithJsonSchema({"type": "number", "minimum": 0})]
 
 
