@@ -1,10 +1,13 @@
-"""train.strategy=fsdp (ddk.trainer.parallel): FSDP2 on CPU with gloo, two spawned processes, no Ray.
+"""train.strategy=fsdp (ddk.trainer.parallel): FSDP2 on CPU with gloo, spawned processes, no Ray.
 
-One spawn for the module (a process start costs seconds on 2 cores): the workers train a tiny random Llama
-(tied embeddings) sharded for 3 steps, checkpoint it after step 2, gather and export it; then a fresh sharded
-model resumes from that checkpoint and makes step 3; and one bf16 step (MixedPrecisionPolicy over gloo).
-This process trains the same model unsharded on the same global batches and checks: the same losses and
-weights, resume equal to uninterrupted, the export loads with transformers. The Trainer under Ray with
+One spawn for the module (a process start costs seconds on 2 cores), of three processes: two form a 2-worker
+run and train a tiny random Llama (tied embeddings) sharded for 3 steps, checkpoint it after step 2
+(:class:`~ddk.trainer.parallel.Distributed`, its entries registered), gather and export it; a fresh sharded model
+resumes from that checkpoint and makes step 3; one bf16 step (MixedPrecisionPolicy over gloo). The third process
+is a 1-worker FSDP run (its own process group): it writes its checkpoint after step 2, which the 2-worker run
+resumes (1 -> 2), and resumes theirs (2 -> 1). This process trains the same model unsharded on the same global
+batches and checks: the same losses and weights, every resume equal to uninterrupted, the export loads with
+transformers, and an unsharded process resumes the sharded checkpoint. The Trainer under Ray with
 train.strategy=fsdp is in tests/e2e/test_train_ray.py.
 """
 
@@ -56,15 +59,57 @@ def step(model, opt, sched, ids: torch.Tensor) -> torch.Tensor:
     return loss.detach()
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+class Box:
+    """A stateful entry holding plain values (what the Trainer registers: its state, the mixture, the sampler)."""
+
+    def __init__(self, value=None):
+        self.value = value
+
+    def state_dict(self):
+        return self.value
+
+    def load_state_dict(self, state):
+        self.value = state
+
+
+def distributed(model, opt, sched, rank, world, sampler):
+    """The Trainer's Distributed (train.strategy fsdp) over a sharded ``model``, with its three entries."""
+    from types import SimpleNamespace
+
+    from ddk.trainer.parallel import Distributed
+
+    d = Distributed("fsdp", SimpleNamespace(rank=rank, world_size=world), "cpu", "fp32")
+    d.attach(model, opt, sched)
+    boxes = {"trainer": Box({"step": SAVE_AT}), "mixture": Box({"weights": {"a": 1.0}, "version": 3}),
+             "sampler": Box(sampler)}
+    for name, box in boxes.items():
+        d.register(name, box, per_rank=name == "sampler")
+    return d, boxes
+
+
+def _wait_for(path: Path, timeout: float = 120.0) -> None:
+    import time
+
+    t0 = time.monotonic()
+    while not path.exists():
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.05)
+
+
+def _worker(index: int, port: int, port_one: int, out: str) -> None:
+    """Processes 0 and 1: one FSDP run on 2 ranks; process 2: one FSDP run on 1 rank (its own process group).
+    Each resumes the other's checkpoint (1 -> 2 and 2 -> 1 workers)."""
     import torch.distributed as dist
     from ddk.trainer import parallel
     from safetensors.torch import save_file
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    world, rank = (WORLD, index) if index < WORLD else (1, 0)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port if index < WORLD else port_one))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     out = Path(out)
+    tag = f"w{world}r{rank}"
 
     def mean(t):
         t = t.clone()
@@ -74,64 +119,99 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     def run(model, opt, sched, steps):
         return [mean(step(model, opt, sched, batch(s).chunk(world)[rank])) for s in steps]
 
-    try:
-        m = parallel.shard_model(make_model(), "fp32", "cpu")
-        opt, sched = build(m)
-        losses = run(m, opt, sched, range(SAVE_AT))
-        parallel.save_training_sharded(out / "ckpt", {"step": SAVE_AT, "weights": {"a": 1.0}, "version": 3,
-                                                      "sampler": {"rank": rank}}, rank=rank, world_size=world,
-                                       model=m, optimizer=opt, scheduler=sched)
-        losses += run(m, opt, sched, range(SAVE_AT, STEPS))
+    def fresh(seed=1):  # other weights: a load must replace them
+        m = parallel.shard_model(make_model(seed=seed), "fp32", "cpu")
+        return (m, *build(m))
+
+    def save_full(m, name):
         full = parallel.gather_full_state(m)
         if rank == 0:
-            parallel.save_pretrained_full(m, full, out / "export")
-            save_file({k: v.contiguous() for k, v in full.items() if k != "lm_head.weight"},
-                      str(out / "uninterrupted.safetensors"))
+            save_file({k: v.contiguous() for k, v in full.items() if k != "lm_head.weight"}, str(out / name))
+        return full
 
-        m2 = parallel.shard_model(make_model(seed=1), "fp32", "cpu")  # other weights: the load must replace them
-        opt2, sched2 = build(m2)
-        restored = parallel.load_training_sharded(out / "ckpt", rank=rank, world_size=world, model=m2,
-                                                  optimizer=opt2, scheduler=sched2)
-        resumed = run(m2, opt2, sched2, range(SAVE_AT, STEPS))
-        full2 = parallel.gather_full_state(m2)
+    try:
+        if world == 1:  # ------------------------------------------------ the 1-worker run
+            m, opt, sched = fresh(seed=0)
+            losses = run(m, opt, sched, range(SAVE_AT))
+            distributed(m, opt, sched, rank, world, {"rank": "one"})[0].save(out / "ckpt1", SAVE_AT)
+            (out / "ckpt1.done").touch()
+            _wait_for(out / "ckpt2.done")
+            m2, opt2, sched2 = fresh()
+            d, boxes = distributed(m2, opt2, sched2, rank, world, "fresh")
+            d.load(out / "ckpt")  # 2 -> 1
+            resumed = run(m2, opt2, sched2, range(SAVE_AT, STEPS))
+            save_full(m2, "from2.safetensors")
+            info = {"losses": losses, "from2": resumed, "from2_entries": {k: b.value for k, b in boxes.items()}}
+        else:  # ------------------------------------------------------- the 2-worker run
+            m, opt, sched = fresh(seed=0)
+            losses = run(m, opt, sched, range(SAVE_AT))
+            distributed(m, opt, sched, rank, world, {"rank": rank})[0].save(out / "ckpt", SAVE_AT)
+            dist.barrier()
+            if rank == 0:
+                (out / "ckpt2.done").touch()
+            losses += run(m, opt, sched, range(SAVE_AT, STEPS))
+            full = save_full(m, "uninterrupted.safetensors")
+            if rank == 0:
+                parallel.save_pretrained_full(m, full, out / "export")
 
-        m3 = parallel.shard_model(make_model(), "bf16", "cpu")
-        opt3, sched3 = build(m3)
-        bf16 = run(m3, opt3, sched3, range(1))
-        info = {"losses": losses, "resumed": resumed, "restored": restored, "bf16": bf16,
-                "classes": [type(m).__name__, type(m.lm_head.weight).__name__],
-                "tied": m.lm_head.weight is m.model.embed_tokens.weight,
-                "other_rank_full": len(full)}
-        if rank == 0:
-            save_file({k: v.contiguous() for k, v in full2.items() if k != "lm_head.weight"},
-                      str(out / "resumed.safetensors"))
-        (out / f"result-{rank}.json").write_text(json.dumps(info))
+            m2, opt2, sched2 = fresh()
+            d, boxes = distributed(m2, opt2, sched2, rank, world, "fresh")
+            d.load(out / "ckpt")  # the same world size
+            resumed = run(m2, opt2, sched2, range(SAVE_AT, STEPS))
+            save_full(m2, "resumed.safetensors")
+
+            _wait_for(out / "ckpt1.done")
+            m4, opt4, sched4 = fresh()
+            d4, boxes4 = distributed(m4, opt4, sched4, rank, world, "fresh")
+            d4.load(out / "ckpt1")  # 1 -> 2
+            from1 = run(m4, opt4, sched4, range(SAVE_AT, STEPS))
+            save_full(m4, "from1.safetensors")
+
+            m3 = parallel.shard_model(make_model(), "bf16", "cpu")
+            opt3, sched3 = build(m3)
+            bf16 = run(m3, opt3, sched3, range(1))
+            info = {"losses": losses, "resumed": resumed, "restored": {k: b.value for k, b in boxes.items()},
+                    "from1": from1, "from1_entries": {k: b.value for k, b in boxes4.items()}, "bf16": bf16,
+                    "classes": [type(m).__name__, type(m.lm_head.weight).__name__],
+                    "tied": m.lm_head.weight is m.model.embed_tokens.weight, "other_rank_full": len(full)}
+        (out / f"result-{tag}.json").write_text(json.dumps(info))
     except Exception as e:
         import traceback
 
-        (out / f"error-{rank}.txt").write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        (out / f"error-{tag}.txt").write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        (out / "ckpt1.done").touch()  # let the other run end instead of waiting for this one
+        (out / "ckpt2.done").touch()
         raise
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
+    """One spawn of three processes: a 2-worker FSDP run (0, 1) and a 1-worker one (2), each resuming the other's
+    checkpoint. Results by rank of the 2-worker run, and the 1-worker run's under "one"."""
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("fsdp")
     try:
-        mp.start_processes(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, start_method="spawn")
+        mp.start_processes(_worker, args=(*_free_ports(2), str(out)), nprocs=WORLD + 1,
+                           start_method="spawn")
     except Exception:  # noqa: BLE001 - the workers wrote what failed
         errors = "\n".join(p.read_text() for p in sorted(out.glob("error-*.txt")))
         pytest.fail(f"FSDP2 workers failed:\n{errors}")
-    return out, [json.loads((out / f"result-{r}.json").read_text()) for r in range(WORLD)]
+    results = [json.loads((out / f"result-w{WORLD}r{r}.json").read_text()) for r in range(WORLD)]
+    return out, results, json.loads((out / "result-w1r0.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +229,7 @@ def unsharded():
 def test_sharded_training_equals_unsharded(sharded, unsharded):
     from safetensors.torch import load_file
 
-    out, results = sharded
+    out, results, _ = sharded
     want_losses, states = unsharded
     r0 = results[0]
     assert r0["classes"] == ["FSDPLlamaForCausalLM", "DTensor"] and r0["tied"]
@@ -163,7 +243,7 @@ def test_sharded_training_equals_unsharded(sharded, unsharded):
 
 
 def test_bf16_params_through_the_mixed_precision_policy(sharded, unsharded):
-    _, results = sharded
+    _, results, _ = sharded
     assert results[0]["bf16"][0] == pytest.approx(unsharded[0][0], abs=2e-2)  # bf16 compute, close to fp32
     assert results[0]["bf16"][0] != unsharded[0][0]
 
@@ -172,34 +252,55 @@ def test_sharded_checkpoint_resumes_like_uninterrupted(sharded):
     from ddk.trainer import checkpoint as ckpt
     from safetensors.torch import load_file
 
-    out, results = sharded
+    out, results, _ = sharded
     for r in range(WORLD):
         res = results[r]
         assert res["resumed"] == pytest.approx(res["losses"][SAVE_AT:], abs=1e-6)
-        assert res["restored"]["step"] == SAVE_AT and res["restored"]["version"] == 3
-        assert res["restored"]["sampler"] == {"rank": r}
+        assert res["restored"] == {"trainer": {"step": SAVE_AT}, "mixture": {"weights": {"a": 1.0}, "version": 3},
+                                   "sampler": {"rank": r}}
     got, want = load_file(out / "resumed.safetensors"), load_file(out / "uninterrupted.safetensors")
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-7)
-    # the files: per-rank shards and manifests, no pickle
+    # the files: the full student and optimiser on rank 0 (any world size reads them), each rank its entries
     d = out / "ckpt"
     names = sorted(p.name for p in d.iterdir())
-    assert names == sorted(["state.json", "state.safetensors"] + [
-        f"{stem}{r}{ext}" for r in range(WORLD) for stem in ("model-rank", "optim-rank", "rank-")
-        for ext in (".json", ".safetensors")])
-    manifest = json.loads((d / "model-rank1.json").read_text())
-    assert manifest["world_size"] == WORLD and manifest["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
-    emb = manifest["tensors"]["model.embed_tokens.weight"]
-    assert emb["shape"] == [VOCAB, 32] and emb["local_shape"] == [VOCAB // WORLD, 32] and emb["placements"] == ["S0"]
-    assert load_file(d / "model-rank1.safetensors")["model.embed_tokens.weight"].shape == (VOCAB // WORLD, 32)
+    assert names == sorted(["model.safetensors", "state.json", "state.safetensors"] + [
+        f"rank-{r}{ext}" for r in range(WORLD) for ext in (".json", ".safetensors")])
+    model = load_file(d / "model.safetensors")
+    assert model["model.embed_tokens.weight"].shape == (VOCAB, 32) and "lm_head.weight" not in model  # tied: once
+    shared, own = ckpt.load_checkpoint(d, rank=1)
+    assert shared["world_size"] == WORLD and shared["strategy"] == "fsdp" and own["entries"] == {"sampler": {"rank": 1}}
+    moments = shared["optimizer"]["state"]["model.embed_tokens.weight"]
+    assert moments["exp_avg"].shape == (VOCAB, 32) and not isinstance(moments["exp_avg"], type(None))
+    assert "lm_head.weight" not in shared["optimizer"]["state"]
     assert ckpt.complete_step(d) == SAVE_AT
+
+
+def test_a_checkpoint_resumes_on_another_number_of_workers(sharded, unsharded):
+    """Reshard on load: the 2-worker checkpoint resumed on 1 worker and the 1-worker one on 2 continue exactly as
+    the uninterrupted (unsharded) training does."""
+    from safetensors.torch import load_file
+
+    out, results, one = sharded
+    want_losses, states = unsharded
+    assert one["losses"] == pytest.approx(want_losses[:SAVE_AT], abs=1e-5)
+    assert one["from2"] == pytest.approx(want_losses[SAVE_AT:], abs=1e-5)  # 2 -> 1
+    assert one["from2_entries"]["sampler"] == {"rank": 0} and one["from2_entries"]["mixture"]["version"] == 3
+    for r in range(WORLD):  # 1 -> 2
+        assert results[r]["from1"] == pytest.approx(want_losses[SAVE_AT:], abs=1e-5)
+    assert results[0]["from1_entries"]["sampler"] == {"rank": "one"}
+    assert results[1]["from1_entries"]["sampler"] == "fresh"  # the 1-worker run had no rank 1: starts afresh
+    for name in ("from1.safetensors", "from2.safetensors"):
+        got = load_file(out / name)
+        for k, v in got.items():
+            torch.testing.assert_close(v, states[-1][k], rtol=0, atol=2e-6)
 
 
 def test_export_loads_with_transformers(sharded):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    out, _ = sharded
+    out, _, _ = sharded
     export = out / "export"
     assert json.loads((export / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert not list(export.glob("*.bin"))
@@ -255,21 +356,29 @@ def test_fsdp_without_a_process_group_is_a_usage_error():
         shard_model(make_model(), "fp32", "cpu")
 
 
-def test_sharded_checkpoint_checks_world_size_and_completeness(sharded, tmp_path):
+def test_sharded_checkpoint_checks_completeness_and_loads_unsharded(sharded, unsharded, tmp_path):
+    """A part missing or cut short: not complete. Complete: one unsharded process (train.strategy ddp) resumes it."""
     import shutil
+    from types import SimpleNamespace
 
     from ddk.trainer import checkpoint as ckpt
-    from ddk.trainer import parallel
+    from ddk.trainer.parallel import Distributed
 
-    out, _ = sharded
+    out, _, _ = sharded
+    m = make_model(seed=1)
+    opt, sched = build(m)
+    d = Distributed("ddp", SimpleNamespace(rank=0, world_size=1))
+    d.attach(m, opt, sched)
+    d.load(out / "ckpt")
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, unsharded[1][SAVE_AT - 1][k], rtol=0, atol=2e-6)
+    assert step(m, opt, sched, batch(SAVE_AT)).item() == pytest.approx(unsharded[0][SAVE_AT], abs=1e-5)
+
     d = tmp_path / "ckpt"
     shutil.copytree(out / "ckpt", d)
-    with pytest.raises(ValueError, match="resumes on the same world size only .*ray.num_workers=2"):
-        parallel.load_model_shard(d, make_model(), rank=0, world_size=4)
-    with pytest.raises(ValueError, match="train.strategy=fsdp"):  # a DDP resume of a sharded checkpoint
-        ckpt.load_training(d, rank=0, model=make_model(), optimizer=build(make_model())[0], scheduler=None)
-    (d / "optim-rank1.safetensors").write_bytes(b"cut short")
+    (d / "rank-1.safetensors").write_bytes(b"cut short")
     assert ckpt.complete_step(d) is None
-    shutil.copy(out / "ckpt" / "optim-rank1.safetensors", d)
-    (d / "model-rank0.safetensors").unlink()
+    shutil.copy(out / "ckpt" / "rank-1.safetensors", d)
+    assert ckpt.complete_step(d) == SAVE_AT
+    (d / "model.safetensors").unlink()
     assert ckpt.complete_step(d) is None
