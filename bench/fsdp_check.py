@@ -62,6 +62,8 @@ def step(model, opt, sched, ids):
 
 
 def worker(rank: int, world: int, port: int, out: str, dry_run: bool = False) -> None:
+    from types import SimpleNamespace
+
     import torch.distributed as dist
     from ddk.trainer import parallel
 
@@ -89,9 +91,10 @@ def worker(rank: int, world: int, port: int, out: str, dry_run: bool = False) ->
         m = parallel.shard_model(make_model(), "fp32", device)
         opt, sched = build(m)
         fp32 = run(m, opt, sched, range(SAVE_AT))
-        parallel.save_training_sharded(out / "ckpt", {"step": SAVE_AT, "weights": {"a": 1.0}, "version": 1,
-                                                      "sampler": None}, rank=rank, world_size=world, model=m,
-                                       optimizer=opt, scheduler=sched)
+        ctx = SimpleNamespace(rank=rank, world_size=world)
+        saver = parallel.Distributed("fsdp", ctx, device)  # the Trainer's one distributed-state path
+        saver.attach(m, opt, sched)
+        saver.save(out / "ckpt", SAVE_AT)
         fp32 += run(m, opt, sched, range(SAVE_AT, STEPS))
         full = parallel.gather_full_state(m)
         if rank == 0:
@@ -99,8 +102,9 @@ def worker(rank: int, world: int, port: int, out: str, dry_run: bool = False) ->
 
         m2 = parallel.shard_model(make_model(seed=1), "fp32", device)
         opt2, sched2 = build(m2)
-        parallel.load_training_sharded(out / "ckpt", rank=rank, world_size=world, model=m2, optimizer=opt2,
-                                       scheduler=sched2)
+        loader = parallel.Distributed("fsdp", ctx, device)
+        loader.attach(m2, opt2, sched2)
+        loader.load(out / "ckpt")
         resumed = run(m2, opt2, sched2, range(SAVE_AT, STEPS))
         checks.append({"check": "resume", "ok": abs(resumed[0] - fp32[-1]) < 1e-5, "got": resumed,
                        "want": fp32[SAVE_AT:]})

@@ -116,8 +116,7 @@ def precompute(client, job, steps: int) -> tuple[dict[bytes, object], list[bytes
     tok = AutoTokenizer.from_pretrained(cfg.student.model)
     domains = prepare_domains(load_domain_specs(cfg.data.source()), tok, cfg.data.seq_len, cfg.data.cache_dir)
     names = sorted(domains)
-    sampler = DomainSampler({n: len(domains[n].train) for n in names}, seed=cfg.seed, rank=0, world_size=1,
-                            tokens_per_block=cfg.data.seq_len)
+    sampler = DomainSampler({n: len(domains[n].train) for n in names}, seed=cfg.seed, rank=0, world_size=1)
     table = {}
     for step in range(steps):
         rows = sampler.draw(step, job.initial_weights, cfg.train.batch_size)
