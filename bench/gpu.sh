@@ -54,7 +54,7 @@ trap 'rm -rf "$WORK"' EXIT
 ln -s "$REPO/services" "$WORK/ddk"   # `import ddk` without an install
 export PYTHONPATH="$WORK:$REPO/bench${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 \
-  TRANSFORMERS_VERBOSITY=error
+  TRANSFORMERS_VERBOSITY=error PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 LOG="$OUT/gpu.log"
 : >"$LOG"
 say() { echo "$1| $2" | tee -a "$LOG"; }

@@ -284,3 +284,31 @@ def test_cp312_wheels_close_over_the_image_and_install_into_python312(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("(3, 12)"), r.stdout
+
+
+def test_a_part_that_died_gets_a_json_saying_why_in_one_line(tmp_path):
+    """gpu.sh's last step: a part killed at its limit, or dead before its JSON, still gets one, with the reason
+    in one line (and its last printed line); a passing part stays as it wrote itself; summary.json says which."""
+    (tmp_path / "eval.json").write_text(json.dumps({"part": "eval", "ok": True, "wall_s": 1.5}))
+    (tmp_path / "gpu.log").write_text("student| building\nstudent| CUDA error: an illegal memory access\n"
+                                      "fsdp| started\n\nrollout| half\n")
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_common.py"), "summarize", str(tmp_path),
+                        "student=1", "eval=0", "fsdp=124", "--log", str(tmp_path / "gpu.log"), "--dry-run"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    student = json.loads((tmp_path / "student.json").read_text())
+    assert student == {"part": "student", "ok": False, "error": "exited with status 1 before writing its JSON; "
+                       "last line: CUDA error: an illegal memory access"}
+    fsdp = json.loads((tmp_path / "fsdp.json").read_text())
+    assert fsdp["ok"] is False and fsdp["error"].startswith("timed out") and "last line: started" in fsdp["error"]
+    assert json.loads((tmp_path / "eval.json").read_text())["ok"] is True
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ok"] is False and summary["dry_run"] is True
+    assert {p: v["ok"] for p, v in summary["parts"].items()} == {"student": False, "eval": True, "fsdp": False}
+    assert not (tmp_path / "rollout.json").exists()  # not run: not invented
+    lines = r.stdout.splitlines()
+    assert any(ln.split() == ["eval", "ok"] for ln in lines)
+    assert all("\n" not in v["error"] for v in summary["parts"].values() if v["error"])
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_common.py"), "summarize", str(tmp_path),
+                          "nonsense=1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "PART=STATUS" in bad.stderr
