@@ -1,13 +1,14 @@
-"""The short chaos schedule (slow): bench/chaos.py with 4 faults, one of each kind, on a 9-step run.
+"""The short chaos schedule (slow): the chaos harness (tests/chaos/) with 4 faults, one of each kind, on a 9-step
+run.
 
 A real DDK run (Ray head, 2 Ray Train workers, two teacher replicas, the controller, the `ddk train` driver,
-all on loopback, the quick kit) while the bench SIGKILLs a teacher replica, the controller, a train worker and
-the driver at seeded steps and phases, and restarts them the way a restart policy would. The bench checks the
+all on loopback, the quick kit) while the harness SIGKILLs a teacher replica, the controller, a train worker and
+the driver at seeded steps and phases, and restarts them the way a restart policy would. The harness checks the
 run itself (steps 1..9 once each, one controller version per interval and each the paper's update of its
 losses, the final student loads, nothing left running) and prints what it saw; this test runs it as a
 process and asserts that every check passed. The schedule kills the controller and the driver, so the
 comparison with a fault-free run (equal only when just teachers and workers die) is left out here: the long
-schedule (`bench/chaos.py --steps 60 --faults 20 --seed 1`, docs/reliability.md) makes it.
+schedule (`PYTHONPATH=tests python -m chaos --steps 60 --faults 20 --seed 1`, docs/reliability.md) makes it.
 
 Seed 2 on 9 steps (K=3, a checkpoint every 2 steps) puts the faults in every phase: the controller
 mid-checkpoint at step 2, a teacher mid-evaluation at step 3, a worker mid-evaluation at step 6 (once the
@@ -22,6 +23,7 @@ times: at the start, after the driver's restart and after the worker's death).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -36,10 +38,12 @@ pytestmark = pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_short_chaos_schedule_passes_its_checks(kit, tmp_path):
     result = tmp_path / "chaos.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "chaos.py"), "--steps", "9", "--faults", "4",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "chaos", "--steps", "9", "--faults", "4",
                            "--seed", "2", "--no-baseline", "--kit", str(kit), "--out", str(tmp_path / "work"),
                            "--json", str(result), "--duration-limit", "780"],
-                          cwd=REPO, capture_output=True, text=True, timeout=870)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=870)
     (tmp_path / "chaos.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     assert result.exists(), (proc.stdout + proc.stderr)[-4000:]
     got = json.loads(result.read_text())

@@ -1,0 +1,70 @@
+"""The chaos schedule: which part dies, in which phase of the run, at which step, and how long until the
+supervisor restarts it. Pure (a seed in, the same faults out).
+
+The phases, as the supervisor sees them (the run's ``metrics.jsonl`` and its checkpoint folders):
+
+* ``mid-request``: right after the step record of a step that is neither an interval boundary nor a checkpoint
+  step, while the teacher feed is fetching the next batches;
+* ``mid-checkpoint``: right after the step record of a checkpoint step, while the checkpoint is being written
+  and reported;
+* ``mid-evaluation``: at an interval boundary, after its checkpoint (when it has one) is complete and before
+  the evaluation's record appears.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+KINDS = ("teacher", "controller", "worker", "driver")
+PHASES = ("mid-request", "mid-checkpoint", "mid-evaluation")
+
+
+@dataclass
+class Fault:
+    index: int
+    kind: str
+    phase: str
+    step: int          # fires at the first suitable fresh step record >= this step
+    delay: float       # seconds before the supervisor restarts what was killed (not for a worker: Ray does)
+    # filled in when it fires
+    fired_step: int | None = None
+    fired_at: float | None = None       # seconds since the run's start
+    target: str | None = None           # which replica / worker pid / driver pid
+    landed: str | None = None           # what was observed at the kill moment
+    up_at: float | None = None          # the killed part back (healthy / restarted / new workers stepping)
+    recovered_at: float | None = None   # the first step record past fired_step after the kill (for a worker
+    #                                     or the driver: written by the attempt that resumed)
+    orphans: list = field(default_factory=list)  # driver kill: its train workers, alive at the kill
+    orphans_gone_at: float | None = None  # ... all gone (Ray ends the dead driver's actors)
+    orphan_steps: int = 0               # step records written after the kill by the dead driver's workers
+    rewrites_at_kill: int = 0
+
+
+def phase_steps(steps: int, interval: int, every: int) -> dict[str, list[int]]:
+    """The steps (1..N-1) where each phase can be hit."""
+    boundary = {s for s in range(1, steps) if s % interval == 0}
+    ckpt = {s for s in range(1, steps) if s % every == 0}
+    return {"mid-request": sorted(set(range(1, steps)) - boundary - ckpt),
+            "mid-checkpoint": sorted(ckpt), "mid-evaluation": sorted(boundary)}
+
+
+def make_schedule(seed: int, steps: int, faults: int, interval: int, every: int,
+                  kinds: tuple[str, ...] = KINDS, delay: tuple[float, float] = (1.0, 5.0)) -> list[Fault]:
+    """``faults`` faults, every kind at least once (when there are enough), at distinct steps in 1..N-2."""
+    rng = random.Random(seed)
+    picked = list(kinds) if faults >= len(kinds) else rng.sample(list(kinds), faults)
+    picked += [rng.choice(kinds) for _ in range(faults - len(picked))]
+    rng.shuffle(picked)
+    valid = {p: [s for s in v if s <= steps - 2] for p, v in phase_steps(steps, interval, every).items()}
+    used: set[int] = set()
+    planned = []
+    for kind in picked:
+        phases = [p for p in PHASES if set(valid[p]) - used] or list(PHASES)
+        phase = rng.choice(phases)
+        free = sorted(set(valid[phase]) - used) or valid[phase] or list(range(1, max(2, steps - 1)))
+        step = rng.choice(free)
+        used.add(step)
+        planned.append((step, kind, phase, round(rng.uniform(*delay), 2)))
+    planned.sort()
+    return [Fault(i + 1, kind, phase, step, d) for i, (step, kind, phase, d) in enumerate(planned)]
