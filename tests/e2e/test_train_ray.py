@@ -344,3 +344,55 @@ def test_a_route_with_another_tokenizer_is_refused_with_exit_2(kit, tmp_path, te
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert "teacher.routes.math" in last and other_url in last and "fingerprint" in last
+
+
+# ------------------------------------------------------------------------------------------------ the console
+
+def test_ddk_train_console_is_quiet_across_ray_workers_and_debug_brings_the_lines_back(kit, ray_cluster, teachers,
+                                                                                      controller_url, workdir):
+    """Issue 25: `ddk train` (a process, attached to the module's cluster) with 2 Ray workers: the console has no
+    per-request `HTTP Request:` line (the workers' httpx, forwarded by Ray) and none of Ray Train's per-report
+    lines (`Reporting training result`, `Checkpoint successfully created`), but keeps ddk's own lines and the
+    summary table; with `ddk --log-level DEBUG train` both kinds are back. Short runs (2 steps, one checkpoint),
+    math routed as in every run of the module."""
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if k != "DDK_LOG_DETAIL"}
+
+    def console(run_id: str, *level: str) -> list[str]:
+        out = workdir / run_id
+        sets = [f"run_id={run_id}", f"output_dir={out}", f"controller.url={controller_url}",
+                f"teacher.urls=[{teachers.default}]", f"teacher.routes={{math: [{teachers.math}]}}",
+                "train.steps=2", f"train.batch_size={BATCH}", "mixture.interval_steps=2", "checkpoint.every_steps=2",
+                f"ray.num_workers={WORKERS}", f"ray.address={address}", "eval.sequences_per_domain=8",
+                f"data.cache_dir={kit.parent / 'token-cache'}"]
+        r = subprocess.run([sys.executable, "-m", "ddk.cli", *level, "train", str(kit / "train.yaml"),
+                            *(a for s in sets for a in ("--set", s))],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        lines = (r.stdout + r.stderr).splitlines()
+        (workdir / f"{run_id}.console").write_text("\n".join(lines))
+        return lines
+
+    def count(lines: list[str], *marks: str) -> int:
+        return sum(any(m in line for m in marks) for line in lines)
+
+    http, ray_report = ("HTTP Request:",), ("Reporting training result", "Checkpoint successfully created")
+    quiet = console("ray-console")
+    print(f"quiet console: {len(quiet)} lines")
+    shown = "\n".join(quiet)[-6000:]
+    assert count(quiet, *http) == 0, shown
+    assert count(quiet, *ray_report) == 0, shown
+    assert count(quiet, "training finished in") == 1 and count(quiet, "RayTrainWorker") >= 1, shown  # ddk's kept
+    assert count(quiet, "math") >= 1, shown  # the per-domain summary table
+    loud = console("ray-console-debug", "--log-level", "DEBUG")
+    print(f"--log-level DEBUG console: {len(loud)} lines")
+    shown = "\n".join(loud)[-6000:]
+    assert count(loud, *http) >= 1 and count([line for line in loud if "RayTrainWorker" in line], *http) >= 1, shown
+    assert count(loud, "Reporting training result") >= 1 and count(loud, "Checkpoint successfully created") >= 1, \
+        shown
