@@ -138,10 +138,11 @@ def estimate_gaps(gaps: Sequence[float], se: Sequence[float | None] | None = Non
         raise ValueError(f"how: must be one of {list(GAP_ESTIMATES)}, got {how!r}")
     out = []
     for xi, si in zip(x, s):
-        if si == 0.0:  # known exactly: kept as measured
+        denom = tau2 + si * si
+        if si == 0.0 or denom == 0.0:  # known exactly (or se^2 below the smallest double): kept as measured
             out.append(xi)
             continue
-        b = tau2 / (tau2 + si * si)
+        b = tau2 / denom
         out.append(mean + b * (xi - mean))
     return GapEstimate(out, mean, tau2, noise)
 

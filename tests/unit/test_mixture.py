@@ -306,3 +306,18 @@ def test_equal_to_todays_rule_when_every_standard_error_is_0(case, zero):
             today = next_weights(name, domains, student, teacher, previous, alpha=alpha)
             assert next_weights(name, domains, student, teacher, previous, alpha=alpha, log_ratio_se=se,
                                 gap_estimate="shrunk") == today
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(-20.0, 20.0), st.one_of(st.none(), st.floats(0.0, 5.0))), min_size=2, max_size=8))
+def test_shrinkage_moves_each_gap_towards_the_mean_and_no_further(pairs):
+    gaps, se = [g for g, _ in pairs], [s for _, s in pairs]
+    est = estimate_gaps(gaps, se, "shrunk")
+    m = math.fsum(gaps) / len(gaps)
+    assert est.tau2 is not None and est.tau2 >= 0.0
+    for x, s, y in zip(gaps, se, est.gaps):
+        lo, hi = min(x, m), max(x, m)
+        assert lo - 1e-9 <= y <= hi + 1e-9  # between the measurement and the mean
+        if not s:
+            assert y == x  # no standard error: kept as measured
+    assert est.noise == (est.tau2 == 0.0 and any(s for s in se))
