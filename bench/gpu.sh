@@ -21,7 +21,8 @@
 #   bench/gpu.sh [--dry-run] [--only PART[,PART...]]
 # --dry-run: every part on the CPU at tiny shapes, the same code paths (bench/gpu_common.py's Target is the one
 # switch) and the same files; what tests/unit/test_gpu_dryrun.py runs. OUT defaults to a new temporary folder.
-# PY: the python (default .venv/bin/python where it exists, else python3). Exit 0 when every part passed.
+# PY: the python (default .venv/bin/python where it exists, else python3); STUDENT_ARGS, EVAL_ARGS, TEACHER_ARGS,
+# ROLLOUT_ARGS, FSDP_ARGS: more options for one part (its --help). Exit 0 when every part passed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
@@ -33,7 +34,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --only) ONLY=${2:-}; [ -n "$ONLY" ] || { echo "gpu.sh: --only needs PART[,PART...] ($PARTS)" >&2; exit 2; }; shift ;;
     --only=*) ONLY=${1#--only=} ;;
-    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu.sh: unknown argument '$1' (--dry-run, --only PART[,PART...])" >&2; exit 2 ;;
   esac
   shift
@@ -108,9 +109,12 @@ for part in $PARTS; do
     rollout) script=bench/gpu_rollout.py; limit=60 ;;
     fsdp)    script=bench/fsdp_check.py;  limit=60 ;;
   esac
+  var="$(echo "$part" | tr '[:lower:]' '[:upper:]')_ARGS"   # e.g. STUDENT_ARGS="--batch 4" for a rerun
+  extra=${!var:-}
   rm -f "$OUT/$part.json"
-  say gpu.sh "part $part: $script $dry (limit $limit s)"
-  timeout -k 10 "$limit" "$PY" "$script" $dry --json "$OUT/$part.json" 2>&1 | sed -u "s/^/$part| /" | tee -a "$LOG"
+  say gpu.sh "part $part: $script $dry $extra (limit $limit s)"
+  # shellcheck disable=SC2086
+  timeout -k 10 "$limit" "$PY" "$script" $dry $extra --json "$OUT/$part.json" 2>&1 | sed -u "s/^/$part| /" | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 124 ] || [ "$rc" = 137 ] && say gpu.sh "part $part: stopped at its limit of $limit s"
   rcs+=("$part=$rc")

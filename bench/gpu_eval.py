@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 import time
 
-from gpu_common import llama, parser, run_part
+from gpu_common import llama, one_line, parser, run_part
 
 TOP_K = 16
 
@@ -67,7 +67,18 @@ def body(target, args) -> dict:
             base = target.allocated()
             target.sync()
             t0 = time.perf_counter()
-            ce, kl, ce_ref = fn()
+            oom = None
+            try:
+                ce, kl, ce_ref = fn()
+            except torch.OutOfMemoryError as e:
+                if name != "full":  # the chunked path must fit; the full logits out of memory is a result
+                    raise
+                oom = f"out of memory: {one_line(e)}"[:300]
+            if oom:
+                target.empty_cache()
+                rows[name] = {"error": oom}
+                print(f"full logits: {oom}", flush=True)
+                continue
             target.sync()
             seconds = time.perf_counter() - t0
             rows[name] = {"peak_above_gib": max(0, target.peak() - base) / 2**30, "seconds": seconds,
@@ -76,6 +87,11 @@ def body(target, args) -> dict:
                 rows[name]["ce_reference"] = float(ce_ref)
             del ce, kl, ce_ref
     c, f = rows["chunked_again"], rows["full"]  # the second chunked pass: kernels and allocator warm
+    if "error" in f:
+        ok = c["ce"] == c["ce"] and c["kl"] == c["kl"]  # finite enough: NaN is the failure here
+        return {"vocab": vocab, "batch": args.batch, "seq": args.seq, "chunk_tokens": chunk, "rows": rows,
+                "chunked_peak_gib": c["peak_above_gib"], "full_peak_gib": None, "full_error": f["error"],
+                "memory_measure": target.memory_measure, "ok": ok}
     print(f"{target.name}; vocab {vocab:,}, batch {args.batch} x {args.seq}, bf16, no_grad; peak above the model "
           f"and batch: chunked {c['peak_above_gib']:.3f} GiB, full logits {f['peak_above_gib']:.3f} GiB; "
           f"CE {c['ce']:.4f} vs {f['ce']:.4f} (F.cross_entropy {f['ce_reference']:.4f}); "

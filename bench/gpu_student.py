@@ -35,7 +35,7 @@ def teacher_topk(target, batch: int, seq: int, vocab: int, k: int, gen):
     return ids, logprobs
 
 
-def run(target, chunk_tokens: int | None, args) -> dict:
+def run(target, chunk_tokens: int | None, args, batch: int) -> dict:
     import torch
 
     from ddk.trainer.parallel import prepare_student_step
@@ -49,8 +49,8 @@ def run(target, chunk_tokens: int | None, args) -> dict:
     step = prepare_student_step(StudentStep(student, kd, chunk_tokens), "bf16", target.device)
     opt = torch.optim.AdamW(step.parameters(), lr=1e-4, fused=target.cuda)
     gen = target.generator(0)
-    ids = torch.randint(0, vocab, (args.batch, args.seq + 1), device=target.device, generator=gen)
-    t_ids, t_lp = teacher_topk(target, args.batch, args.seq, vocab, TOP_K, gen)
+    ids = torch.randint(0, vocab, (batch, args.seq + 1), device=target.device, generator=gen)
+    t_ids, t_lp = teacher_topk(target, batch, args.seq, vocab, TOP_K, gen)
     target.reset_peak()
     times, losses = [], []
     for i in range(args.warmup + args.steps):
@@ -67,17 +67,43 @@ def run(target, chunk_tokens: int | None, args) -> dict:
             times.append(time.perf_counter() - t0)
             losses.append(float(loss.detach()))
     s = median(times)
-    tokens = args.batch * args.seq
+    tokens = batch * args.seq
     peak, peak_source = target.peak_tflops(args.peak_tflops)
     out = {"loss": "chunked" if chunk_tokens != 0 else "plain", "chunk_tokens": chunk_tokens,
            "params": sum(p.numel() for p in student.parameters()), "flop_params": n_flop, "vocab": vocab,
-           "batch": args.batch, "seq": args.seq, "steps": args.steps, "step_s": s, "tokens_per_s": tokens / s,
+           "batch": batch, "seq": args.seq, "steps": args.steps, "step_s": s, "tokens_per_s": tokens / s,
            "mfu": mfu(n_flop, tokens, s, peak), "peak_tflops": peak, "peak_tflops_source": peak_source,
            "peak_mem_gib": target.peak() / 2**30, "losses": losses,
            "losses_finite": all(x == x and abs(x) != float("inf") for x in losses)}
     del step, student, opt
     target.empty_cache()
     return out
+
+
+def rows_halving_on_oom(run_row, batch: int, free) -> tuple[list[dict], list[str]]:
+    """The chunked row, then the plain one at the batch the chunked row ran at. ``run_row(chunk_tokens, batch)``
+    -> a row (chunk_tokens None: chunked; 0: plain). The chunked row halves its batch on running out of memory
+    (down to 1; each try's reason kept); the plain row out of memory is a result (``{"loss", "batch", "error"}``).
+    ``free()`` runs after each out-of-memory, outside the except clause, so the failed try's tensors are gone."""
+    import torch
+
+    rows, ooms = [], []
+    for chunk in (None, 0):
+        name = "plain" if chunk == 0 else "chunked"
+        while True:
+            try:
+                rows.append(run_row(chunk, batch))
+                break
+            except torch.OutOfMemoryError as e:
+                oom = f"out of memory at batch {batch}: {one_line(e)}"[:300]
+            free()
+            if chunk == 0 or batch == 1:
+                rows.append({"loss": name, "batch": batch, "error": oom})
+                break
+            ooms.append(oom)
+            print(f"{name:8s} {oom[:120]}; again at batch {batch // 2}", flush=True)
+            batch //= 2
+    return rows, ooms
 
 
 def body(target, args) -> dict:
@@ -94,31 +120,26 @@ def body(target, args) -> dict:
     print(f"{target.name}; Llama shape {target.shape['hidden_size']} x {target.shape['num_hidden_layers']} layers, "
           f"vocab {target.shape['vocab_size']:,}, random weights; bf16 + FSDP2 (1 rank, {target.dist_backend}); "
           f"{args.batch} x {args.seq} tokens a step, k = {TOP_K}", flush=True)
-    rows = []
     try:
-        for chunk in (None, 0):  # chunked (the default), then the plain full-logits loss beside it
-            name = "plain" if chunk == 0 else "chunked"
-            try:
-                rows.append(run(target, chunk, args))
-            except torch.OutOfMemoryError as e:
-                rows.append({"loss": name, "error": f"out of memory: {one_line(e)}"[:300]})
-                target.empty_cache()
-            r = rows[-1]
-            if "error" in r:
-                print(f"{r['loss']:8s} {r['error']}", flush=True)
-            else:
-                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-                print(f"{r['loss']:8s} {r['tokens_per_s']:>10,.0f} tokens/s  step {r['step_s']:.3f} s  MFU {mfu}  "
-                      f"peak memory {r['peak_mem_gib']:.2f} GiB  loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}",
-                      flush=True)
+        rows, ooms = rows_halving_on_oom(lambda chunk, batch: run(target, chunk, args, batch), args.batch,
+                                         target.empty_cache)
     finally:
         dist.destroy_process_group()
+    for r in rows:
+        if "error" in r:
+            print(f"{r['loss']:8s} {r['error']}", flush=True)
+        else:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            print(f"{r['loss']:8s} {r['tokens_per_s']:>10,.0f} tokens/s  step {r['step_s']:.3f} s  MFU {mfu}  "
+                  f"peak memory {r['peak_mem_gib']:.2f} GiB  batch {r['batch']}  "
+                  f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", flush=True)
     chunked = rows[0]
     if "error" in chunked:  # the chunked row is the part's point; a plain row out of memory is a result
         return {"ok": False, "error": f"chunked row: {chunked['error']}", "rows": rows}
     doc = {"rows": rows, "tokens_per_s": chunked["tokens_per_s"], "mfu": chunked["mfu"],
            "mfu_target": MFU_TARGET, "mfu_target_met": (chunked["mfu"] or 0) >= MFU_TARGET,
-           "peak_mem_gib": chunked["peak_mem_gib"], "memory_measure": target.memory_measure}
+           "peak_mem_gib": chunked["peak_mem_gib"], "memory_measure": target.memory_measure,
+           "batch_asked": args.batch, "batch": chunked["batch"], "out_of_memory_retries": ooms}
     if "error" not in rows[1]:
         doc["plain_over_chunked_tokens_per_s"] = rows[1]["tokens_per_s"] / chunked["tokens_per_s"]
     doc["ok"] = chunked["losses_finite"]

@@ -312,3 +312,32 @@ def test_a_part_that_died_gets_a_json_saying_why_in_one_line(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_common.py"), "summarize", str(tmp_path),
                           "nonsense=1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "PART=STATUS" in bad.stderr
+
+
+def test_the_student_part_halves_its_batch_on_out_of_memory_and_keeps_the_plain_oom_as_a_result():
+    """Pure logic of bench/gpu_student.py (a fake step that runs out of memory above a batch size)."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from gpu_student import rows_halving_on_oom
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    calls, freed = [], []
+
+    def run_row(chunk, batch):
+        calls.append((chunk, batch))
+        if batch > (2 if chunk is None else 1):  # chunked fits at 2, plain at 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return {"loss": "chunked" if chunk is None else "plain", "batch": batch}
+
+    rows, ooms = rows_halving_on_oom(run_row, 8, lambda: freed.append(1))
+    assert calls == [(None, 8), (None, 4), (None, 2), (0, 2)]
+    assert rows[0] == {"loss": "chunked", "batch": 2}
+    assert rows[1]["loss"] == "plain" and rows[1]["batch"] == 2 and rows[1]["error"].startswith(
+        "out of memory at batch 2: OutOfMemoryError: CUDA out of memory")
+    assert [o.split(":")[0] for o in ooms] == ["out of memory at batch 8", "out of memory at batch 4"]
+    assert len(freed) == 3
+    rows, ooms = rows_halving_on_oom(lambda c, b: (_ for _ in ()).throw(torch.OutOfMemoryError("x")), 2,
+                                     lambda: None)
+    assert [r["batch"] for r in rows] == [1, 1] and all("error" in r for r in rows) and len(ooms) == 1
