@@ -200,6 +200,32 @@ def load_checkpoint(directory: str | Path, *, rank: int) -> tuple[dict[str, Any]
     return upgrade(shared, own, directory)
 
 
+def _old_shards(where: str | Path):
+    from ddk.errors import UsageError
+
+    return UsageError(f"{where}: a train.strategy=fsdp checkpoint of the per-rank shard format (before 2026-12-06) "
+                      "cannot be resumed by this version: finish that run with the ddk that wrote it, or start it "
+                      "afresh in a new output_dir")
+
+
+def check_resumable(storage: str | Path) -> None:
+    """The driver's check before Ray starts: the newest checkpoint under ``storage`` (the run's folder in Ray
+    Train's storage) is one this version resumes; an old sharded one is a UsageError naming it (exit 2). Reads
+    the ``state.json`` files only."""
+    root = Path(storage)
+    if not root.is_dir():
+        return
+    for d in sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")),
+                    key=lambda p: p.name, reverse=True):
+        try:
+            top = json.loads((d / f"{STATE_JSON}").read_text())["state"]["__dict__"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not (yet) readable: the workers' discovery skips it too
+        if int(top.get("layout") or 1) < LAYOUT and top.get("strategy") == "fsdp":
+            raise _old_shards(d)
+        return
+
+
 def upgrade(shared: dict[str, Any], own: dict[str, Any] | None,
             where: str | Path = "checkpoint") -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A layout-1 checkpoint's (shared, own) in layout 2's shape; layout 2 as it is.
@@ -212,11 +238,7 @@ def upgrade(shared: dict[str, Any], own: dict[str, Any] | None,
     if int(shared.get("layout", 1)) >= LAYOUT:
         return shared, own
     if shared.get("strategy") == "fsdp":
-        from ddk.errors import UsageError
-
-        raise UsageError(f"{where}: a train.strategy=fsdp checkpoint of the per-rank shard format (before "
-                         "2026-12-06) cannot be resumed by this version: finish that run with the ddk that "
-                         "wrote it, or start it afresh in a new output_dir")
+        raise _old_shards(where)
     extra = shared.get("extra") or {}
     pending = extra.get("pending")
     unposted = pending if isinstance(pending, list) else [pending] if pending else []

@@ -178,6 +178,10 @@ def prepare(cfg, log_level: str | None = None) -> TrainJob:
 
     check_packages(cfg)  # logging.*: each configured tracker's package imports (exit 2 otherwise)
     check_compile(cfg)
+    from ddk.trainer.checkpoint import check_resumable
+    from ddk.trainer.loop import run_storage
+
+    check_resumable(run_storage(cfg.output_dir, cfg.run_id))  # a checkpoint this version cannot resume: exit 2
     tokenizer, student_vocab = student_tokenizer(cfg)
     client = _checked_teacher(cfg, tokenizer, student_vocab)  # None without teacher.urls
     try:

@@ -4,6 +4,7 @@ process), train state, teacher feed, metrics resume, the mixture sync (controlle
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from types import SimpleNamespace
@@ -309,6 +310,17 @@ def test_an_old_sharded_checkpoint_is_refused_with_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match=r"fsdp checkpoint of the per-rank shard format .* cannot be resumed") as e:
         _distributed(m, o, None).load(tmp_path)
     assert str(e.value).startswith(str(tmp_path))  # names the folder
+    # the driver says so before Ray starts (ddk train: exit 2), reading the state.json files only
+    storage = tmp_path / "storage"
+    (storage / "step-00000004").mkdir(parents=True)  # no readable state.json: skipped
+    ckpt.check_resumable(storage)
+    ckpt.check_resumable(tmp_path / "missing")
+    shutil.copytree(tmp_path, storage / "step-00000007", ignore=shutil.ignore_patterns("storage"))
+    with pytest.raises(UsageError, match=r"step-00000007: a train.strategy=fsdp checkpoint"):
+        ckpt.check_resumable(storage)
+    (storage / "step-00000008").mkdir()
+    _layout1(storage / "step-00000008", m, o, torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(2, 6)))
+    ckpt.check_resumable(storage)  # the newest is a DDP one of the old layout: it resumes
 
 
 # ------------------------------------------------------------------------------------------------ feed
