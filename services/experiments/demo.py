@@ -26,6 +26,8 @@ log = logging.getLogger("ddk.demo")
 # The run on each kit: quick ends in minutes on 2 cores; the default runs several intervals.
 QUICK_RUN = {"train.steps": 60, "mixture.interval_steps": 20, "checkpoint.every_steps": 20}
 DEFAULT_RUN = {"train.steps": 600, "mixture.interval_steps": 100, "checkpoint.every_steps": 100}
+# the real kit (ddk fixtures --real): a 135M teacher and a pruned student on 2 CPU cores, so a short run
+REAL_RUN = {"train.steps": 40, "mixture.interval_steps": 10, "checkpoint.every_steps": 20}
 
 
 def per_domain_losses(model_path: Path, data_yaml: Path, seq_len: int, sequences: int,
@@ -54,19 +56,19 @@ def per_domain_losses(model_path: Path, data_yaml: Path, seq_len: int, sequences
     return student, teacher
 
 
-def run_demo(out: Path, quick: bool, kit: Path | None = None, steps: int | None = None) -> Path:
+def run_demo(out: Path, quick: bool, kit: Path | None = None, steps: int | None = None, real: bool = False) -> Path:
     from ddk.logsetup import add_log_file, remove_log_file
 
     out.mkdir(parents=True, exist_ok=True)
     # the console stays quiet (ddk.logsetup); this process's every line goes to logs/demo.log as well
     log_file = add_log_file(out / "logs" / "demo.log")
     try:
-        return _run_demo(out, quick, kit, steps)
+        return _run_demo(out, quick, kit, steps, real)
     finally:
         remove_log_file(log_file)
 
 
-def _run_demo(out: Path, quick: bool, kit: Path | None, steps: int | None) -> Path:
+def _run_demo(out: Path, quick: bool, kit: Path | None, steps: int | None, real: bool = False) -> Path:
     import httpx
 
     from ddk.kit.fixtures import build_kit
@@ -74,15 +76,19 @@ def _run_demo(out: Path, quick: bool, kit: Path | None, steps: int | None) -> Pa
     from ddk.trainer.launch import Progress
     from ddk.trainer.metrics import METRICS
 
+    if real and not kit:
+        from ddk.kit.real import build_real_kit
+
+        kit = build_real_kit(out / "kit", seed=0)
     kit = Path(kit) if kit else build_kit(out / "kit", quick=quick, seed=0)
     from ddk.trainer.config import load_config
 
     train_cfg = load_config(str(kit / "train.yaml"))
     seq_len, sequences = train_cfg.data.seq_len, train_cfg.eval.sequences_per_domain
-    run = dict(QUICK_RUN if quick else DEFAULT_RUN)
+    run = dict(REAL_RUN if real else QUICK_RUN if quick else DEFAULT_RUN)
     if steps:
         run["train.steps"] = steps
-    run_id = "ddk-demo-quick" if quick else "ddk-demo"
+    run_id = "ddk-demo-real" if real else "ddk-demo-quick" if quick else "ddk-demo"
 
     with Services(out / "logs") as services:
         tsvc = services.start("teacher", ["teacher", "serve", "--model", str(kit / "teacher"), "--backend", "auto"],
@@ -121,7 +127,7 @@ def _run_demo(out: Path, quick: bool, kit: Path | None, steps: int | None) -> Pa
     table = format_markdown(rows)
     mean_before = sum(r["ratio_before"] for r in rows) / len(rows)
     mean_after = sum(r["ratio_after"] for r in rows) / len(rows)
-    report = (f"# ddk demo ({'quick' if quick else 'default'})\n\n"
+    report = (f"# ddk demo ({'real' if real else 'quick' if quick else 'default'})\n\n"
               f"Kit: `{kit}`; run `{run_id}`: {run['train.steps']} steps, DDK every "
               f"{run['mixture.interval_steps']} steps, 2 Ray workers.\n"
               f"Validation perplexity per domain ({sequences} sequences of {seq_len} tokens each):\n\n{table}\n"
@@ -145,5 +151,8 @@ def main(args) -> int:
     kit = getattr(args, "kit", None)
     if kit and not (Path(kit) / "kit.json").exists():
         raise UsageError(f"--kit: {kit} is not a finished kit (no kit.json); build one with `ddk fixtures --out {kit}`")
-    run_demo(out, quick=args.quick, kit=Path(kit) if kit else None, steps=getattr(args, "steps", None))
+    real = bool(getattr(args, "real", False))
+    if real and args.quick:
+        raise UsageError("--real and --quick are two different kits: choose one")
+    run_demo(out, quick=args.quick, kit=Path(kit) if kit else None, steps=getattr(args, "steps", None), real=real)
     return 0

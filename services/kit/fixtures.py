@@ -514,6 +514,12 @@ def specialist_table(record: dict) -> str:
 
 def main(args) -> int:
     """CLI: ``ddk fixtures --out DIR [--quick] [--seed N] [--force] [--specialist DOMAIN ...]``."""
+    if getattr(args, "real", False) or getattr(args, "gguf", None):  # ddk.kit.real: the real-model kit
+        if args.quick or getattr(args, "specialist", None) or not getattr(args, "real", False):
+            raise UsageError("--real takes neither --quick nor --specialist, and --gguf needs --real")
+        from ddk.kit.real import main as real_main
+
+        return real_main(args)
     out = build_kit(args.out, quick=args.quick, seed=args.seed, force=args.force)
     info = read_finished_kit(out)
     print(f"kit: {out} ({'quick' if info['quick'] else 'default'}, seed {info['seed']}, "
