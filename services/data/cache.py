@@ -56,6 +56,7 @@ SHARD_DOCS = 100_000             # and at most this many documents
 META = "meta.json"
 BUILD = "build.json"
 HOLDOUT = "val-holdout.npy"
+VAL_DOCS = "val-docs.npy"  # the validation documents in stream order: float64 [D, 2] = (text hash in [0, 1), tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -173,6 +174,9 @@ def load_meta(d: Path, verify: bool = False) -> dict | None:
     shards = meta.get("shards")
     if not isinstance(shards, dict) or not all(_file_ok(d / f, e, verify) for f, e in shards.items()):
         return None
+    table = (meta.get("val") or {}).get("doc_table")
+    if not isinstance(table, dict) or not _file_ok(d / str(table.get("file")), table, verify):
+        return None
     return meta
 
 
@@ -188,7 +192,12 @@ def open_domain(d: Path, meta: dict) -> PackedDomain:
         segs = [(str(d / f), a, b) for f, a, b in meta[split]["segments"]]
         return TokenBlocks.open(segs, block_len, dtype)
 
-    return PackedDomain(name=meta["name"], train=blocks("train"), val=blocks("val"), info=meta)
+    table_path = d / meta["val"]["doc_table"]["file"]
+    table = np.load(table_path, allow_pickle=False)
+    if table.ndim != 2 or table.shape[1] != 2 or int(table[:, 1].sum()) != int(meta["val"]["tokens"]):
+        raise ValueError(f"{table_path}: not the validation document table of {meta['val']['tokens']} tokens")
+    docs = {"lengths": table[:, 1].astype(np.int64), "keys": (table[:, 0] * 2.0**53).astype(np.uint64)}
+    return PackedDomain(name=meta["name"], train=blocks("train"), val=blocks("val"), info=meta, val_docs=docs)
 
 
 def _part_ok(d: Path, chunk: Chunk, dtype: np.dtype) -> dict | None:
@@ -215,7 +224,10 @@ def _write_part(d: Path, kind: str, index: int, first_doc: int, chars: int, dtyp
     part = {"format": CACHE_FORMAT, "kind": kind, "index": index, "first_doc": first_doc, "docs": result["docs"],
             "chars": chars, "tokens": result["tokens"], "dtype": dtype.name, "files": files,
             "held_docs": result["held_docs"] if kind == "t" else [],
-            "candidates": result["candidates"] if kind == "t" else []}
+            "candidates": result["candidates"] if kind == "t" else [],
+            # a val_files chunk's documents in order, [hash, tokens] (the validation document table)
+            "val_docs": [[float(f), int(n)] for f, n in zip(result["doc_hash"], result["doc_tokens"])]
+            if kind == "v" else []}
     _atomic_write(d / f"{name}.json", json.dumps(part).encode())
     return part
 
@@ -349,7 +361,7 @@ def finalise(spec: DomainSpec, d: Path, parts: dict[str, dict[int, dict]], block
             for f, pi, j, off, n in cands:
                 if held_tokens >= block_len:
                     break
-                topups.append((pi, off, n))
+                topups.append((pi, off, n, f))
                 holes.setdefault(pi, []).append((off, n))
                 held_tokens += n
         val_segments = []
@@ -359,11 +371,13 @@ def finalise(spec: DomainSpec, d: Path, parts: dict[str, dict[int, dict]], block
             val_segments = [[HOLDOUT, 0, held_tokens]]
         val_docs, train_docs = len(rows) + len(topups), n_docs - len(rows) - len(topups)
         topped_up = len(topups)
+        doc_table = [(r[0], r[3]) for r in rows] + [(t[3], t[2]) for t in topups]
     else:
         topped_up = 0
         val_segments = [[p["files"]["val"]["file"], 0, p["files"]["val"]["tokens"]] for p in val_parts
                         if "val" in p["files"]]
         val_docs, train_docs = sum(p["docs"] for p in val_parts), n_docs
+        doc_table = [(f, n) for p in val_parts for f, n in p["val_docs"]]
     train_segments = []
     for p in train_parts:
         for s, e in p["files"].items():
@@ -381,6 +395,10 @@ def finalise(spec: DomainSpec, d: Path, parts: dict[str, dict[int, dict]], block
         raise UsageError(f"domain {spec.name}: too little training text for one block of {block_len} tokens")
     if val_tokens // block_len == 0:
         raise UsageError(f"domain {spec.name}: too little validation text for one block of {block_len} tokens")
+    # the validation documents in stream order, [hash, tokens]: evaluation sets sample whole documents from it
+    table = np.array(doc_table, dtype=np.float64).reshape(-1, 2)
+    assert int(table[:, 1].sum()) == val_tokens, "the validation document table does not add up"
+    doc_entry = _save_npy(d / VAL_DOCS, table)  # not a token shard: checked beside them (load_meta)
     meta = {
         "format": CACHE_FORMAT, "name": spec.name, "seq_len": seq_len, "dtype": dtype.name,
         "tokenizer_fingerprint": fingerprint, "eos": eos, "files": spec.files, "val_files": spec.val_files,
@@ -388,7 +406,7 @@ def finalise(spec: DomainSpec, d: Path, parts: dict[str, dict[int, dict]], block
         "train": {"documents": train_docs, "tokens": train_tokens, "blocks": train_tokens // block_len,
                   "segments": train_segments},
         "val": {"documents": val_docs, "tokens": val_tokens, "blocks": val_tokens // block_len,
-                "topped_up": topped_up, "segments": val_segments},
+                "topped_up": topped_up, "segments": val_segments, "doc_table": doc_entry},
         "shards": shards,
     }
     _atomic_write(d / META, json.dumps(meta, indent=1).encode())
@@ -415,7 +433,7 @@ def _write_holdout(d: Path, train_parts: list[dict], rows: list[tuple], topups: 
         for _, pi, _, n, off in rows:
             out[pos:pos + n] = source(pi, "held")[off:off + n]
             pos += n
-        for pi, off, n in topups:
+        for pi, off, n, _ in topups:
             out[pos:pos + n] = source(pi, "train")[off:off + n]
             pos += n
         assert pos == total

@@ -43,7 +43,7 @@ from ddk.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # 2: streamed shards of uint16/uint32 ids (1: one int32 train.npy + val.npy)
+CACHE_FORMAT = 3  # 3: + the validation documents' table (val-docs.npy); 2: streamed shards; 1: one int32 train.npy
 FILE_KINDS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".txt", ".txt.gz", ".txt.zst", ".parquet")
 TEXT_SUFFIXES = FILE_KINDS  # the name older callers used
 
@@ -210,13 +210,16 @@ class TokenBlocks:
 class PackedDomain:
     """A domain's token blocks, ``[n_blocks, seq_len + 1]`` (memory-mapped from the cache: :class:`TokenBlocks` of
     uint16 or uint32 ids; tests may pass plain arrays). ``info`` is the cache's ``meta.json`` (documents, tokens,
-    shards); ``build`` says what the call that built it did (None when it was already cached)."""
+    shards); ``build`` says what the call that built it did (None when it was already cached). ``val_docs``: the
+    validation stream's documents in order, ``{"lengths": int64 [D] (tokens, EOS included), "keys": uint64 [D]
+    (from the text's hash)}``, what evaluation sets are drawn from (ddk.data.evalset); None for plain arrays."""
 
     name: str
     train: Any
     val: Any
     info: dict = field(default_factory=dict)
     build: dict | None = None
+    val_docs: dict | None = None
 
     @property
     def seq_len(self) -> int:

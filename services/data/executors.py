@@ -97,12 +97,15 @@ def tokenize_chunk(encode: Callable, texts: list[str], eos: int, dtype: str, hol
     below it goes to ``held`` (with ``[hash, index in chunk, tokens]`` in ``held_docs``), any other to ``train``;
     ``candidates`` are the training documents that the "at least one validation block" rule could take from this
     chunk: the lowest hashes, as many as hold ``block_len`` tokens (``[hash, index, offset in train, tokens]``).
-    Without ``holdout`` everything goes to ``train`` (the caller names it).
+    Without ``holdout`` everything goes to ``train`` (the caller names it), and ``doc_hash``/``doc_tokens`` give
+    each document's hash and tokens in order (a validation file's document table).
     """
     dt = np.dtype(dtype)
     keep, held = _Stream(dt), _Stream(dt)
     held_docs: list[list] = []
     cand: list[tuple] = []
+    doc_hash: list[float] = []
+    doc_tokens: list[int] = []
     i = 0
     for batch in _batches(texts, BATCH_CHARS):
         for text, ids in zip(batch, encode(batch)):
@@ -116,6 +119,8 @@ def tokenize_chunk(encode: Callable, texts: list[str], eos: int, dtype: str, hol
                     cand.append((f, i, keep.n, len(ids)))
                     keep.add(ids)
             else:
+                doc_hash.append(doc_hash_fraction(text))
+                doc_tokens.append(len(ids))
                 keep.add(ids)
             i += 1
         keep.flush()
@@ -128,7 +133,8 @@ def tokenize_chunk(encode: Callable, texts: list[str], eos: int, dtype: str, hol
         candidates.append([f, j, off, n])
         total += n
     return {"train": keep.array(), "held": held.array(), "held_docs": held_docs, "candidates": candidates,
-            "docs": i, "tokens": keep.n + held.n}
+            "docs": i, "tokens": keep.n + held.n, "doc_hash": np.array(doc_hash, np.float64),
+            "doc_tokens": np.array(doc_tokens, np.int64)}
 
 
 # ---------------------------------------------------------------------------------------------------------

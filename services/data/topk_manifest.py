@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from ddk.data.evalset import validation_windows
 from ddk.errors import UsageError
 
 MANIFEST = "manifest.json"
@@ -52,7 +53,7 @@ def manifest_for(info: dict, k: int, seq_len: int, encoding: str, domains: dict,
     """The manifest of a store of ``info``'s teacher (``/v1/info``) for ``domains`` (name -> PackedDomain, or
     name -> {"train": n, "val": n}). Pure."""
     counts = {n: ({s: int(d[s]) for s in SPLITS} if isinstance(d, dict) else
-                  {"train": len(d.train), "val": len(d.val)}) for n, d in sorted(domains.items())}
+                  {"train": len(d.train), "val": len(validation_windows(d))}) for n, d in sorted(domains.items())}
     return {"format": FORMAT, "model": info.get("model"), "model_fingerprint": info.get("model_fingerprint"),
             "tokenizer_fingerprint": info.get("tokenizer_fingerprint"), "vocab_size": info.get("vocab_size"),
             "k": int(k), "seq_len": int(seq_len), "encoding": encoding, "domains": counts,
@@ -68,5 +69,8 @@ def identity_problem(old: dict, new: dict) -> str | None:
 
 
 def blocks_of(domains: dict) -> list[tuple[str, str, object]]:
-    """(domain, split, TokenBlocks) of every split of every domain, in name order."""
-    return [(n, s, getattr(domains[n], s)) for n in sorted(domains) for s in SPLITS]
+    """(domain, split, blocks) of every split of every domain, in name order: the training blocks, and for
+    validation every whole-document window any evaluation set is drawn from (ddk.data.evalset.validation_windows;
+    a short document's block padded with EOS, as the evaluation sends it)."""
+    return [(n, s, domains[n].train if s == "train" else validation_windows(domains[n]).blocks)
+            for n in sorted(domains) for s in SPLITS]

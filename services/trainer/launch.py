@@ -8,8 +8,9 @@ What the driver does, in order (everything that can be wrong with the input is f
    top-k ids of one vocabulary mean nothing to a student of another), and check ``kd.top_k`` and
    ``data.seq_len`` against what the teacher serves;
 3. tokenise the domains once into the memory-mapped cache (workers only map it);
-4. compute the teacher's per-domain validation losses once, from its ``target_logprob`` (they never change; with ``cache.dir``
-   from the top-k store, whose manifest is checked first: topk_source.py);
+4. with ``cache.dir``, check the top-k store's manifest and count what it lacks (topk_source.py); the teacher's
+   per-domain validation losses come from the workers' first evaluation, which asks the teacher once per
+   evaluation block (its ``target_logprob``; evaluate.py ``Evaluator``);
 5. create the run at the controller (the same spec again is fine; a different spec under the same
    ``run_id`` is exit 2) and read its initial weights;
 6. start the workers: ``TorchTrainer`` with a fixed run name (``run_id``) and storage path
@@ -197,7 +198,9 @@ def prepare(cfg, log_level: str | None = None) -> TrainJob:
         if client is not None:
             client.close()
         raise
-    teacher_loss = _teacher_losses(cfg, client, domains) if client is not None else None
+    if client is not None:  # checked; the workers ask the teacher for the evaluation blocks themselves, once
+        client.close()
+    teacher_loss = None
     token = Path(cfg.controller.token_file).read_text().strip() if cfg.controller.token_file else None
     if cfg.controller.url:
         _create_run(cfg, token, names, initial)
@@ -270,19 +273,6 @@ def check_routes(cfg, names: list[str]) -> None:
         bare = [n for n in names if n not in cfg.teacher.routes]
         if bare:
             raise UsageError(f"teacher.urls: domain {bare[0]} has no route in teacher.routes and teacher.urls is empty")
-
-
-def _teacher_losses(cfg, client, domains) -> dict[str, float]:
-    """Step 4: the teacher's per-domain validation losses (closes ``client``)."""
-    from ddk.trainer.evaluate import teacher_losses_from_client
-
-    try:
-        teacher_loss = teacher_losses_from_client(client, domains, cfg.eval.sequences_per_domain, top_k=1,
-                                                  batch_size=cfg.eval.batch_size)
-    finally:
-        client.close()
-    log.info("teacher validation loss: %s", ", ".join(f"{n} {teacher_loss[n]:.4f}" for n in sorted(domains)))
-    return teacher_loss
 
 
 def _create_run(cfg, token: str | None, names: list[str], initial: dict[str, float] | None) -> None:

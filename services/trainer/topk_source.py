@@ -128,13 +128,14 @@ def open_source(cfg, token: str | None = None, fallback=None) -> StoreTeacher:
 
 def needed_blocks(cfg, domains: dict) -> dict[str, list]:
     """Per domain, the block arrays a run may send the teacher: every training block when the loss needs the
-    teacher (``kd.gamma > 0``), and the evaluation blocks (the first ``eval.sequences_per_domain`` of val)."""
-    from ddk.trainer.evaluate import evaluation_blocks
+    teacher (``kd.gamma > 0``), and the evaluation set's blocks (``eval.*``: ddk.trainer.evaluate.evaluation_sets)."""
+    from ddk.trainer.evaluate import evaluation_sets
 
+    sets = evaluation_sets(domains, cfg.eval)
     out = {}
     for name in sorted(domains):
         parts = [domains[name].train] if cfg.kd.gamma > 0 else []
-        out[name] = parts + [evaluation_blocks(domains[name], cfg.eval.sequences_per_domain)]
+        out[name] = parts + [sets[name].blocks]
     return out
 
 

@@ -306,3 +306,51 @@ def test_resumed_run_warns_when_the_evaluation_set_changed(tmp_path, caplog):
                             "fp32", True).record()
         Trainer._record_eval_set(trainer, changed)
     assert "evaluation set changed" in caplog.text and rec["fingerprint"] in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the token cache keeps the validation documents' boundaries (format 3)
+
+def _tokenizer(texts):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.mark.parametrize("with_val_file", [False, True])
+def test_cache_keeps_validation_documents(tmp_path, with_val_file):
+    import json
+    import random
+
+    from ddk.data.cache import prepare_domains
+    from ddk.data.domains import DomainSpec
+
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(rng.randint(3, 60)))
+            for _ in range(120)]
+    tok = _tokenizer(docs)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[:100]))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[100:]))
+    spec = DomainSpec("a", [str(tmp_path / "train.jsonl")], [str(tmp_path / "val.jsonl")] if with_val_file else [],
+                      val_fraction=0.2)
+    dom = prepare_domains([spec], tok, 16, tmp_path / "cache", workers=1)["a"]
+    assert dom.info["format"] == 3
+    lengths = dom.val_docs["lengths"]
+    assert int(lengths.sum()) == dom.info["val"]["tokens"] and len(lengths) == dom.info["val"]["documents"]
+    by_ids = {tuple(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]): t for t in docs}
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    texts = [by_ids[tuple(dom.val.tokens(int(a), int(a + n)).tolist())] for a, n in zip(starts, lengths)]
+    if with_val_file:  # the val file's documents, in file order
+        assert texts == docs[100:]
+    else:  # held-out documents of the training file
+        assert set(texts) <= set(docs[:100]) and len(set(texts)) == len(texts)
+    es = evaluation_set(dom, sequences=8)  # whole-document windows from the cache
+    assert es.documents == 8 and all(es.lengths <= 17)
+    reopened = prepare_domains([spec], tok, 16, tmp_path / "cache", workers=1)["a"]
+    assert (reopened.val_docs["keys"] == dom.val_docs["keys"]).all()  # the same set after a reopen (resume)
