@@ -192,7 +192,8 @@ class TeacherFeed:
         self._consumed_state = copy.deepcopy(self.sampler.state_dict())
 
     # -- producer ------------------------------------------------------------------------------
-    def _produce(self, start: int, stop: int, weights: dict[str, float], stop_event: threading.Event, out: queue.Queue) -> None:
+    def _produce(self, start: int, stop: int, weights: dict[str, float], stop_event: threading.Event,
+                 out: queue.Queue) -> None:
         try:
             for step in range(start, stop):
                 if stop_event.is_set():

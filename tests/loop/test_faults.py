@@ -252,7 +252,7 @@ class _Model(torch.nn.Module):
         return self.lin(x)
 
 
-class _Feed:  # what the worker's checkpoint asks of its teacher feed: the sampler state
+class _Feed:  # what the worker's checkpoint asks of its teacher feed (its per-rank entry): the sampler state
     def __init__(self, step: int):
         self.step = step
 
@@ -262,16 +262,22 @@ class _Feed:  # what the worker's checkpoint asks of its teacher feed: the sampl
 
 @pytest.mark.parametrize("where", ["writing the checkpoint", "copying it to the output directory"])
 def test_disk_full_at_checkpoint_time_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
-    """The worker's own checkpoint path (``save_and_report``: write to a temporary folder, then hand it to
+    """The worker's own checkpoint path (``Distributed.save_and_report``: write to a temporary folder, then hand it to
     the run's storage), with the disk filling up at the model file of the second checkpoint."""
     import shutil
 
     from ddk.trainer import checkpoint as ckpt
-    from ddk.trainer.loop import LocalContext, TrainState, save_and_report
+    from ddk.trainer.loop import LocalContext, TrainState
+    from ddk.trainer.mixture_sync import MixtureSync
+    from ddk.trainer.parallel import Distributed
 
     def checkpoint(step):
-        state = TrainState(step=step, weights={"a": 0.5, "b": 0.5}, version=step, sampler=_Feed(step).state_dict())
-        save_and_report(ctx, state, model, opt, None, 1.0)
+        d = Distributed("ddp", ctx)
+        d.attach(model, opt)
+        d.register("trainer", TrainState(step=step))
+        d.register("mixture", MixtureSync({"a": 0.5, "b": 0.5}, step))
+        d.register("sampler", _Feed(step), per_rank=True)
+        d.save_and_report(step, {"step": step, "loss": 1.0, "version": step})
 
     torch.manual_seed(0)
     model = _Model()
@@ -304,7 +310,7 @@ def test_disk_full_at_checkpoint_time_keeps_the_previous_checkpoint(tmp_path, mo
     with ctx.restored() as d:
         assert d is not None
         shared, own = ckpt.load_checkpoint(d, rank=0)
-        assert shared["step"] == 4 and own["sampler"] == {"cursor": 4}
+        assert shared["step"] == 4 and own["entries"]["sampler"] == {"cursor": 4}
         fresh = _Model()
         ckpt.load_model(d, fresh)
     for k, v in fresh.state_dict().items():

@@ -109,17 +109,20 @@ def test_no_sync_only_off_the_last_micro_batch():
 def test_feed_hands_out_a_steps_micro_batches_from_one_draw():
     sizes = {"a": 50, "b": 30}
     blocks = lambda rows: np.array([[i, i + 1, i + 2] for _, i in rows])  # noqa: E731
-    feed = TeacherFeed(DomainSampler(sizes, seed=3), blocks, batch_size=2, micro_batches=3)
-    reference = DomainSampler(sizes, seed=3)
+    from ddk.trainer.mixture_sync import MixtureSync
+
     weights = {"a": 0.5, "b": 0.5}
-    feed.schedule(0, 2, weights, version=1)
+    feed = TeacherFeed(DomainSampler(sizes, seed=3), blocks, batch_size=2, micro_batches=3,
+                       mixture=MixtureSync(weights, 1))
+    reference = DomainSampler(sizes, seed=3)
+    feed.schedule(0, 2)
     for step in range(2):
         want = reference.draw(step, weights, 6)
         got = []
         for m in range(3):
             assert feed.covers(step)
             batch, _ = feed.next(step)
-            assert (batch.step, batch.micro, batch.micros, batch.version) == (step, m, 3, 1)
+            assert (batch.step, batch.micro, batch.micros) == (step, m, 3)
             assert batch.input_ids.shape == (2, 3)
             got += batch.rows
         assert got == want
@@ -225,8 +228,8 @@ def test_ddk_train_refuses_compile_without_a_compiler_before_ray(monkeypatch):
 
 
 def test_fp16_scaler_state_goes_through_the_checkpoint(tmp_path):
-    from ddk.trainer import checkpoint as ckpt
-    from ddk.trainer.loop import LocalContext, TrainState, save_and_report
+    from ddk.trainer.loop import LocalContext, TrainState
+    from ddk.trainer.parallel import Distributed
 
     model = tiny_llama()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -238,12 +241,18 @@ def test_fp16_scaler_state_goes_through_the_checkpoint(tmp_path):
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()
-    state = TrainState(step=1, weights={"a": 1.0}, version=0, scaler=scaler.state_dict())
+    state = TrainState(step=1, scaler=scaler.state_dict())
     ctx = LocalContext(tmp_path)
-    save_and_report(ctx, state, model, opt, None, float(loss.detach()))
+
+    def distributed(m, trainer_state):
+        d = Distributed("ddp", ctx)
+        d.attach(m, torch.optim.AdamW(m.parameters(), lr=1e-3) if m is not model else opt)
+        d.register("trainer", trainer_state)
+        return d
+
+    distributed(model, state).save_and_report(1, {"step": 1, "loss": float(loss.detach()), "version": 0})
     back = TrainState()
     with ctx.restored() as d:
-        back.load_state_dict(ckpt.load_training(d, rank=0, model=tiny_llama(seed=1), optimizer=torch.optim.AdamW(
-            tiny_llama(seed=1).parameters(), lr=1e-3), scheduler=None))
+        distributed(tiny_llama(seed=1), back).load(d)
     assert back.scaler == scaler.state_dict() and back.scaler["_growth_tracker"] == 1
     assert "scaler" not in TrainState(step=1).state_dict()  # bf16/fp32 runs: no scaler in the checkpoint
