@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -15,9 +16,10 @@ import yaml
 from ddk.data.cache import prepare_domains
 from ddk.data.domains import (DomainSpec, PackedDomain, default_cache_dir, is_train_config, load_domain_specs,
                               natural_proportions)
+from ddk.data.evalset import evaluation_sets
 from ddk.data.tokenizer import load_tokenizer
 from ddk.errors import UsageError
-from ddk.trainer.config import load_config
+from ddk.trainer.config import load_config, load_train_sections
 
 
 def _cli_inputs(args) -> tuple[list[DomainSpec], Any, int, Path, str | None]:
@@ -59,9 +61,11 @@ def _cli_inputs(args) -> tuple[list[DomainSpec], Any, int, Path, str | None]:
     return specs, load_tokenizer(str(tok_path)), seq_len, cache, ray_address
 
 
-def summary_rows(domains: dict[str, PackedDomain]) -> list[dict]:
-    """Per domain: documents, tokens, train/val blocks, natural proportion (share of the training tokens)."""
+def summary_rows(domains: dict[str, PackedDomain], eval_cfg: Any = None) -> list[dict]:
+    """Per domain: documents, tokens, train/val blocks, natural proportion (share of the training tokens), and
+    what its evaluation set covers (``eval.*`` of the train config, else the defaults: ddk.data.evalset)."""
     natural = natural_proportions(domains)
+    sets = evaluation_sets(domains, eval_cfg or SimpleNamespace(sequences_per_domain=32))
     rows = []
     for name, d in domains.items():
         info = d.info or {}
@@ -69,16 +73,19 @@ def summary_rows(domains: dict[str, PackedDomain]) -> list[dict]:
         rows.append({"domain": name, "train_documents": tr.get("documents"), "val_documents": va.get("documents"),
                      "train_tokens": tr.get("tokens"), "val_tokens": va.get("tokens"),
                      "train_blocks": len(d.train), "val_blocks": len(d.val), "natural": natural[name],
-                     "dtype": str(d.train.dtype), "shards": len(info.get("shards", {}))})
+                     "dtype": str(d.train.dtype), "shards": len(info.get("shards", {})),
+                     "eval_blocks": len(sets[name]), "eval_documents": sets[name].documents,
+                     "eval_tokens": sets[name].predictions})
     return rows
 
 
 def format_summary(rows: list[dict]) -> str:
     head = ["domain", "docs (train/val)", "tokens (train/val)", "train blocks", "val blocks", "natural", "dtype",
-            "shards"]
+            "shards", "eval docs / tokens"]
     cells = [[r["domain"], f"{r['train_documents']:,} / {r['val_documents']:,}",
               f"{r['train_tokens']:,} / {r['val_tokens']:,}", f"{r['train_blocks']:,}", f"{r['val_blocks']:,}",
-              f"{r['natural']:.3f}", r["dtype"], str(r["shards"])] for r in rows]
+              f"{r['natural']:.3f}", r["dtype"], str(r["shards"]),
+              f"{r['eval_documents']:,} / {r['eval_tokens']:,}"] for r in rows]
     widths = [max(len(h), *(len(c[j]) for c in cells)) for j, h in enumerate(head)]
 
     def fmt(cs):
@@ -112,10 +119,12 @@ def inspect_main(args) -> int:
     specs, tokenizer, seq_len, cache, _ = _cli_inputs(args)
     domains = prepare_domains(specs, tokenizer, seq_len, cache, workers=getattr(args, "workers", None),
                               progress=None)
-    rows = summary_rows(domains)
+    sections = load_train_sections(Path(args.config).expanduser())  # its eval.* (None: a data.yaml)
+    rows = summary_rows(domains, sections.eval if sections is not None else None)
     if getattr(args, "json", False):
         print(json.dumps({"cache_dir": str(cache), "seq_len": seq_len, "domains": rows}, indent=1))
     else:
         print(format_summary(rows))
-        print(f"\ncache {cache}, seq_len {seq_len}")
+        print(f"\ncache {cache}, seq_len {seq_len}; eval docs / tokens: the whole-document windows every evaluation "
+              "scores (docs/training.md)")
     return 0

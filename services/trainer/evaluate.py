@@ -319,7 +319,7 @@ def format_table(rows: list[dict], with_teacher: bool) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
 
 
-def _train_config_eval(path: Path) -> tuple[int | None, Any]:
+def train_config_eval(path: Path) -> tuple[int | None, Any]:
     """seq_len and the ``eval`` section of a train config passed as ``--data`` (else ``(None, None)``), read by
     the train config's own parser (its defaults included: data.seq_len 128, eval.sequences_per_domain 32)."""
     from ddk.trainer.config import load_train_sections
@@ -395,7 +395,7 @@ def main(args) -> int:
         raise UsageError(f"--model: no Hugging Face model directory at {model_dir}")
     if not Path(args.data).expanduser().exists():
         raise UsageError(f"--data: no such file or directory: {args.data}")
-    cfg_seq_len, eval_cfg = _train_config_eval(Path(args.data).expanduser())
+    cfg_seq_len, eval_cfg = train_config_eval(Path(args.data).expanduser())
     seq_len = int(getattr(args, "seq_len", None) or cfg_seq_len or 128)
     n_seq = int(getattr(args, "sequences", None) or (eval_cfg.sequences_per_domain if eval_cfg else 32))
     batch_size = int(getattr(args, "batch_size", None) or 16)

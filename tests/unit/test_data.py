@@ -545,6 +545,8 @@ def test_ddk_data_inspect_and_prepare(tmp_path, kit, capsys):
     code = rows["code"]
     assert code["train_documents"] == 153 and code["val_documents"] == 17
     assert code["train_blocks"] == code["train_tokens"] // 65 and code["dtype"] == "uint16"
+    # the evaluation set: one window per document before any document gets a second (ddk.data.evalset)
+    assert code["eval_documents"] == min(code["val_documents"], code["eval_blocks"]) and code["eval_tokens"] > 0
     assert main(["data", "prepare", str(kit / "train.yaml"), "--cache-dir", str(cache), "--quiet",
                  "--set", "data.seq_len=64"]) == 0
     text = capsys.readouterr().out
