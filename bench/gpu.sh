@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --only) ONLY=${2:-}; [ -n "$ONLY" ] || { echo "gpu.sh: --only needs PART[,PART...] ($PARTS)" >&2; exit 2; }; shift ;;
     --only=*) ONLY=${1#--only=} ;;
-    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu.sh: unknown argument '$1' (--dry-run, --only PART[,PART...])" >&2; exit 2 ;;
   esac
   shift
