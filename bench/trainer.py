@@ -122,13 +122,12 @@ def precompute(client, job, steps: int) -> tuple[dict[bytes, object], list[bytes
         rows = sampler.draw(step, job.initial_weights, cfg.train.batch_size)
         ids = torch.from_numpy(np.stack([domains[d].train[i] for d, i in rows]).astype(np.int64))
         table[ids.numpy().tobytes()] = client.topk(ids, cfg.kd.top_k)
-    from ddk.trainer.evaluate import evaluation_blocks, shard_of, teacher_topk_on_blocks
+    from ddk.trainer.evaluate import evaluation_sets, teacher_answers
 
     train_keys = list(table)
-    for n in names:
-        blocks = shard_of(evaluation_blocks(domains[n], cfg.eval.sequences_per_domain), 0, 1)
-        if len(blocks):
-            teacher_topk_on_blocks(Recorder(client, table), blocks, cfg.kd.top_k, cfg.eval.batch_size, n)
+    for n, es in evaluation_sets(domains, cfg.eval).items():  # as the loop's Evaluator asks for them (one rank)
+        if len(es):
+            teacher_answers(Recorder(client, table), es, cfg.kd.top_k, cfg.eval.batch_size, n)
     return table, train_keys
 
 

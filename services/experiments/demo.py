@@ -38,21 +38,25 @@ def per_domain_losses(model_path: Path, data_yaml: Path, seq_len: int, sequences
 
     from ddk.data.cache import prepare_domains
     from ddk.data.domains import default_cache_dir, load_domain_specs
-    from ddk.trainer.evaluate import evaluate_domains, teacher_losses_from_client
+    from ddk.data.evalset import evaluation_set
+    from ddk.trainer.evaluate import score_sets
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     domains = prepare_domains(load_domain_specs(str(data_yaml)), tokenizer, seq_len, default_cache_dir())
     model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=False, dtype=torch.float32)
-    student = evaluate_domains(model, domains, sequences, 16, "cpu")
-    teacher = None
+    sets = {n: evaluation_set(d, sequences) for n, d in domains.items()}  # the runs' evaluation sets (eval.*)
+    client = None
     if teacher_url:
         from ddk.teacher.client import TeacherClient
 
         client = TeacherClient([teacher_url])
-        try:
-            teacher = teacher_losses_from_client(client, domains, sequences, top_k=1)
-        finally:
+    try:
+        results = score_sets(model, sets, 16, "cpu", client)
+    finally:
+        if client is not None:
             client.close()
+    student = {n: r.loss for n, r in results.items()}
+    teacher = {n: r.teacher_loss for n, r in results.items()} if client is not None else None
     return student, teacher
 
 

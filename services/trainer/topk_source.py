@@ -1,7 +1,7 @@
 """Training from a top-k store (``cache.dir: DIR`` in the train config): a teacher-like object for the feed and
 the evaluation, and the checks the driver makes before anything starts.
 
-:class:`StoreTeacher` answers ``topk(input_ids, top_k)`` -- what the feed and ``teacher_losses_from_client`` ask of a
+:class:`StoreTeacher` answers ``topk(input_ids, top_k)`` -- what the feed and ``evaluate.teacher_answers`` ask of a
 :class:`~ddk.teacher.client.TeacherClient` -- from the :class:`~ddk.teacher.store.TopkStore` in ``DIR/topk.sqlite``
 (``ddk teacher precompute --out DIR`` fills it; a service cache folder, ``ddk teacher serve --cache-dir DIR``, is
 the same layout). The rows it returns are the store's float16 numbers, which are the bytes a float16 wire frame

@@ -213,8 +213,8 @@ def test_fsdp_run_matches_ddp_resumes_after_worker_death_and_exports(kit, ray_cl
                                                                       workdir, reference, monkeypatch):
     """train.strategy=fsdp (FSDP2 over gloo, ddk.trainer.parallel) with accumulation: the last worker dies after
     step 6, Ray Train replaces it within the run (``ray.max_failures`` at its default) and both ranks resume from
-    the step-4 sharded checkpoint (each rank its own shard); the loss curve and the exported student are the DDP
-    reference's, and the export loads with transformers."""
+    the step-4 checkpoint (parallel.Distributed: rank 0 wrote the full tensors, each rank takes its slice); the loss
+    curve and the exported student are the DDP reference's, and the export loads with transformers."""
     ref_out, _ = reference
     out = workdir / "fsdp"
     monkeypatch.setenv("DDK_FAULT_AT_STEPS", "6")
@@ -223,9 +223,14 @@ def test_fsdp_run_matches_ddp_resumes_after_worker_death_and_exports(kit, ray_cl
               "train.grad_accum_steps=2")
     assert (out / ".fault-6").exists()
     assert re.search(r"rank 1: resumed from \S*/ray-fsdp/step-\d+ at step 4", worker_logs(ray_cluster))
-    last = max((out / "ray" / "ray-fsdp").glob("step-*"))  # sharded: no rank holds the whole model
-    assert {"model-rank0.safetensors", "model-rank1.safetensors", "optim-rank1.json"} <= {p.name for p in last.iterdir()}
-    assert not (last / "model.safetensors").exists()
+    last = max((out / "ray" / "ray-fsdp").glob("step-*"))  # the one layout: full tensors, any world size resumes
+    assert {"model.safetensors", "state.json", "rank-0.json", "rank-1.json"} <= {p.name for p in last.iterdir()}
+    assert not list(last.glob("model-rank*")) and not list(last.glob("optim-rank*"))
+    from ddk.trainer import checkpoint as ckpt
+
+    shared, _ = ckpt.load_checkpoint(last, rank=0)
+    assert shared["strategy"] == "fsdp" and shared["world_size"] == 2
+    assert set(shared["entries"]) == {"trainer", "mixture"}
 
     lines, ref_lines = _lines(out), _lines(ref_out)
     got = [r for r in lines if r["event"] == "step"]
@@ -295,13 +300,15 @@ def test_math_routed_to_a_specialist_teacher_across_two_workers(kit, teachers, c
     from ddk.trainer.config import load_config
     from ddk.data.cache import prepare_domains
     from ddk.data.domains import load_domain_specs
-    from ddk.trainer.evaluate import teacher_losses_from_client
+    from ddk.data.evalset import evaluation_set, validation_windows
+    from ddk.trainer.evaluate import teacher_answers
 
     out, history = reference
     cfg = load_config(str(kit / "train.yaml"), [f"data.cache_dir={kit.parent / 'token-cache'}"])
     domains = prepare_domains(load_domain_specs(cfg.data.source()),
                               AutoTokenizer.from_pretrained(kit / "student"), cfg.data.seq_len, cfg.data.cache_dir)
-    keys = {n: {sequence_key(b) for b in list(d.train) + list(d.val)} for n, d in domains.items()}
+    keys = {n: {sequence_key(b) for b in list(d.train) + list(validation_windows(d).blocks)}
+            for n, d in domains.items()}
     assert _engine_tokens(teachers.math) > 0 and _engine_tokens(teachers.default) > 0
     seen_math, seen_default = _stored_keys(teachers.math_store), _stored_keys(teachers.default_store)
     assert seen_math and seen_math <= keys["math"]          # the specialist scored math blocks only
@@ -309,7 +316,8 @@ def test_math_routed_to_a_specialist_teacher_across_two_workers(kit, teachers, c
     assert seen_default <= set().union(*(keys[n] for n in keys if n != "math"))
     # the controller's teacher loss for math is the specialist's: its mean -target_logprob on the same blocks
     with TeacherClient(teachers.math) as c:
-        want = teacher_losses_from_client(c, {"math": domains["math"]}, 8, top_k=1)["math"]
+        es = evaluation_set(domains["math"], 8)  # the run's evaluation set (eval.sequences_per_domain=8)
+        want = float(teacher_answers(c, es, 1, keep_topk=False).nll.sum()) / es.predictions
     evaluations = [v for v in history if v["version"] > 0]
     assert evaluations[-1]["teacher_loss"]["math"] == pytest.approx(want, rel=1e-6)
     assert want < evaluations[-1]["teacher_loss"]["code"] - 1.0  # not the kit teacher's (math is easier)

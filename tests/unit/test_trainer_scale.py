@@ -12,7 +12,8 @@ import torch
 
 from ddk.trainer import scale
 from ddk.data.domains import PackedDomain
-from ddk.trainer.evaluate import domain_loss_sums, evaluate_domains, losses_from_sums, shard_of
+from ddk.data.evalset import evaluation_set
+from ddk.trainer.evaluate import block_sums, evaluate_domains, shard_of
 from ddk.trainer.feed import TeacherFeed
 from ddk.trainer.sampler import DomainSampler
 
@@ -205,13 +206,14 @@ def test_split_evaluation_equals_one_rank_evaluating_everything():
                "c": PackedDomain("c", None, rng.integers(0, 40, (2, 9)))}  # fewer blocks than ranks
     want = evaluate_domains(model, domains, sequences_per_domain=6, batch_size=4)
     for world in (1, 2, 3):
-        shards = [domain_loss_sums(model, domains, 6, 4, "cpu", rank=r, world_size=world) for r in range(world)]
-        assert [sum(len(shard_of(np.arange(6), r, world)) for r in range(world))] == [6]
-        summed = {n: (sum(s[n][0] for s in shards), sum(s[n][1] for s in shards)) for n in domains}
-        assert summed["c"][1] == 2 * 8
-        got = losses_from_sums(summed)
-        for n in domains:
-            assert got[n] == pytest.approx(want[n], abs=1e-6)
+        for n, d in domains.items():
+            es = evaluation_set(d, 6)
+            shards = [block_sums(model, shard_of(es, r, world), 4) for r in range(world)]
+            assert sum(len(shard_of(es, r, world)) for r in range(world)) == len(es) == min(6, len(d.val))
+            ce, count = sum(s["ce"].sum() for s in shards), sum(s["count"].sum() for s in shards)
+            if n == "c":
+                assert count == 2 * 8
+            assert ce / count == pytest.approx(want[n], abs=1e-6)
 
 
 def test_ddk_train_refuses_compile_without_a_compiler_before_ray(monkeypatch):
