@@ -40,6 +40,7 @@ PROCESS_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 OPENMP_SETTINGS = ("OMP_WAIT_POLICY",)  # read by OpenMP when it loads (with torch)
 
 _warned: set[str] = set()
+_late: set[str] = set()  # OpenMP settings this module set after torch had loaded: too late for this process
 
 
 def set_process_defaults(environ: dict | None = None) -> list[str]:
@@ -61,10 +62,15 @@ def openmp_loaded() -> bool:
 def apply_process_defaults(where: str | None = None) -> list[str]:
     """For a library entry point, where its heavy torch work starts: :func:`set_process_defaults` (the
     processes it starts inherit them). Returns the OpenMP settings that came too late for this process
-    (set now, torch loaded already): its own OpenMP threads still spin. With ``where`` (the work's name),
-    such a late setting is also a warning, once per process."""
-    late = [k for k in set_process_defaults() if k in OPENMP_SETTINGS]
-    if not late or not openmp_loaded():
+    (set by this module after torch had loaded): its own OpenMP threads still spin. With ``where`` (the work's name),
+    such a late setting is also a warning, once per process. A later call returns them again (the process's
+    OpenMP still runs with what it read), as long as they keep the value set then."""
+    if openmp_loaded():
+        _late.update(k for k in set_process_defaults() if k in OPENMP_SETTINGS)
+    else:
+        set_process_defaults()
+    late = [k for k in sorted(_late) if os.environ.get(k) == PROCESS_DEFAULTS[k]]
+    if not late:
         return []
     if where and where not in _warned:
         _warned.add(where)

@@ -60,6 +60,7 @@ tiny = fx.KitSpec(vocab_size=300, seq_len=16, max_chars=20_000, val_fraction=0.2
                   eval_sequences=2, checkpoint_every=1)
 fx.build_kit(out, quick=True, seed=0, spec=tiny)
 print("TINY BUILD ENDS", file=sys.stderr, flush=True)
+seen["late again"] = ddk.runtime.apply_process_defaults()  # a second build would also train in a fresh process
 seen["build_kit"] = os.environ.pop("OMP_WAIT_POLICY", None)
 engines.HFEngine(kit / "teacher", max_seq_len=64)
 seen["HFEngine"] = os.environ.pop("OMP_WAIT_POLICY", None)
@@ -73,8 +74,8 @@ print(json.dumps(seen))
 '''
     r = _python(script, tmp_path, str(kit), str(tmp_path / "tiny-kit"))
     seen = json.loads(r.stdout.strip().splitlines()[-1])
-    assert seen == {"after import": None, "build_kit": "PASSIVE", "HFEngine": "PASSIVE", "Trainer": "PASSIVE",
-                    "explicit": "ACTIVE"}
+    assert seen == {"after import": None, "build_kit": "PASSIVE", "late again": ["OMP_WAIT_POLICY"],
+                    "HFEngine": "PASSIVE", "Trainer": "PASSIVE", "explicit": "ACTIVE"}
     before, _, rest = r.stderr.partition("TINY BUILD STARTS")
     build, _, after = rest.partition("TINY BUILD ENDS")
     assert before.count(DEFAULT_SPIN) == 1 and PASSIVE_SPIN not in before  # the caller loaded torch first
