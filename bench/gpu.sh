@@ -106,7 +106,7 @@ for part in $PARTS; do
     student) script=bench/gpu_student.py; limit=120 ;;
     eval)    script=bench/gpu_eval.py;    limit=60 ;;
     teacher) script=bench/gpu_teacher.py; limit=120 ;;
-    rollout) script=bench/gpu_rollout.py; limit=60 ;;
+    rollout) script=bench/gpu_rollout.py; limit=90 ;;
     fsdp)    script=bench/fsdp_check.py;  limit=60 ;;
   esac
   var="$(echo "$part" | tr '[:lower:]' '[:upper:]')_ARGS"   # e.g. STUDENT_ARGS="--batch 4" for a rerun
