@@ -3,9 +3,9 @@
 Random weights built on the spot (no download): hidden 2048, 16 layers, 32 heads (8 KV heads), FFN 8192,
 vocabulary 128,256, tied embeddings -- Llama-3.2-1B's shape. One process, a one-rank process group, the Trainer's
 own pieces: :class:`ddk.trainer.scale.StudentStep` (the loss inside the wrapped module), FSDP2 through
-:class:`ddk.trainer.parallel.Distributed` (``place``) with ``train.precision`` bf16 (float32 master weights and
-AdamW state), synthetic teacher top-k (k = 16). Rows: chunked vs plain loss (the plain one may run out of
-memory at this vocabulary; that is a result too). MFU = 6 x non-embedding-or-tied params x tokens / s / peak
+:class:`ddk.trainer.parallel.Distributed` (``place``) with ``train.precision`` bf16 (float32 master weights),
+the Trainer's AdamW (``ddk.trainer.optim.build_optimizer``), synthetic teacher top-k (k = 16). Rows: chunked vs
+plain loss (the plain one may run out of memory at this vocabulary; that is a result too). MFU = 6 x non-embedding-or-tied params x tokens / s / peak
 (:func:`ddk.trainer.scale.mfu`, as nanoGPT and torchtitan count); target >= 40 % for the chunked row.
 
 ``--dry-run``: the same code on the CPU (gloo) with a tiny Llama (bench/gpu_common.py).
@@ -38,6 +38,7 @@ def teacher_topk(target, batch: int, seq: int, vocab: int, k: int, gen):
 def run(target, chunk_tokens: int | None, args, batch: int) -> dict:
     import torch
 
+    from ddk.trainer.optim import build_optimizer
     from ddk.trainer.parallel import Distributed
     from ddk.trainer.scale import StudentStep, autocast, flop_parameters, mfu
 
@@ -49,7 +50,7 @@ def run(target, chunk_tokens: int | None, args, batch: int) -> dict:
     # the Trainer's own placement (train.strategy fsdp, train.precision bf16) on a one-rank group
     placer = Distributed("fsdp", SimpleNamespace(rank=0, world_size=1), target.device, "bf16")
     step = placer.place(StudentStep(student, kd, chunk_tokens))
-    opt = torch.optim.AdamW(step.parameters(), lr=1e-4, fused=target.cuda)
+    opt = build_optimizer(step, 1e-4, 0.1)  # the Trainer's AdamW (float32 state beside the master weights)
     gen = target.generator(0)
     ids = torch.randint(0, vocab, (batch, args.seq + 1), device=target.device, generator=gen)
     t_ids, t_lp = teacher_topk(target, batch, args.seq, vocab, TOP_K, gen)
