@@ -223,7 +223,7 @@ def evaluation_sets(domains: dict, eval_cfg) -> dict[str, EvalSet]:
     ``tokens_per_domain``, ``seed``, ``documents``)."""
     return {n: evaluation_set(d, eval_cfg.sequences_per_domain, getattr(eval_cfg, "tokens_per_domain", None),
                               int(getattr(eval_cfg, "seed", 0)), getattr(eval_cfg, "documents", "all"))
-            for n, d in sorted(domains.items())}
+            for n, d in domains.items()}
 
 
 def sets_fingerprint(sets: dict[str, EvalSet]) -> str:

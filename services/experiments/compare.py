@@ -151,7 +151,7 @@ def main(args, runner=None) -> int:
     names = sorted(domains)
     natural = natural_proportions(domains)
     count = max(base.eval.sequences_per_domain, 32)
-    sets = scoring_sets(domains, base.eval, count)
+    scoring = scoring_sets(domains, base.eval, count)
 
     results: dict[str, list[dict]] = {p: [] for p in policies}
     no_cache = bool(getattr(args, "no_cache", False))
@@ -172,9 +172,9 @@ def main(args, runner=None) -> int:
         csvc = services.start("controller", ["controller", "serve", "--db", str(out / "controller.sqlite")],
                               free_port())
         controller_url = csvc.wait_healthy().url
-        teacher_nll = _teacher_nlls(base, teacher_urls, store_sets.get("cache.dir"), tokenizer, domains, sets)
-        teacher = {n: float(teacher_nll[n].sum()) / sets[n].predictions for n in names}
-        initial = ratio(heldout_losses(Path(base.student.model), sets, teacher_nll)[0], teacher)
+        teacher_nll = _teacher_nlls(base, teacher_urls, store_sets.get("cache.dir"), tokenizer, domains, scoring)
+        teacher = {n: float(teacher_nll[n].sum()) / scoring[n].predictions for n in names}
+        initial = ratio(heldout_losses(Path(base.student.model), scoring, teacher_nll)[0], teacher)
         for seed in range(args.seeds):
             for policy in policies:
                 run_id = f"{base.run_id}-{policy.replace('+', '.')}-s{seed}"  # ddk+jsd -> ddk.jsd (run_id rule)
@@ -190,14 +190,14 @@ def main(args, runner=None) -> int:
                     code = (runner or services.run)(run_id, _train_argv(args, sets))
                     if code != 0:
                         raise RuntimeError(f"run {run_id} failed with exit code {code}; see its log")
-                loss, se = heldout_losses(run_dir / "final", sets, teacher_nll)
+                loss, se = heldout_losses(run_dir / "final", scoring, teacher_nll)
                 tokens = tokens_per_domain(run_dir / "metrics.jsonl", base.data.seq_len)
                 curve = ratio_curve(read_metrics(run_dir / "metrics.jsonl"), base.data.seq_len)
                 results[policy].append({"seed": seed, "ratio": ratio(loss, teacher), "ratio_log_se": se,
                                         "tokens": {n: tokens.get(n, 0) for n in names}, "curve": curve})
 
     _write_report(args, policies, out, names, results, initial, teacher, natural,
-                  _heldout_note(names, sets))
+                  _heldout_note(names, scoring))
     return 0
 
 

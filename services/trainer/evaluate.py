@@ -213,7 +213,8 @@ class Evaluator:
 
     def record(self) -> dict:
         """What a run records about its evaluation sets: the fingerprint and, per domain, the coverage."""
-        return {"fingerprint": self.fingerprint, "domains": coverage(self.sets),
+        return {"fingerprint": self.fingerprint, "documents": getattr(self.cfg.eval, "documents", "all"),
+                "domains": coverage(self.sets),
                 "notes": {n: s.note for n, s in self.sets.items() if s.note}}
 
     def _shard(self, name: str) -> EvalSet:

@@ -36,6 +36,12 @@ def test_compare_kd_vs_ddk_token_shares(kit, teacher_url, tmp_path, capsys):
     assert (out / "compare.png").stat().st_size > 1000
 
     data = json.loads((out / "report.json").read_text())
+    assert "Scoring-set ratios with standard errors" in report  # each run's ratios +- their log-ratio SE
+    for run in data["raw"]["ddk"] + data["raw"]["kd"]:
+        assert set(run["ratio_log_se"]) == set(domains) and all(v > 0 for v in run["ratio_log_se"].values())
+    # the runs steered by the other half of the validation documents (eval.documents: steer)
+    record = json.loads((out / "runs" / "ddk-demo-ddk-s0" / "eval-set.json").read_text())
+    assert record["documents"] == "steer" and set(record["domains"]) == set(domains)
     natural, initial = data["natural_proportions"], data["initial"]
     lagging = max(initial, key=initial.get)
 
