@@ -13,7 +13,7 @@ PY=${PY:-python3}
 reqs=$(grep -v '^\s*#' "$here/wheels.txt" | grep -v '^\s*$')
 mkdir -p "$dir"
 # pip matches each manylinux tag exactly: name the ones a current x86-64 wheel may carry
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
+"$PY" -m pip download -q --timeout 20 --retries 2 --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_31_x86_64 \
   --platform manylinux_2_34_x86_64 --platform manylinux_2_35_x86_64 --platform manylinux1_x86_64 \
