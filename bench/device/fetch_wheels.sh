@@ -5,10 +5,16 @@
 #   bench/device/fetch_wheels.sh [DIR] [--python-version 3.11]   (another version: the suite's clean-venv test)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-dir=${1:-$here/wheels}
-[ $# -gt 0 ] && shift
+dir=$here/wheels
 pyver=3.12
-if [ "${1:-}" = "--python-version" ]; then pyver=${2:?--python-version needs a value}; fi
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --python-version) pyver=${2:-}; [ -n "$pyver" ] || { echo "fetch_wheels: --python-version needs a value" >&2; exit 2; }; shift ;;
+    -*) echo "fetch_wheels: unknown option '$1' ([DIR] [--python-version X.Y])" >&2; exit 2 ;;
+    *) dir=$1 ;;
+  esac
+  shift
+done
 PY=${PY:-python3}
 reqs=$(grep -v '^\s*#' "$here/wheels.txt" | grep -v '^\s*$')
 mkdir -p "$dir"
