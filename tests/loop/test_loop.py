@@ -80,6 +80,9 @@ def test_ddk_run_follows_the_controllers_versions(ddk_run):
         for d, q in r["ratio"].items():
             assert q == pytest.approx(math.exp(r["student_loss"][d] - r["teacher_loss"][d]))
             assert q == pytest.approx(by_step[r["step"]]["ratio"][d], rel=1e-6)
+        # issue 24: every evaluation has each domain's log-ratio SE (posted with it), on one evaluation set
+        assert set(r["log_ratio_se"]) == set(r["ratio"]) and all(se > 0 for se in r["log_ratio_se"].values())
+        assert r["eval_set"] == json.loads((out / "eval-set.json").read_text())["fingerprint"]
     assert summary["step"] == STEPS and summary["version"] == 4
     final = out / "final"
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
