@@ -122,6 +122,8 @@ class Progress(threading.Thread):
                 self._show_step(r)
             elif r.get("event") == "eval" and r.get("version") is None:
                 self._write(f"step {r['step']}: controller unreachable, keeping the previous weights")
+            elif r.get("event") == "eval" and r.get("warning"):  # the controller: gaps within their SEs
+                self._write(f"step {r['step']}: the mixture is steering by noise; raise eval tokens")
             elif r.get("event") == "end":
                 if self._bar is not None:
                     self._bar.close()

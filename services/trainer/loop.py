@@ -652,6 +652,7 @@ class Trainer:
                            "version": answer["version"] if answer else None,
                            "weights": answer["weights"] if answer else None,
                            **({"log_ratio_se": se} if se else {}),
+                           **({"warning": answer["warning"]} if answer and answer.get("warning") else {}),
                            **({"eval_set": self._eval.fingerprint} if getattr(self, "_eval", None) else {}),
                            **({"diagnostics": diagnostics} if diagnostics else {})})
 

@@ -102,7 +102,9 @@ def test_progress_shows_steps_of_total_and_closes_at_the_end(tmp_path, capsys):
     time.sleep(0.8)
     with open(metrics, "a") as fh:
         for r in ([{"event": "eval", "step": 0, "version": 1}] + [_step(s) for s in range(1, 4)]
-                  + [{"event": "eval", "step": 3, "version": None}, _step(4), {"event": "end", "step": 4}]):
+                  + [{"event": "eval", "step": 3, "version": None}, _step(4),
+                     {"event": "eval", "step": 4, "version": 2, "warning": "within their standard errors"},
+                     {"event": "end", "step": 4}]):
             fh.write(json.dumps(r) + "\n")
     progress.join(timeout=10)
     assert not progress.is_alive()  # the end line ends it
@@ -110,6 +112,8 @@ def test_progress_shows_steps_of_total_and_closes_at_the_end(tmp_path, capsys):
     assert "4/4" in err and "loss=4.600" in err and "tok_s=1000" in err and "v=1" in err
     assert "9/4" not in err
     assert "step 3: controller unreachable, keeping the previous weights" in out + err
+    assert "step 4: the mixture is steering by noise; raise eval tokens" in out + err  # once, with the eval
+    assert (out + err).count("steering by noise") == 1
 
 
 # ----------------------------------------------------------------------------- the Ray Train workers' console
