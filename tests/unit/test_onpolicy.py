@@ -1,0 +1,238 @@
+"""On-policy distillation's foundation (issue 28): the sampled reverse-KL loss, its importance weight, the GKD
+form, the on-policy gap, and the ``hf`` rollout engine on the quick kit's student.
+
+Expected values come from textbook formulas written here (the REINFORCE gradient of a softmax table by hand,
+the dense KL, argmax decoding by a plain loop), never from the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ddk.trainer.onpolicy_loss import (completion_labels, gkd_divergence, importance_weight, onpolicy_gap,
+                                       sampled_reverse_kl, token_logprobs)
+from ddk.trainer.rollout import HFRollout, cut_at_eos, left_pad, step_seed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loss: a few-parameter model whose REINFORCE gradient is known in closed form
+
+class Table(torch.nn.Module):
+    """A bigram model: the logits of the next token are the row ``W[previous token]`` (V x V parameters)."""
+
+    def __init__(self, V: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W = torch.nn.Parameter(torch.randn(V, V, generator=g, dtype=torch.float64))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, V]
+        return self.W[ids]
+
+
+def _rollout_batch(V=5):
+    # two rows: ids[:, :-1] are the inputs, ids[:, 1:] the tokens each position predicts; mask on the completion
+    ids = torch.tensor([[0, 3, 1, 4, 2], [1, 2, 2, 0, 0]])
+    completion = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]])  # row 2: one completion token then padding
+    targets = ids[:, 1:]
+    mask = completion[:, 1:].double()
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.log_softmax(torch.randn(2, 4, V, generator=g, dtype=torch.float64), -1)
+    teacher_lp = teacher.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return ids, targets, mask, teacher_lp
+
+
+def _reinforce_reference(model: Table, ids, targets, mask, teacher_lp, weights=None) -> torch.Tensor:
+    """-(1/M) sum_t m_t w_t A_t grad log p(x_t), with grad_z log softmax(z)_x = onehot(x) - softmax(z)."""
+    W = model.W.detach()
+    grad = torch.zeros_like(W)
+    M = float(mask.sum())
+    for b in range(ids.shape[0]):
+        for t in range(targets.shape[1]):
+            if mask[b, t] == 0:
+                continue
+            prev, x = int(ids[b, t]), int(targets[b, t])
+            p = torch.softmax(W[prev], -1)
+            log_p_x = math.log(float(p[x]))
+            A = -(log_p_x - float(teacher_lp[b, t]))
+            w = 1.0 if weights is None else float(weights[b, t])
+            onehot = torch.zeros_like(p)
+            onehot[x] = 1.0
+            grad[prev] += -(w * A) * (onehot - p) / M
+    return grad
+
+
+def test_sampled_reverse_kl_gradient_is_the_reinforce_gradient():
+    model = Table(5)
+    ids, targets, mask, teacher_lp = _rollout_batch()
+    s = token_logprobs(model(ids[:, :-1]), targets).double()
+    loss, parts = sampled_reverse_kl(s, teacher_lp, mask)
+    loss.backward()
+    ref = _reinforce_reference(model, ids, targets, mask, teacher_lp)
+    assert ref.abs().max() > 1e-3  # a real gradient, not all zeros
+    torch.testing.assert_close(model.W.grad.double(), ref, rtol=1e-5, atol=1e-6)
+    # the logged reverse KL is the masked mean of log p_s - log p_t (4 completion tokens)
+    want = sum(float(s.detach()[b, t] - teacher_lp[b, t]) for b, t in [(0, 1), (0, 2), (0, 3), (1, 0)]) / 4
+    assert float(parts["reverse_kl"]) == pytest.approx(want, rel=1e-5)
+    assert float(parts["weight"]) == pytest.approx(1.0)
+
+
+def test_sampled_reverse_kl_gradient_with_stale_engine_weights_is_weighted():
+    model = Table(5)
+    ids, targets, mask, teacher_lp = _rollout_batch()
+    s = token_logprobs(model(ids[:, :-1]), targets).double()
+    engine = s.detach() + torch.tensor([[0.3, -2.0, 0.0, 0.1], [-0.4, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    loss, parts = sampled_reverse_kl(s, teacher_lp, mask, engine_logprobs=engine, clip=2.0)
+    loss.backward()
+    # w = min(2, exp(trainer - engine)): exp(-0.3), min(2, exp(2.0)) = 2, exp(0), exp(0.4) (pad: ignored)
+    w = torch.tensor([[math.exp(-0.3), 2.0, 1.0, math.exp(-0.1)], [math.exp(0.4), 1.0, 1.0, 1.0]])
+    ref = _reinforce_reference(model, ids, targets, mask, teacher_lp, weights=w)
+    torch.testing.assert_close(model.W.grad.double(), ref, rtol=1e-5, atol=1e-6)
+    assert float(parts["clipped"]) == pytest.approx(1 / 4)
+
+
+def test_expected_sampled_gradient_is_the_reverse_kl_gradient():
+    """Score-function identity: sum_x p(x) * grad of the one-token loss = grad KL(p || q) at one position."""
+    V = 6
+    z = torch.randn(V, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    log_q = torch.log_softmax(torch.randn(V, dtype=torch.float64, generator=torch.Generator().manual_seed(4)), -1)
+    expected = torch.zeros(V, dtype=torch.float64)
+    for x in range(V):
+        log_p = torch.log_softmax(z, -1)
+        loss, _ = sampled_reverse_kl(log_p[x].reshape(1, 1), log_q[x].reshape(1, 1), torch.ones(1, 1))
+        (g,) = torch.autograd.grad(loss, z)
+        expected += float(log_p[x].detach().exp()) * g
+    p = torch.softmax(z, -1)
+    kl = (p * (torch.log_softmax(z, -1) - log_q)).sum()  # KL(p || q) = sum p (log p - log q)
+    (g_kl,) = torch.autograd.grad(kl, z)
+    torch.testing.assert_close(expected, g_kl.detach(), rtol=1e-6, atol=1e-9)
+
+
+def test_importance_weight_is_one_when_current_and_truncated_at_c():
+    trainer = torch.tensor([-1.0, -2.0, -0.5, -3.0])
+    assert torch.equal(importance_weight(trainer, trainer.clone(), clip=2.0), torch.ones(4))
+    assert torch.equal(importance_weight(trainer, None), torch.ones(4))
+    engine = torch.tensor([-1.0, -2.5, -3.0, -2.0])  # trainer - engine = 0, 0.5, 2.5, -1
+    w = importance_weight(trainer, engine, clip=2.0)
+    torch.testing.assert_close(w, torch.tensor([1.0, math.exp(0.5), 2.0, math.exp(-1.0)]))
+    assert not importance_weight(trainer.requires_grad_(), engine).requires_grad
+    with pytest.raises(ValueError, match="clip"):
+        importance_weight(trainer, engine, clip=0)
+
+
+def test_sampled_reverse_kl_empty_mask_and_shapes():
+    s = torch.zeros(1, 3, requires_grad=True)
+    loss, _ = sampled_reverse_kl(s, torch.zeros(1, 3), torch.zeros(1, 3))
+    assert float(loss) == 0.0 and not math.isnan(float(loss))
+    with pytest.raises(ValueError, match="shapes"):
+        sampled_reverse_kl(s, torch.zeros(1, 2), torch.zeros(1, 3))
+
+
+def test_completion_labels_and_gkd_divergence_on_generated_positions_only():
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    completion = torch.tensor([[0, 0, 1, 1, 0]])  # 7, 8 generated; 9 is padding
+    labels = completion_labels(ids, completion)
+    assert labels.tolist() == [[-100, 7, 8, -100]]
+    V = 10
+    g = torch.Generator().manual_seed(0)
+    s_logits = torch.randn(1, 4, V, generator=g)
+    t_logp = torch.log_softmax(torch.randn(1, 4, V, generator=g), -1)
+    t_ids = torch.arange(V).expand(1, 4, V)  # k == V: the divergence is the dense one
+    got = gkd_divergence(s_logits, labels, t_ids, t_logp, loss="forward_kl")
+    # textbook KL(p_teacher || q_student) = sum p (log p - log q), mean over positions 1 and 2
+    log_q = torch.log_softmax(s_logits, -1)
+    kl = [(t_logp[0, i].exp() * (t_logp[0, i] - log_q[0, i])).sum() for i in (1, 2)]
+    assert float(got) == pytest.approx(float(sum(kl) / 2), rel=1e-5)
+
+
+def test_onpolicy_gap_is_exp_of_token_mean_log_ratio():
+    rows = [("a", [-1.0, -2.0], [-1.5, -1.0]),   # differences +0.5, -1.0
+            ("a", [-0.5], [-2.5]),               # +2.0
+            ("b", [-3.0, -0.25], [-3.0, -0.25]),  # teacher agrees: 0, 0
+            ("c", [], [])]                       # no tokens: no gap
+    q = onpolicy_gap(rows)
+    assert set(q) == {"a", "b"}
+    assert q["a"] == pytest.approx(math.exp(1.5 / 3))  # token-weighted, not the mean of row means (0.875)
+    assert q["b"] == 1.0
+    with pytest.raises(ValueError, match="lengths"):
+        onpolicy_gap([("a", [-1.0], [])])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the hf rollout engine
+
+def test_pure_helpers():
+    ids, mask = left_pad([[4, 5, 6], [7]], pad_id=0)
+    assert ids.tolist() == [[4, 5, 6], [0, 0, 7]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert cut_at_eos([9, 8, 2, 0, 0], [2]) == (3, True)
+    assert cut_at_eos([9, 8, 7], [2]) == (3, False)
+    assert step_seed(1, 2, 0) == step_seed(1, 2, 0)
+    assert len({step_seed(1, 2, 0), step_seed(1, 3, 0), step_seed(1, 2, 1), step_seed(2, 2, 0)}) == 4
+    with pytest.raises(ValueError, match="empty"):
+        left_pad([[1], []], 0)
+
+
+@pytest.fixture(scope="module")
+def student(kit):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(kit / "student", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def prompts(kit):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(kit / "student" / "tokenizer.json"))
+    texts = ["def clear(self):", "What is 83 plus", "All rights", "# OpenTelemetry Semantic Conventions"]
+    out = [tok.encode(t, add_special_tokens=False).ids for t in texts]
+    assert len({len(p) for p in out}) > 1  # ragged, so left padding is exercised
+    return out
+
+
+def test_hf_rollouts_repeat_from_the_same_seed_and_after_a_resume(student, prompts):
+    a = HFRollout(seed=11, max_new_tokens=10)
+    first, second = a.generate(student, prompts), a.generate(student, prompts)
+    assert [r.completion_ids for r in first] != [r.completion_ids for r in second]  # a new seed each step
+    assert [r.rollout_id for r in first] == [f"11-0-0-{i}" for i in range(4)]
+    assert first == HFRollout(seed=11, max_new_tokens=10).generate(student, prompts)
+    b = HFRollout(seed=11, max_new_tokens=10)
+    b.load_state_dict(dict(a.state_dict(), step=1))  # as saved in a checkpoint after the first step
+    assert b.generate(student, prompts) == second
+    torch.manual_seed(5)
+    before = torch.rand(3)
+    torch.manual_seed(5)
+    HFRollout(seed=11, max_new_tokens=4).generate(student, prompts)
+    assert torch.equal(torch.rand(3), before)  # the caller's RNG stream is untouched
+    with pytest.raises(ValueError, match="seed"):
+        HFRollout(seed=12).load_state_dict(a.state_dict())
+
+
+def test_hf_greedy_equals_a_hand_argmax_loop_and_its_logprobs_are_the_trainers(student, prompts):
+    n = 8
+    rows = HFRollout(seed=0, temperature=0.0, max_new_tokens=n).generate(student, prompts)
+    eos = student.config.eos_token_id
+    student.eval()
+    for p, r in zip(prompts, rows):
+        ids, want, want_lp = list(p), [], []
+        with torch.no_grad():
+            for _ in range(n):  # argmax decoding, one unpadded prompt, full forward each step, no cache
+                logits = student(torch.tensor([ids])).logits[0, -1]
+                x = int(torch.argmax(logits))
+                want.append(x)
+                want_lp.append(float(torch.log_softmax(logits, -1)[x]))
+                ids.append(x)
+                if x == eos:
+                    break
+        assert r.prompt_ids == list(p)
+        assert r.completion_ids == want
+        assert r.logprobs == pytest.approx(want_lp, abs=1e-4)
+    # the engine is current: the trainer's forward pass gives the same log-probabilities, so w_t = 1
+    for r in HFRollout(seed=4, max_new_tokens=8).generate(student, prompts):
+        full = torch.tensor([r.prompt_ids + r.completion_ids])
+        with torch.no_grad():
+            trainer = token_logprobs(student(full[:, :-1]).logits, full[:, 1:])[0, len(r.prompt_ids) - 1:]
+        w = importance_weight(trainer, torch.tensor(r.logprobs))
+        torch.testing.assert_close(w, torch.ones_like(w), atol=1e-4, rtol=0)
