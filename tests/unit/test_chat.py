@@ -253,3 +253,9 @@ def test_gzip_and_parquet_rows(tmp_path):
     (tmp_path / "c.txt").write_text("hello\n")
     with pytest.raises(UsageError, match="conversations are read from"):
         list(read_rows(tmp_path / "c.txt"))
+
+
+def test_masks_on_the_chat_kits_tokenizer():
+    from ddk.kit.chat import CHAT_TEMPLATE, chat_tokenizer
+
+    check_template(chat_tokenizer(256), CHAT_TEMPLATE, "<|im_start|>assistant\n", "<|im_end|>")
