@@ -14,6 +14,10 @@ Rows:
   (d) from store    (a) with the teacher's outputs read from a top-k store on disk (``cache.dir``: the feed's
                     ``ddk.trainer.topk_source.StoreTeacher`` over a ``TopkStore``, float16 entries) holding the
                     run's batches, no teacher behind it
+The evaluation's share of the run's wall time (issue 24 item 4, goal <= 10 % at the default K): the time in the
+evaluations of row (c) (``Trainer.student_losses``: the forward over every domain's evaluation set, the teacher
+asked once per block at the first one) over its wall time, at the bench's K, and projected to the default
+``mixture.interval_steps`` (1000) from the mean time of one evaluation e and of one step s: e / (e + K s).
 Ratios: (b)/(a) (target >= 0.9: the feed hides the teacher), DDK wall / fixed-mixture KD wall (target
 <= 1.05), (d)/(a) (target >= 0.95: reading the store costs the step nothing), and end-to-end distillation tokens/s over the slower of teacher alone and student alone.
 tokens = predicted positions (batch x seq_len) per step; tokens/s from the steps' own time (the
@@ -131,6 +135,27 @@ def precompute(client, job, steps: int) -> tuple[dict[bytes, object], list[bytes
     return table, train_keys
 
 
+def timed_trainer():
+    """Trainer that adds up the wall time of its evaluations (``eval_s``, ``evals``) into its summary."""
+    from ddk.trainer.loop import Trainer
+
+    class Timed(Trainer):
+        eval_s, evals = 0.0, 0
+
+        def student_losses(self):
+            t0 = time.perf_counter()
+            try:
+                return super().student_losses()
+            finally:
+                self.eval_s += time.perf_counter() - t0
+                self.evals += 1
+
+        def summary(self):
+            return {**super().summary(), "eval_s": self.eval_s, "evals": self.evals}
+
+    return Timed
+
+
 def teacher_sized_student(kit: Path, target: Path) -> Path:
     """A randomly initialised student with the teacher's architecture and the kit's tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -166,7 +191,10 @@ def main() -> int:
     from ddk.trainer.config import load_config
     from ddk.kit.fixtures import build_kit
     from ddk.trainer.launch import prepare
-    from ddk.trainer.loop import LocalContext, Trainer
+    from ddk.trainer.config import MixtureSection
+    from ddk.trainer.loop import LocalContext
+
+    Trainer = timed_trainer()
 
     kit = build_kit(Path(args.kit), quick=True, seed=0)
     load_start = os.getloadavg()
@@ -270,6 +298,17 @@ def main() -> int:
              ("met" if d_over_a >= 0.95 else "NOT met") + f"  {each(d_over_a_all)}; by step CPU time + wait "
              f"{d_over_a_cpu:.3f}"),
             ("e2e (b) / min(teacher alone, student alone)", f"{e2e:.3f}", ""),
+        ]
+        share = [x["eval_s"] / x["wall_s"] for x in c]
+        per_eval = [x["eval_s"] / max(1, x["evals"]) for x in c]
+        per_step = [x["step_s"] / max(1, args.steps) for x in c]
+        k_default = MixtureSection().interval_steps
+        projected = [e / (e + k_default * st) for e, st in zip(per_eval, per_step)]
+        rows += [
+            (f"evaluation share of (c)'s wall, K={args.interval}", f"{np.median(share):.3f}",
+             f"{med(c, 'evals'):.0f} evaluations, {np.median(per_eval):.2f} s each; step {np.median(per_step):.3f} s"),
+            (f"evaluation share at the default K={k_default}  [goal <= 0.10]", f"{np.median(projected):.4f}",
+             ("met" if np.median(projected) <= 0.10 else "NOT met") + "  e / (e + K s), from (c)'s e and s"),
         ]
     finally:
         kill_group(cproc)
