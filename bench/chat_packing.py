@@ -2,7 +2,8 @@
 
 The chat kit's generated rows (``ddk.kit.chat.generate_domain``, seed 0, ``N`` per domain, four domains), rendered
 with the kit's ChatML template and character-level tokenizer; then the same conversations (a) packed by
-``ddk.data.packing.pack`` into ``seq_len`` blocks and (b) padded, one conversation per block of ``seq_len``, and (c) padded to the longest of each batch of 16. Prints the
+``ddk.data.packing.pack`` into ``seq_len`` blocks, (b) padded, one conversation per block of ``seq_len``, and
+(c) padded to the longest of each batch of 16. Prints the
 conversations per second of ``prepare_conversations`` (two renders and two tokenisations per assistant turn, plus
 the whole conversation), the blocks and the share of positions that hold tokens for both layouts, and the load
 average before and after. Never asserts on time.

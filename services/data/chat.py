@@ -17,8 +17,10 @@ unknown role, a conversation without an assistant turn to train on.
 Masks come from the rendered prefixes, so a template needs no ``{% generation %}`` markers: for assistant turn ``i``
 ``render(messages[:i], add_generation_prompt=True)`` and ``render(messages[:i+1])`` are compared with the render of
 the whole conversation; the turn's labelled tokens run from where the first ends to where the second does (compared
-as text and mapped to tokens by the tokenizer's character offsets; compared as tokens when it has no offsets). When the template ignores ``add_generation_prompt`` (renders the same text with and without
-it), the start is found with ``messages[:i]`` plus an empty assistant turn instead, which ends at the same header.
+as text and mapped to tokens by the tokenizer's character offsets; compared as tokens when it has no offsets). When
+the template ignores ``add_generation_prompt`` (renders the same text with and without it), the start is found with
+``messages[:i]`` plus an empty assistant turn instead, which ends at the same header. A template that fails on a
+row (its own ``raise_exception``, say roles that must alternate) is a :class:`ChatTemplateError` naming the row.
 Within that span the labels stop at the first special token after the content (the end-of-turn token, labelled:
 ``<|im_end|>``, ``<|eot_id|>``, ``</s>``); what a template writes after it (ChatML's newline) is not labelled. A
 span without a special token is labelled whole. A token that straddles the header and the content (BPE merging the
@@ -130,7 +132,8 @@ def _turns(value: Any, name: str, file: str, line: int) -> list[dict]:
         if role is None:
             raise ChatRowError(file, line, f"{where}.role", "missing")
         if role not in ROLES:
-            raise ChatRowError(file, line, f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
+            raise ChatRowError(file, line, f"{where}.role",
+                               f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
         content = turn.get("content")
         if not isinstance(content, str):
             raise ChatRowError(file, line, f"{where}.content",
@@ -216,8 +219,13 @@ def special_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def _render(tokenizer: Any, messages: Sequence[dict], generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer: Any, messages: Sequence[dict], generation_prompt: bool, where: str = "") -> str:
+    try:
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # the template's own raise_exception(...) or any Jinja error: the row, not a traceback
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise ChatTemplateError(f"{where or 'a conversation'}: the chat template of tokenizer "
+                                f"{tokenizer_name(tokenizer)} fails on it: {msg}") from None
     if not isinstance(text, str):
         raise ChatTemplateError(f"tokenizer {tokenizer_name(tokenizer)}: apply_chat_template(tokenize=False) "
                                 f"returned {type(text).__name__}, not a string")
@@ -264,14 +272,15 @@ def tokenise_conversation(tokenizer: Any, conv: Conversation | Sequence[dict],
         conv = Conversation(msgs, tuple(i for i, m in enumerate(msgs) if m["role"] == "assistant"))
     eot = set(special_ids(tokenizer) if eot_ids is None else (int(i) for i in eot_ids))
     msgs = list(conv.messages)
-    full = _render(tokenizer, msgs, False)
+    where = f"{conv.file}:{conv.line}" if conv.file else ""
+    full = _render(tokenizer, msgs, False, where)
     ids, offsets = _encode_offsets(tokenizer, full)
     mask = [False] * len(ids)
     for i in conv.trained:
-        turn = _render(tokenizer, msgs[: i + 1], False)
-        before = _render(tokenizer, msgs[:i], True) if i else ""
-        if i == 0 or before == _render(tokenizer, msgs[:i], False):  # the template ignores add_generation_prompt
-            before = _render(tokenizer, msgs[:i] + [{"role": "assistant", "content": ""}], False)
+        turn = _render(tokenizer, msgs[: i + 1], False, where)
+        before = _render(tokenizer, msgs[:i], True, where) if i else ""
+        if i == 0 or before == _render(tokenizer, msgs[:i], False, where):  # the template ignores the generation prompt
+            before = _render(tokenizer, msgs[:i] + [{"role": "assistant", "content": ""}], False, where)
             probe = True
         else:
             probe = False
@@ -288,9 +297,9 @@ def tokenise_conversation(tokenizer: Any, conv: Conversation | Sequence[dict],
             if end < len(upto) and end < len(ids):
                 end += 1  # the turn's last token merged with what follows it: it still carries the turn's end
         if end <= start:
-            where = f" ({conv.file}:{conv.line})" if conv.file else ""
+            at = f" ({where})" if where else ""
             raise ChatTemplateError(f"tokenizer {tokenizer_name(tokenizer)}: the chat template renders assistant turn "
-                                    f"{i}{where} so that its tokens cannot be told from the rest of the conversation")
+                                    f"{i}{at} so that its tokens cannot be told from the rest of the conversation")
         stop = next((j + 1 for j in range(start, end) if ids[j] in eot), end)
         for j in range(start, stop):
             mask[j] = True

@@ -263,7 +263,8 @@ def build_chat_kit(out: str | Path, seed: int = 0, spec: ChatKitSpec | None = No
         sort_keys=False))
     tok = chat_tokenizer(2 * spec.seq_len)
     tok.save_pretrained(root / "tokenizer")
-    info: dict[str, Any] = {"format": CHAT_KIT_FORMAT, "seed": seed, "spec": asdict(spec), "domains": list(CHAT_DOMAINS),
+    info: dict[str, Any] = {"format": CHAT_KIT_FORMAT, "seed": seed, "spec": asdict(spec),
+                            "domains": list(CHAT_DOMAINS),
                             "task": {"check": "exact", "field": "answer"}, "vocab_size": len(tok)}
     if train:
         convs = [Conversation(tuple(r["messages"]), (1,)) for d in CHAT_DOMAINS for r in data[d][0]]

@@ -259,3 +259,22 @@ def test_masks_on_the_chat_kits_tokenizer():
     from ddk.kit.chat import CHAT_TEMPLATE, chat_tokenizer
 
     check_template(chat_tokenizer(256), CHAT_TEMPLATE, "<|im_start|>assistant\n", "<|im_end|>")
+
+
+def test_a_template_that_fails_names_the_row(tok, tmp_path):
+    # Llama-2-style rule: roles must alternate user/assistant (the template raises)
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                         "{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}")
+    path = write_jsonl(tmp_path / "alt.jsonl", [OK, {"messages": [
+        {"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    convs = list(read_conversations(path))
+    assert tokenise_conversation(tok, convs[0]).n_labels == 2  # "a" and </s>
+    with pytest.raises(ChatTemplateError, match=rf"^{path}:2: the chat template of tokenizer .* roles must alternate"):
+        tokenise_conversation(tok, convs[1])
+
+
+def test_an_empty_answer_labels_the_end_of_turn(tok):
+    tok.chat_template = CHATML
+    t = tokenise_conversation(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}])
+    assert [tok.decode([i]) for i, m in zip(t.input_ids, t.assistant_mask) if m] == ["<|im_end|>"]

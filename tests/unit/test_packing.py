@@ -48,7 +48,8 @@ def test_block_causal_by_hand():
 
     f = attention_mask_4d(np.array([[1, 1, 2, 2, 0]]), torch.float32)
     assert f.shape == (1, 1, 5, 5) and f.dtype == torch.float32
-    assert ((f == 0).numpy()[0, 0] == want).all() and (f[0, 0][~torch.from_numpy(want)] == torch.finfo(torch.float32).min).all()
+    assert ((f == 0).numpy()[0, 0] == want).all()
+    assert (f[0, 0][~torch.from_numpy(want)] == torch.finfo(torch.float32).min).all()
     b = attention_mask_4d(torch.tensor([1, 1, 2, 2, 0]))
     assert b.dtype == torch.bool and (b.numpy()[0, 0] == want).all()
 
