@@ -426,3 +426,30 @@ def test_same_tokenizer_per_byte_gap_and_domain_ranking():
     assert rank(per_token) == ["code", "web", "math"]
     assert rank(rescaled) == rank(per_token)
     assert rank(per_byte) == ["web", "code", "math"]  # the plain per-byte gap reorders code and web
+
+
+def test_the_worked_example_of_the_architecture_page(pair):
+    """docs/architecture.md, "Cross-tokenizer alignment": group " café"'s predecessor, group 0 ("naïve"): the
+    teacher after "ïve" says ▁caf 0.6, ▁c 0.2, ▁ 0.1 (tail 0.1); the student after "ve" says Ġc 0.5, Ġ 0.1, and on
+    its non-shared tokens afÃ© 0.05, ve 0.03, na 0.02, naÃ¯ ~0; the other 0.3 spread over its other shared tokens.
+    By hand: match = 0.2 ln(0.2/0.5) + 0.7 ln(0.7/0.4) = 0.208473, ULD = |0.05-0.6| + 0.03 + 0.02 = 0.6,
+    weights 263/276 and 13/276: 0.226914."""
+    S, T = pair
+    sv, tv = S.get_vocab(), T.get_vocab()
+    shared = shared_vocab(sv, "byte_level", tv, "sentencepiece", SPECIAL, SPECIAL)
+    V_S, V_T = len(sv), len(tv)
+    s_mask = shared.student_mask(V_S)
+    assert sorted(p for p, i in sv.items() if not s_mask[i]) == sorted(["naÃ¯", "na", "ve", "afÃ©"])
+    q = np.zeros(V_S)
+    q[[sv["Ġc"], sv["Ġ"], sv["afÃ©"], sv["ve"], sv["na"], sv["naÃ¯"]]] = [0.5, 0.1, 0.05, 0.03, 0.02, 1e-9]
+    rest = s_mask.copy()
+    rest[[sv["Ġc"], sv["Ġ"]]] = False
+    q[rest] = (1.0 - q.sum()) / rest.sum()
+    logits = torch.tensor(np.log(q), dtype=torch.float32).view(1, 1, V_S)
+    t_ids = torch.tensor([[tv["▁caf"], tv["▁c"], tv["▁"]]])
+    t_lp = torch.tensor([[0.6, 0.2, 0.1]]).log()
+    _, parts = xtok_distill_loss(logits, torch.tensor([[-100]]), torch.tensor([0]), t_ids, t_lp,
+                                 torch.from_numpy(shared.teacher_to_student(V_T)), torch.from_numpy(s_mask), 1.0)
+    assert parts["match"].item() == pytest.approx(0.2 * math.log(0.2 / 0.5) + 0.7 * math.log(0.7 / 0.4), abs=1e-5)
+    assert parts["uld"].item() == pytest.approx(0.6, abs=1e-5)
+    assert parts["kl"].item() == pytest.approx(263 / 276 * 0.208473 + 13 / 276 * 0.6, abs=1e-5)
