@@ -177,7 +177,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--seq-len", type=IntRange(2), default=None,
                    help="tokens per sequence (default: data.seq_len of a train config given as --data, else 128)")
     p.add_argument("--sequences", type=argtypes.positive, default=None,
-                   help="validation sequences per domain (default: eval.sequences_per_domain of a train config, else 32)")
+                   help="whole-document windows per domain (default: the eval section of a train config, else 32)")
     p.add_argument("--batch-size", type=argtypes.positive, default=16, help="sequences per forward pass (default 16)")
     p.set_defaults(func=_lazy("ddk.trainer.evaluate:main"))
 

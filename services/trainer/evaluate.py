@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from ddk.data.evalset import (PARTS, EvalSet, coverage, evaluation_set, evaluati
                               log_ratio_se, per_document, sets_fingerprint, validation_windows)
 
 log = logging.getLogger(__name__)
+
 
 def shard_of(blocks, rank: int, world_size: int):
     """Rank ``rank``'s contiguous part of ``blocks`` (an array or an :class:`EvalSet`) when ``world_size`` ranks
@@ -159,7 +160,6 @@ class DomainResult:
     tokens: int
     kl: float = 0.0
     topk_mass: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def summarize(es: EvalSet, sums: dict[str, np.ndarray], teacher_nll: np.ndarray | None) -> DomainResult:
