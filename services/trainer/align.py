@@ -271,8 +271,7 @@ def align_groups(student_spans: np.ndarray, teacher_spans: np.ndarray) -> Groups
     s_start = np.concatenate([np.zeros(1, dtype=np.int64), s_end[:-1]])
     t_start = np.concatenate([np.zeros(1, dtype=np.int64), t_end[:-1]])
     b_start = np.concatenate([np.zeros(1, dtype=np.int64), common[:-1]])
-    return Groups(s_start[: len(common)], s_end, t_start[: len(common)], t_end, b_start[: len(common)],
-                  common.astype(np.int64))
+    return Groups(s_start, s_end, t_start, t_end, b_start, common.astype(np.int64))
 
 
 def compared_positions(groups: Groups, student_labelled: np.ndarray | None = None,
@@ -281,8 +280,8 @@ def compared_positions(groups: Groups, student_labelled: np.ndarray | None = Non
     compared, and the last token of each side there (its next-token distribution is the one compared).
 
     ``student_labelled[i]``: the student's position i has a label (a next token in the block, label != -100);
-    ``teacher_scored[j]``: the teacher's answer has a top-k at its position j. Default: every position but each
-    side's last (whose next token lies beyond the text).
+    ``teacher_scored[j]``: the teacher's answer has a top-k at its position j. Default (for a text both sides read
+    to its end): every position but each side's last aligned one, whose next token lies beyond the text.
     """
     s_last = groups.student_end - 1
     t_last = groups.teacher_end - 1

@@ -16,7 +16,9 @@ served top-k instead of full logits):
 (b) **ULD** (``parts["uld"]``; Boizard et al. 2024): the L1 distance between the sorted probabilities of what is
     not shared: the teacher's top-k probabilities at its unmapped ids (mapped entries set to 0, sorted
     descending, so the vector is zero-padded to k) and the student's k largest probabilities over its
-    non-shared ids (sorted, zero-padded to k when it has fewer). 0 when the two sorted vectors are equal.
+    non-shared ids (sorted, zero-padded to k when it has fewer). 0 when the two sorted vectors are equal. Both
+    sides at temperature T: the student's ``softmax(z / T)``, the teacher's k + 1 buckets at T as ``loss.py``
+    takes them (:func:`teacher_probs_at`).
 
 The weights are GOLD's: ``kd = w_match * match + w_uld * uld`` with, by default, GOLD's adaptive weights
 ``w_match = |shared| / V_teacher`` (the share of the teacher's vocabulary with a counterpart) and

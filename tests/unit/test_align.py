@@ -429,8 +429,7 @@ def test_same_tokenizer_per_byte_gap_and_domain_ranking():
 
 
 def test_the_worked_example_of_the_architecture_page(pair):
-    """docs/architecture.md, "Cross-tokenizer alignment": group " café"'s predecessor, group 0 ("naïve"): the
-    teacher after "ïve" says ▁caf 0.6, ▁c 0.2, ▁ 0.1 (tail 0.1); the student after "ve" says Ġc 0.5, Ġ 0.1, and on
+    """docs/architecture.md, "Cross-tokenizer alignment", the first group ("naïve"): the teacher after "ïve" says ▁caf 0.6, ▁c 0.2, ▁ 0.1 (tail 0.1); the student after "ve" says Ġc 0.5, Ġ 0.1, and on
     its non-shared tokens afÃ© 0.05, ve 0.03, na 0.02, naÃ¯ ~0; the other 0.3 spread over its other shared tokens.
     By hand: match = 0.2 ln(0.2/0.5) + 0.7 ln(0.7/0.4) = 0.208473, ULD = |0.05-0.6| + 0.03 + 0.02 = 0.6,
     weights 263/276 and 13/276: 0.226914."""
