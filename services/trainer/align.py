@@ -268,9 +268,10 @@ def align_groups(student_spans: np.ndarray, teacher_spans: np.ndarray) -> Groups
     t_last = np.flatnonzero(t_nonempty)[np.searchsorted(t_ends, common)]
     s_end = s_last + 1
     t_end = t_last + 1
-    s_start = np.concatenate([np.zeros(1, dtype=np.int64), s_end[:-1]])
-    t_start = np.concatenate([np.zeros(1, dtype=np.int64), t_end[:-1]])
-    b_start = np.concatenate([np.zeros(1, dtype=np.int64), common[:-1]])
+    zero = np.zeros(1, dtype=np.int64)
+    s_start = np.concatenate([zero, s_end])[:-1]  # each group starts where the previous one ended
+    t_start = np.concatenate([zero, t_end])[:-1]
+    b_start = np.concatenate([zero, common])[:-1]
     return Groups(s_start, s_end, t_start, t_end, b_start, common.astype(np.int64))
 
 

@@ -235,6 +235,10 @@ def test_a_longer_teacher_text_aligns_up_to_the_last_common_boundary():
     # the teacher read "ab cd" (0-2, 2-5), the student only "ab c" (0-1, 1-2, 2-4): groups up to byte 2
     groups = align_groups(np.array([[0, 1], [1, 2], [2, 4]]), np.array([[0, 2], [2, 5]]))
     assert groups.as_tuples() == [((0, 2), (0, 1), (0, 2))]
+    # no common boundary at all: no group, nothing compared
+    none = align_groups(np.array([[0, 3]]), np.array([[0, 2], [2, 4]]))
+    assert len(none) == 0 and none.as_tuples() == []
+    assert compared_positions(none)[0].tolist() == []
 
 
 def test_kit_tokenizer_groups_cover_the_same_bytes(kit, pair):
