@@ -354,3 +354,11 @@ def test_cache_keeps_validation_documents(tmp_path, with_val_file):
     assert es.documents == 8 and all(es.lengths <= 17)
     reopened = prepare_domains([spec], tok, 16, tmp_path / "cache", workers=1)["a"]
     assert (reopened.val_docs["keys"] == dom.val_docs["keys"]).all()  # the same set after a reopen (resume)
+
+
+def test_token_budget_replaces_the_window_count():
+    docs = [[3] * 50, [4] * 5, [5] * 70, [6] * 20, [7] * 33]
+    dom = make_domain(docs, 17)
+    es = evaluation_set(dom, sequences=2, tokens=40)  # tokens_per_domain wins over sequences_per_domain
+    assert es.predictions >= 40 and es.predictions - (es.lengths[-1] - 1) < 40
+    assert len(es) > 2
