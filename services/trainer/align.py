@@ -109,7 +109,8 @@ def piece_scheme(decoder: dict | None) -> str:
 
 def char_to_byte_table(text: str) -> np.ndarray:
     """``table[i]`` = the UTF-8 byte offset of character i (``table[len(text)]`` = the text's byte length)."""
-    lengths = np.fromiter((len(ch.encode("utf-8")) for ch in text), dtype=np.int64, count=len(text))
+    cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # code points (a lone surrogate raises)
+    lengths = 1 + (cp >= 0x80).astype(np.int64) + (cp >= 0x800) + (cp >= 0x10000)  # UTF-8 bytes per character
     return np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(lengths)])
 
 
@@ -162,36 +163,29 @@ def byte_spans(text: str, offsets: Sequence[Sequence[int]], pieces: Sequence[str
             ends = np.cumsum([len(d) for d in decoded], dtype=np.int64)
             spans = np.stack([ends - np.array([len(d) for d in decoded], dtype=np.int64), ends], axis=1)
             spans = spans.reshape(n, 2)
-            for i in np.flatnonzero(~is_special):
-                s, e = spans[i]
-                rs, re_ = raw[i]
-                if not (s <= re_ and rs <= e):
-                    raise ValueError(f"token {i} ({pieces[i]!r}): piece bytes [{s}, {e}) do not touch its offsets "
-                                     f"[{rs}, {re_}) in the text")
+            apart = ~is_special & ((spans[:, 0] > raw[:, 1]) | (raw[:, 0] > spans[:, 1]))
+            if apart.any():
+                i = int(np.flatnonzero(apart)[0])
+                raise ValueError(f"token {i} ({pieces[i]!r}): piece bytes [{spans[i, 0]}, {spans[i, 1]}) do not "
+                                 f"touch its offsets [{raw[i, 0]}, {raw[i, 1]}) in the text")
             return spans
     spans = np.zeros((n, 2), dtype=np.int64)
-    cursor = 0
     regular = np.flatnonzero(~is_special)
-    for rank, i in enumerate(regular):
-        end = int(raw[i, 1])
-        nxt = regular[rank + 1] if rank + 1 < len(regular) else None
-        if nxt is not None and raw[nxt, 0] < end:
-            end = cursor  # shares a character with the next token: no boundary here
-        end = max(end, cursor)
-        spans[i] = (cursor, end)
-        cursor = end
     if len(regular):
-        if cursor > n_bytes:
+        r = raw[regular]
+        ends = r[:, 1].copy()
+        ends[:-1][r[1:, 0] < r[:-1, 1]] = 0  # shares a character with the next token: no boundary here
+        ends = np.maximum.accumulate(ends)     # from the cursor (the previous end) on: gaps go to the next token
+        if ends[-1] > n_bytes:
             raise ValueError("offsets run past the text")
-        spans[regular[-1], 1] = n_bytes  # a trailing gap goes to the last token
-        cursor = n_bytes
-    # specials: an empty span at the cursor where they stand
-    cursor = 0
-    for i in range(n):
-        if is_special[i]:
-            spans[i] = (cursor, cursor)
-        else:
-            cursor = int(spans[i, 1])
+        ends[-1] = n_bytes                     # a trailing gap goes to the last token
+        spans[regular, 1] = ends
+        spans[regular, 0] = np.concatenate([np.zeros(1, dtype=np.int64), ends[:-1]])
+    # specials: an empty span at the cursor where they stand (the end of the regular token before, or 0)
+    special_idx = np.flatnonzero(is_special)
+    if len(special_idx):
+        before = np.searchsorted(regular, special_idx) - 1
+        spans[special_idx, 0] = spans[special_idx, 1] = np.where(before >= 0, spans[regular[before], 1], 0)
     return spans
 
 
@@ -210,6 +204,28 @@ def spans_from_pieces(pieces: Sequence[str], scheme: str, special: Sequence[int 
         lengths.append(len(b))
     ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
     return np.stack([ends - np.asarray(lengths, dtype=np.int64), ends], axis=1).reshape(-1, 2)
+
+
+def vocab_byte_lengths(vocab: dict[str, int], scheme: str, special: Iterable[str] = ()) -> np.ndarray:
+    """``[V]`` int64: the byte length of each id's piece (0 for ``special`` pieces, -1 for pieces that stand for
+    no bytes), V = the largest id + 1. A lookup table for :func:`spans_from_ids`."""
+    special = set(special)
+    out = np.full(max(vocab.values(), default=-1) + 1, -1, dtype=np.int64)
+    for piece, i in vocab.items():
+        b = b"" if piece in special else piece_bytes(piece, scheme)
+        if b is not None:
+            out[int(i)] = len(b)
+    return out
+
+
+def spans_from_ids(ids: Sequence[int] | np.ndarray, byte_lengths: np.ndarray) -> np.ndarray:
+    """:func:`spans_from_pieces` from token ids and a :func:`vocab_byte_lengths` table, vectorised (the student's
+    cached blocks). ValueError for an id whose piece stands for no bytes."""
+    lengths = np.asarray(byte_lengths, dtype=np.int64)[np.asarray(ids, dtype=np.int64).reshape(-1)]
+    if (lengths < 0).any():
+        raise ValueError(f"token id {int(np.asarray(ids).reshape(-1)[np.argmax(lengths < 0)])} stands for no bytes")
+    ends = np.cumsum(lengths)
+    return np.stack([ends - lengths, ends], axis=1)
 
 
 def check_tiling(spans: np.ndarray, n_bytes: int | None = None) -> None:

@@ -23,7 +23,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from ddk.trainer.align import (align_groups, bits_per_byte, byte_level_table, byte_spans, char_to_byte_offsets,
                                check_tiling, compared_positions, log_ratio_per_byte, log_ratio_per_student_token,
-                               piece_bytes, piece_scheme, shared_vocab, spans_from_pieces)
+                               piece_bytes, piece_scheme, shared_vocab, spans_from_ids, spans_from_pieces,
+                               vocab_byte_lengths)
 from ddk.trainer.loss import LOSSES, distill_loss
 from ddk.trainer.xtok_loss import (gold_weights, identity_positions, uld_sorted_l1, xtok_distill_loss,
                                    xtok_terms, divergence_fn)
@@ -218,6 +219,17 @@ def test_special_tokens_have_empty_spans_and_join_the_next_group(pair):
                                       ((4, 5), (3, 4), (4, 5))]
     finally:
         S.post_processor = None
+
+
+def test_spans_from_ids_of_the_student_tokens(pair):
+    S, _ = pair
+    table = vocab_byte_lengths(S.get_vocab(), "byte_level", SPECIAL)
+    assert table[S.token_to_id("naÃ¯")] == 4 and table[S.token_to_id("<s>")] == 0 and (table >= 0).all()
+    ids = [S.token_to_id("<s>")] + S.encode(TEXT, add_special_tokens=False).ids
+    assert spans_from_ids(ids, table).tolist() == [[0, 0], [0, 4], [4, 6], [6, 8], [8, 12], [12, 13], [13, 14],
+                                                   [14, 15], [15, 16]]
+    with pytest.raises(ValueError, match="stands for no bytes"):
+        spans_from_ids([1], np.array([0, -1]))
 
 
 def test_spans_from_pieces_and_tiling_checks():
