@@ -231,11 +231,12 @@ def spans_from_ids(ids: Sequence[int] | np.ndarray, byte_lengths: np.ndarray) ->
 def check_tiling(spans: np.ndarray, n_bytes: int | None = None) -> None:
     """ValueError unless ``spans`` tile ``[0, n_bytes)`` (module docstring); ``n_bytes=None``: their own end."""
     spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-    cursor = 0
-    for i, (s, e) in enumerate(spans.tolist()):
-        if e < s or s != cursor:
-            raise ValueError(f"span {i} [{s}, {e}) does not continue at byte {cursor}")
-        cursor = e
+    expected = np.concatenate([np.zeros(1, dtype=np.int64), spans[:-1, 1]])  # each starts where the last ended
+    bad = (spans[:, 0] != expected) | (spans[:, 1] < spans[:, 0])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"span {i} [{spans[i, 0]}, {spans[i, 1]}) does not continue at byte {expected[i]}")
+    cursor = int(spans[-1, 1]) if len(spans) else 0
     if n_bytes is not None and cursor != n_bytes:
         raise ValueError(f"spans end at byte {cursor}, the text has {n_bytes}")
 
