@@ -6,7 +6,10 @@ both produce 16 x 64 tokens). tokens/s = 16 x 64 / seconds of one call (prefill 
 ``--reps`` calls). The ``hf`` side is ``ddk.trainer.rollout.HFRollout`` itself (it also
 gathers each sampled token's log-probability); the vLLM side asks for the same (``logprobs=0``: the sampled
 token's log-probability). Also reported: vLLM's start time, and how many of the 16 greedy (temperature 0)
-completions of 16 tokens agree token for token between the two engines (same weights). hf runs once per
+completions of 16 tokens agree token for token between the two engines (same weights), and again after a
+weight sync: the hf student's weights are perturbed, saved as safetensors and loaded into the running vLLM engine
+with ``collective_rpc("reload_weights", weights_path=...)`` (vLLM's NCCL / CUDA-IPC weight-transfer backends do
+not exist on CPU). hf runs once per
 ``--threads`` value (torch threads): on a 2-core VM shared with other jobs, 2 OpenMP threads spin against the
 other processes and run several times slower than 1; the ratio uses the fastest hf thread count. The engines
 run interleaved (one call of each per round, ``--reps`` rounds after a warm-up round) and the ratio is the median
@@ -56,7 +59,7 @@ def hf_engine(student: Path, new: int):
     def greedy(prompts):
         return [r.completion_ids for r in HFRollout(seed=0, max_new_tokens=16, temperature=0.0).generate(model, prompts)]
 
-    return call, greedy
+    return call, greedy, model
 
 
 def vllm_engine(student: Path, new: int):
@@ -80,7 +83,33 @@ def vllm_engine(student: Path, new: int):
                             SamplingParams(max_tokens=16, temperature=0.0, detokenize=False), use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
-    return call, greedy, start
+    def sync(folder: str) -> None:  # the trainer's weights, written as safetensors, loaded in place
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
+
+    return call, greedy, start, sync
+
+
+def sync_check(model, hf_greedy, v_greedy, v_sync, prompts) -> dict:
+    """Change the hf student's weights (as a training step would), sync them into vLLM, compare greedy rows."""
+    import tempfile
+
+    import torch
+
+    before = v_greedy(prompts)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    want = hf_greedy(prompts)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        model.save_pretrained(d, safe_serialization=True)
+        t1 = time.perf_counter()
+        v_sync(d)
+        t2 = time.perf_counter()
+    got = v_greedy(prompts)
+    return {"save_seconds": t1 - t0, "reload_seconds": t2 - t1, "rows": len(prompts),
+            "vllm_changed": sum(a != b for a, b in zip(before, got)), "agree": sum(a == b for a, b in zip(want, got))}
 
 
 def timed(fn) -> float:
@@ -106,11 +135,11 @@ def main() -> int:
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {args.new_tokens} new tokens each", flush=True)
     doc = {"prompts": len(prompts), "new_tokens": args.new_tokens, "reps": args.reps,
            "load_start": os.getloadavg()[0]}
-    hf_call, hf_greedy = hf_engine(kit / "student", args.new_tokens)
+    hf_call, hf_greedy, hf_model = hf_engine(kit / "student", args.new_tokens)
     engines = {f"hf-{t}": (lambda t=t: hf_call(prompts, t)) for t in args.threads}
     if not args.no_vllm:
         try:
-            v_call, v_greedy, doc["vllm_start_seconds"] = vllm_engine(kit / "student", args.new_tokens)
+            v_call, v_greedy, doc["vllm_start_seconds"], v_sync = vllm_engine(kit / "student", args.new_tokens)
         except Exception as e:  # report why, do not hide it
             doc["vllm_error"] = f"{type(e).__name__}: {e}"
             print(f"vLLM could not run: {doc['vllm_error']}", flush=True)
@@ -139,6 +168,11 @@ def main() -> int:
         print(f"vLLM / {best} = {doc['ratio']:.2f} (median of the per-round ratios "
               f"{', '.join(f'{x:.2f}' for x in per_rep)}; target >= 2); greedy 16-token completions identical "
               f"in {same} of {len(prompts)} rows", flush=True)
+        doc["sync"] = sc = sync_check(hf_model, hf_greedy, v_greedy, v_sync, prompts)
+        print(f"weight sync (hf weights perturbed, saved as safetensors, collective_rpc('reload_weights')): save "
+              f"{sc['save_seconds']:.2f} s, reload {sc['reload_seconds']:.2f} s; vLLM's greedy rows changed "
+              f"{sc['vllm_changed']} of {sc['rows']}, equal to hf greedy on the new weights in {sc['agree']} of "
+              f"{sc['rows']}", flush=True)
     doc["load_end"] = os.getloadavg()[0]
     print(f"load average at end: {doc['load_end']:.2f}", flush=True)
     if args.json:
