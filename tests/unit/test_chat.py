@@ -243,6 +243,12 @@ def test_gzip_and_parquet_rows(tmp_path):
     with gzip.open(gz, "wt", encoding="utf-8") as fh:
         fh.write(json.dumps(OK) + "\n\n" + json.dumps(OK) + "\n")
     assert [c.line for c in read_conversations(gz)] == [1, 3]
+    zstandard = pytest.importorskip("zstandard")
+    zst = tmp_path / "c.jsonl.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress((json.dumps(OK) + "\n" + json.dumps({"x": 1}) + "\n").encode()))
+    with pytest.raises(ChatRowError) as err:
+        list(read_conversations(zst))
+    assert (err.value.file, err.value.line, err.value.field) == (str(zst), 2, "messages")
     rows = [{"prompt": "q1", "completion": "a1"}, {"prompt": "q2", "completion": "a2"},
             {"prompt": "q3", "completion": None}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
