@@ -284,3 +284,30 @@ def test_an_empty_answer_labels_the_end_of_turn(tok):
     tok.chat_template = CHATML
     t = tokenise_conversation(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}])
     assert [tok.decode([i]) for i, m in zip(t.input_ids, t.assistant_mask) if m] == ["<|im_end|>"]
+
+
+def random_conversation(rng) -> list[dict]:
+    def text():
+        while True:
+            s = "".join(rng.choice("ab xy 12 9\n.?:") for _ in range(rng.randint(1, 14))).strip()
+            if s:
+                return s
+    msgs = [{"role": "system", "content": text()}] if rng.random() < 0.5 else []
+    for _ in range(rng.randint(1, 3)):
+        msgs += [{"role": "user", "content": text()}, {"role": "assistant", "content": text()}]
+    return msgs
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_masks_of_random_conversations(tok, name):
+    """Seeded random contents (spaces, digits, newlines, punctuation next to the headers) against the reference."""
+    import random
+
+    template, head, eot = TEMPLATES[name]
+    tok.chat_template = template
+    rng = random.Random(27)
+    for _ in range(25):
+        msgs = random_conversation(rng)
+        text = tok.apply_chat_template(msgs, tokenize=False)
+        trained = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        assert tokenise_conversation(tok, msgs).assistant_mask == reference_mask(tok, text, msgs, trained, head, eot), msgs
