@@ -329,6 +329,7 @@ def _build(root: Path, gguf: Path, spec: RealSpec, seed: int) -> dict:
     phase("teacher_eval")
 
     student, pruning = cut_student(teacher, blocks(train_ids, spec.seq_len, spec.calib_blocks), spec)
+    tcfg, teacher_params = teacher.config, _params(teacher)
     del teacher
     pruned_loss = domain_losses(student, val_ids, spec.seq_len, spec.eval_blocks)
     log.info("pruned student: %s", {d: round(v, 3) for d, v in pruned_loss.items()})
@@ -351,7 +352,8 @@ def _build(root: Path, gguf: Path, spec: RealSpec, seed: int) -> dict:
                    "license": LICENSE},
         "domains": corpus.domains, "seq_len": spec.seq_len, "vocab_size": len(tokenizer),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "teacher": {"path": "teacher", "params": 134_515_008, "layers": 30, "hidden": 576, "ffn": 1536},
+        "teacher": {"path": "teacher", "params": teacher_params, "layers": tcfg.num_hidden_layers,
+                    "hidden": tcfg.hidden_size, "ffn": tcfg.intermediate_size},
         "student": {"path": "student", "params": _params(student), "layers": cfg.num_hidden_layers,
                     "hidden": cfg.hidden_size, "ffn": cfg.intermediate_size, **pruning,
                     "heal_steps": spec.heal_steps},
@@ -391,14 +393,10 @@ def build_real_kit(out, seed: int = 0, force: bool = False, gguf: str | Path | N
 
     out = Path(out).expanduser().absolute()
     _check_out(out)
-    if gguf is None:
-        ensure_installed([(MODULE, f"{PACKAGE}=={VERSION}"), GGUF_READER])
-        path = package_file(MODULE, GGUF_NAME)
-    else:
-        ensure_installed([GGUF_READER])
-        path = Path(gguf).expanduser().absolute()
-        if not path.is_file():
-            raise UsageError(f"--gguf {path}: no such file")
+    if gguf is not None:
+        gguf = Path(gguf).expanduser().absolute()
+        if not gguf.is_file():
+            raise UsageError(f"--gguf {gguf}: no such file")
     with _lock(out):
         info = read_finished_kit(out)
         if info is not None and not force:
@@ -409,6 +407,13 @@ def build_real_kit(out, seed: int = 0, force: bool = False, gguf: str | Path | N
             raise UsageError(f"--out {out} holds a kit built with other settings "
                              f"({'real' if info.get('real') else 'quick' if info.get('quick') else 'default'}, "
                              f"seed {info.get('seed')}); pass --force to rebuild or choose another directory")
+        # only a kit still to build needs the packages (a finished one is reused without them)
+        if gguf is None:
+            ensure_installed([(MODULE, f"{PACKAGE}=={VERSION}"), GGUF_READER])
+            path = package_file(MODULE, GGUF_NAME)
+        else:
+            ensure_installed([GGUF_READER])
+            path = gguf
         verify_sha256(path, GGUF_SHA256)
         for stale in out.parent.glob(f"{out.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
