@@ -252,3 +252,20 @@ def test_four_steps_on_the_real_kit_export_a_student_that_generates(real_kit, tm
     generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     text = tok.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert generated.shape[1] > prompt["input_ids"].shape[1] and text.strip(), text
+
+
+@pytest.mark.slow
+def test_cli_reuses_the_finished_real_kit_and_prints_its_table(real_kit):
+    import time
+
+    started = time.monotonic()
+    done = subprocess.run([*DDK, "fixtures", "--real", "--out", str(real_kit)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 60  # reused: no conversion, no healing
+    info = json.loads((real_kit / "kit.json").read_text())
+    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] and line.split()[0] in info["domains"]]
+    assert {r[0]: float(r[3]) for r in rows} == pytest.approx({d: info["ratio"][d] for d in info["domains"]}, abs=5e-4)
+    # the ratio column is student PPL / teacher PPL as printed (the definition, to the printed digits)
+    for r in rows:
+        assert float(r[3]) == pytest.approx(float(r[2]) / float(r[1]), rel=2e-3)
