@@ -16,8 +16,6 @@ from ddk.data.chat import (IGNORE_INDEX, ChatRowError, ChatTemplateError, Conver
 from ddk.data.chat_files import read_conversations, read_rows
 from ddk.errors import UsageError
 
-REPO = Path(__file__).resolve().parents[2]
-REAL_TEACHER = REPO / ".cache" / "kit-real" / "teacher"
 
 # a small template written for this test: no generation prompt, no special header tokens, EOS ends a reply and a
 # newline (not a label) follows it
@@ -101,12 +99,11 @@ def test_masks_match_the_hand_reference(tok, name):
     check_template(tok, template, head, eot)
 
 
-def test_masks_on_the_real_kits_tokenizer_chatml():
-    if not (REAL_TEACHER / "tokenizer.json").exists():
-        pytest.skip(f"the real kit is not built here ({REAL_TEACHER}); `ddk fixtures --real` builds it")
+def test_masks_on_the_real_kits_tokenizer_chatml(real_kit):
     from transformers import AutoTokenizer
 
-    check_template(AutoTokenizer.from_pretrained(str(REAL_TEACHER)), CHATML, "<|im_start|>assistant\n", "<|im_end|>")
+    check_template(AutoTokenizer.from_pretrained(str(real_kit / "teacher")), CHATML, "<|im_start|>assistant\n",
+                   "<|im_end|>")
 
 
 class NoOffsets:
