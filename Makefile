@@ -9,7 +9,7 @@ demo: setup
 
 test:
 	bash scripts/setup.sh --test
-	.venv/bin/python -m pytest -q --durations=20 -n 3 --dist loadfile
+	.venv/bin/python -m pytest -q --durations=20 -n 2 --dist loadfile
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow"

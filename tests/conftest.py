@@ -86,18 +86,3 @@ def controller_url(server_logs) -> str:
                  log_path=server_logs / "controller.log", timeout=60) as (url, _):
         yield url
 
-
-# ------------------------------------------------------------------------------------------------------------
-# Longest test files first. `make test` runs `pytest -n 3 --dist loadfile`: each file runs whole on one worker,
-# files handed out in collection order, so a long file collected late ends long after the rest. These took
-# 50-330 s each in the clean-clone run of 2026-12-06; every other file keeps its order behind them.
-LONGEST_FIRST = ("e2e/test_train_ray.py", "e2e/test_chaos.py", "e2e/test_ray_job.py", "e2e/test_demo.py",
-                 "unit/test_real_kit.py", "unit/test_gpu_dryrun.py", "service/test_teacher_vllm.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item) -> int:
-        path = item.nodeid.split("::", 1)[0]
-        return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith(name)), len(LONGEST_FIRST))
-
-    items.sort(key=rank)  # a stable sort: the tests of one file stay in their order
