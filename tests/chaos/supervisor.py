@@ -109,20 +109,6 @@ def train_sets(args, cl: Cluster, run_id: str, out: Path) -> list[str]:
     return out_args
 
 
-def train_sets(args, cl: Cluster, run_id: str, out: Path) -> list[str]:
-    sets = {"run_id": run_id, "output_dir": str(out), "controller.url": cl.controller.child.url,
-            "teacher.urls": "[" + ",".join(t.child.url for t in cl.teachers) + "]",
-            "train.steps": args.steps, "train.batch_size": args.batch_size, "train.lr": "2e-3",
-            "mixture.interval_steps": args.interval, "mixture.alpha": ALPHA, "checkpoint.every_steps": args.every,
-            "checkpoint.keep": 2, "ray.num_workers": 2, "ray.address": f"127.0.0.1:{cl.gcs}",
-            "ray.max_failures": 2 * args.faults + 5, "eval.sequences_per_domain": 4, "seed": args.seed,
-            "data.cache_dir": str(cl.kit.parent / "token-cache")}
-    out_args = []
-    for k, v in sets.items():
-        out_args += ["--set", f"{k}={v}"]
-    return out_args
-
-
 class Supervisor:
     """Start the driver, fire ``faults``, restart what dies, until the driver exits 0 (or the deadline):
     :meth:`run` polls every ``POLL_S`` seconds; each poll is :meth:`tick`."""
