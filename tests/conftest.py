@@ -14,21 +14,23 @@ set_process_defaults()  # as `ddk` does at start: the tests' own torch work and 
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The code a kit's contents depend on: a change to any of these files builds the test kits anew.
-KIT_CODE = sorted((REPO / "services" / "kit").glob("*.py")) + [
-    REPO / "services" / p for p in ("fingerprint.py", "vocab.py", "trainer/optim.py", "trainer/evaluate.py")]
+# The code each kit's contents depend on: a change to one of its files builds that kit anew (and only that kit).
+KIT_CODE = {"quick": ["kit/__init__.py", "kit/fixtures.py", "kit/corpus.py", "fingerprint.py", "vocab.py",
+                      "trainer/optim.py", "trainer/evaluate.py"]}
+KIT_CODE["real"] = KIT_CODE["quick"] + ["kit/real.py", "kit/prune.py"]
 
 
-def kit_cache() -> Path:
-    """Where the test kits live: a per-machine cache keyed by the kit builder's code (DDK_TEST_KIT_CACHE, default
-    ~/.cache/ddk/test-kits/<sha256 of KIT_CODE, 12 hex>), so that a fresh clone on a machine that already built
-    these kits with the same code reuses them, as pip reuses its wheel cache; a machine without them builds them
-    (the quick kit about 100 s, the real kit about 10 min on a 2-core VM)."""
+def kit_cache(kind: str = "quick") -> Path:
+    """Where a test kit lives: a per-machine cache keyed by the kit builder's code (DDK_TEST_KIT_CACHE, default
+    ~/.cache/ddk/test-kits/<kind>-<sha256 of KIT_CODE[kind], 12 hex>), so that a fresh clone on a machine that
+    already built this kit with the same code reuses it, as pip reuses its wheel cache; a machine without it builds
+    it (the quick kit about 100 s, the real kit about 10 min on a 2-core VM)."""
     digest = hashlib.sha256()
-    for path in KIT_CODE:
+    for rel in KIT_CODE[kind]:
+        path = REPO / "services" / rel
         digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
     base = Path(os.environ.get("DDK_TEST_KIT_CACHE", Path.home() / ".cache" / "ddk" / "test-kits"))
-    return base / digest.hexdigest()[:12]
+    return base / f"{kind}-{digest.hexdigest()[:12]}"
 
 
 # Where the quick kit lives; built once by the first test that needs it and reused afterwards
@@ -46,7 +48,7 @@ def kit() -> Path:
 
 # The real kit (`ddk fixtures --real`: the SmolLM2-135M teacher, a pruned and healed student), built once per
 # machine (kit_cache) and reused. Override with DDK_TEST_REAL_KIT.
-REAL_KIT_DIR = Path(os.environ.get("DDK_TEST_REAL_KIT", kit_cache() / "kit-real"))
+REAL_KIT_DIR = Path(os.environ.get("DDK_TEST_REAL_KIT", kit_cache("real") / "kit-real"))
 
 
 @pytest.fixture(scope="session")
