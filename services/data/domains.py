@@ -39,6 +39,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import yaml
 
+from ddk.data.tasks import TaskSpec, parse_task
 from ddk.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ def _base_name(p: Path) -> str | None:
 class DomainSpec:
     """Where one domain's text lives. Paths are absolute after :func:`load_domain_specs`.
 
-    ``select`` is set for the single-file form: keep only records whose ``domain`` field equals it.
+    ``select`` is set for the single-file form: keep only records whose ``domain`` field equals it. ``task``: the
+    entry's optional ``task:`` (:func:`ddk.data.tasks.parse_task`), what ``ddk eval --tasks`` checks answers with.
+    ``overflow``: what a conversation longer than ``seq_len`` becomes, ``truncate_left`` (default) or ``drop``.
     """
 
     name: str
@@ -80,6 +83,8 @@ class DomainSpec:
     val_files: list[str] = field(default_factory=list)
     val_fraction: float = 0.05
     select: str | None = None
+    task: TaskSpec | None = None
+    overflow: str = "truncate_left"
 
 
 class TokenBlocks:
@@ -237,13 +242,14 @@ def default_cache_dir() -> Path:
     return Path(base) / "ddk" / "tokens"
 
 
-def load_domain_specs(source: Any, base_dir: str | Path | None = None) -> list[DomainSpec]:
+def load_domain_specs(source: Any, base_dir: str | Path | None = None, origin: str | None = None) -> list[DomainSpec]:
     """Domain specs from any of the accepted forms.
 
     ``source`` is one of: a data.yaml path; a directory holding ``data.yaml``; a directory of per-domain
     subdirectories (``data/<domain>/train.*`` and optional ``val.*``, the kit's ``data/``); a train config YAML
     (its ``data`` section is used); the parsed data.yaml mapping; or the inline list of domain entries.
     Relative paths resolve against the YAML file's directory (``base_dir`` for in-memory forms, default cwd).
+    ``origin`` names the file the entries came from in error messages (set when ``source`` is a path).
     """
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
@@ -259,12 +265,13 @@ def load_domain_specs(source: Any, base_dir: str | Path | None = None) -> list[D
             raise UsageError(f"data: cannot read {path} ({str(e).splitlines()[0]})") from None
         if is_train_config(raw):  # its data section: data.file (a data.yaml) or the inline data.domains
             return load_domain_specs(train_data_source(raw["data"], path.resolve().parent),
-                                     base_dir=path.resolve().parent)
-        return load_domain_specs(raw, base_dir=path.resolve().parent)
+                                     base_dir=path.resolve().parent, origin=str(path))
+        return load_domain_specs(raw, base_dir=path.resolve().parent, origin=str(path))
 
     base = Path(base_dir) if base_dir is not None else Path.cwd()
+    where = f"{origin}: data.domains" if origin else "data.domains"
     if isinstance(source, list):
-        return _specs_from_entries(source, base, 0.05)
+        return _specs_from_entries(source, base, 0.05, where)
     if isinstance(source, dict):
         extra = set(source) - {"domains", "file", "val_file", "val_fraction"}
         if extra:
@@ -273,7 +280,7 @@ def load_domain_specs(source: Any, base_dir: str | Path | None = None) -> list[D
         if ("domains" in source) == ("file" in source):
             raise UsageError("data: give exactly one of 'domains' (a list) or 'file' (records with a domain field)")
         if "domains" in source:
-            return _specs_from_entries(source["domains"], base, frac)
+            return _specs_from_entries(source["domains"], base, frac, where)
         return _specs_from_single_file(source["file"], source.get("val_file"), base, frac)
     raise UsageError(f"data: expected a data.yaml path, a directory or a list of domains, got {type(source).__name__}")
 
@@ -321,7 +328,19 @@ def _abs(p: Any, base: Path, label: str) -> str:
     return str(q.resolve())
 
 
-def _specs_from_entries(entries: Any, base: Path, frac: float) -> list[DomainSpec]:
+OVERFLOWS = ("truncate_left", "drop")  # a conversation longer than seq_len: keep its end, or leave it out
+
+
+def _entry_extras(e: dict, where: str) -> dict:
+    """An entry's optional ``task`` and ``overflow``, checked (``where`` names the file and the entry)."""
+    task = parse_task(e["task"], f"{where}.task") if e.get("task") is not None else None
+    overflow = e.get("overflow") or "truncate_left"
+    if overflow not in OVERFLOWS:
+        raise UsageError(f"{where}.overflow: {overflow!r} is not one of {', '.join(OVERFLOWS)}")
+    return {"task": task, "overflow": overflow}
+
+
+def _specs_from_entries(entries: Any, base: Path, frac: float, where: str = "data.domains") -> list[DomainSpec]:
     if not isinstance(entries, list) or not entries:
         raise UsageError("data.domains: must be a non-empty list of {name, files, val_files?}")
     specs: list[DomainSpec] = []
@@ -331,7 +350,7 @@ def _specs_from_entries(entries: Any, base: Path, frac: float) -> list[DomainSpe
         if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"]:
             raise UsageError(f"data.domains[{i}]: each domain needs a 'name'")
         name = e["name"]
-        extra = set(e) - {"name", "files", "val_files", "val_fraction"}
+        extra = set(e) - {"name", "files", "val_files", "val_fraction", "task", "overflow"}
         if extra:
             raise UsageError(f"domain {name}: unknown key {sorted(extra)[0]!r}")
         files = e.get("files") or []
@@ -342,7 +361,8 @@ def _specs_from_entries(entries: Any, base: Path, frac: float) -> list[DomainSpe
             raise UsageError(f"domain {name}: no files")
         specs.append(DomainSpec(name=name, files=[_abs(f, base, f"domain {name}") for f in files],
                                 val_files=[_abs(f, base, f"domain {name}") for f in vals],
-                                val_fraction=_val_fraction(e.get("val_fraction", frac))))
+                                val_fraction=_val_fraction(e.get("val_fraction", frac)),
+                                **_entry_extras(e, f"{where}[{i}] ({name})")))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise UsageError(f"data.domains: duplicate domain name in {names}")

@@ -83,6 +83,8 @@ class DomainEntry(_Section):
     name: str = Field(min_length=1)
     files: list[str] = Field(min_length=1)
     val_files: list[str] | None = None
+    task: Any = None  # checked by ddk.data.tasks.parse_task when the domains load
+    overflow: str | None = None  # truncate_left | drop, for conversation domains (checked when the domains load)
 
     @field_validator("files", "val_files", mode="before")
     @classmethod

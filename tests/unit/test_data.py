@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,31 @@ def test_bad_specs_name_the_domain(tmp_path, entry, needle):
     (tmp_path / "notes.csv").write_text("text\nx\n")
     with pytest.raises(UsageError, match=needle):
         load_domain_specs([entry], base_dir=tmp_path)
+
+
+def test_domain_task_and_overflow_keys(tmp_path):
+    """data.yaml's optional task: (parsed by parse_task, kept on the spec) and overflow:; bad values name the file."""
+    from ddk.data.tasks import TaskSpec
+
+    write_jsonl(tmp_path / "a.jsonl", ["x"])
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"domains": [
+        {"name": "qa", "files": ["a.jsonl"], "task": {"check": "exact", "field": "answer"}, "overflow": "drop"},
+        {"name": "re", "files": ["a.jsonl"], "task": {"check": "regex", "pattern": "is (\\d+)"}},
+        {"name": "plain", "files": ["a.jsonl"]}]}))
+    qa, rx, plain = load_domain_specs(tmp_path / "data.yaml")
+    assert qa.task == TaskSpec("exact", "answer") and qa.overflow == "drop"
+    assert rx.task == TaskSpec("regex", "answer", pattern="is (\\d+)") and rx.overflow == "truncate_left"
+    assert plain.task is None
+    inline = load_domain_specs({"domains": [{"name": "qa", "files": ["a.jsonl"], "task": "exact"}]},
+                               base_dir=tmp_path)
+    assert inline[0].task == TaskSpec()
+    for entry, needle in [({"task": {"check": "vibes"}}, r".task.check: 'vibes'"),
+                          ({"task": {"check": "exact", "colour": 1}}, r".task: unknown key 'colour'"),
+                          ({"overflow": "wrap"}, r".overflow: 'wrap'")]:
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"domains": [{"name": "qa", "files": ["a.jsonl"], **entry}]}))
+        where = re.escape(f"{tmp_path / 'bad.yaml'}: data.domains[0] (qa)")
+        with pytest.raises(UsageError, match=where + re.escape(needle)):
+            load_domain_specs(tmp_path / "bad.yaml")
 
 
 def test_missing_data_path(tmp_path):
