@@ -186,6 +186,48 @@ class TeacherClient:
 
         return self._call("info", attempt)
 
+    def tokenizer_files(self) -> dict:
+        """``GET /v1/tokenizer`` of a replica: ``{"files": {name: JSON}, "tokenizer_fingerprint"}``."""
+
+        def attempt(rep: _Replica) -> dict:
+            try:
+                r = rep.http.get("/v1/tokenizer")
+            except httpx.TransportError as e:
+                raise _Retryable(f"{type(e).__name__}: {e}", replica_down=True) from None
+            self._check_status(r)
+            return r.json()
+
+        return self._call("tokenizer", attempt)
+
+    def tokenizer(self):
+        """The teacher's own tokenizer, rebuilt here from ``GET /v1/tokenizer`` (a ``PreTrainedTokenizerFast``
+        from its files in a temporary folder: data only, no code) and checked: its
+        ``ddk.fingerprint.tokenizer_fingerprint`` must equal ``/v1/info``'s (ValueError otherwise)."""
+        import os
+        import tempfile
+
+        from transformers import PreTrainedTokenizerFast
+
+        from ddk.fingerprint import tokenizer_fingerprint
+
+        answer = self.tokenizer_files()
+        files = answer.get("files") or {}
+        if "tokenizer.json" not in files:
+            raise ValueError("teacher /v1/tokenizer: the answer has no tokenizer.json")
+        with tempfile.TemporaryDirectory(prefix="ddk-teacher-tokenizer-") as tmp:
+            for name, content in files.items():
+                if name not in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                    continue  # only the known data files; a name is never a path
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
+                    json.dump(content, fh, ensure_ascii=False)
+            tok = PreTrainedTokenizerFast.from_pretrained(tmp, trust_remote_code=False)
+        expected = self.info().get("tokenizer_fingerprint")
+        got = tokenizer_fingerprint(tok)
+        if got != expected:
+            raise ValueError(f"teacher /v1/tokenizer: the rebuilt tokenizer's fingerprint {got} differs from "
+                             f"/v1/info's {expected}")
+        return tok
+
     def topk(self, input_ids, top_k: int) -> TeacherOutput:
         """Top-k of the teacher for every position of ``input_ids`` [B, L] (tensor or equal-length lists).
 
