@@ -181,7 +181,14 @@ def _add_eval(sub) -> None:
     p.add_argument("--sequences", type=argtypes.positive, default=None,
                    help="whole-document windows per domain (default: the eval section of a train config, else 32)")
     p.add_argument("--batch-size", type=argtypes.positive, default=16, help="sequences per forward pass (default 16)")
-    p.set_defaults(func=_lazy("ddk.trainer.evaluate:main"))
+    p.add_argument("--tasks", action="store_true", help="task accuracy instead of perplexity: greedy answers to "
+                   "each task domain's validation prompts, judged by its task: checker (the teacher's beside them "
+                   "through its /v1/generate)")
+    p.add_argument("--max-new-tokens", type=argtypes.positive, default=64,
+                   help="with --tasks: the longest answer in tokens (default 64)")
+    p.add_argument("--limit", type=argtypes.positive, default=None,
+                   help="with --tasks: the first N validation rows per domain (default: all)")
+    p.set_defaults(func=lambda a: _lazy("ddk.experiments.tasks:main" if a.tasks else "ddk.trainer.evaluate:main")(a))
 
 
 def _add_data(sub) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -50,6 +51,10 @@ class Engine(Protocol):
 
     def topk(self, sequences: Sequence[Sequence[int]], top_k: int | Sequence[int]) -> list[TopK]:
         """Score each sequence (lengths may differ, each >= 2) with its own top_k."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 stop_ids: Sequence[int] | None = None) -> list[tuple[list[int], str]]:
+        """Greedy answers: per prompt the new ids before the first stop id and ``"stop"`` or ``"length"``."""
 
     def close(self) -> None: ...
 
@@ -158,6 +163,12 @@ class HFEngine:
         return [TopK(ids=idxs[i, :lens[i] - 1, :ks[i]], logprobs=vals[i, :lens[i] - 1, :ks[i]],
                      target_logprob=tgts[i, :lens[i] - 1]) for i in range(n)]
 
+    def generate(self, prompts, max_new_tokens: int, stop_ids=None) -> list[tuple[list[int], str]]:
+        """Greedy answers (``POST /v1/generate``): :func:`ddk.teacher.generation.greedy_generate` on this model."""
+        from .generation import greedy_generate
+
+        return greedy_generate(self.net, prompts, max_new_tokens, stop_ids, batch_size=32)
+
     def close(self) -> None:
         self.net = None
 
@@ -221,6 +232,9 @@ class VLLMEngine:
         self.max_seq_len = int(mc.max_model_len) - 1
         self.max_top_k = int(min(max_top_k, self.vocab_size))
         self._params: dict[int, object] = {}
+        self._lock = threading.Lock()
+        eos = cfg.get("eos_token_id")
+        self._eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [] if eos is None else [eos])]
         self.topk([[0, 0]], 1)  # warm-up: fail now if the engine cannot run this model
 
     def _sampling_params(self, k: int):
@@ -236,9 +250,26 @@ class VLLMEngine:
 
         ks = _ks(sequences, top_k)
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in s]) for s in sequences]
-        outs = self.llm.generate(prompts, [self._sampling_params(k) for k in ks], use_tqdm=False)
+        with self._lock:  # one LLM.generate at a time (the batcher's thread and /v1/generate's)
+            outs = self.llm.generate(prompts, [self._sampling_params(k) for k in ks], use_tqdm=False)
         return [rows_from_prompt_logprobs(o.prompt_logprobs, s, k)
                 for o, s, k in zip(outs, sequences, ks)]
+
+    def generate(self, prompts, max_new_tokens: int, stop_ids=None) -> list[tuple[list[int], str]]:
+        """Greedy answers (``POST /v1/generate``): temperature 0, stopped at ``stop_ids`` (default: the
+        model's eos), the stop id not included."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from .generation import cut_at_stop
+
+        stops = [int(s) for s in (stop_ids if stop_ids is not None else self._eos_ids)]
+        params = SamplingParams(max_tokens=int(max_new_tokens), temperature=0.0, stop_token_ids=stops,
+                                detokenize=False, ignore_eos=False)
+        with self._lock:
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts],
+                                     params, use_tqdm=False)
+        return [cut_at_stop(list(o.outputs[0].token_ids), stops) for o in outs]
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

@@ -1,0 +1,201 @@
+"""Task accuracy (`ddk eval --tasks`, ddk.experiments.tasks) and greedy generation (ddk.teacher.generation):
+batched answers against a hand-written greedy loop, prompts without the last assistant turn, accuracy counted by
+hand, the teacher's /v1/generate body checks, exit 2 naming file and line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from ddk.cli import main as cli_main
+from ddk.experiments.tasks import format_accuracy_table, prompt_messages, result_rows, TaskResult
+from ddk.teacher.generation import cut_at_stop, greedy_generate, parse_generate_request
+from ddk.teacher.validate import RequestError
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def hand_greedy(model, ids: list[int], max_new: int, stops: set[int]) -> list[int]:
+    """Greedy decoding from its definition: one prompt, the whole sequence through the model at each step (no
+    cache, no padding), the argmax appended, stop at a stop id (not kept)."""
+    out: list[int] = []
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(max_new):
+            nxt = int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+            if nxt in stops:
+                break
+            out.append(nxt)
+            seq.append(nxt)
+    return out
+
+
+def test_prompt_is_the_conversation_before_its_last_assistant_turn():
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "a2"}]
+    assert prompt_messages(msgs) == msgs[:4]
+    assert prompt_messages(msgs[:3]) == msgs[:2]
+    with pytest.raises(ValueError):
+        prompt_messages(msgs[:2])
+
+
+def test_cut_at_stop():
+    assert cut_at_stop([5, 6, 2, 7], [2, 9]) == ([5, 6], "stop")
+    assert cut_at_stop([5, 6], [2]) == ([5, 6], "length")
+    assert cut_at_stop([2], [2]) == ([], "stop")
+
+
+def test_batched_greedy_equals_the_hand_loop_one_prompt_at_a_time(kit):
+    """Left padding must not move a prompt's positions: batched answers (prompts of different lengths in one batch)
+    equal the textbook greedy loop on each prompt alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(kit / "teacher", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(kit / "teacher")
+    texts = ["def main(", "The court held that the", "x = 1", "In the beginning of the long summer the river",
+             "Let n be", "import"]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert len({len(p) for p in prompts}) > 3
+    stops = [tok.eos_token_id]
+    got = greedy_generate(model, prompts, 12, stops, pad_id=0, batch_size=4)
+    want = [hand_greedy(model, p, 12, set(stops)) for p in prompts]
+    assert [g[0] for g in got] == want
+    assert all(why == ("stop" if len(ids) < 12 else "length") for ids, why in got)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A random 2-layer Llama over a char-level ChatML tokenizer (the chat kit's), saved as a model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ddk.kit.chat import chat_tokenizer
+
+    root = tmp_path_factory.mktemp("chat-model")
+    tok = chat_tokenizer(256)
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return root, model, tok
+
+
+def _write_domain(root, name, rows):
+    (root / name).mkdir(parents=True, exist_ok=True)
+    (root / name / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / name / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_eval_tasks_counts_right_answers_as_a_hand_count(chat_model, tmp_path, capsys):
+    """Five rows; the references of rows 0, 2, 3 are the model's greedy answers (computed by the hand loop on a
+    ChatML prompt written by hand, with case and spacing changed where exact-after-normalisation allows), rows 1
+    and 4 are wrong: accuracy 3/5. A text domain is skipped with a note; --limit 2 counts the first two rows."""
+    root, model, tok = chat_model
+    questions = ["What is 2 + 3?", "Sort: 4 1 3", "Reverse: cat", "Convert 3 km to m.", "What is 10 + 7?"]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    answers = []
+    for q in questions:
+        text = f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"  # ChatML, by hand
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        answers.append(tok.decode(hand_greedy(model, ids, 20, {end}), skip_special_tokens=True))
+    refs = [answers[0], "certainly not this", answers[2].upper(), "  " + answers[3] + " ", "nor this"]
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "x"}], "answer": a}
+            for q, a in zip(questions, refs)]
+    _write_domain(tmp_path / "data", "qa", rows)
+    (tmp_path / "data" / "prose").mkdir()
+    (tmp_path / "data" / "prose" / "train.jsonl").write_text('{"text": "some prose here"}\n' * 4)
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"domains": [
+        {"name": "qa", "files": ["data/qa/train.jsonl"], "val_files": ["data/qa/val.jsonl"],
+         "task": {"check": "exact", "field": "answer"}},
+        {"name": "prose", "files": ["data/prose/train.jsonl"]}]}))
+    argv = ["eval", "--tasks", "--model", str(root / "model"), "--data", str(tmp_path / "data.yaml"),
+            "--max-new-tokens", "20", "--batch-size", "3", "--json"]
+    assert cli_main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["domains"]["qa"] == {"accuracy": 0.6, "correct": 3, "total": 5, "check": "exact"}
+    assert "prose" in out["skipped"]
+    assert cli_main(argv + ["--limit", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["domains"]["qa"]["total"] == 2
+    assert cli_main(argv[:-1]) == 0
+    table = capsys.readouterr().out
+    assert "qa" in table and "0.600" in table and "skipped prose" in table
+
+
+def test_eval_tasks_bad_rows_exit_2_naming_file_and_line(chat_model, tmp_path, capsys):
+    root, _, _ = chat_model
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "answer": "yo"}
+    no_answer = {"messages": good["messages"]}
+    _write_domain(tmp_path / "data", "qa", [good, no_answer])
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"domains": [
+        {"name": "qa", "files": ["data/qa/train.jsonl"], "val_files": ["data/qa/val.jsonl"], "task": "exact"}]}))
+    argv = ["eval", "--tasks", "--model", str(root / "model"), "--data", str(tmp_path / "data.yaml"),
+            "--max-new-tokens", "4"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "val.jsonl:2:" in err and "'answer'" in err
+    # a row without an assistant turn: file, line and field, before any model loads
+    _write_domain(tmp_path / "data", "qa", [good, {"messages": [{"role": "user", "content": "hi"}]}])
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "val.jsonl:2: field 'messages'" in err
+    # no task domain at all
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"domains": [
+        {"name": "qa", "files": ["data/qa/train.jsonl"]}]}))
+    assert cli_main(argv) == 2
+    assert "no domain names a task" in capsys.readouterr().err
+
+
+def test_eval_tasks_model_without_chat_template_exits_2(kit, tmp_path, capsys):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "answer": "yo"}]
+    _write_domain(tmp_path / "data", "qa", rows)
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"domains": [
+        {"name": "qa", "files": ["data/qa/train.jsonl"], "val_files": ["data/qa/val.jsonl"], "task": "exact"}]}))
+    assert cli_main(["eval", "--tasks", "--model", str(kit / "teacher"), "--data", str(tmp_path / "data.yaml")]) == 2
+    assert "chat template" in capsys.readouterr().err
+
+
+def test_result_rows_and_table_with_the_teacher_beside():
+    rows = result_rows({"add": TaskResult(3, 4), "sort": TaskResult(0, 2)},
+                       {"add": TaskResult(4, 4), "sort": TaskResult(1, 2)}, {"add": "exact", "sort": "regex"})
+    assert rows["add"] == {"accuracy": 0.75, "correct": 3, "total": 4, "check": "exact", "teacher_accuracy": 1.0,
+                           "teacher_correct": 4, "teacher_total": 4}
+    table = format_accuracy_table(rows)
+    assert "teacher accuracy" in table
+    line = [ln for ln in table.splitlines() if ln.startswith("sort")][0]
+    assert line.split() == ["sort", "regex", "2", "0", "0.000", "1", "0.500"]
+
+
+@pytest.mark.parametrize("body, status, field", [
+    (b"nope", 422, "body"),
+    (b"[]", 422, "body"),
+    (b'{"input_ids": [[1, 2]], "max_new_tokens": 4, "temperature": 1}', 422, "body"),
+    (b'{"input_ids": [[1, 2]]}', 422, "max_new_tokens"),
+    (b'{"input_ids": [[1, 2]], "max_new_tokens": 0}', 422, "max_new_tokens"),
+    (b'{"input_ids": [[1, 2]], "max_new_tokens": true}', 422, "max_new_tokens"),
+    (b'{"max_new_tokens": 4}', 422, "input_ids"),
+    (b'{"input_ids": [], "max_new_tokens": 4}', 422, "input_ids"),
+    (b'{"input_ids": [[]], "max_new_tokens": 4}', 422, "input_ids[0]"),
+    (b'{"input_ids": [[1, 100]], "max_new_tokens": 4}', 422, "input_ids[0][1]"),
+    (b'{"input_ids": [[1, 2]], "max_new_tokens": 4, "stop_ids": [100]}', 422, "stop_ids"),
+    (b'{"input_ids": [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]], "max_new_tokens": 2}', 413,
+     "input_ids[0]"),
+    (b'{"input_ids": [[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 2, 3]], "max_new_tokens": 4}', 413, "input_ids"),
+])
+def test_generate_request_errors_name_the_field(body, status, field):
+    with pytest.raises(RequestError) as e:
+        parse_generate_request(body, vocab_size=100, max_seq_len=16, max_batch_tokens=24)
+    assert e.value.status == status and e.value.detail.startswith(field + ":")
+
+
+def test_generate_request_ok():
+    req = parse_generate_request(b'{"input_ids": [[1, 2], [3]], "max_new_tokens": 5, "stop_ids": [0]}',
+                                 vocab_size=100, max_seq_len=16, max_batch_tokens=24)
+    assert req.input_ids == [[1, 2], [3]] and req.max_new_tokens == 5 and req.stop_ids == [0]
