@@ -465,7 +465,8 @@ def prepare_domains(specs: list[DomainSpec], tokenizer, seq_len: int, cache_dir:
     the machine's cores; ``use_ray``: Ray Data's ``map_batches`` across the cluster at ``ray_address``), resumed
     from its complete shards. ``verify`` also checks every shard's checksum (``ddk data prepare``); without it, a
     cached domain is checked by its files' sizes and headers. ``dtype`` forces the token dtype (default:
-    :func:`ddk.data.domains.token_dtype`).
+    :func:`ddk.data.domains.token_dtype`). A conversation domain (:func:`ddk.data.chat_cache.domain_form`) is
+    built by :mod:`ddk.data.chat_cache`: rows checked and rendered with the tokenizer's chat template.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     eos = tokenizer.eos_token_id
@@ -482,8 +483,14 @@ def prepare_domains(specs: list[DomainSpec], tokenizer, seq_len: int, cache_dir:
     fingerprint = tokenizer_fingerprint(tokenizer)
     executors = Executors(tokenizer, workers, use_ray, ray_address, int(shard_chars or SHARD_CHARS))
     out: dict[str, PackedDomain] = {}
+    from ddk.data.chat_cache import KIND, domain_form, ensure_chat_domain
+
+    forms = {spec.name: domain_form(spec) for spec in specs}  # before anything is built: a mismatch is exit 2
     try:
         for spec in specs:
+            if forms[spec.name] == KIND:  # conversations: their own cache (one padded conversation per block)
+                out[spec.name] = ensure_chat_domain(spec, cache, tokenizer, seq_len, dt, fingerprint, verify)
+                continue
             d = domain_dir(cache, spec, fingerprint, eos, seq_len, dt)
             out[spec.name] = _ensure(spec, d, executors, eos, seq_len, dt, fingerprint, shard_chars, progress,
                                      verify)

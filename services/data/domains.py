@@ -14,7 +14,10 @@ domain's ``val_files`` when given (file order); otherwise the documents whose st
 falls below ``val_fraction`` -- the same documents whatever the file order, machine or process -- in hash order,
 and then more documents in hash order until validation fills at least one block.
 
-The cache (format 2) is built by :mod:`ddk.data.cache` (streamed, in bounded memory, tokenised in parallel,
+Conversation domains (files of ``messages`` / ``prompt`` + ``completion`` rows) have their own cache, one padded
+conversation per block with a loss mask: :mod:`ddk.data.chat_cache`.
+
+The cache (format 4) is built by :mod:`ddk.data.cache` (streamed, in bounded memory, tokenised in parallel,
 resumable) under ``cache_dir/<domain>-<key>/``: the token streams as ``.npy`` shards of uint16 ids when the
 vocabulary fits in 65,536 ids (uint32 otherwise), and ``meta.json``, written last, listing them. The key covers
 the input files (path, size, mtime), the tokenizer fingerprint, EOS, ``seq_len``, the split settings, the token
@@ -39,12 +42,15 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import yaml
 
+from ddk.data.chat import IGNORE_INDEX
 from ddk.data.tasks import TaskSpec, parse_task
 from ddk.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3  # 3: + the validation documents' table (val-docs.npy); 2: streamed shards; 1: one int32 train.npy
+# 4: + conversation domains (ddk.data.chat_cache: rows, loss masks, lengths); 3: + the validation documents' table
+# (val-docs.npy); 2: streamed shards; 1: one int32 train.npy
+CACHE_FORMAT = 4
 FILE_KINDS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".txt", ".txt.gz", ".txt.zst", ".parquet")
 TEXT_SUFFIXES = FILE_KINDS  # the name older callers used
 
@@ -225,10 +231,30 @@ class PackedDomain:
     info: dict = field(default_factory=dict)
     build: dict | None = None
     val_docs: dict | None = None
+    train_mask: Any = None  # conversation domains: uint8 [n, seq_len + 1], 1 on label (assistant) tokens
+    val_mask: Any = None
 
     @property
     def seq_len(self) -> int:
         return int(self.train.shape[1]) - 1
+
+    @property
+    def conversations(self) -> bool:
+        """A conversation domain: only its assistant tokens are labels (``train_mask`` / ``val_mask``)."""
+        return self.train_mask is not None
+
+    def targets(self, rows: Sequence[int], split: str = "train") -> np.ndarray:
+        """int64 ``[len(rows), seq_len]`` next-token targets of ``rows``: ``block[1:]``, with
+        ``IGNORE_INDEX`` (-100) where the token is not a label (a conversation's non-assistant tokens, padding)."""
+        blocks = self.train if split == "train" else self.val
+        ids = np.stack([np.asarray(blocks[int(i)], dtype=np.int64) for i in rows]) if len(rows) else \
+            np.zeros((0, self.seq_len + 1), np.int64)
+        out = ids[:, 1:].copy()
+        mask = self.train_mask if split == "train" else self.val_mask
+        if mask is not None and len(rows):
+            m = np.stack([np.asarray(mask[int(i)], dtype=bool) for i in rows])
+            out[~m[:, 1:]] = IGNORE_INDEX
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------

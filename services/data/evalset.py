@@ -11,6 +11,10 @@ document in that order, round 1 a second window from the documents that have one
 (blocks, or scored predictions) is spent. So the set holds as many distinct documents as the budget allows,
 spread over the whole validation set, and it is the same at every evaluation, on every rank and across resumes.
 
+**Conversation domains** (``domain.val_mask``): every validation conversation is one document and one window
+(its padded row; it fits in ``L`` tokens), and only its assistant tokens are scored (``EvalSet.mask``); a
+``max_predictions`` budget still counts ``length - 1`` per window.
+
 **The halves.** :func:`steering_half` splits the documents in two by a hash of their keys alone (no seed: every
 arm of ``ddk compare`` sees the same halves): the runs steer by one half, ``ddk compare`` scores on the other.
 
@@ -137,12 +141,14 @@ class EvalSet:
     """One domain's evaluation blocks. ``blocks [n, L]`` (int64, padded beyond ``lengths``), ``lengths [n]``
     (tokens of each block that are scored: ``lengths - 1`` predictions), ``docs [n]`` (the document each block
     comes from, its index in the validation set). ``note``: how the set was drawn when it is not as asked (a
-    half with no documents, say)."""
+    half with no documents, say). ``mask [n, L]`` (bool; conversation domains): the tokens that are labels --
+    then only they are scored (prediction ``j`` counts where ``mask[j + 1]``), not every token below ``lengths``."""
 
     blocks: np.ndarray
     lengths: np.ndarray
     docs: np.ndarray
     note: str = ""
+    mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -153,10 +159,19 @@ class EvalSet:
 
     @property
     def predictions(self) -> int:
+        if self.mask is not None:
+            return int(np.sum(self.mask[:, 1:]))
         return int(np.sum(self.lengths - 1))
 
+    def scored(self) -> np.ndarray:
+        """bool ``[n, L - 1]``: the predictions that count (prediction ``j`` is of token ``j + 1``)."""
+        if self.mask is not None:
+            return np.asarray(self.mask[:, 1:], dtype=bool)
+        return np.arange(self.blocks.shape[1] - 1)[None, :] < (self.lengths - 1)[:, None]
+
     def part(self, a: int, b: int) -> "EvalSet":
-        return EvalSet(self.blocks[a:b], self.lengths[a:b], self.docs[a:b], self.note)
+        return EvalSet(self.blocks[a:b], self.lengths[a:b], self.docs[a:b], self.note,
+                       None if self.mask is None else self.mask[a:b])
 
 
 def full_blocks(blocks) -> EvalSet:
@@ -202,6 +217,11 @@ def evaluation_set(domain, sequences: int | None = 32, tokens: int | None = None
         if not (allowed & (lengths >= 2)).any():
             allowed, note = None, f"no validation document in the {part} half: every document used"
     windows = choose_windows(lengths, keys, L, None if tokens else sequences, tokens, seed, allowed)
+    if getattr(domain, "val_mask", None) is not None:  # conversations: one per validation row, padded, masked
+        rows = [w.doc for w in windows]
+        return EvalSet(np.asarray(domain.val[rows], dtype=np.int64).reshape(len(rows), L),
+                       np.array([w.length for w in windows], np.int64), np.array(rows, np.int64), note,
+                       np.asarray(domain.val_mask[rows], dtype=bool).reshape(len(rows), L))
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     pad = int((getattr(domain, "info", None) or {}).get("eos", 0) or 0)
     blocks = np.full((len(windows), L), pad, dtype=np.int64)
@@ -227,7 +247,8 @@ def evaluation_sets(domains: dict, eval_cfg) -> dict[str, EvalSet]:
 
 
 def sets_fingerprint(sets: dict[str, EvalSet]) -> str:
-    return block_fingerprint([(n, s.blocks, s.lengths) for n, s in sorted(sets.items())])
+    return block_fingerprint([(n, s.blocks, s.lengths if s.mask is None else np.concatenate(
+        [s.lengths, np.flatnonzero(s.mask.reshape(-1))])) for n, s in sorted(sets.items())])
 
 
 def coverage(sets: dict[str, EvalSet]) -> dict[str, dict]:

@@ -58,7 +58,22 @@ def _cli_inputs(args) -> tuple[list[DomainSpec], Any, int, Path, str | None]:
         cache = Path(args.cache_dir).expanduser()
     if seq_len < 2:
         raise UsageError("--seq-len: must be at least 2")
-    return specs, load_tokenizer(str(tok_path)), seq_len, cache, ray_address
+    return specs, _tokenizer(str(tok_path), specs), seq_len, cache, ray_address
+
+
+def _tokenizer(path: str, specs: list[DomainSpec]):
+    """The tokenizers-only reader for text (ddk.data.tokenizer.load_tokenizer); transformers' tokenizer, which
+    carries the chat template, when a domain holds conversations."""
+    from ddk.data.chat_cache import KIND, domain_form
+
+    if not any(domain_form(s) == KIND for s in specs):
+        return load_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"tokenizer: cannot load one from {path} ({e})") from None
 
 
 def summary_rows(domains: dict[str, PackedDomain], eval_cfg: Any = None) -> list[dict]:
@@ -76,7 +91,36 @@ def summary_rows(domains: dict[str, PackedDomain], eval_cfg: Any = None) -> list
                      "dtype": str(d.train.dtype), "shards": len(info.get("shards", {})),
                      "eval_blocks": len(sets[name]), "eval_documents": sets[name].documents,
                      "eval_tokens": sets[name].predictions})
+        if d.conversations:  # what fitting to seq_len + 1 did, per split (ddk.data.chat_cache)
+            rows[-1]["conversations"] = {s: {k: info.get(s, {}).get(k) for k in CHAT_COUNTS}
+                                         for s in ("train", "val")}
+            rows[-1]["overflow"] = info.get("overflow")
     return rows
+
+
+CHAT_COUNTS = ("conversations", "truncated", "dropped", "assistant_tokens", "padding_share")
+
+
+def format_conversations(rows: list[dict]) -> str:
+    """The conversation domains' counts (train / val): conversations read, truncated from the left, dropped,
+    assistant (label) tokens kept, the padding's share of the blocks' positions; "" when there are none."""
+    chat = [r for r in rows if r.get("conversations")]
+    if not chat:
+        return ""
+    head = ["conversation domain", "overflow", "conversations", "truncated", "dropped", "assistant tokens",
+            "padding"]
+    cells = []
+    for r in chat:
+        c = r["conversations"]
+        pair = lambda k, f="{:,}": " / ".join(f.format(c[s][k] or 0) for s in ("train", "val"))  # noqa: E731
+        cells.append([r["domain"], str(r.get("overflow")), pair("conversations"), pair("truncated"), pair("dropped"),
+                      pair("assistant_tokens"), pair("padding_share", "{:.1%}")])
+    widths = [max(len(h), *(len(c[j]) for c in cells)) for j, h in enumerate(head)]
+
+    def fmt(cs):
+        return "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cs, widths)))
+
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in cells])
 
 
 def format_summary(rows: list[dict]) -> str:
@@ -91,7 +135,10 @@ def format_summary(rows: list[dict]) -> str:
     def fmt(cs):
         return "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cs, widths)))
 
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in cells])
+    table = "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in cells])
+    chat = format_conversations(rows)
+    return table + ("\n\n" + chat + "\n(train / val; docs: conversations kept, one padded block each)"
+                    if chat else "")
 
 
 def prepare_main(args) -> int:

@@ -4,9 +4,11 @@
 windows spread over its whole validation set (:mod:`ddk.data.evalset`: documents by a seeded hash, one or a
 few windows each, a short document scored whole), the same at every evaluation, on every rank and across
 resumes. A window of ``L = seq_len + 1`` tokens gives ``L - 1`` next-token predictions; a shorter document's
-block is padded (``eos``) and its padding never scored. The loss is the mean over every prediction of the set in
-nats per token; perplexity is ``exp(loss)``. The teacher's loss on a block is the sum of ``-target_logprob`` the
-teacher service returns for it (row j of its answer is its distribution over ``block[j + 1]``).
+block is padded (``eos``) and its padding never scored. A conversation domain's set scores its assistant tokens
+only (``EvalSet.mask``), for the student and the teacher alike, so the ratio is over assistant tokens. The loss
+is the mean over every prediction of the set in nats per token; perplexity is ``exp(loss)``. The teacher's loss
+on a block is the sum of ``-target_logprob`` the teacher service returns for it (row j of its answer is its
+distribution over ``block[j + 1]``).
 
 **How.** The student's CE (and, against the teacher's top-k, its divergence) comes from the training loss
 itself, :func:`ddk.trainer.loss.chunked_distill_loss` on the student's final hidden states, under
@@ -72,7 +74,7 @@ def teacher_answers(client, es: EvalSet, top_k: int, batch_size: int = 16, domai
         chunk = torch.from_numpy(es.blocks[i:i + batch_size])
         out = ask(client, chunk, top_k, [domain] * len(chunk))
         target = out.target_logprob.double()
-        mask = torch.arange(target.shape[1]).unsqueeze(0) < torch.from_numpy(es.lengths[i:i + batch_size] - 1)[:, None]
+        mask = torch.from_numpy(es.part(i, i + batch_size).scored())  # [b, L - 1]: the predictions that count
         nll.append((-(target * mask)).sum(1).numpy())
         if keep_topk:
             ids.append(out.ids)
@@ -81,12 +83,12 @@ def teacher_answers(client, es: EvalSet, top_k: int, batch_size: int = 16, domai
                           torch.cat(ids) if ids else None, torch.cat(logprobs) if logprobs else None)
 
 
-def _labels(chunk: torch.Tensor, lengths: np.ndarray) -> torch.Tensor:
+def _labels(chunk: torch.Tensor, scored: np.ndarray) -> torch.Tensor:
+    """``chunk[:, 1:]`` with IGNORE_INDEX where the prediction is not scored (``scored``: EvalSet.scored())."""
     from ddk.trainer.loss import IGNORE_INDEX
 
     labels = chunk[:, 1:].clone()
-    pos = torch.arange(labels.shape[1], device=labels.device).unsqueeze(0)
-    labels[pos >= torch.as_tensor(lengths - 1, device=labels.device)[:, None]] = IGNORE_INDEX
+    labels[~torch.as_tensor(scored, device=labels.device)] = IGNORE_INDEX
     return labels
 
 
@@ -117,8 +119,8 @@ def block_sums(model, es: EvalSet, batch_size: int, device: str | torch.device =
     try:
         for i in range(0, n, batch_size):
             chunk = torch.from_numpy(es.blocks[i:i + batch_size]).to(device)
-            lengths = es.lengths[i:i + batch_size]
-            labels = _labels(chunk, lengths)
+            scored = es.part(i, i + batch_size).scored()  # [b, L - 1]: text, below the length; chat, assistant
+            labels = _labels(chunk, scored)
             t_ids = teacher.ids[i:i + batch_size].to(device) if topk else None
             t_lp = teacher.logprobs[i:i + batch_size].to(device) if topk else None
             with scale.autocast(device, precision):
@@ -137,12 +139,13 @@ def block_sums(model, es: EvalSet, batch_size: int, device: str | torch.device =
                             logits = model(input_ids=chunk[:, :-1], use_cache=False).logits
                         _, parts = distill_loss(logits[j:j + 1], labels[j:j + 1], *row_t, 1.0 if topk else 0.0,
                                                 temperature, **kw)
-                    c = int(lengths[j]) - 1
+                    c = int(scored[j].sum())
                     out["ce"][i + j] = float(parts["ce"]) * c
                     out["kl"][i + j] = float(parts["kl"]) * c
                     out["count"][i + j] = c
                     if topk:
-                        out["mass"][i + j] = float(t_lp[j, :c].double().exp().sum())
+                        keep = torch.as_tensor(scored[j], device=t_lp.device)
+                        out["mass"][i + j] = float(t_lp[j][keep].double().exp().sum())
     finally:
         model.train(was_training)
     return out

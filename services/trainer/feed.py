@@ -63,6 +63,24 @@ class Batch:
     sampler_state: dict            # the sampler's state right after drawing this batch
     micro: int = 0                 # which micro-batch of the step (0 .. micros - 1)
     micros: int = 1                # micro-batches per step (train.grad_accum_steps)
+    labels: torch.Tensor | None = None  # int64 [B, seq_len] targets, -100 where not trained on (conversation
+    #                                     domains: only assistant tokens); None: every token, input_ids[:, 1:]
+
+    def targets(self) -> torch.Tensor:
+        """The next-token targets of ``input_ids[:, :-1]``: ``labels``, or ``input_ids[:, 1:]``."""
+        return self.labels if self.labels is not None else self.input_ids[:, 1:]
+
+
+def domain_labels(domains: dict) -> Callable[[Sequence[tuple[str, int]]], np.ndarray] | None:
+    """The feed's ``labels(rows)`` for ``domains`` (name -> :class:`~ddk.data.domains.PackedDomain`): each row's
+    :meth:`~ddk.data.domains.PackedDomain.targets` (a conversation domain's assistant tokens only); None when
+    every domain is text (then every token is a label and batches carry no labels)."""
+    if not any(getattr(d, "conversations", False) for d in domains.values()):
+        return None
+
+    def labels(rows: Sequence[tuple[str, int]]) -> np.ndarray:
+        return np.concatenate([domains[dn].targets([i]) for dn, i in rows])
+    return labels
 
 
 class _Failure:
@@ -73,7 +91,8 @@ class _Failure:
 class TeacherFeed:
     """Bounded prefetch of (batch, teacher outputs) over a window of steps with fixed weights.
 
-    ``blocks(rows) -> np.ndarray [B, seq_len + 1]`` gathers the token blocks of the drawn rows;
+    ``blocks(rows) -> np.ndarray [B, seq_len + 1]`` gathers the token blocks of the drawn rows; ``labels(rows) ->
+    np.ndarray [B, seq_len]`` (optional: conversation domains) their targets, -100 where not trained on;
     ``teacher`` is a :class:`~ddk.teacher.client.TeacherClient` (or anything with ``topk``),
     or None when the loss needs no teacher (CPT): then no request is ever made. ``micro_batches``: batches of
     ``batch_size`` per step (:meth:`next` is called that many times per step). ``mixture``: where the weights
@@ -82,7 +101,8 @@ class TeacherFeed:
 
     def __init__(self, sampler: Sampler, blocks: Callable[[Sequence[tuple[str, int]]], np.ndarray],
                  batch_size: int, teacher: Any | None = None, top_k: int = 0,
-                 depth: int = DEFAULT_DEPTH, micro_batches: int = 1, *, mixture: Any):
+                 depth: int = DEFAULT_DEPTH, micro_batches: int = 1, *, mixture: Any,
+                 labels: Callable[[Sequence[tuple[str, int]]], np.ndarray] | None = None):
         if depth < 1:
             raise ValueError("depth must be >= 1")
         if micro_batches < 1:
@@ -92,6 +112,7 @@ class TeacherFeed:
         self.sampler = sampler
         self.mixture = mixture
         self.blocks = blocks
+        self.labels = labels
         self.batch_size = batch_size
         self.teacher = teacher
         self.top_k = top_k
@@ -208,8 +229,10 @@ class TeacherFeed:
                     ids = torch.from_numpy(np.asarray(self.blocks(rows), dtype=np.int64))
                     teacher = None if self.teacher is None else \
                         ask(self.teacher, ids, self.top_k, [dn for dn, _ in rows])  # rows to their domain's route
+                    labels = None if self.labels is None else \
+                        torch.from_numpy(np.asarray(self.labels(rows), dtype=np.int64))
                     batch = Batch(step=step, rows=list(rows), input_ids=ids, teacher=teacher,
-                                  sampler_state=state, micro=m, micros=M)
+                                  sampler_state=state, micro=m, micros=M, labels=labels)
                     while not stop_event.is_set():
                         try:
                             out.put(batch, timeout=0.1)

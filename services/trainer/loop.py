@@ -500,7 +500,7 @@ class Trainer:
 
     def _setup_feed(self) -> None:
         """The teacher only when the loss needs it (CPT never calls it), and the feed that prefetches from it."""
-        from ddk.trainer.feed import TeacherFeed
+        from ddk.trainer.feed import TeacherFeed, domain_labels
 
         if self.cfg.kd.gamma > 0:
             self.teacher = self.teacher_client if self.teacher_client is not None else self._open_teacher()
@@ -509,7 +509,8 @@ class Trainer:
             return np.stack([self.domains[dn].train[i] for dn, i in rows])
 
         self.feed = TeacherFeed(self.sampler, blocks, self.cfg.train.batch_size, self.teacher, self.cfg.kd.top_k,
-                                micro_batches=self.cfg.train.grad_accum_steps, mixture=self.mixture)
+                                micro_batches=self.cfg.train.grad_accum_steps, mixture=self.mixture,
+                                labels=domain_labels(self.domains))  # conversations: assistant tokens only
 
     def _open_teacher(self):
         """The configured teacher: the top-k store (``cache.dir``, teacher.urls behind it: topk_source.py), or
@@ -705,7 +706,7 @@ class Trainer:
         from ddk.trainer.loss import IGNORE_INDEX
 
         device, last = self.device, len(micro) - 1
-        shares = scale.micro_weights([int((b.input_ids[:, 1:] != IGNORE_INDEX).sum()) for b in micro])
+        shares = scale.micro_weights([int((b.targets() != IGNORE_INDEX).sum()) for b in micro])
         total = torch.zeros(3, dtype=torch.float64)
         for i, (b, share) in enumerate(zip(micro, shares)):
             ids = b.input_ids.to(device, non_blocking=True)
@@ -714,7 +715,8 @@ class Trainer:
                 t_ids, t_lp = b.teacher.ids.to(device), b.teacher.logprobs.to(device).float()
             with scale.no_sync(self.model, sync=i == last):
                 with scale.autocast(device, self.precision):
-                    loss, parts = self._forward(ids[:, :-1], ids[:, 1:], t_ids, t_lp)
+                    labels = ids[:, 1:] if b.labels is None else b.labels.to(device, non_blocking=True)
+                    loss, parts = self._forward(ids[:, :-1], labels, t_ids, t_lp)
                 self.scaler.scale(loss * share).backward()
             total += torch.stack([loss.detach().float(), parts["ce"].float(), parts["kl"].float()]).cpu().double() * share
         return tuple(float(x) for x in total)
