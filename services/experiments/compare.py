@@ -36,6 +36,11 @@ worst domain's ratio and the area under the ratio-vs-tokens curve with a 95% t-i
 (``ddk.experiments.stats``); it words a claim only when the interval excludes 0. ``--seeds 3`` or more for
 anything published. The curve is each run's mean ratio at its evaluations (the steering blocks, from its
 ``metrics.jsonl``) against the student tokens trained so far.
+
+Task accuracy: when every run's ``summary.json`` carries ``task_accuracy`` (``{domain: {"accuracy", "correct",
+"total"}}``, the form of ``ddk eval --tasks --json``'s ``domains``), the report adds the accuracy per domain, the
+mean and the worst domain, and pairs the mean and the worst accuracy over seeds like the ratios (higher is better
+there). Nothing in a run writes that field yet (the trainer's final evaluation will); compare reports it when present.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from pathlib import Path
 
 from ddk.errors import UsageError
 from ddk.experiments.plots import plot_compare, plot_curves
-from ddk.experiments.tables import aggregate, format_report, paired_comparisons
+from ddk.experiments.tables import aggregate, format_report, paired_comparisons, run_accuracy
 from ddk.experiments.arms import PAPER_ARMS, arms, steered
 from ddk.vocab import DIVERGENCES, ratio
 
@@ -194,11 +199,23 @@ def main(args, runner=None) -> int:
                 tokens = tokens_per_domain(run_dir / "metrics.jsonl", base.data.seq_len)
                 curve = ratio_curve(read_metrics(run_dir / "metrics.jsonl"), base.data.seq_len)
                 results[policy].append({"seed": seed, "ratio": ratio(loss, teacher), "ratio_log_se": se,
-                                        "tokens": {n: tokens.get(n, 0) for n in names}, "curve": curve})
+                                        "tokens": {n: tokens.get(n, 0) for n in names}, "curve": curve,
+                                        **summary_accuracy(run_dir / "summary.json")})
 
     _write_report(args, policies, out, names, results, initial, teacher, natural,
                   _heldout_note(names, scoring))
     return 0
+
+
+def summary_accuracy(path: Path) -> dict:
+    """``{"accuracy": {domain: task accuracy}}`` from a run's ``summary.json`` field ``task_accuracy``
+    (:func:`ddk.experiments.tables.run_accuracy`), or ``{}`` when it has none (or cannot be read: a warning)."""
+    try:
+        acc = run_accuracy(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:
+        log.warning("%s: no task accuracy read (%s)", path, e)
+        return {}
+    return {"accuracy": acc} if acc else {}
 
 
 def _check_args(args) -> list[str]:

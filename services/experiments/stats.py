@@ -5,7 +5,8 @@ Paired: run ``a`` and run ``b`` of the same seed share the initial student, the 
 held-out blocks, so their difference d_s = metric(a, s) - metric(b, s) removes what the seed does to both.
 Over n seeds, the 95% interval of the mean difference is mean(d) ± t(0.975, n - 1) · sd(d) / sqrt(n) (sd
 with n - 1). A claim is worded only when that interval excludes 0; with fewer than 2 seeds there is no
-interval and no claim. Lower ratios are better, so a negative difference means ``a`` is better.
+interval and no claim. Lower ratios are better, so a negative difference means ``a`` is better; for task
+accuracy higher is better, so there a positive difference does.
 """
 
 from __future__ import annotations
@@ -70,12 +71,14 @@ def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.9
     return {"n": n, "mean": mean, "sd": sd, "low": low, "high": high, "excludes_zero": low > 0 or high < 0}
 
 
-def claim(diff: Mapping, a: str, b: str, what: str) -> str:
-    """The sentence a paired difference allows (lower is better): "a beats b on the mean" only when the
-    interval is below 0, "b beats a ..." when above, else "no difference measurable at N seeds"."""
+def claim(diff: Mapping, a: str, b: str, what: str, higher_is_better: bool = False) -> str:
+    """The sentence a paired difference allows (lower is better, as for ratios): "a beats b on the mean" only when
+    the interval is below 0, "b beats a ..." when above, else "no difference measurable at N seeds".
+    ``higher_is_better`` (accuracy): "a beats b" when the interval is above 0."""
     n = diff["n"]
     if diff["excludes_zero"]:
-        return f"{a} beats {b} on {what}" if diff["high"] < 0 else f"{b} beats {a} on {what}"
+        a_better = diff["low"] > 0 if higher_is_better else diff["high"] < 0
+        return f"{a} beats {b} on {what}" if a_better else f"{b} beats {a} on {what}"
     return f"no difference measurable at {n} seed{'s' if n != 1 else ''}"
 
 

@@ -53,9 +53,12 @@ def aggregate(results: dict[str, list[dict]], domains: list[str]) -> dict:
     ``results[policy]`` is a list (one per seed) of ``{"ratio": {domain: r}, "tokens": {domain: n}}``, each
     optionally with its ``"seed"`` and its ``"curve"``: [[student tokens, mean ratio], ...] at each evaluation.
     With curves, a policy also gets ``curve`` (the mean over seeds) and ``area`` (the mean over seeds of each
-    curve's trapezoid area, ratio × tokens: lower is better, the policy got there sooner).
+    curve's trapezoid area, ratio × tokens: lower is better, the policy got there sooner). When every run has an
+    ``"accuracy"`` (``{domain: task accuracy}``, :func:`run_accuracy`), a policy also gets ``accuracy`` per domain
+    (mean and half-range), ``mean_accuracy`` and the worst domain (``worst_accuracy_domain``, ``worst_accuracy``).
     """
     out = {}
+    acc_domains = accuracy_domains(results)
     for policy, runs in results.items():
         per_domain = {}
         for d in domains:
@@ -74,20 +77,67 @@ def aggregate(results: dict[str, list[dict]], domains: list[str]) -> dict:
         if curves:
             out[policy]["curve"] = mean_curve(curves)
             out[policy]["area"] = statistics.fmean(trapezoid_area(c) for c in curves)
+        if acc_domains:
+            out[policy].update(_aggregate_accuracy(runs, acc_domains))
     return out
 
 
-# the paired metrics of one run: (key, words for a claim)
-METRICS = (("mean_ratio", "the mean"), ("worst_ratio", "the worst domain"), ("area", "the area under the curve"))  # area in ratio × M tokens
+def run_accuracy(summary: dict) -> dict[str, float] | None:
+    """A run's task accuracy per domain from its ``summary.json`` (field ``task_accuracy``: ``{domain: {"accuracy",
+    "correct", "total"}}`` as ``ddk eval --tasks --json`` gives them, or ``{domain: accuracy}``); None without it."""
+    raw = summary.get("task_accuracy") if isinstance(summary, dict) else None
+    if not isinstance(raw, dict) or not raw:
+        return None
+    out = {}
+    for d, v in raw.items():
+        acc = v.get("accuracy") if isinstance(v, dict) else v
+        if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0 <= acc <= 1:
+            raise ValueError(f"task_accuracy.{d}: an accuracy in [0, 1], not {acc!r}")
+        out[d] = float(acc)
+    return out
 
 
-def run_metrics(run: dict, domains: list[str]) -> dict[str, float]:
-    """One run's numbers that ``compare`` pairs over seeds: mean and worst domain's held-out ratio, and the area
-    under its ratio-vs-tokens curve (when it has one), in ratio × M tokens as the report's curve table gives it."""
+def accuracy_domains(results: dict[str, list[dict]]) -> list[str]:
+    """The domains every run reports a task accuracy for (its ``accuracy``), sorted; [] when a run has none (then
+    no policy is compared on accuracy: all the runs or none)."""
+    runs = [r for rs in results.values() for r in rs]
+    if not runs or not all(r.get("accuracy") for r in runs):
+        return []
+    return sorted(set.intersection(*(set(r["accuracy"]) for r in runs)))
+
+
+def _aggregate_accuracy(runs: list[dict], domains: list[str]) -> dict:
+    """One policy's task accuracy over seeds: per domain mean and half-range, the mean over domains, the worst
+    domain (lowest mean accuracy)."""
+    per = {}
+    for d in domains:
+        vals = [r["accuracy"][d] for r in runs]
+        per[d] = {"mean": statistics.fmean(vals), "spread": (max(vals) - min(vals)) / 2 if len(vals) > 1 else 0.0}
+    means = [statistics.fmean(r["accuracy"][d] for d in domains) for r in runs]
+    worst = min(domains, key=lambda d: per[d]["mean"])
+    return {"accuracy": per, "mean_accuracy": statistics.fmean(means),
+            "mean_accuracy_spread": (max(means) - min(means)) / 2 if len(means) > 1 else 0.0,
+            "worst_accuracy_domain": worst, "worst_accuracy": per[worst]["mean"]}
+
+
+# the paired metrics of one run: (key, words for a claim, higher is better); area in ratio × M tokens
+METRICS = (("mean_ratio", "the mean", False), ("worst_ratio", "the worst domain", False),
+           ("area", "the area under the curve", False),
+           ("mean_accuracy", "the mean task accuracy", True),
+           ("worst_accuracy", "the worst domain's task accuracy", True))
+
+
+def run_metrics(run: dict, domains: list[str], acc_domains: list[str] | None = None) -> dict[str, float]:
+    """One run's numbers that ``compare`` pairs over seeds: mean and worst domain's held-out ratio, the area
+    under its ratio-vs-tokens curve (when it has one), in ratio × M tokens as the report's curve table gives it,
+    and with ``acc_domains`` the mean and the worst (lowest) task accuracy over them."""
     out = {"mean_ratio": statistics.fmean(run["ratio"][d] for d in domains),
            "worst_ratio": max(run["ratio"][d] for d in domains)}
     if run.get("curve"):
         out["area"] = trapezoid_area(run["curve"]) / 1e6
+    if acc_domains and run.get("accuracy"):
+        out["mean_accuracy"] = statistics.fmean(run["accuracy"][d] for d in acc_domains)
+        out["worst_accuracy"] = min(run["accuracy"][d] for d in acc_domains)
     return out
 
 
@@ -106,20 +156,22 @@ def comparison_pairs(policies: list[str]) -> list[tuple[str, str]]:
 
 def paired_comparisons(results: dict[str, list[dict]], domains: list[str], level: float = 0.95) -> list[dict]:
     """Per (policy, baseline) pair and metric: the mean paired difference over the seeds both ran (policy minus
-    baseline, so negative is better for the policy), its t-interval, and the claim it allows. Pure."""
+    baseline, so negative is better for the policy on ratios, positive on accuracy), its t-interval, and the claim
+    it allows. Pure."""
     out = []
+    acc = accuracy_domains(results)
     for a, b in comparison_pairs(list(results)):
-        by_seed_a = {r.get("seed", i): run_metrics(r, domains) for i, r in enumerate(results[a])}
-        by_seed_b = {r.get("seed", i): run_metrics(r, domains) for i, r in enumerate(results[b])}
+        by_seed_a = {r.get("seed", i): run_metrics(r, domains, acc) for i, r in enumerate(results[a])}
+        by_seed_b = {r.get("seed", i): run_metrics(r, domains, acc) for i, r in enumerate(results[b])}
         seeds = [s for s in by_seed_a if s in by_seed_b]
         if not seeds:
             continue
-        for key, words in METRICS:
+        for key, words, higher in METRICS:
             if not all(key in by_seed_a[s] and key in by_seed_b[s] for s in seeds):
                 continue
             diff = paired_difference([by_seed_a[s][key] for s in seeds], [by_seed_b[s][key] for s in seeds], level)
             out.append({"policy": a, "baseline": b, "metric": key, **diff, "level": level,
-                        "claim": claim(diff, a, b, words)})
+                        "higher_is_better": higher, "claim": claim(diff, a, b, words, higher)})
     return out
 
 
@@ -158,6 +210,8 @@ def format_report(agg: dict, domains: list[str], initial: dict[str, float], comm
     if "ddk" in agg and "kd_uniform" in agg:
         lines.append("- measured gaps vs a uniform mixture: "
                      + _versus(agg, "ddk", "kd_uniform", "ddk better", "ddk not better"))
+    if any("accuracy" in agg[p] for p in policies):
+        lines += format_accuracy(agg)
     if comparisons:
         lines += _format_comparisons(comparisons)
     if any("curve" in agg[p] for p in policies):
@@ -170,8 +224,9 @@ def _format_comparisons(comparisons: list[dict]) -> list[str]:
     level = comparisons[0].get("level", 0.95)
     lines = ["", f"## Paired differences over seeds ({level:.0%} t-interval)", "",
              "Policy minus baseline, per seed (same seed, same initial student, same held-out blocks), then the mean "
-             "over seeds; lower ratios are better, so a negative difference favours the policy. A claim is made "
-             "only when the interval excludes 0."]
+             "over seeds; lower ratios are better, so a negative difference favours the policy (task accuracy: "
+             "higher is better, a positive difference favours it). A claim is made only when the interval excludes "
+             "0."]
     if n < 3:
         lines += ["", f"Only {n} seed{'s' if n != 1 else ''}: too few for a published table (use `--seeds 3` "
                       "or more)."]
@@ -181,6 +236,22 @@ def _format_comparisons(comparisons: list[dict]) -> list[str]:
         interval = "n/a" if c["low"] is None else f"[{c['low']:+.4f}, {c['high']:+.4f}]"
         lines.append(f"| {c['policy']} | {c['baseline']} | {c['metric']} | {c['mean']:+.4f} | {interval} | "
                      f"{c['n']} | {c['claim']} |")
+    return lines
+
+
+def format_accuracy(agg: dict) -> list[str]:
+    """Markdown lines: task accuracy per domain of the policies that have it (mean ± half-range over seeds), the
+    mean over domains and the worst domain (the lowest). Pure."""
+    have = [p for p in agg if "accuracy" in agg[p]]
+    domains = list(agg[have[0]]["accuracy"])
+    lines = ["", "## Task accuracy per domain (greedy answers, the domain's checker; mean ± half-range over seeds)",
+             "", "| policy | " + " | ".join(domains) + " | mean | worst domain |",
+             "|---|" + "---:|" * len(domains) + "---:|---|"]
+    for p in have:
+        a = agg[p]
+        cells = [f"{a['accuracy'][d]['mean']:.3f} ± {a['accuracy'][d]['spread']:.3f}" for d in domains]
+        lines.append(f"| {p} | " + " | ".join(cells) + f" | {a['mean_accuracy']:.3f} ± "
+                     f"{a['mean_accuracy_spread']:.3f} | {a['worst_accuracy_domain']} ({a['worst_accuracy']:.3f}) |")
     return lines
 
 

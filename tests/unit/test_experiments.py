@@ -1,5 +1,6 @@
 """Pure parts of `ddk compare` and `ddk demo`: policy configs, aggregation over seeds, report tables."""
 
+import json
 import math
 
 import pytest
@@ -104,3 +105,84 @@ def test_demo_report_rows():
     hist = {"versions": [{"version": 0, "step": 0, "weights": {"a": 0.5, "b": 0.5}},
                          {"version": 1, "step": 0, "weights": {"a": 0.25, "b": 0.75}}]}
     assert "| 1 | 0 | 0.250 | 0.750 |" in format_weights_history(hist)
+
+
+def _acc_results():
+    """Two policies, three seeds, task accuracy on add and sort (hand-made summaries)."""
+    kd = [{"add": 0.50, "sort": 0.20}, {"add": 0.60, "sort": 0.30}, {"add": 0.55, "sort": 0.10}]
+    ddk = [{"add": 0.70, "sort": 0.40}, {"add": 0.80, "sort": 0.40}, {"add": 0.75, "sort": 0.30}]
+
+    def runs(accs):
+        return [{"seed": s, "ratio": {"add": 1.2, "sort": 1.5}, "tokens": {"add": 1, "sort": 1}, "accuracy": a}
+                for s, a in enumerate(accs)]
+    return {"kd": runs(kd), "ddk": runs(ddk)}
+
+
+def test_compare_task_accuracy_per_domain_mean_worst_and_paired_intervals():
+    """Reference by hand: kd's add 0.55 ± 0.05, sort 0.20 ± 0.10; per-seed means 0.35, 0.45, 0.325 -> 0.375 ±
+    0.0625; worst domain sort. ddk - kd per seed on the mean: 0.20, 0.15, 0.20 -> mean 0.18333, sd 0.028868,
+    t(0.975, 2) = 4.302653, half-width 0.071711 -> [0.11162, 0.25504]: ddk beats kd (higher accuracy is better).
+    Worst domain's accuracy per seed: kd 0.2, 0.3, 0.1; ddk 0.4, 0.4, 0.3 -> 0.2, 0.1, 0.2: mean 0.16667, sd
+    0.057735, half-width 0.143422 -> [0.02324, 0.31009]."""
+    from ddk.experiments.tables import paired_comparisons
+
+    results = _acc_results()
+    agg = aggregate(results, ["add", "sort"])
+    kd = agg["kd"]
+    assert kd["accuracy"]["add"]["mean"] == pytest.approx(0.55) and kd["accuracy"]["add"]["spread"] == pytest.approx(0.05)
+    assert kd["accuracy"]["sort"]["mean"] == pytest.approx(0.20) and kd["accuracy"]["sort"]["spread"] == pytest.approx(0.10)
+    assert kd["mean_accuracy"] == pytest.approx(0.375) and kd["mean_accuracy_spread"] == pytest.approx(0.0625)
+    assert kd["worst_accuracy_domain"] == "sort" and kd["worst_accuracy"] == pytest.approx(0.20)
+    assert agg["ddk"]["mean_accuracy"] == pytest.approx((0.55 + 0.60 + 0.525) / 3)
+    comps = {c["metric"]: c for c in paired_comparisons(results, ["add", "sort"])}
+    mean = comps["mean_accuracy"]
+    assert (mean["policy"], mean["baseline"], mean["n"]) == ("ddk", "kd", 3)
+    assert mean["mean"] == pytest.approx(0.183333, abs=1e-6) and mean["sd"] == pytest.approx(0.028868, abs=1e-6)
+    assert mean["low"] == pytest.approx(0.11162, abs=1e-5) and mean["high"] == pytest.approx(0.25504, abs=1e-5)
+    assert mean["claim"] == "ddk beats kd on the mean task accuracy" and mean["higher_is_better"]
+    worst = comps["worst_accuracy"]
+    assert worst["low"] == pytest.approx(0.02324, abs=1e-5) and worst["high"] == pytest.approx(0.31009, abs=1e-5)
+    assert worst["claim"] == "ddk beats kd on the worst domain's task accuracy"
+    # the ratios are the same in every run: no claim there
+    assert comps["mean_ratio"]["claim"] == "no difference measurable at 3 seeds"
+    report = format_report(agg, ["add", "sort"], {"add": 1.5, "sort": 2.0}, "ddk compare x", "note",
+                           paired_comparisons(results, ["add", "sort"]))
+    assert "## Task accuracy per domain" in report
+    assert "| kd | 0.550 ± 0.050 | 0.200 ± 0.100 | 0.375 ± 0.062 | sort (0.200) |" in report
+    assert "| ddk | kd | mean_accuracy | +0.1833 | [+0.1116, +0.2550] | 3 | ddk beats kd on the mean task accuracy |" \
+        in report
+
+
+def test_compare_without_accuracy_in_every_run_reports_none():
+    from ddk.experiments.tables import paired_comparisons
+
+    results = _acc_results()
+    del results["kd"][1]["accuracy"]
+    agg = aggregate(results, ["add", "sort"])
+    assert not any("accuracy" in a for a in agg.values())
+    assert not any(c["metric"].endswith("accuracy") for c in paired_comparisons(results, ["add", "sort"]))
+    assert "Task accuracy" not in format_report(agg, ["add", "sort"], {"add": 1.5, "sort": 2.0}, "c", "n")
+
+
+def test_lower_accuracy_loses_the_claim():
+    from ddk.experiments.stats import claim, paired_difference
+
+    diff = paired_difference([0.5, 0.4, 0.45], [0.7, 0.65, 0.72])
+    assert diff["excludes_zero"] and diff["high"] < 0
+    assert claim(diff, "ddk", "kd", "the mean task accuracy", higher_is_better=True) == \
+        "kd beats ddk on the mean task accuracy"
+    assert claim(diff, "ddk", "kd", "the mean") == "ddk beats kd on the mean"
+
+
+def test_summary_accuracy_reads_the_runs_task_accuracy(tmp_path):
+    from ddk.experiments.compare import summary_accuracy
+
+    p = tmp_path / "summary.json"
+    p.write_text(json.dumps({"steps": 3, "task_accuracy": {"add": {"accuracy": 0.75, "correct": 3, "total": 4},
+                                                           "sort": 0.5}}))
+    assert summary_accuracy(p) == {"accuracy": {"add": 0.75, "sort": 0.5}}
+    p.write_text(json.dumps({"steps": 3}))
+    assert summary_accuracy(p) == {}
+    p.write_text(json.dumps({"task_accuracy": {"add": 1.5}}))
+    assert summary_accuracy(p) == {}  # not an accuracy: a warning, and no accuracy for this run
+    assert summary_accuracy(tmp_path / "absent.json") == {}
