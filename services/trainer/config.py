@@ -132,6 +132,14 @@ class KDSection(_Section):
     # positions per chunk of the loss computed from the hidden states (output projection inside the chunk);
     # None: sized so one chunk's float32 [chunk, vocab] is at most ~256 MB; 0: the plain path (full logits)
     chunk_tokens: int | None = Field(None, ge=0)
+    # a teacher (or route) whose tokenizer differs from the student's (issue 29): auto: distil across tokenizers
+    # (ddk.trainer.xtok_teacher: the text re-tokenised the teacher's way, aligned by bytes); off: refused, exit 2
+    cross_tokenizer: Literal["auto", "off"] = "auto"
+
+    @field_validator("cross_tokenizer", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):  # YAML reads a bare `off` as false (and `on` as true)
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
     # on-policy distillation (GKD's lambda, issue 28): the share of each step's rows whose completions the student
     # writes (the ``rollout`` section) from the conversation domains' prompts; 0 is the off-policy run exactly
     on_policy: float = Field(0.0, ge=0, le=1)

@@ -49,18 +49,20 @@ TRACKER_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_
                "WANDB_ENTITY", "WANDB_MODE", "WANDB_DIR")
 
 
-def check_teacher(info: dict, fingerprint: str, cfg, student_vocab: int) -> None:
-    """Refuse (UsageError -> exit 2) a teacher the student cannot learn from. Pure: ``info`` is /v1/info."""
+def check_teacher(info: dict, fingerprint: str, cfg, student_vocab: int, cross: bool = False) -> None:
+    """Refuse (UsageError -> exit 2) a teacher the student cannot learn from. Pure: ``info`` is /v1/info.
+    ``cross``: the pair passed the cross-tokenizer checks (:func:`_cross_checked`): another tokenizer is fine."""
     theirs = info.get("tokenizer_fingerprint")
-    if theirs != fingerprint:
+    if theirs != fingerprint and not cross:
         raise UsageError(f"teacher.urls: the teacher's tokenizer fingerprint {theirs} differs from "
-                         f"student.model's {fingerprint} (they must share one tokenizer)")
+                         f"student.model's {fingerprint} (they must share one tokenizer"
+                         + (", as kd.cross_tokenizer is off)" if cfg.kd.cross_tokenizer == "off" else ")"))
     if cfg.kd.gamma > 0 and cfg.kd.top_k > int(info.get("max_top_k", cfg.kd.top_k)):
         raise UsageError(f"kd.top_k: {cfg.kd.top_k} is more than the teacher serves (max_top_k {info['max_top_k']})")
     if cfg.data.seq_len + 1 > int(info.get("max_seq_len", cfg.data.seq_len + 1)):
         raise UsageError(f"data.seq_len: blocks of {cfg.data.seq_len + 1} tokens exceed the teacher's "
                          f"max_seq_len {info['max_seq_len']}")
-    if int(info.get("vocab_size", 0)) > student_vocab:
+    if not cross and int(info.get("vocab_size", 0)) > student_vocab:
         raise UsageError(f"student.model: vocabulary of {student_vocab} is smaller than the teacher's "
                          f"{info['vocab_size']}")
     if "max_seq_len" in info:  # kd.on_policy: prompt + rollout.max_new_tokens must fit the teacher
@@ -245,7 +247,9 @@ def _checked_teacher(cfg, tokenizer, student_vocab: int):
     if not cfg.teacher.routes:
         client = TeacherClient(cfg.teacher.urls, token=token)
         try:
-            check_teacher(client.info(), tokenizer_fingerprint(tokenizer), cfg, student_vocab)
+            info = client.info()
+            cross = _cross_checked(cfg, client, info, tokenizer, "teacher.urls")
+            check_teacher(info, tokenizer_fingerprint(tokenizer), cfg, student_vocab, cross)
         except BaseException:
             client.close()
             raise
@@ -262,7 +266,9 @@ def _checked_teacher(cfg, tokenizer, student_vocab: int):
             where = "teacher.urls" if domain is None else f"teacher.routes.{domain}"
             urls = ",".join(routed.urls_of(domain))
             try:
-                check_teacher(routed.client(domain).info(), fingerprint, cfg, student_vocab)
+                info = routed.client(domain).info()
+                cross = _cross_checked(cfg, routed.client(domain), info, tokenizer, f"{where} ({urls})")
+                check_teacher(info, fingerprint, cfg, student_vocab, cross)
             except UsageError as e:  # "teacher.urls: ..." becomes "teacher.routes.math (URL): ..."
                 key, _, rest = str(e).partition(": ")
                 raise UsageError(f"{where} ({urls}): {rest}" if key == "teacher.urls"
@@ -273,6 +279,29 @@ def _checked_teacher(cfg, tokenizer, student_vocab: int):
         routed.close()
         raise
     return routed
+
+
+def _cross_checked(cfg, client, info: dict, tokenizer, where: str) -> bool:
+    """True when the teacher's tokenizer differs from the student's, ``kd.cross_tokenizer`` is auto and the pair
+    can work (``xtok_teacher.check_pair``: offsets, bytes, round-trips; UsageError naming ``where`` otherwise)."""
+    from ddk.fingerprint import tokenizer_fingerprint
+
+    if cfg.kd.cross_tokenizer == "off" or info.get("tokenizer_fingerprint") == tokenizer_fingerprint(tokenizer):
+        return False
+    from ddk.teacher.client import TeacherRequestError
+    from ddk.trainer.xtok_teacher import check_pair
+
+    try:
+        teacher_tok = client.tokenizer()
+    except TeacherRequestError as e:
+        raise UsageError(f"{where}: the teacher's tokenizer differs from the student's and it serves none to "
+                         f"distil across tokenizers ({e.detail})") from None
+    except ValueError as e:
+        raise UsageError(f"{where}: {e}") from None
+    check_pair(tokenizer, teacher_tok, where=where)
+    log.info("%s: the teacher has another tokenizer; distilling across tokenizers (kd.cross_tokenizer: auto)",
+             where)
+    return True
 
 
 def check_routes(cfg, names: list[str]) -> None:

@@ -515,17 +515,21 @@ class Trainer:
     def _open_teacher(self):
         """The configured teacher: the top-k store (``cache.dir``, teacher.urls behind it: topk_source.py), or
         the service (``teacher.routes``: each domain's rows to its own teacher, ddk.teacher.routes)."""
+        from ddk.trainer.xtok_teacher import open_cross_tokenizer  # teachers of another tokenizer (issue 29)
+
         if self.cfg.cache.dir:
             from ddk.trainer.topk_source import open_source
 
-            return open_source(self.cfg, self.job.teacher_token)
+            return open_cross_tokenizer(self.cfg, open_source(self.cfg, self.job.teacher_token), self.tokenizer,
+                                        self.job.teacher_token)
         from ddk.teacher.client import TeacherClient
         from ddk.teacher.routes import RoutedTeacher
 
         token = self.job.teacher_token
-        return RoutedTeacher(self.cfg.teacher.urls, self.cfg.teacher.routes,
-                             make_client=lambda urls: TeacherClient(urls, token=token)) \
-            if self.cfg.teacher.routes else TeacherClient(self.cfg.teacher.urls, token=token)
+        return open_cross_tokenizer(self.cfg, RoutedTeacher(self.cfg.teacher.urls, self.cfg.teacher.routes,
+                                    make_client=lambda urls: TeacherClient(urls, token=token))
+                                    if self.cfg.teacher.routes else TeacherClient(self.cfg.teacher.urls, token=token),
+                                    self.tokenizer, token)
 
     def _setup_rank0(self) -> None:
         s = self.state
@@ -594,6 +598,8 @@ class Trainer:
             self._eval = Evaluator(self.cfg, {n: self.domains[n] for n in self.names}, self.rank, self.world,
                                    self.device, self.precision, self.step_module.chunked, teacher,
                                    lambda v: all_reduce_sum(v, self.world, self.device))
+            if getattr(teacher, "cross_tokenizer", False):  # its top-k is in another vocabulary: no diagnostics
+                self._eval.uses_topk = False
             if self.rank == 0:
                 self._record_eval_set(self._eval.record())
         return self._eval
@@ -713,6 +719,7 @@ class Trainer:
             t_ids = t_lp = None
             if b.teacher is not None:
                 t_ids, t_lp = b.teacher.ids.to(device), b.teacher.logprobs.to(device).float()
+            self._xtok = getattr(b.teacher, "xtok", None)  # a cross-tokenizer batch's alignment (xtok_teacher.py)
             with scale.no_sync(self.model, sync=i == last):
                 with scale.autocast(device, self.precision):
                     labels = ids[:, 1:] if b.labels is None else b.labels.to(device, non_blocking=True)
@@ -723,10 +730,11 @@ class Trainer:
 
     def _forward(self, inputs, labels, t_ids, t_lp):
         """The placed student's loss (scale.StudentStep through DDP); a failing torch.compile named as such."""
+        xtok = getattr(self, "_xtok", None)
         if not self.cfg.train.compile:
-            return self.model(inputs, labels, t_ids, t_lp)
+            return self.model(inputs, labels, t_ids, t_lp, xtok)
         try:
-            return self.model(inputs, labels, t_ids, t_lp)
+            return self.model(inputs, labels, t_ids, t_lp, xtok)
         except Exception as e:
             if scale.is_compile_error(e):
                 log.error("train.compile: torch.compile failed on rank %d: %s", self.rank, e)

@@ -222,8 +222,16 @@ class StudentStep(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor | None = None,
-                teacher_logprobs: torch.Tensor | None = None):
+                teacher_logprobs: torch.Tensor | None = None, xtok: Any = None):
+        """``xtok``: a cross-tokenizer batch's alignment (``ddk.trainer.xtok_teacher.XtokBatch``); such a batch
+        takes the full-logits path and :func:`ddk.trainer.xtok_loss.xtok_batch_loss`, whatever ``chunk_tokens``."""
         kw = dict(loss=self.loss_name, beta=self.beta, skew=self.skew)
+        if xtok is not None and teacher_ids is not None:
+            from ddk.trainer.xtok_loss import xtok_batch_loss
+
+            logits = self.student(input_ids=input_ids, use_cache=False).logits
+            return xtok_batch_loss(logits, labels, teacher_ids, teacher_logprobs, xtok.compared, xtok.family,
+                                   xtok.families, self.gamma, self.temperature, **kw)
         if self.chunked:
             from ddk.trainer.loss import chunked_distill_loss
 

@@ -163,3 +163,53 @@ def xtok_distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, studen
 def identity_positions(labels: torch.Tensor) -> torch.Tensor:
     """The compared positions of the identity alignment (one tokenizer on both sides): every labelled one."""
     return torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).reshape(-1)
+
+
+def _fit(mask_or_map: torch.Tensor, size: int, fill) -> torch.Tensor:
+    """A ``[n]`` table cut or padded (with ``fill``) to ``size`` (the student's logits may be wider than its
+    tokenizer: padded embedding rows, which no teacher id maps to)."""
+    n = int(mask_or_map.shape[0])
+    if n >= size:
+        return mask_or_map[:size]
+    return torch.cat([mask_or_map, mask_or_map.new_full((size - n,), fill)])
+
+
+def xtok_batch_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor,
+                    teacher_logprobs: torch.Tensor, compared: torch.Tensor, family: torch.Tensor, families,
+                    gamma: float, temperature: float = 1.0, loss: str = "forward_kl", beta: float = 0.5,
+                    skew: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`xtok_distill_loss` for a batch in the student's layout whose rows may come from teachers of
+    different tokenizers (``ddk.trainer.xtok_teacher``): ``teacher_ids``/``teacher_logprobs [B, T, k]`` (each row's
+    teacher's ids) read where ``compared [B, T]``; row b's teacher is ``families[family[b]]`` (its
+    ``teacher_to_student``, ``student_shared`` and ``weights``). ``kl = T^2 * mean over all compared groups`` of
+    each group's family-weighted term; one family is :func:`xtok_distill_loss` exactly."""
+    div = divergence_fn(loss, beta, skew)
+    B, T_len, V_S = student_logits.shape
+    ce = cross_entropy(student_logits, labels)
+    zero = torch.zeros((), device=ce.device)
+    device = student_logits.device
+    keep = compared.to(device, torch.bool) & (labels != IGNORE_INDEX)
+    C = int(keep.sum())
+    if gamma == 0 or C == 0:
+        return ce, {"ce": ce.detach(), "kl": zero, "match": zero, "uld": zero}
+    Tt = float(temperature)
+    row_family = family.to(device, torch.long)[:, None].expand(B, T_len)[keep]        # [C]
+    flat_pos = torch.nonzero(keep.reshape(-1)).reshape(-1)
+    k = teacher_ids.shape[-1]
+    g_ids = teacher_ids.reshape(B * T_len, k)[flat_pos.to(teacher_ids.device)]
+    g_lp = teacher_logprobs.reshape(B * T_len, k)[flat_pos.to(teacher_logprobs.device)]
+    total = torch.zeros((), device=device, dtype=torch.float32)
+    match_sum, uld_sum = zero.clone(), zero.clone()
+    for f in torch.unique(row_family).tolist():
+        fam = families[f]
+        sel = torch.nonzero(row_family == f).reshape(-1)
+        logits_f = student_logits.reshape(B * T_len, V_S)[flat_pos[sel]]
+        s_logp = torch.log_softmax(logits_f.float() / Tt, dim=-1)
+        t2s = fam.teacher_to_student.to(device)
+        shared = _fit(fam.student_shared.to(device), V_S, False)
+        match, uld = xtok_terms(s_logp, g_ids[sel.to(g_ids.device)], g_lp[sel.to(g_lp.device)], t2s, shared, Tt, div)
+        w_match, w_uld = (float(w) for w in fam.weights)
+        total = total + (w_match * match + w_uld * uld if w_uld != 0 else w_match * match).sum()
+        match_sum, uld_sum = match_sum + match.detach().sum(), uld_sum + uld.detach().sum()
+    kl = total / float(C) * (Tt * Tt)
+    return ce + gamma * kl, {"ce": ce.detach(), "kl": kl.detach(), "match": match_sum / C, "uld": uld_sum / C}
