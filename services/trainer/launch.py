@@ -56,7 +56,8 @@ def check_teacher(info: dict, fingerprint: str, cfg, student_vocab: int, cross: 
     if theirs != fingerprint and not cross:
         raise UsageError(f"teacher.urls: the teacher's tokenizer fingerprint {theirs} differs from "
                          f"student.model's {fingerprint} (they must share one tokenizer"
-                         + (", as kd.cross_tokenizer is off)" if cfg.kd.cross_tokenizer == "off" else ")"))
+                         + (", as kd.cross_tokenizer is off)" if getattr(cfg.kd, "cross_tokenizer", "") == "off"
+                            else ")"))
     if cfg.kd.gamma > 0 and cfg.kd.top_k > int(info.get("max_top_k", cfg.kd.top_k)):
         raise UsageError(f"kd.top_k: {cfg.kd.top_k} is more than the teacher serves (max_top_k {info['max_top_k']})")
     if cfg.data.seq_len + 1 > int(info.get("max_seq_len", cfg.data.seq_len + 1)):
