@@ -177,9 +177,8 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
     ``max_batch_tokens`` bounds one request (the sum of its sequence lengths, else 413) and one
     engine batch (padded for the hf engine, see batcher.py); ``max_queue`` bounds the requests
     waiting (else 503 + Retry-After); ``max_body_bytes`` bounds the request body (else 413;
-    default: room for max_batch_tokens ids written as JSON). ``cache_dir``: the
-    top-k store (``cache_dir/topk.sqlite``, at most ``cache_max_bytes`` of entries, written in
-    ``cache_encoding``); ``token``: the bearer token /v1/topk needs.
+    default: room for max_batch_tokens ids written as JSON). ``cache_dir``: the top-k store (``cache_dir/topk.sqlite``,
+    at most ``cache_max_bytes`` of entries, written in ``cache_encoding``); ``token``: the bearer token /v1/topk needs.
     """
     if max_body_bytes is None:
         max_body_bytes = 16 * max_batch_tokens + 4096
@@ -192,6 +191,7 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
     app = FastAPI(title="ddk teacher", version="1", lifespan=lifespan)
     app.state.teacher = state
     app.include_router(tokenizer_router(model_dir, state))  # GET /v1/tokenizer (tokenizer_route.py)
+    _add_generate_route(app, state, token, metrics, max_body_bytes, max_batch_tokens)  # POST /v1/generate
 
     @app.get("/healthz")
     async def healthz():
@@ -245,14 +245,17 @@ def create_app(load_engine: Callable[[], object], *, model_dir: str | Path | Non
         if "application/json" in accept and MEDIA_TYPE not in accept:
             return await _json_answer(items, job, n_seq, metrics, done)
         return StreamingResponse(_frames(items, job, n_seq, req.dtype, metrics, done), media_type=MEDIA_TYPE)
+    return app
 
-    gen_lock = threading.Lock()  # one generation at a time (the batcher's top-k batches go on beside it)
+
+def _add_generate_route(app: FastAPI, state: dict, token: str | None, metrics: Metrics, max_body_bytes: int,
+                        max_batch_tokens: int) -> None:
+    """``POST /v1/generate``: one generation at a time (the batcher's top-k batches go on beside it)."""
+    lock = threading.Lock()
 
     @app.post("/v1/generate")
     async def generate(request: Request):
-        return await _generate(request, state, token, metrics, max_body_bytes, max_batch_tokens, gen_lock)
-
-    return app
+        return await _generate(request, state, token, metrics, max_body_bytes, max_batch_tokens, lock)
 
 
 async def _generate(request: Request, state: dict, token: str | None, metrics: Metrics, max_body_bytes: int,

@@ -129,8 +129,8 @@ def test_compare_task_accuracy_per_domain_mean_worst_and_paired_intervals():
     results = _acc_results()
     agg = aggregate(results, ["add", "sort"])
     kd = agg["kd"]
-    assert kd["accuracy"]["add"]["mean"] == pytest.approx(0.55) and kd["accuracy"]["add"]["spread"] == pytest.approx(0.05)
-    assert kd["accuracy"]["sort"]["mean"] == pytest.approx(0.20) and kd["accuracy"]["sort"]["spread"] == pytest.approx(0.10)
+    assert kd["accuracy"]["add"] == {"mean": pytest.approx(0.55), "spread": pytest.approx(0.05)}
+    assert kd["accuracy"]["sort"] == {"mean": pytest.approx(0.20), "spread": pytest.approx(0.10)}
     assert kd["mean_accuracy"] == pytest.approx(0.375) and kd["mean_accuracy_spread"] == pytest.approx(0.0625)
     assert kd["worst_accuracy_domain"] == "sort" and kd["worst_accuracy"] == pytest.approx(0.20)
     assert agg["ddk"]["mean_accuracy"] == pytest.approx((0.55 + 0.60 + 0.525) / 3)
