@@ -278,6 +278,9 @@ class TrainConfig(_Section):
                              "top-k store in cache.dir cannot)")
         if self.kd.on_policy > 0 and self.kd.gamma == 0:
             raise ValueError("kd.on_policy: needs kd.gamma > 0 (rollouts are trained on the teacher's grades)")
+        if self.kd.on_policy > 0 and self.train.strategy == "fsdp":
+            raise ValueError("kd.on_policy: not with train.strategy fsdp yet (the rollout rows run through the "
+                             "unsharded student); use ddp")
         return self
 
 

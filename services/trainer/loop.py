@@ -400,6 +400,7 @@ class Trainer:
         self.model = self.raw_model = self.teacher = self.feed = self.progress = self.writer = self.distributed = None
         self.throughput = _Throughput()
         self.t_start = time.perf_counter()
+        self.onpolicy = None  # kd.on_policy > 0: ddk.trainer.onpolicy.OnPolicyStep
 
     # -- setup -------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -429,6 +430,11 @@ class Trainer:
         self.distributed.register("trainer", self.state)
         self.distributed.register("mixture", self.mixture)
         self.distributed.register("sampler", self.feed, per_rank=True)  # the sampler's position after the last batch
+        if cfg.kd.on_policy > 0:  # rollout rows (issue 28, ddk.trainer.onpolicy); the engine's counter per rank
+            from ddk.trainer.onpolicy import OnPolicyStep
+
+            self.onpolicy = OnPolicyStep(cfg, self.rank, self.domains, self.out_dir, self.job.teacher_token)
+            self.distributed.register("rollout", self.onpolicy, per_rank=True)
         self.resume()
         self._setup_scale()
         if self.state.step >= self.total and self.rank == 0:
@@ -676,7 +682,12 @@ class Trainer:
             micro.append(b)
             waited += w
         self.optimizer.zero_grad(set_to_none=True)
+        onp = None if self.onpolicy is None else self.onpolicy.backward(  # first: local gradients (its docstring)
+            micro, self.raw_model, s.step, device, lambda: scale.autocast(device, self.precision), self.scaler)
         loss, ce, kl = self.backward(micro)
+        if onp is not None:  # the step's loss: the mean over dataset and rollout tokens
+            self.onpolicy.rescale(self.model.parameters(), *all_reduce_sum(
+                [onp["dataset_tokens"], onp["rollout_tokens"]], world, device))
         if cfg.train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)  # fp16: clip the true gradient (a no-op otherwise)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
@@ -699,7 +710,7 @@ class Trainer:
                                "teacher_wait_s": sums[3] / world, "version": self.mixture.version,
                                "weights": {n: self.mixture.weights[n] for n in self.names},
                                "rows": {n: int(sums[4 + i]) for i, n in enumerate(self.names)},
-                               **self._mfu(tps, dt)})
+                               **self._mfu(tps, dt), **({"onpolicy": onp} if onp is not None else {})})
             self.progress.progress(s.step, self.total, sums[0] / world, sums[1] / world, sums[2] / world,
                                      tps / dt if dt > 0 else None, force=is_eval_step(s.step, self.K, self.total))
         return sums[0] / world
@@ -816,6 +827,9 @@ class Trainer:
                 "step_s": t.step_s, "step_cpu_s": t.step_cpu_s, "teacher_wait_s": t.wait_s}
 
     def _close_inputs(self) -> None:
+        if self.onpolicy is not None:
+            self.onpolicy.close()
+            self.onpolicy = None
         if self.feed is not None:
             self.feed.close()
             self.feed = None

@@ -14,7 +14,7 @@
 Plus :func:`step_record` (what a step logs: generation / grading time, rollout tokens/s, mean completion
 length per domain, the engine's weight-version lag) and the launch checks (:func:`check_on_policy`,
 :func:`prompt_domains`, :func:`check_rollout_length`). I/O only in :func:`rollout`, :func:`grade` and
-:func:`is_conversation_domain` (the first row of a domain's first file).
+:func:`is_conversation_domain` (the first row of each of a domain's files).
 
 Layout of one row (prompt p_0..p_{P-1}, completion c_0..c_{n-1}; s = prompt + completion, L = P + n)::
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -42,17 +43,11 @@ from ddk.trainer.rollout import Rollout
 
 
 def is_conversation_domain(spec) -> bool:
-    """A domain whose rows are conversations (``messages`` or ``prompt`` + ``completion``, ddk.data.chat): the
-    first row of its first file decides (the form is per file, and a domain's files share it)."""
-    from ddk.data.chat import row_form
-    from ddk.data.chat_files import read_rows
+    """A domain whose rows are conversations (``messages`` or ``prompt`` + ``completion``):
+    :func:`ddk.data.chat_cache.domain_form`, the data cache's own test (a domain whose files disagree: exit 2)."""
+    from ddk.data.chat_cache import KIND, domain_form
 
-    try:
-        for _, row in read_rows(spec.files[0]):
-            return row_form(row) is not None
-    except (UsageError, OSError, IndexError):
-        return False
-    return False
+    return domain_form(spec) == KIND
 
 
 def prompt_domains(specs) -> list[str]:
@@ -132,6 +127,12 @@ class OnPolicyBatch:
     @property
     def completion_mask(self) -> torch.Tensor:
         return self.labels != IGNORE_INDEX
+
+    def to(self, device) -> "OnPolicyBatch":
+        e = self.engine_logprobs
+        return OnPolicyBatch(self.input_ids.to(device), self.labels.to(device), self.teacher_ids.to(device),
+                             self.teacher_logprobs.to(device), self.teacher_token_logprobs.to(device),
+                             None if e is None else e.to(device))
 
 
 def rollout(engine, model, prompts: Sequence[Sequence[int]]) -> RolloutResult:
@@ -224,3 +225,135 @@ def make_engine(cfg, rank: int = 0, student_dir: str | None = None, sync_dir: st
 
     return VLLMRollout(student_dir or cfg.student.model, cfg.rollout_seed, rank, r.max_new_tokens, r.temperature,
                        r.top_p, r.sync_every, max_model_len=cfg.data.seq_len + r.max_new_tokens, sync_dir=sync_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loop's part (ddk.trainer.loop.Trainer.train_step, kd.on_policy > 0)
+
+
+def pick_rows(step_rows: Sequence[Sequence[str]], conversation: set[str], share: float) -> list[tuple[int, int]]:
+    """Which rows of a step become rollouts: ``(micro-batch, row)`` of the first ``round(share x rows)`` rows from
+    a conversation domain, in batch order (fewer when the step holds fewer conversation rows). Pure."""
+    total = sum(len(rows) for rows in step_rows)
+    want = int(share * total + 0.5)
+    picked: list[tuple[int, int]] = []
+    for m, rows in enumerate(step_rows):
+        for i, domain in enumerate(rows):
+            if len(picked) < want and domain in conversation:
+                picked.append((m, i))
+    return picked
+
+
+def grade_by_domain(teacher, rollouts: Sequence[Rollout], domains: Sequence[str], top_k: int) -> Graded:
+    """:func:`grade` through ``teacher.client(domain)`` per domain when ``teacher`` routes (``teacher.routes``),
+    one request per domain; else one request. Rollout order kept."""
+    if not hasattr(teacher, "client"):
+        return grade(teacher, rollouts, top_k)
+    t0 = time.perf_counter()
+    outputs: list[Any] = [None] * len(rollouts)
+    for d in sorted(set(domains)):
+        idx = [i for i, x in enumerate(domains) if x == d]
+        got = grade(teacher.client(d), [rollouts[i] for i in idx], top_k)
+        for i, o in zip(idx, got.outputs):
+            outputs[i] = o
+    return Graded(outputs, time.perf_counter() - t0)
+
+
+class OnPolicyStep:
+    """A worker's on-policy rows: per step the share ``kd.on_policy`` of its rows (conversation rows only) lose
+    their dataset completion (labels -100) and become rollouts of their prompts (the row without its last
+    assistant turn), graded by the teacher and trained with ``rollout.loss``. Checkpointed per rank (the
+    engine's call counter): ``state_dict`` / ``load_state_dict``.
+
+    Weighting: the step's loss is the mean over all its labelled tokens, N dataset tokens with ``CE + gamma D``
+    and M completion tokens with ``gamma`` x the on-policy term: :meth:`backward` runs first (the student's
+    gradients accumulate locally, outside DDP's sync) with weight ``gamma M / N``, the dataset rows' backward
+    follows (its last micro-batch all-reduces everything), and :meth:`rescale` multiplies the gradients by
+    ``N / (N + M)`` (summed over the workers; exact on one worker, each rank's own ratio in the first factor
+    otherwise). No dataset token (N = 0): weight ``gamma``, no rescale."""
+
+    def __init__(self, cfg, rank: int, domains: dict, out_dir: str | Path, teacher_token: str | None = None):
+        self.cfg, self.domains = cfg, domains
+        self.conversation = {n for n, d in domains.items() if getattr(d, "conversations", False)}
+        sync_dir = Path(out_dir) / "rollout-sync" / f"rank{rank}" if cfg.rollout.engine == "vllm" else None
+        self.engine = make_engine(cfg, rank, sync_dir=None if sync_dir is None else str(sync_dir))
+        self.teacher = open_grader(cfg, teacher_token)
+
+    def state_dict(self) -> dict:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.load_state_dict(state)
+
+    def take_prompts(self, micro) -> tuple[list[list[int]], list[str]]:
+        """Pick this step's rollout rows (:func:`pick_rows`), mask their labels out of the dataset loss, and
+        return their prompts and domains."""
+        picked = pick_rows([[dn for dn, _ in b.rows] for b in micro], self.conversation, self.cfg.kd.on_policy)
+        prompts, names = [], []
+        for m, i in picked:
+            b = micro[m]
+            dn, row = b.rows[i]
+            prompt = prompt_of(b.input_ids[i].tolist(), [bool(x) for x in self.domains[dn].train_mask[int(row)]])
+            if not prompt:
+                continue
+            b.labels[i] = IGNORE_INDEX
+            prompts.append(prompt)
+            names.append(dn)
+        return prompts, names
+
+    def backward(self, micro, student, version: int, device, autocast, scaler) -> dict[str, Any]:
+        """The rollout rows' forward and backward (see the class); the step's on-policy record."""
+        prompts, names = self.take_prompts(micro)
+        dataset_tokens = sum(int((b.targets() != IGNORE_INDEX).sum()) for b in micro)
+        rec: dict[str, Any] = {"dataset_tokens": dataset_tokens, "rollout_tokens": 0, "rows": len(prompts)}
+        if not prompts:
+            return rec
+        t0 = time.perf_counter()
+        lag = 0
+        if hasattr(self.engine, "maybe_sync"):
+            self.engine.maybe_sync(student, version)
+            lag = self.engine.version_lag(version)
+        got = rollout(self.engine, student, prompts)
+        generation_s = time.perf_counter() - t0
+        graded = grade_by_domain(self.teacher, got.rollouts, names, self.cfg.kd.top_k)
+        t1 = time.perf_counter()
+        pad = student.config.pad_token_id
+        batch = train_batch(got.rollouts, graded, 0 if pad is None else int(pad), engine_current=lag == 0).to(device)
+        M = int(batch.completion_mask.sum())
+        with autocast():
+            logits = student(input_ids=batch.input_ids, use_cache=False).logits
+            loss, parts = onpolicy_loss(logits, batch, self.cfg.rollout.loss, self.cfg.kd, self.cfg.rollout.clip)
+        gamma = float(self.cfg.kd.gamma)
+        weight = gamma * M / dataset_tokens if dataset_tokens else gamma
+        scaler.scale(loss * weight).backward()
+        rec.update(step_record(got.rollouts, names, generation_s, graded.seconds, lag))
+        rec.update({"training_s": time.perf_counter() - t1, "loss": float(loss.detach()),
+                    **{k: float(v) for k, v in parts.items()}})
+        return rec
+
+    @staticmethod
+    def rescale(parameters, dataset_tokens: float, rollout_tokens: float) -> None:
+        """Gradients x ``N / (N + M)`` (the workers' sums); nothing when either is 0."""
+        if dataset_tokens > 0 and rollout_tokens > 0:
+            factor = float(dataset_tokens) / float(dataset_tokens + rollout_tokens)
+            for p in parameters:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
+    def close(self) -> None:
+        for obj in (self.engine, self.teacher):
+            close = getattr(obj, "close", None)
+            if close is not None:
+                close()
+
+
+def open_grader(cfg, token: str | None = None):
+    """The teacher that grades rollouts: ``teacher.urls`` (with ``teacher.routes``: a RoutedTeacher, graded per
+    domain), a client of its own beside the feed's."""
+    from ddk.teacher.client import TeacherClient
+
+    if not cfg.teacher.routes:
+        return TeacherClient(cfg.teacher.urls, token=token)
+    from ddk.teacher.routes import RoutedTeacher
+
+    return RoutedTeacher(cfg.teacher.urls, cfg.teacher.routes, make_client=lambda urls: TeacherClient(urls, token=token))

@@ -381,3 +381,92 @@ def test_prompt_domains_are_the_conversation_domains(tmp_path):
     specs = [DomainSpec("text", [str(tmp_path / "text.jsonl")]), DomainSpec("qa", [str(tmp_path / "chat.jsonl")]),
              DomainSpec("gone", [str(tmp_path / "missing.jsonl")])]
     assert prompt_domains(specs) == ["qa"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loop hook: in-process runs (one rank, LocalContext) on a text domain and a conversation domain
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}")
+
+
+def test_pick_rows_takes_the_share_from_conversation_rows_in_order():
+    from ddk.trainer.onpolicy import pick_rows
+
+    step = [["code", "qa", "qa", "code"], ["qa", "code", "qa", "qa"]]  # 8 rows, 5 of them conversations
+    assert pick_rows(step, {"qa"}, 0.0) == []
+    assert pick_rows(step, {"qa"}, 0.25) == [(0, 1), (0, 2)]  # round(0.25 x 8) = 2
+    assert pick_rows(step, {"qa"}, 0.5) == [(0, 1), (0, 2), (1, 0), (1, 2)]
+    assert pick_rows(step, {"qa"}, 1.0) == [(0, 1), (0, 2), (1, 0), (1, 2), (1, 3)]  # only 5 can be rollouts
+
+
+@pytest.fixture(scope="module")
+def chat_run_setup(kit, tmp_path_factory):
+    import json
+    import shutil
+
+    import yaml
+
+    root = tmp_path_factory.mktemp("onpolicy-loop")
+    student = root / "student"
+    shutil.copytree(kit / "student", student)
+    (student / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    qs = ["def add(a, b):", "what is two plus three", "name a prime", "sort 3 1 2"]
+
+    def conv(i):
+        return {"messages": [{"role": "user", "content": f"{qs[i % 4]} ({i})"},
+                             {"role": "assistant", "content": f"answer {i}: {i % 7}"}]}
+
+    (root / "qa.jsonl").write_text("".join(json.dumps(conv(i)) + "\n" for i in range(40)))
+    (root / "qa-val.jsonl").write_text("".join(json.dumps(conv(100 + i)) + "\n" for i in range(3)))
+    (root / "data.yaml").write_text(yaml.safe_dump({"domains": [
+        {"name": "code", "files": [str(kit / "data/code/train.jsonl")], "val_files": [str(kit / "data/code/val.jsonl")]},
+        {"name": "qa", "files": [str(root / "qa.jsonl")], "val_files": [str(root / "qa-val.jsonl")]}]}))
+    return root
+
+
+def _run(kit, root, teacher_url, name, *sets):
+    from ddk.trainer.config import load_config
+    from ddk.trainer.launch import prepare
+    from ddk.trainer.loop import LocalContext, Trainer
+
+    out = root / name
+    cfg = load_config(kit / "train.yaml", [
+        f"run_id={name}", f"output_dir={out}", f"teacher.urls=[{teacher_url}]", "controller.url=null",
+        "mixture.policy=fixed", f"student.model={root / 'student'}", f"data.file={root / 'data.yaml'}",
+        "data.seq_len=32", f"data.cache_dir={root / 'cache'}", "train.steps=3", "train.batch_size=4",
+        "mixture.interval_steps=3", "checkpoint.every_steps=3", "eval.sequences_per_domain=2", *sets])
+    Trainer(prepare(cfg), LocalContext(cfg.output_dir)).fit()
+    import json
+
+    return out, [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+@pytest.mark.slow
+def test_loop_on_policy_zero_is_todays_run_and_on_policy_rows_train(kit, teacher_url, chat_run_setup):
+    root = chat_run_setup
+    _, base = _run(kit, root, teacher_url, "base")
+    # kd.on_policy 0 with every other rollout key changed: the same losses, bit for bit, and no on-policy record
+    _, zero = _run(kit, root, teacher_url, "zero", "kd.on_policy=0", "rollout.engine=vllm", "rollout.temperature=0.3",
+                   "rollout.loss=sampled_reverse_kl", "rollout.seed=9")
+    steps = [[(r["loss"], r["ce"], r["kl"]) for r in rs if r["event"] == "step"] for rs in (base, zero)]
+    assert len(steps[0]) == 3 and steps[0] == steps[1]
+    assert not any("onpolicy" in r for r in zero)
+    # half the rows are rollouts (conversation rows only): graded, trained, logged, the engine's counter saved
+    out, half = _run(kit, root, teacher_url, "half", "kd.on_policy=0.5", "rollout.max_new_tokens=8")
+    recs = [r for r in half if r["event"] == "step"]
+    assert len(recs) == 3
+    for r in recs:
+        o = r["onpolicy"]
+        assert o["rows"] >= 1
+        assert set(o["completion_len"]) == {"qa"} and 1 <= o["completion_len"]["qa"] <= 8
+        assert o["generation_s"] > 0 and o["grading_s"] > 0 and o["training_s"] > 0 and o["version_lag"] == 0
+        assert o["rollout_tokens"] >= o["rows"] and math.isfinite(o["loss"]) and math.isfinite(r["loss"])
+        assert r["rows"]["qa"] >= o["rows"]  # the rollouts are some of the step's conversation rows
+    assert [x[0] for x in steps[0]] != [r["loss"] for r in recs]  # the step's dataset loss lost those rows
+    from ddk.trainer import checkpoint as ckpt
+
+    folders = sorted((out / "checkpoints").glob("step-*"))  # LocalContext's checkpoints
+    assert folders
+    _, own = ckpt.load_checkpoint(folders[-1], rank=0)
+    assert own["entries"]["rollout"] == {"seed": 0, "step": 3}  # three rollout calls, seed = the run's seed
