@@ -178,7 +178,8 @@ def test_bad_parquet_row_names_its_row(tmp_path, tok):
         prepare_domains([DomainSpec("c", [str(tmp_path / "c.parquet")])], tok, SEQ, tmp_path / "cache")
 
 
-def test_no_chat_template_and_files_that_disagree(tmp_path, tok, kit_tokenizer_no_template):
+def test_no_chat_template_and_files_that_disagree(tmp_path, tok, kit_tokenizer_no_template, capsys):
+    from ddk.cli import main
     from ddk.errors import UsageError
 
     f = write_rows(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVS])
@@ -187,7 +188,13 @@ def test_no_chat_template_and_files_that_disagree(tmp_path, tok, kit_tokenizer_n
         prepare_domains([DomainSpec("c", [str(f)])], kit_tokenizer_no_template, SEQ, tmp_path / "cache")
     with pytest.raises(UsageError, match=rf"domain c: {f} holds conversations but {t} holds text"):
         prepare_domains([DomainSpec("c", [str(f), str(t)])], tok, SEQ, tmp_path / "cache")
-    assert not list((tmp_path / "cache").rglob("meta.json")) if (tmp_path / "cache").exists() else True
+    bare = tmp_path / "bare-tokenizer"  # saved without a template: ddk data prepare names it
+    kit_tokenizer_no_template.save_pretrained(str(bare))
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"domains": [{"name": "c", "files": ["chat.jsonl"]}]}))
+    assert main(["data", "prepare", str(tmp_path / "data.yaml"), "--tokenizer", str(bare), "--cache-dir",
+                 str(tmp_path / "cache"), "--quiet"]) == 2
+    assert f"tokenizer {bare} has no chat template" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("meta.json"))
 
 
 @pytest.fixture
