@@ -25,6 +25,7 @@ the lowest hash), in hash order.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -66,8 +67,9 @@ def file_form(path: str) -> str:
             return TEXT
         return KIND if ("messages" in names or "prompt" in names) else TEXT
     try:
-        for _, row in read_rows(path):
-            return KIND if row_form(row) is not None else TEXT
+        with contextlib.closing(read_rows(path)) as rows:  # the first row only; the file closed right after
+            for _, row in rows:
+                return KIND if row_form(row) is not None else TEXT
     except UsageError:  # not JSON: the text reader names the line
         return TEXT
     return TEXT
