@@ -8,6 +8,20 @@ alignment, on CPU, one thread. Prints numbers and ratios; asserts nothing about 
          from pieces, from ids (a byte-length table), and ``align_groups`` + ``compared_positions``.
 
     .venv/bin/python bench/xtok.py [--B 4 --T 256 --V 8192 --k 16 --repeat 5]
+
+Through the trainer (issue 29, the wired path; the teacher a real ``ddk teacher serve --backend hf``, the Trainer in
+this process, one rank, ``OMP_NUM_THREADS`` threads):
+
+  trainer  tokens/s of the same-tokenizer path (the quick kit's student and teacher, plain ``TeacherClient``) and
+           of the cross-tokenizer path on the same student, text and teacher (``CrossTokenizerTeacher`` with the
+           student's own tokenizer as the teacher's: re-tokenising, aligning and ``xtok_batch_loss`` each step,
+           the teacher's work the same), ``--repeats`` interleaved runs, medians; target cross / same >= 0.8.
+           Also one run of the real pair (the real kit's SmolLM2-135M teacher) for its own tokens/s.
+  pair     the real pair over ``--steps`` steps (fixed mixture, evaluations every ``--interval``): per domain
+           the ratio exp(loss_S - loss_T) with the teacher's loss per student token, at each evaluation.
+
+    .venv/bin/python bench/xtok.py trainer [--steps 20 --repeats 3 --kit DIR --real-kit DIR]
+    .venv/bin/python bench/xtok.py pair [--steps 30 --interval 10 --kit DIR --real-kit DIR]
 """
 
 from __future__ import annotations
@@ -16,11 +30,16 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
+from ddk.runtime import set_process_defaults
 
-from ddk.trainer.align import (align_groups, byte_spans, compared_positions, spans_from_ids, vocab_byte_lengths)
-from ddk.trainer.loss import distill_loss
-from ddk.trainer.xtok_loss import identity_positions, xtok_distill_loss
+set_process_defaults()  # before torch loads OpenMP (the trainer modes run the Trainer here)
+
+import torch  # noqa: E402
+
+from ddk.trainer.align import (align_groups, byte_spans, compared_positions, spans_from_ids,  # noqa: E402
+                               vocab_byte_lengths)
+from ddk.trainer.loss import distill_loss  # noqa: E402
+from ddk.trainer.xtok_loss import identity_positions, xtok_distill_loss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,5 +105,120 @@ def main() -> None:
           f"{t_al * 1e3:.2f} ms")
 
 
+KIT_CACHE = Path.home() / ".cache" / "ddk" / "test-kits"
+
+
+def _kit(given: str | None, kind: str) -> Path:
+    """``--kit`` / ``--real-kit``, else the newest finished test kit of that kind in the per-machine cache."""
+    if given:
+        return Path(given)
+    found = sorted(KIT_CACHE.glob(f"*/kit-{kind}/kit.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"no {kind} kit in {KIT_CACHE}; pass --{'kit' if kind == 'quick' else 'real-kit'} DIR")
+    return found[-1].parent
+
+
+def _job(kit: Path, out: Path, url: str, steps: int, interval: int, *sets: str):
+    from ddk.trainer.config import load_config
+    from ddk.trainer.launch import prepare
+
+    cfg = load_config(kit / "train.yaml", [
+        f"run_id={out.name}", f"output_dir={out}", f"data.cache_dir={kit.parent / 'token-cache'}",
+        f"teacher.urls=[{url}]", "controller.url=null", "mixture.policy=fixed", f"train.steps={steps}",
+        f"mixture.interval_steps={interval}", "train.batch_size=4", "kd.top_k=16", "checkpoint.every_steps=1000",
+        *sets])
+    return prepare(cfg)
+
+
+def _identity_cross(kit: Path, url: str):
+    """The cross-tokenizer path with the student's own tokenizer standing in for the teacher's."""
+    from transformers import AutoTokenizer
+
+    from ddk.teacher.client import TeacherClient
+    from ddk.trainer.xtok_teacher import CrossTokenizerTeacher, Route, Side, identity_family, pair_family
+
+    side = Side(AutoTokenizer.from_pretrained(str(kit / "student"), trust_remote_code=False))
+    return CrossTokenizerTeacher(TeacherClient(url), side, {}, [url], {"": Route(side, 1, 1 << 20)},
+                                 [identity_family(len(side)), pair_family(side, side, len(side), "self")])
+
+
+def _serve(model: Path, work: Path, name: str):
+    import sys as _sys
+
+    sys_path = str(Path(__file__).resolve().parent)
+    if sys_path not in _sys.path:
+        _sys.path.insert(0, sys_path)
+    from common import start_server
+
+    return start_server([_sys.executable, "-m", "ddk.cli", "teacher", "serve", "--model", str(model), "--backend",
+                         "hf"], work / f"teacher-{name}.log", timeout=300)
+
+
+def trainer_bench(a) -> None:
+    import statistics
+    import tempfile
+
+    from ddk.trainer.loop import LocalContext, Trainer
+
+    kit, real = _kit(a.kit, "quick"), _kit(a.real_kit, "real")
+    work = Path(tempfile.mkdtemp(prefix="ddk-xtok-bench-"))
+    (url, proc), (rurl, rproc) = _serve(kit / "teacher", work, "quick"), _serve(real / "teacher", work, "real")
+    try:
+        tps: dict[str, list[float]] = {"same": [], "cross": []}
+        for r in range(a.repeats):
+            for name in ("same", "cross"):
+                job = _job(kit, work / f"{name}{r}", url, a.steps, a.steps, "eval.sequences_per_domain=2")
+                client = _identity_cross(kit, url) if name == "cross" else None
+                s = Trainer(job, LocalContext(job.config.output_dir), teacher_client=client).fit()
+                tps[name].append(s["tokens_per_s"])
+                print(f"  {name} run {r}: {s['tokens_per_s']:.0f} tokens/s", flush=True)
+        job = _job(kit, work / "real", rurl, a.steps, a.steps, "eval.sequences_per_domain=2")
+        real_tps = Trainer(job, LocalContext(job.config.output_dir)).fit()["tokens_per_s"]
+    finally:
+        proc.stop()
+        rproc.stop()
+    same, cross = statistics.median(tps["same"]), statistics.median(tps["cross"])
+    print(f"trainer, {a.steps} steps x 4 x 128 tokens, median of {a.repeats}: same-tokenizer path {same:.0f} "
+          f"tokens/s, cross-tokenizer path (same teacher) {cross:.0f} tokens/s, cross / same {cross / same:.2f} "
+          f"(target >= 0.8); the real pair (SmolLM2-135M teacher) {real_tps:.0f} tokens/s")
+
+
+def pair_run(a) -> None:
+    import json
+    import tempfile
+
+    from ddk.trainer.loop import LocalContext, Trainer
+
+    kit, real = _kit(a.kit, "quick"), _kit(a.real_kit, "real")
+    work = Path(tempfile.mkdtemp(prefix="ddk-xtok-pair-"))
+    url, proc = _serve(real / "teacher", work, "real")
+    try:
+        job = _job(kit, work / "pair", url, a.steps, a.interval, "eval.sequences_per_domain=8")
+        s = Trainer(job, LocalContext(job.config.output_dir)).fit()
+    finally:
+        proc.stop()
+    evals = [json.loads(x) for x in (work / "pair" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e.get("event") == "eval"]
+    names = sorted(evals[0]["ratio"])
+    print(f"real pair, {a.steps} steps, {s['tokens_per_s']:.0f} tokens/s; ratio = exp(loss_S - loss_T), loss_T per "
+          "student token")
+    print("step  " + "  ".join(f"{n:>8}" for n in names))
+    for e in evals:
+        print(f"{e['step']:>4}  " + "  ".join(f"{e['ratio'][n]:8.3f}" for n in names))
+    print("teacher loss per student token: " + ", ".join(f"{n} {evals[0]['teacher_loss'][n]:.3f}" for n in names))
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] in ("trainer", "pair"):
+        ap = argparse.ArgumentParser(description="bench/xtok.py " + sys.argv[1])
+        ap.add_argument("--steps", type=int, default=20 if sys.argv[1] == "trainer" else 30)
+        ap.add_argument("--interval", type=int, default=10)
+        ap.add_argument("--repeats", type=int, default=3)
+        ap.add_argument("--kit")
+        ap.add_argument("--real-kit")
+        args = ap.parse_args(sys.argv[2:])
+        (trainer_bench if sys.argv[1] == "trainer" else pair_run)(args)
+    else:
+        main()

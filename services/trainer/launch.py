@@ -303,6 +303,9 @@ def _cross_checked(cfg, client, info: dict, tokenizer, where: str) -> bool:
     except ValueError as e:
         raise UsageError(f"{where}: {e}") from None
     check_pair(tokenizer, teacher_tok, where=where)
+    if cfg.cache.dir:  # the trainer's store is keyed by the student's blocks and holds one tokenizer's answers
+        raise UsageError(f"cache.dir: not available with a teacher of another tokenizer ({where}); the teacher's "
+                         "own --cache-dir (keyed by its token ids) serves repeated rows instead")
     log.info("%s: the teacher has another tokenizer; distilling across tokenizers (kd.cross_tokenizer: auto)",
              where)
     return True

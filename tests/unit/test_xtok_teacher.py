@@ -189,6 +189,18 @@ def test_cross_tokenizer_off_refuses_a_teacher_of_another_tokenizer(kit, real_te
         prepare(cfg)
 
 
+def test_the_trainers_top_k_store_is_refused_with_a_teacher_of_another_tokenizer(kit, real_teacher, tmp_path):
+    import inproc
+
+    from ddk.errors import UsageError
+    from ddk.trainer.launch import prepare
+
+    cfg = inproc.config(kit, tmp_path / "run", "xtok-store", real_teacher, None, "mixture.policy=fixed",
+                        f"cache.dir={tmp_path / 'store'}")
+    with pytest.raises(UsageError, match=r"^cache.dir: not available with a teacher of another tokenizer"):
+        prepare(cfg)
+
+
 def test_a_teacher_tokenizer_that_cannot_round_trip_the_text_is_refused_naming_it(kit, tmp_path):
     import inproc
 
