@@ -82,7 +82,10 @@ def _add_fixtures(sub) -> None:
     p.add_argument("--gguf", default=None, help="with --real: this GGUF file instead of the package's (same sha256)")
     p.add_argument("--teacher", default=None, metavar="NAME", help="with --real: also convert an optional "
                    "teacher into DIR/teacher-NAME: gemma3-270m (Gemma Terms of Use; docs/kit.md)")
-    p.set_defaults(func=_lazy("ddk.kit.fixtures:main"))
+    p.add_argument("--chat", action="store_true", help="the chat kit: four conversation domains of checkable "
+                   "tasks (add, sort, reverse, units), a character-level ChatML tokenizer, a teacher and a student "
+                   "with their greedy accuracy (docs/kit.md)")
+    p.set_defaults(func=lambda a: _lazy("ddk.kit.chat:fixtures_main" if a.chat else "ddk.kit.fixtures:main")(a))
 
 
 def _add_teacher(sub) -> None:

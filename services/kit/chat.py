@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 CHAT_DOMAINS = ("add", "sort", "reverse", "units")
 CHAT_KIT_FORMAT = 1
+CHAT_TASK = {"check": "exact", "field": "answer"}  # data.yaml's task: for every domain
 PAD, BOS, EOS, IM_START, IM_END = "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"
 CHAT_SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END]  # ids 0..4
 # ChatML, as SmolLM2's, without its default system turn
@@ -152,6 +153,13 @@ class ChatKitSpec:
     teacher: ChatModelSize = field(default_factory=lambda: ChatModelSize(4, 128, 4, 384, 1500))
     student: ChatModelSize = field(default_factory=lambda: ChatModelSize(2, 64, 2, 192, 300))
     max_new_tokens: int = 24
+    # the ready `ddk train` config (train.yaml; ddk.kit.fixtures.train_yaml reads these names)
+    train_steps: int = 200
+    train_batch_size: int = 8
+    train_lr: float = 5e-4
+    interval_steps: int = 25
+    eval_sequences: int = 16
+    checkpoint_every: int = 100
 
 
 def sft(model, blocks: list, size: ChatModelSize, seed: int, desc: str = "sft") -> list[float]:
@@ -239,14 +247,69 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             fh.write(json.dumps(r) + "\n")
 
 
-def build_chat_kit(out: str | Path, seed: int = 0, spec: ChatKitSpec | None = None, train: bool = True,
-                   on_model: Callable[[str, dict], Any] | None = None) -> dict:
-    """Write the chat kit into ``out`` (a new or empty folder) and return its ``kit.json`` record."""
+def chat_data_yaml() -> dict:
+    """``data.yaml``: the four conversation domains, each with its files and its ``task`` (exact match on the
+    rows' ``answer``)."""
+    return {"domains": [{"name": d, "files": [f"data/{d}/train.jsonl"], "val_files": [f"data/{d}/val.jsonl"],
+                         "task": dict(CHAT_TASK)} for d in CHAT_DOMAINS]}
+
+
+def chat_train_yaml(spec: ChatKitSpec, seed: int) -> dict:
+    """``train.yaml``: the demo kit's ready config (:func:`ddk.kit.fixtures.train_yaml`) with this kit's sizes and
+    run id; teacher/ and student/ as there."""
+    from ddk.kit.fixtures import train_yaml
+
+    cfg = train_yaml(spec, seed)  # reads seq_len and the train_* / interval / eval / checkpoint fields
+    cfg["run_id"] = "ddk-chat"
+    cfg["output_dir"] = "runs/ddk-chat"
+    return cfg
+
+
+def train_models(root: Path, data: dict, tok, spec: ChatKitSpec, seed: int,
+                 on_model: Callable[[str, dict], Any] | None = None) -> dict:
+    """SFT the teacher and the student on the packed training conversations, save each (safetensors, tokenizer
+    files, generation config with ``<|im_end|>`` as EOS) and measure its greedy accuracy per domain."""
     import torch
-    import yaml
 
     from ddk.data.chat import Conversation, prepare_conversations
     from ddk.data.packing import pack, packing_efficiency
+
+    convs = [Conversation(tuple(r["messages"]), (1,)) for d in CHAT_DOMAINS for r in data[d][0]]
+    prepared = prepare_conversations(tok, convs, spec.seq_len, "drop")
+    blocks = pack([(t.input_ids, t.assistant_mask) for t in prepared.items], spec.seq_len,
+                  pad_id=tok.convert_tokens_to_ids(PAD))
+    info: dict[str, Any] = {"packing": {"blocks": len(blocks), "efficiency": round(packing_efficiency(blocks), 4),
+                                        **prepared.stats.as_dict()}}
+    val = {d: data[d][1] for d in CHAT_DOMAINS}
+    torch.set_num_threads(os.cpu_count() or 1)
+    for i, name in enumerate(("teacher", "student")):
+        size = spec.teacher if name == "teacher" else spec.student
+        torch.manual_seed(seed * 1000 + i)
+        model = llama(size, len(tok), 2 * spec.seq_len)
+        t0 = time.monotonic()
+        losses = sft(model, blocks, size, seed * 1000 + i, desc=name)
+        took = time.monotonic() - t0
+        t0 = time.monotonic()
+        acc = accuracies(model, tok, val, spec.max_new_tokens)
+        model.generation_config.eos_token_id = tok.convert_tokens_to_ids(IM_END)
+        model.generation_config.pad_token_id = tok.convert_tokens_to_ids(PAD)
+        model.generation_config.bos_token_id = tok.convert_tokens_to_ids(BOS)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        info[name] = {"params": sum(p.numel() for p in model.parameters()), **asdict(size),
+                      "train_seconds": round(took, 1), "eval_seconds": round(time.monotonic() - t0, 1),
+                      "losses": losses, "accuracy": acc}
+        log.info("%s: trained in %.0fs, accuracy %s", name, took, {d: round(v, 3) for d, v in acc.items()})
+        if on_model:
+            on_model(name, info[name])
+    return info
+
+
+def build_chat_kit(out: str | Path, seed: int = 0, spec: ChatKitSpec | None = None, train: bool = True,
+                   on_model: Callable[[str, dict], Any] | None = None) -> dict:
+    """Write the chat kit into ``out`` (a new or empty folder) and return its ``kit.json`` record (written last).
+    ``train=False``: the data, ``data.yaml`` and the tokenizer only (no ``train.yaml``: nothing to train)."""
+    import yaml
 
     spec = spec or ChatKitSpec()
     started = time.monotonic()
@@ -258,61 +321,131 @@ def build_chat_kit(out: str | Path, seed: int = 0, spec: ChatKitSpec | None = No
     for d, (tr, va) in data.items():
         _write_jsonl(root / "data" / d / "train.jsonl", tr)
         _write_jsonl(root / "data" / d / "val.jsonl", va)
-    (root / "data.yaml").write_text(yaml.safe_dump({"domains": [
-        {"name": d, "files": [f"data/{d}/train.jsonl"], "val_files": [f"data/{d}/val.jsonl"]} for d in CHAT_DOMAINS]},
-        sort_keys=False))
+    (root / "data.yaml").write_text(yaml.safe_dump(chat_data_yaml(), sort_keys=False))
     tok = chat_tokenizer(2 * spec.seq_len)
     tok.save_pretrained(root / "tokenizer")
-    info: dict[str, Any] = {"format": CHAT_KIT_FORMAT, "seed": seed, "spec": asdict(spec),
-                            "domains": list(CHAT_DOMAINS),
-                            "task": {"check": "exact", "field": "answer"}, "vocab_size": len(tok)}
+    info: dict[str, Any] = {"format": CHAT_KIT_FORMAT, "kind": "chat", "seed": seed, "spec": asdict(spec),
+                            "domains": list(CHAT_DOMAINS), "task": dict(CHAT_TASK), "vocab_size": len(tok)}
     if train:
-        convs = [Conversation(tuple(r["messages"]), (1,)) for d in CHAT_DOMAINS for r in data[d][0]]
-        prepared = prepare_conversations(tok, convs, spec.seq_len, "drop")
-        blocks = pack([(t.input_ids, t.assistant_mask) for t in prepared.items], spec.seq_len,
-                      pad_id=tok.convert_tokens_to_ids(PAD))
-        info["packing"] = {"blocks": len(blocks), "efficiency": round(packing_efficiency(blocks), 4),
-                           **prepared.stats.as_dict()}
-        val = {d: data[d][1] for d in CHAT_DOMAINS}
-        torch.set_num_threads(os.cpu_count() or 1)
-        for i, name in enumerate(("teacher", "student")):
-            size = spec.teacher if name == "teacher" else spec.student
-            torch.manual_seed(seed * 1000 + i)
-            model = llama(size, len(tok), 2 * spec.seq_len)
-            t0 = time.monotonic()
-            losses = sft(model, blocks, size, seed * 1000 + i, desc=name)
-            took = time.monotonic() - t0
-            acc = accuracies(model, tok, val, spec.max_new_tokens)
-            model.generation_config.eos_token_id = tok.convert_tokens_to_ids(IM_END)
-            model.generation_config.pad_token_id = tok.convert_tokens_to_ids(PAD)
-            model.save_pretrained(root / name)
-            tok.save_pretrained(root / name)
-            info[name] = {"params": sum(p.numel() for p in model.parameters()), **asdict(size),
-                          "train_seconds": round(took, 1), "losses": losses, "accuracy": acc}
-            if on_model:
-                on_model(name, info[name])
+        info.update(train_models(root, data, tok, spec, seed, on_model))
+        (root / "train.yaml").write_text(yaml.safe_dump(chat_train_yaml(spec, seed), sort_keys=False))
     info["build_seconds"] = round(time.monotonic() - started, 1)
     (root / "kit.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the finished kit: reuse, rebuild, the CLI
+
+def read_chat_kit(out: str | Path) -> dict | None:
+    """kit.json of a finished chat kit in ``out`` (trained), or None (absent, half-written, another kit)."""
+    try:
+        info = json.loads((Path(out) / "kit.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("kind") != "chat" or info.get("format") != CHAT_KIT_FORMAT:
+        return None
+    return info if "teacher" in info else None
+
+
+def spec_from_dict(d: dict) -> ChatKitSpec:
+    """A ChatKitSpec from its ``asdict`` form (kit.json's "spec")."""
+    return ChatKitSpec(**{**d, "teacher": ChatModelSize(**d["teacher"]), "student": ChatModelSize(**d["student"])})
+
+
+def build_into(root: str, spec: dict, seed: int) -> None:
+    """:func:`build_chat_kit` with plain arguments: what :func:`ensure_chat_kit` runs in a fresh process."""
+    build_chat_kit(root, seed, spec_from_dict(spec))
+
+
+def ensure_chat_kit(out: str | Path, seed: int = 0, force: bool = False, spec: ChatKitSpec | None = None) -> Path:
+    """Build the chat kit into ``out`` (or reuse the finished one there, same seed and spec); return its path.
+    Built beside ``out`` and renamed into place, under the demo kit's lock; with ``OMP_WAIT_POLICY=PASSIVE``
+    (:mod:`ddk.runtime`: in a fresh process when this one loaded torch before the default was set)."""
+    import shutil
+
+    from ddk.errors import UsageError
+    from ddk.kit.fixtures import _check_out, _lock
+    from ddk.runtime import apply_process_defaults, call_in_fresh_process
+
+    late = apply_process_defaults()
+    spec = spec or ChatKitSpec()
+    out = Path(out).expanduser().absolute()
+    _check_out(out)
+    with _lock(out):
+        info = read_chat_kit(out)
+        if info is not None and not force:
+            if info.get("seed") == seed and info.get("spec") == json.loads(json.dumps(asdict(spec))):
+                log.info("reusing the finished chat kit in %s", out)
+                return out
+            raise UsageError(f"--out {out} holds a chat kit built with seed {info.get('seed')} or other sizes; "
+                             f"pass --force to rebuild or choose another directory")
+        if (out / "kit.json").exists() and info is None and not force:
+            raise UsageError(f"--out {out} holds another kit (its kit.json is not a chat kit's); "
+                             f"pass --force to replace it or choose another directory")
+        for stale in out.parent.glob(f"{out.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+        try:
+            if late:
+                call_in_fresh_process("ddk.kit.chat:build_into", {"root": str(tmp), "spec": asdict(spec),
+                                                                    "seed": seed})
+            else:
+                build_chat_kit(tmp, seed, spec)
+            _check_out(out)
+            if out.exists():
+                shutil.rmtree(out)
+            os.rename(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def accuracy_table(info: dict) -> str:
+    """Greedy accuracy per domain on the validation rows: teacher, student, and the gap (teacher - student)."""
+    lines = [f"{'domain':<8} {'teacher':>8} {'student':>8} {'gap':>6}"]
+    for d in info["domains"]:
+        t, s = info["teacher"]["accuracy"][d], info["student"]["accuracy"][d]
+        lines.append(f"{d:<8} {t:>8.3f} {s:>8.3f} {t - s:>6.3f}")
+    return "\n".join(lines)
+
+
+def fixtures_main(args) -> int:
+    """CLI: ``ddk fixtures --chat --out DIR [--seed N] [--force]``."""
+    from ddk.errors import UsageError
+
+    if args.quick or getattr(args, "real", False) or getattr(args, "specialist", None) \
+            or getattr(args, "gguf", None) or getattr(args, "teacher", None):
+        raise UsageError("--chat takes only --out, --seed and --force (not --quick, --real, --specialist, "
+                         "--gguf or --teacher)")
+    out = ensure_chat_kit(args.out, seed=args.seed, force=args.force)
+    info = read_chat_kit(out)
+    print(f"kit: {out} (chat, seed {info['seed']}, built in {info['build_seconds']}s; teacher "
+          f"{info['teacher']['train_seconds']}s, student {info['student']['train_seconds']}s of training)")
+    print(accuracy_table(info))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ddk.kit.chat --out DIR [--seed N] [--data-only]`` (until ``ddk fixtures --chat`` is wired)."""
+    """``python -m ddk.kit.chat --out DIR [--seed N] [--data-only]``: :func:`build_chat_kit` into a new folder
+    (``ddk fixtures --chat`` is the command that reuses a finished kit)."""
     import argparse
+
+    from ddk.runtime import apply_process_defaults
 
     p = argparse.ArgumentParser(prog="python -m ddk.kit.chat", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-only", action="store_true", help="write the data and the tokenizer, train nothing")
     a = p.parse_args(argv)
+    apply_process_defaults()  # before torch loads
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         info = build_chat_kit(a.out, a.seed, train=not a.data_only)
     except FileExistsError as e:
         p.error(str(e))
-    for name in ("teacher", "student"):
-        if name in info:
-            print(name, {d: round(v, 3) for d, v in info[name]["accuracy"].items()}, f"{info[name]['train_seconds']}s")
+    if "teacher" in info:
+        print(accuracy_table(info))
     print(f"built in {info['build_seconds']}s")
     return 0
 
