@@ -28,7 +28,8 @@ def main() -> int:
     rows = measure(Path(args.kit), args.top_k, args.seq, args.sequences)
     f32 = {r["k"]: r["bytes_per_entry"] for r in rows if r["encoding"] == "float32 (wire)"}
     print(f"real teacher, vocabulary 49,152; {args.sequences} blocks of {args.seq} tokens per domain")
-    print("| k | encoding | bytes/entry | of float32 | top-k KL | KL rel. error | worst sequence | max abs logprob error |")
+    print("| k | encoding | bytes/entry | of float32 | top-k KL | KL rel. error | worst sequence "
+          "| max abs logprob error |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['k']} | {r['encoding']} | {r['bytes_per_entry']:.3f} | {r['bytes_per_entry'] / f32[r['k']]:.3f} "
