@@ -658,6 +658,7 @@ class Trainer:
                                {n: float(s.tokens.get(n, 0.0)) for n in self.names}, diagnostics,
                                **({"log_ratio_se": se} if se else {}))
         answer = self.mixture.try_post(s.step)
+        from ddk.trainer.xtok_teacher import eval_record
         if answer and answer.get("warning"):  # the controller: the gaps are within their standard errors
             log.warning("step %d: the mixture is steering by noise; raise eval tokens", s.step)
         self.writer.write({"event": "eval", "step": s.step, "student_loss": student_loss,
@@ -667,7 +668,8 @@ class Trainer:
                            **({"log_ratio_se": se} if se else {}),
                            **({"warning": answer["warning"]} if answer and answer.get("warning") else {}),
                            **({"eval_set": self._eval.fingerprint} if getattr(self, "_eval", None) else {}),
-                           **({"diagnostics": diagnostics} if diagnostics else {})})
+                           **({"diagnostics": diagnostics} if diagnostics else {}),
+                           **eval_record(self, student_loss, s.teacher_loss)})  # cross-tokenizer: unit, bits/byte
 
     def train_step(self) -> float:
         """Steps 3-4: the step's ``train.grad_accum_steps`` micro-batches (forward, loss, backward each), clip,

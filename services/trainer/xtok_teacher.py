@@ -406,3 +406,49 @@ def check_pair(student_tok, teacher_tok, texts: Sequence[str] = (), where: str =
             raise UsageError(f"{where}: the teacher's tokenizer cannot round-trip the text {text[:40]!r} "
                              f"(it decodes to {back[:40]!r}); cross-tokenizer distillation needs the same text "
                              "on both sides")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what an evaluation record says about a cross-tokenizer teacher
+
+RATIO_UNIT = "per_student_token"  # exp((NLL_S - NLL_T) / n_student_tokens): align.log_ratio_per_student_token
+
+
+def scored_bytes(es, byte_lengths: np.ndarray) -> int:
+    """The UTF-8 bytes of an evaluation set's scored tokens (each block's tokens 1 .. length - 1, or its
+    ``mask``'s labels): the text both models' summed NLL is over."""
+    blocks = np.asarray(es.blocks, dtype=np.int64)
+    per = byte_lengths[np.clip(blocks, 0, len(byte_lengths) - 1)]
+    pos = np.arange(blocks.shape[1])[None, :]
+    scored = (pos >= 1) & (pos < np.asarray(es.lengths)[:, None])
+    if getattr(es, "mask", None) is not None:
+        scored = np.zeros_like(scored)
+        scored[:, 1:] = np.asarray(es.mask, dtype=bool)[:, 1:]
+    return int(per[scored].sum())
+
+
+def bits_per_byte_record(sets: dict, student_loss: dict, teacher_loss: dict, student: Side) -> dict:
+    """``{domain: {"student", "teacher"}}`` bits per byte of each domain's evaluation text (``align.bits_per_byte``:
+    the losses are per student token, so each NLL sum is the loss times the set's predictions)."""
+    from ddk.trainer.align import bits_per_byte
+
+    lengths = np.array([len(b) if b else 0 for b in student.id_bytes], dtype=np.int64)
+    out = {}
+    for name, es in sets.items():
+        n_bytes, preds = scored_bytes(es, lengths), es.predictions
+        if n_bytes <= 0 or name not in student_loss or name not in teacher_loss:
+            continue
+        out[name] = {"student": bits_per_byte(student_loss[name] * preds, n_bytes),
+                     "teacher": bits_per_byte(teacher_loss[name] * preds, n_bytes)}
+    return out
+
+
+def eval_record(trainer, student_loss: dict, teacher_loss: dict | None) -> dict:
+    """The fields an evaluation line adds for a cross-tokenizer teacher (``{}`` otherwise): ``ratio_unit`` and
+    ``bits_per_byte`` per domain. ``trainer``: the Trainer (its teacher, its evaluator's sets)."""
+    teacher = getattr(trainer, "teacher", None) or getattr(trainer, "_own_eval_teacher", None)
+    evaluator = getattr(trainer, "_eval", None)
+    if not getattr(teacher, "cross_tokenizer", False) or evaluator is None or not teacher_loss:
+        return {}
+    return {"ratio_unit": RATIO_UNIT,
+            "bits_per_byte": bits_per_byte_record(evaluator.sets, student_loss, teacher_loss, teacher.student)}

@@ -157,6 +157,31 @@ def test_the_real_pair_trains_with_a_finite_loss(kit, real_kit, real_teacher, tm
     assert evals and all(math.isfinite(v) and v > 0 for v in evals[0]["teacher_loss"].values())
     # the teacher's per-student-token loss is the 135M teacher's: below the 2k student's on every domain
     assert all(evals[0]["teacher_loss"][d] < evals[0]["student_loss"][d] for d in evals[0]["student_loss"])
+    # the run records its unit, and bits per byte beside it (the teacher's below the student's too)
+    assert evals[0]["ratio_unit"] == "per_student_token"
+    bpb = evals[0]["bits_per_byte"]
+    assert set(bpb) == set(evals[0]["ratio"]) and all(0 < v["teacher"] < v["student"] for v in bpb.values())
+
+
+def test_scored_bytes_are_the_bytes_of_the_scored_tokens_text(kit):
+    from types import SimpleNamespace
+
+    from ddk.trainer.xtok_teacher import Side, scored_bytes
+
+    st = _tok(kit / "student")
+    side = Side(st)
+    texts = ["Hello, world! ☕", "café au lait"]
+    rows = [st(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(r) for r in rows) + 2
+    blocks = np.zeros((2, width), dtype=np.int64)  # padded with id 0 beyond each length
+    for i, r in enumerate(rows):
+        blocks[i, :len(r)] = r
+    es = SimpleNamespace(blocks=blocks, lengths=np.array([len(r) for r in rows]), mask=None)
+    lengths = np.array([len(b) if b else 0 for b in side.id_bytes])
+    # by hand: the first token of each block is context, the rest is scored text
+    expected = sum(len(t.encode()) - len(st.convert_tokens_to_string([st.convert_ids_to_tokens(r[0])]).encode())
+                   for t, r in zip(texts, rows))
+    assert scored_bytes(es, lengths) == expected
 
 
 def test_a_route_to_a_teacher_of_another_family_beside_a_same_family_teacher(kit, real_teacher, teacher_url,
