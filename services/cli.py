@@ -173,7 +173,7 @@ def _add_eval(sub) -> None:
     """ddk eval"""
     p = sub.add_parser("eval", help="per-domain validation perplexity of a model")
     p.add_argument("--model", required=True, help="Hugging Face model directory")
-    p.add_argument("--data", required=True, help="data.yaml or a kit/data directory")
+    p.add_argument("--data", default=None, help="data.yaml or a kit/data directory (required but with --lm-eval)")
     p.add_argument("--teacher", default=None, type=argtypes.http_url, metavar="URL",
                    help="teacher URL: also report student/teacher ratios")
     p.add_argument("--route", action="append", default=[], type=argtypes.route, metavar="DOMAIN=URL",
@@ -190,8 +190,24 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-new-tokens", type=argtypes.positive, default=64,
                    help="with --tasks: the longest answer in tokens (default 64)")
     p.add_argument("--limit", type=argtypes.positive, default=None,
-                   help="with --tasks: the first N validation rows per domain (default: all)")
-    p.set_defaults(func=lambda a: _lazy("ddk.experiments.tasks:main" if a.tasks else "ddk.trainer.evaluate:main")(a))
+                   help="with --tasks: the first N validation rows per domain; with --lm-eval: examples per task "
+                        "(default: all)")
+    p.add_argument("--lm-eval", default=None, metavar="TASKS", help="lm-evaluation-harness tasks (comma-separated) "
+                   "on the model instead (the optional extra ddk[eval])")
+    p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="with --lm-eval: a folder of task YAML "
+                   "files (e.g. a task over a local JSONL file)")
+    p.add_argument("--run", default=None, metavar="RUN_DIR", help="with --lm-eval: write the scores into this run's "
+                   "summary.json and its final/README.md model-index")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args) -> int | None:
+    """ddk eval: --lm-eval (ddk.experiments.harness), --tasks (ddk.experiments.tasks), else perplexity."""
+    if args.lm_eval is not None:
+        return _lazy("ddk.experiments.harness:main")(args)
+    if args.data is None:
+        raise UsageError("--data: required (a data.yaml, a kit/data directory or a train config)")
+    return _lazy("ddk.experiments.tasks:main" if args.tasks else "ddk.trainer.evaluate:main")(args)
 
 
 def _add_data(sub) -> None:

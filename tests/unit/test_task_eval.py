@@ -199,3 +199,84 @@ def test_generate_request_ok():
     req = parse_generate_request(b'{"input_ids": [[1, 2], [3]], "max_new_tokens": 5, "stop_ids": [0]}',
                                  vocab_size=100, max_seq_len=16, max_batch_tokens=24)
     assert req.input_ids == [[1, 2], [3]] and req.max_new_tokens == 5 and req.stop_ids == [0]
+
+
+# -- lm-evaluation-harness (ddk eval --lm-eval, ddk.experiments.harness) ------------------------------------------
+
+def test_harness_scores_model_index_and_card():
+    from ddk.experiments.harness import harness_scores, model_index, with_model_index
+
+    raw = {"toy": {"alias": "toy", "name": "toy", "sample_len": 4, "exact_match,none": 0.75,
+                   "exact_match_stderr,none": 0.25, "acc,strict": 1.0, "acc_stderr,strict": "N/A"}}
+    scores = harness_scores(raw)
+    assert scores == {"toy": {"exact_match": 0.75, "exact_match_stderr": 0.25, "acc,strict": 1.0}}
+    index = model_index("run-1", scores)
+    assert index[0]["name"] == "run-1"
+    res = index[0]["results"][0]
+    assert res["task"]["name"] == "toy" and [m["type"] for m in res["metrics"]] == ["exact_match", "acc,strict"]
+    card = "---\nlicense: apache-2.0\ntags:\n- ddk\n---\n\n# run-1\n\nbody\n"
+    out = with_model_index(card, index)
+    meta = yaml.safe_load(out.split("---\n")[1])
+    assert meta["license"] == "apache-2.0" and meta["tags"] == ["ddk"]
+    assert meta["model-index"][0]["results"][0]["metrics"][0] == {"type": "exact_match", "name": "exact_match",
+                                                                  "value": 0.75}
+    assert out.endswith("# run-1\n\nbody\n")
+    # a second run of the same task replaces its result; another task's stays
+    again = with_model_index(out, model_index("run-1", {"toy": {"exact_match": 0.5}, "other": {"acc": 0.1}}))
+    results = yaml.safe_load(again.split("---\n")[1])["model-index"][0]["results"]
+    assert [(r["task"]["name"], r["metrics"][0]["value"]) for r in results] == [("toy", 0.5), ("other", 0.1)]
+    assert with_model_index("no front matter\n", index).startswith("---\nmodel-index:")
+
+
+def test_lm_eval_on_a_local_jsonl_task_into_summary_and_card(kit, tmp_path, capsys, monkeypatch):
+    """A generate_until task defined over a local JSONL file (nothing downloaded: the hub is off): the references of
+    rows 0, 2 and 3 are the kit teacher's greedy continuations (the hand loop, cut at the task's stop string), row 1
+    is wrong, so exact_match is 3/4; the score lands in the run's summary.json and its card's model-index."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'ddk[eval]')")
+    pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (pip install 'ddk[eval]')")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model = AutoModelForCausalLM.from_pretrained(kit / "teacher", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(kit / "teacher")
+    questions = ["def main(", "The court held that the", "import numpy as", "The theorem states that"]
+    refs = []
+    for q in questions:
+        ids = tok(q, add_special_tokens=False)["input_ids"]
+        refs.append(tok.decode(hand_greedy(model, ids, 8, set())).split("\n")[0])
+    refs[1] = "not this"
+    (tmp_path / "toy.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                                                for q, a in zip(questions, refs)))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "toy.yaml").write_text(yaml.safe_dump({
+        "task": "ddk_toy", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(tmp_path / "toy.jsonl")}}, "test_split": "test",
+        "output_type": "generate_until", "doc_to_text": "{{question}}", "doc_to_target": "{{answer}}",
+        "target_delimiter": "", "generation_kwargs": {"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}))
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"steps": 2}))
+    (run / "final" / "README.md").write_text("---\ntags:\n- ddk\n---\n\n# run\n")
+    argv = ["eval", "--lm-eval", "ddk_toy", "--lm-eval-include", str(tmp_path / "tasks"), "--model",
+            str(kit / "teacher"), "--run", str(run), "--batch-size", "2", "--json"]
+    assert cli_main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["lm_eval"]["ddk_toy"]["exact_match"] == pytest.approx(0.75)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["lm_eval"]["ddk_toy"]["exact_match"] == pytest.approx(0.75)
+    meta = yaml.safe_load((run / "final" / "README.md").read_text().split("---\n")[1])
+    assert meta["tags"] == ["ddk"]
+    assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == pytest.approx(0.75)
+    assert cli_main(argv[:2] + ["nope_task"] + argv[3:]) == 2
+    assert "unknown task 'nope_task'" in capsys.readouterr().err
+
+
+def test_lm_eval_flags_exit_2(kit, tmp_path, capsys):
+    assert cli_main(["eval", "--lm-eval", " , ", "--model", str(kit / "teacher")]) == 2
+    assert "--lm-eval" in capsys.readouterr().err
+    assert cli_main(["eval", "--lm-eval", "x", "--model", str(kit / "teacher"), "--run", str(tmp_path / "no")]) == 2
+    assert "--run" in capsys.readouterr().err
+    assert cli_main(["eval", "--model", str(kit / "teacher")]) == 2
+    assert "--data: required" in capsys.readouterr().err
