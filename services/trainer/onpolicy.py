@@ -356,4 +356,5 @@ def open_grader(cfg, token: str | None = None):
         return TeacherClient(cfg.teacher.urls, token=token)
     from ddk.teacher.routes import RoutedTeacher
 
-    return RoutedTeacher(cfg.teacher.urls, cfg.teacher.routes, make_client=lambda urls: TeacherClient(urls, token=token))
+    return RoutedTeacher(cfg.teacher.urls, cfg.teacher.routes,
+                         make_client=lambda urls: TeacherClient(urls, token=token))

