@@ -5,8 +5,9 @@ The benchmarks users already run, through lm-eval's Python API (``lm_eval.simple
 the folder loaded by transformers, ``trust_remote_code`` off, float32, on the GPU when there is one). lm-eval is an
 optional extra (``pip install 'ddk[eval]'``: ``lm-eval[hf]``); without it ``--lm-eval`` is exit 2 saying so.
 ``TASKS`` is a comma-separated list of lm-eval task (or group) names; ``--lm-eval-include DIR`` adds the task YAML
-files of a folder (lm-eval's ``TaskManager(include_path=...)``), e.g. a task over a local JSONL file
-(``dataset_path: json`` with ``dataset_kwargs.data_files``): then nothing is downloaded. A task whose
+files of a folder (lm-eval's ``TaskManager(include_path=...)``; lm-eval's own task index is read only when a
+task is not in that folder: it takes tens of seconds), e.g. a task over a local JSONL file (``dataset_path: json``
+with ``dataset_kwargs.data_files``): then nothing is downloaded. A task whose
 ``dataset_path`` names a Hugging Face Hub dataset is downloaded by lm-eval (``datasets``), as lm-eval always does.
 
 The scores (:func:`harness_scores`: ``{task: {metric: value, "<metric>_stderr": se}}``, lm-eval's ``metric,filter``
@@ -122,7 +123,9 @@ def run_harness(model_dir: Path, tasks: list[str], include: str | None, limit: i
         raise UsageError(f"--lm-eval: lm-evaluation-harness is not installed; {INSTALL}") from None
     import torch
 
-    manager = TaskManager(include_path=include) if include else TaskManager()
+    manager = TaskManager(include_path=include, include_defaults=False) if include else None
+    if manager is None or not all(t in manager.all_tasks for t in tasks):  # lm-eval's own tasks too (slower index)
+        manager = TaskManager(include_path=include) if include else TaskManager()
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" (nor in --lm-eval-include {include})" if include else " (add --lm-eval-include DIR for your own)"
