@@ -171,7 +171,8 @@ def _add_train(sub) -> None:
 
 def _add_eval(sub) -> None:
     """ddk eval"""
-    p = sub.add_parser("eval", help="per-domain validation perplexity of a model")
+    p = sub.add_parser("eval", help="per-domain validation perplexity of a model (--tasks: task accuracy; "
+                       "--lm-eval: lm-evaluation-harness tasks)")
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--data", default=None, help="data.yaml or a kit/data directory (required but with --lm-eval)")
     p.add_argument("--teacher", default=None, type=argtypes.http_url, metavar="URL",
@@ -204,6 +205,8 @@ def _add_eval(sub) -> None:
 def _eval(args) -> int | None:
     """ddk eval: --lm-eval (ddk.experiments.harness), --tasks (ddk.experiments.tasks), else perplexity."""
     if args.lm_eval is not None:
+        if args.tasks:
+            raise UsageError("--tasks and --lm-eval: one at a time")
         return _lazy("ddk.experiments.harness:main")(args)
     if args.data is None:
         raise UsageError("--data: required (a data.yaml, a kit/data directory or a train config)")

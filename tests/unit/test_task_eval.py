@@ -280,3 +280,5 @@ def test_lm_eval_flags_exit_2(kit, tmp_path, capsys):
     assert "--run" in capsys.readouterr().err
     assert cli_main(["eval", "--model", str(kit / "teacher")]) == 2
     assert "--data: required" in capsys.readouterr().err
+    assert cli_main(["eval", "--tasks", "--lm-eval", "x", "--model", str(kit / "teacher")]) == 2
+    assert "one at a time" in capsys.readouterr().err
