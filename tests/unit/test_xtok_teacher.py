@@ -244,3 +244,21 @@ def test_a_teacher_tokenizer_that_cannot_round_trip_the_text_is_refused_naming_i
         cfg = inproc.config(kit, tmp_path / "run", "xtok-lower", url, None, "mixture.policy=fixed")
         with pytest.raises(UsageError, match=r"^teacher.urls: the teacher's tokenizer cannot round-trip the text"):
             prepare(cfg)
+
+
+def test_a_teacher_that_serves_no_tokenizer_is_refused_naming_it(kit, tmp_path):
+    """A teacher whose folder has no tokenizer.json (so no offsets to align by): exit 2 naming teacher.urls."""
+    import inproc
+
+    from ddk.errors import UsageError
+    from ddk.trainer.launch import prepare
+
+    folder = tmp_path / "bare-teacher"
+    shutil.copytree(kit / "teacher", folder)
+    (folder / "tokenizer.json").unlink()
+    with service(["teacher", "serve", "--model", str(folder), "--backend", "hf"],
+                 log_path=tmp_path / "teacher.log") as (url, _):
+        cfg = inproc.config(kit, tmp_path / "run", "xtok-bare", url, None, "mixture.policy=fixed")
+        with pytest.raises(UsageError, match=r"^teacher.urls: the teacher's tokenizer differs .* serves none.*"
+                                             r"tokenizer.json"):
+            prepare(cfg)
