@@ -327,7 +327,8 @@ def _train(kit, tmp_path, *sets: str) -> tuple[int, str]:
     (["rollout.lose=gkd"], "rollout.lose: unknown key"),
     (["kd.on_policy=0.5", "kd.gamma=0", "mixture.policy=fixed"], "kd.on_policy: needs kd.gamma > 0"),
     (["kd.on_policy=0.5", "train.strategy=fsdp"], "kd.on_policy: not with train.strategy fsdp"),
-    (["kd.on_policy=0.5", "teacher.urls=[]", "mixture.policy=fixed", "cache.dir=/tmp"], "kd.on_policy: needs teacher.urls"),
+    (["kd.on_policy=0.5", "teacher.urls=[]", "mixture.policy=fixed", "cache.dir=/tmp"],
+     "kd.on_policy: needs teacher.urls"),
 ])
 def test_bad_on_policy_config_exits_2_naming_the_key(kit, tmp_path, capsys, sets, key):
     rc, err = _train(kit, tmp_path, *sets)
