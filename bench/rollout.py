@@ -17,6 +17,9 @@ ratio is the fastest vLLM thread count over the fastest hf one. The engines
 run interleaved (one call of each per round, ``--reps`` rounds after a warm-up round) and the ratio is the median
 of the per-round ratios, so a change of load during the run hits both engines alike.
 
+``--step-shares N`` adds N on-policy steps per engine (rollout -> grade against a ``ddk teacher serve`` of the kit's
+teacher -> train), reporting the shares of generation, grading and training in a step.
+
 Run:  .venv/bin/python bench/rollout.py --kit .cache/kit-quick            (add --no-vllm for hf only)
 """
 
