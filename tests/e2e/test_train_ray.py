@@ -331,7 +331,8 @@ def test_math_routed_to_a_specialist_teacher_across_two_workers(kit, teachers, c
 
 
 def test_a_route_with_another_tokenizer_is_refused_with_exit_2(kit, tmp_path, teachers, controller_url):
-    """A route whose teacher has another tokenizer: exit 2 before anything starts, naming the domain and URL."""
+    """`kd.cross_tokenizer: off` and a route whose teacher has another tokenizer: exit 2 before anything starts,
+    naming the domain and URL."""
     import subprocess
     import sys
 
@@ -347,7 +348,8 @@ def test_a_route_with_another_tokenizer_is_refused_with_exit_2(kit, tmp_path, te
                  log_path=tmp_path / "other.log") as (other_url, _):
         r = subprocess.run([sys.executable, "-m", "ddk.cli", "train", str(kit / "train.yaml"),
                             "--set", f"teacher.urls=[{teachers.default}]", "--set", f"controller.url={controller_url}",
-                            "--set", f"teacher.routes={{math: [{other_url}]}}", "--set", f"output_dir={tmp_path / 'o'}"],
+                            "--set", f"teacher.routes={{math: [{other_url}]}}", "--set", f"output_dir={tmp_path / 'o'}",
+                            "--set", "kd.cross_tokenizer=off"],
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]

@@ -205,7 +205,8 @@ def test_teacher_api_has_no_route_that_takes_a_model_or_a_path():
     app = create_app(lambda: None)
     routes = {(m, p) for m, p in _routes(app) if p not in ("/openapi.json", "/docs", "/docs/oauth2-redirect",
                                                           "/redoc")}
-    assert routes == {("GET", "/healthz"), ("GET", "/v1/info"), ("POST", "/v1/topk"), ("GET", "/metrics")}
+    assert routes == {("GET", "/healthz"), ("GET", "/v1/info"), ("POST", "/v1/topk"), ("GET", "/metrics"),
+                      ("GET", "/v1/tokenizer"), ("POST", "/v1/generate")}
     for r in app.routes:  # no path or query parameter on any route
         if isinstance(r, APIRoute):
             assert not r.dependant.path_params and not r.dependant.query_params, r.path
