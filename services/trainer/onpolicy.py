@@ -294,7 +294,7 @@ class OnPolicyStep:
             b = micro[m]
             dn, row = b.rows[i]
             prompt = prompt_of(b.input_ids[i].tolist(), [bool(x) for x in self.domains[dn].train_mask[int(row)]])
-            if not prompt:
+            if not prompt or b.labels is None:  # (a conversation row always has labels: ddk.trainer.feed)
                 continue
             b.labels[i] = IGNORE_INDEX
             prompts.append(prompt)
