@@ -429,7 +429,7 @@ def chat_run_setup(kit, tmp_path_factory):
     return root
 
 
-def _run(kit, root, teacher_url, name, *sets):
+def _run(kit, root, teacher_url, name, *sets, fault_at: list[int] | None = None):
     from ddk.trainer.config import load_config
     from ddk.trainer.launch import prepare
     from ddk.trainer.loop import LocalContext, Trainer
@@ -440,7 +440,9 @@ def _run(kit, root, teacher_url, name, *sets):
         "mixture.policy=fixed", f"student.model={root / 'student'}", f"data.file={root / 'data.yaml'}",
         "data.seq_len=32", f"data.cache_dir={root / 'cache'}", "train.steps=3", "train.batch_size=4",
         "mixture.interval_steps=3", "checkpoint.every_steps=3", "eval.sequences_per_domain=2", *sets])
-    Trainer(prepare(cfg), LocalContext(cfg.output_dir)).fit()
+    job = prepare(cfg)
+    job.fault_at_steps = list(fault_at or [])
+    Trainer(job, LocalContext(cfg.output_dir)).fit()
     import json
 
     return out, [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -474,3 +476,14 @@ def test_loop_on_policy_zero_is_todays_run_and_on_policy_rows_train(kit, teacher
     assert folders
     _, own = ckpt.load_checkpoint(folders[-1], rank=0)
     assert own["entries"]["rollout"] == {"seed": 0, "step": 3}  # three rollout calls, seed = the run's seed
+    # the same run stopped after step 2 and resumed: step 3 repeats, its rollouts (hence the on-policy loss) too
+    from ddk.trainer.loop import InjectedFault
+
+    sets = ("kd.on_policy=0.5", "rollout.max_new_tokens=8", "checkpoint.every_steps=1")
+    with pytest.raises(InjectedFault):
+        _run(kit, root, teacher_url, "crash", *sets, fault_at=[2])
+    _, resumed = _run(kit, root, teacher_url, "crash", *sets)
+    again = [r for r in resumed if r["event"] == "step"]
+    assert [r["step"] for r in again] == [1, 2, 3]  # the first attempt's lines up to its checkpoint, then step 3
+    assert (again[2]["loss"], again[2]["onpolicy"]["loss"]) == (recs[2]["loss"], recs[2]["onpolicy"]["loss"])
+    assert again[2]["onpolicy"]["rollout_tokens"] == recs[2]["onpolicy"]["rollout_tokens"]
