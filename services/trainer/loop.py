@@ -20,7 +20,8 @@ Per step ``s`` (``s`` optimiser steps done so far, :attr:`TrainState.step`), eve
 4. :meth:`Trainer.train_step`: per micro-batch (``train.grad_accum_steps`` of them) forward and
    ``CE + gamma * KL`` (loss.py; from the hidden states in chunks unless ``kd.chunk_tokens: 0``) under
    ``train.precision``'s autocast, backward (DDP all-reduce on the last micro-batch; :meth:`Trainer.backward`,
-   scale.py), clip, AdamW, LR schedule, and rank 0's ``step`` line in the metrics.
+   scale.py), clip, AdamW, LR schedule, and rank 0's ``step`` line in the metrics. With ``kd.on_policy > 0``
+   the step's rollout rows go first (:class:`~ddk.trainer.onpolicy.OnPolicyStep`: rollout, grade, backward).
 5. :meth:`Trainer.save`: at ``checkpoint.every_steps`` and the last step, a checkpoint of the model, optimiser,
    schedule, RNG and the registered entries (:class:`~ddk.trainer.state.TrainState`, the mixture sync, each
    rank's sampler position), written by the :class:`~ddk.trainer.parallel.Distributed` and reported to the
