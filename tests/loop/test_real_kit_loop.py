@@ -137,7 +137,6 @@ def test_fsdp_on_the_real_student_equals_ddp(real_kit, tmp_path):
     assert all(np.isfinite(ddp + fsdp)) and all(1.0 < v < 20.0 for v in ddp), ddp
     assert fsdp[0] == pytest.approx(ddp[0], rel=1e-5)  # the same weights: the same forward
     assert fsdp[1] == pytest.approx(ddp[1], abs=1e-4)  # after one AdamW step on the averaged gradient
-    assert ddp[1] != ddp[0]  # the step changed the weights
 
 
 # ----------------------------------------------------------------------------- the top-k store
