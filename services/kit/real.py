@@ -209,19 +209,18 @@ def save_model(model, tokenizer, folder: Path) -> None:
 # ----------------------------------------------------------------------------- the student
 
 def tokenize(tokenizer, docs_by_domain: dict[str, list[str]]):
-    """Each domain's documents as one stream of ids, each followed by the tokenizer's eos (as the trainer
-    packs them)."""
-    import torch
+    """Each domain's documents as one stream of ids, each followed by the tokenizer's own eos (``<|im_end|>``, as
+    the trainer packs them): :func:`ddk.kit.fixtures.tokenize_domains`, shown a view of the tokenizer in which that
+    function's end-of-document token (the quick kit's ``</s>``, not in this vocabulary) is this eos."""
+    from types import SimpleNamespace
 
-    eos = tokenizer.eos_token_id
-    out = {}
-    for domain, docs in docs_by_domain.items():
-        ids: list[int] = []
-        for enc in tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False):
-            ids.extend(enc.ids)
-            ids.append(eos)
-        out[domain] = torch.tensor(ids, dtype=torch.long)
-    return out
+    from ddk.kit.fixtures import EOS, tokenize_domains
+
+    def ids_of(token: str) -> int:
+        return tokenizer.eos_token_id if token == EOS else tokenizer.convert_tokens_to_ids(token)
+
+    view = SimpleNamespace(backend_tokenizer=tokenizer.backend_tokenizer, convert_tokens_to_ids=ids_of)
+    return tokenize_domains(view, docs_by_domain)
 
 
 def blocks(tokens: dict, seq_len: int, n: int):
@@ -283,34 +282,30 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _build(root: Path, gguf: Path, spec: RealSpec, seed: int) -> dict:
-    import torch
+class _Phases:
+    """Each build phase's wall time (seconds), logged as it ends."""
 
-    from ddk.fingerprint import tokenizer_fingerprint
-    from ddk.kit.corpus import build_corpus, write_corpus
-    from ddk.kit.fixtures import data_yaml, train_yaml, write_text
-    from ddk.vocab import ratio
+    def __init__(self) -> None:
+        self.started = self._since = time.monotonic()
+        self.seconds: dict[str, float] = {}
 
-    started = time.monotonic()
-    phases: dict[str, float] = {}
-    since = [started]
-
-    def phase(name: str) -> None:
+    def done(self, name: str) -> None:
         now = time.monotonic()
-        phases[name] = round(now - since[0], 1)
-        since[0] = now
-        log.info("real kit: %s took %.1fs", name, phases[name])
+        self.seconds[name] = round(now - self._since, 1)
+        self._since = now
+        log.info("real kit: %s took %.1fs", name, self.seconds[name])
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(seed)
-    root.mkdir(parents=True)
+
+def _convert(root: Path, gguf: Path, seed: int, spec: RealSpec, phases: _Phases):
+    """The corpus (data/, data.yaml) and the converted teacher (teacher/, tokenizer/): (corpus, teacher, tokenizer)."""
+    from ddk.kit.corpus import build_corpus, write_corpus
+    from ddk.kit.fixtures import data_yaml, write_text
 
     log.info("building the real kit (seed %d) in %s", seed, root)
     corpus = build_corpus(seed, spec.max_chars, spec.val_fraction, spec.doc_chars)
     write_corpus(corpus, root / "data")
     write_text(root / "data.yaml", yaml.safe_dump(data_yaml(corpus.domains, spec.val_fraction), sort_keys=False))
-
-    phase("corpus")
+    phases.done("corpus")
     print(f"converting {gguf.name}", flush=True)
     teacher, tokenizer = load_gguf(gguf)
     problems = tokenizer_problems(tokenizer)
@@ -320,51 +315,70 @@ def _build(root: Path, gguf: Path, spec: RealSpec, seed: int) -> dict:
         (root / name).mkdir()
     save_model(teacher, tokenizer, root / "teacher")
     tokenizer.save_pretrained(root / "tokenizer")
-    phase("convert")
+    phases.done("convert")
+    return corpus, teacher, tokenizer
 
-    train_ids, val_ids = tokenize(tokenizer, corpus.train), tokenize(tokenizer, corpus.val)
-    print("measuring the teacher", flush=True)
-    teacher_loss = domain_losses(teacher, val_ids, spec.seq_len, spec.eval_blocks)
-    log.info("teacher: %s", {d: round(v, 3) for d, v in teacher_loss.items()})
-    phase("teacher_eval")
 
+def _prune(teacher, train_ids: dict, val_ids: dict, spec: RealSpec, phases: _Phases):
+    """The teacher's and the pruned student's losses, and that student: (student, record). The teacher is
+    measured and summarised in the record, then left for the caller to drop."""
+    losses = {"teacher_loss": domain_losses(teacher, val_ids, spec.seq_len, spec.eval_blocks)}
+    log.info("teacher: %s", {d: round(v, 3) for d, v in losses["teacher_loss"].items()})
+    phases.done("teacher_eval")
     student, pruning = cut_student(teacher, blocks(train_ids, spec.seq_len, spec.calib_blocks), spec)
-    tcfg, teacher_params = teacher.config, _params(teacher)
-    del teacher
-    pruned_loss = domain_losses(student, val_ids, spec.seq_len, spec.eval_blocks)
-    log.info("pruned student: %s", {d: round(v, 3) for d, v in pruned_loss.items()})
-    phase("prune")
+    tcfg = teacher.config
+    record = {"pruning": pruning, **losses,
+              "teacher": {"path": "teacher", "params": _params(teacher), "layers": tcfg.num_hidden_layers,
+                          "hidden": tcfg.hidden_size, "ffn": tcfg.intermediate_size}}
+    record["pruned_loss"] = domain_losses(student, val_ids, spec.seq_len, spec.eval_blocks)
+    log.info("pruned student: %s", {d: round(v, 3) for d, v in record["pruned_loss"].items()})
+    phases.done("prune")
+    return student, record
+
+
+def _heal_and_save(root: Path, student, tokenizer, train_ids: dict, val_ids: dict, spec: RealSpec, seed: int,
+                   phases: _Phases) -> dict[str, float]:
+    """Heal the student, measure it and save it (student/); its losses per domain."""
     heal(student, train_ids, spec, seed * 1000 + 1)
-    phase("heal")
+    phases.done("heal")
     student_loss = domain_losses(student, val_ids, spec.seq_len, spec.eval_blocks)
     log.info("healed student: %s", {d: round(v, 3) for d, v in student_loss.items()})
     (root / "student").mkdir()
     save_model(student, tokenizer, root / "student")
-    phase("student_eval_and_save")
+    phases.done("student_eval_and_save")
+    return student_loss
+
+
+def _write(root: Path, corpus, tokenizer, student, record: dict, token_counts: dict, spec: RealSpec, seed: int,
+           phases: _Phases) -> dict:
+    """train.yaml, then kit.json (last: it marks the kit finished); returns kit.json's contents."""
+    from ddk.fingerprint import tokenizer_fingerprint
+    from ddk.kit.fixtures import train_yaml, write_text
+    from ddk.vocab import ratio
 
     sizes = corpus.sizes()
     for d in corpus.domains:
-        sizes[d].update(train_tokens=len(train_ids[d]), val_tokens=len(val_ids[d]))
+        sizes[d].update(token_counts[d])
     cfg = student.config
+    teacher_loss, student_loss = record["teacher_loss"], record["student_loss"]
     info = {
         "format": 1, "real": REAL_FORMAT, "quick": False, "seed": seed, "spec": asdict(spec),
         "source": {"package": f"{PACKAGE}=={VERSION}", "file": GGUF_NAME, "sha256": GGUF_SHA256,
                    "license": LICENSE},
         "domains": corpus.domains, "seq_len": spec.seq_len, "vocab_size": len(tokenizer),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "teacher": {"path": "teacher", "params": teacher_params, "layers": tcfg.num_hidden_layers,
-                    "hidden": tcfg.hidden_size, "ffn": tcfg.intermediate_size},
+        "teacher": record["teacher"],
         "student": {"path": "student", "params": _params(student), "layers": cfg.num_hidden_layers,
-                    "hidden": cfg.hidden_size, "ffn": cfg.intermediate_size, **pruning,
+                    "hidden": cfg.hidden_size, "ffn": cfg.intermediate_size, **record["pruning"],
                     "heal_steps": spec.heal_steps},
         "sizes": sizes,
         "eval": {"seq_len": spec.seq_len, "blocks_per_domain": spec.eval_blocks},
-        "teacher_loss": teacher_loss, "pruned_loss": pruned_loss, "student_loss": student_loss,
+        "teacher_loss": teacher_loss, "pruned_loss": record["pruned_loss"], "student_loss": student_loss,
         "teacher_ppl": {d: math.exp(v) for d, v in teacher_loss.items()},
         "student_ppl": {d: math.exp(v) for d, v in student_loss.items()},
-        "pruned_ratio": ratio(pruned_loss, teacher_loss),
+        "pruned_ratio": ratio(record["pruned_loss"], teacher_loss),
         "ratio": ratio(student_loss, teacher_loss),
-        "phase_seconds": phases, "build_seconds": round(time.monotonic() - started, 1),
+        "phase_seconds": phases.seconds, "build_seconds": round(time.monotonic() - phases.started, 1),
         "load_average_at_end": round(os.getloadavg()[0], 2),
     }
     train_cfg = train_yaml(spec, seed)
@@ -374,6 +388,24 @@ def _build(root: Path, gguf: Path, spec: RealSpec, seed: int) -> dict:
     os.sync()  # models and data on disk before the marker that says they are
     write_text(root / "kit.json", json.dumps(info, indent=2) + "\n")  # last: marks the kit finished
     return info
+
+
+def _build(root: Path, gguf: Path, spec: RealSpec, seed: int) -> dict:
+    """The kit in ``root``: convert, prune, heal, write (each step above)."""
+    import torch
+
+    phases = _Phases()
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    root.mkdir(parents=True)
+    corpus, teacher, tokenizer = _convert(root, gguf, seed, spec, phases)
+    train_ids, val_ids = tokenize(tokenizer, corpus.train), tokenize(tokenizer, corpus.val)
+    print("measuring the teacher", flush=True)
+    student, record = _prune(teacher, train_ids, val_ids, spec, phases)
+    del teacher
+    record["student_loss"] = _heal_and_save(root, student, tokenizer, train_ids, val_ids, spec, seed, phases)
+    counts = {d: {"train_tokens": len(train_ids[d]), "val_tokens": len(val_ids[d])} for d in corpus.domains}
+    return _write(root, corpus, tokenizer, student, record, counts, spec, seed, phases)
 
 
 # ----------------------------------------------------------------------------- optional: Gemma 3 270M
