@@ -91,7 +91,7 @@ def with_model_index(card: str, index: list[dict]) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + body
 
 
-def record(run_dir: Path, scores: dict[str, dict[str, float]], tasks: list[str]) -> list[str]:
+def record(run_dir: Path, scores: dict[str, dict[str, float]]) -> list[str]:
     """Write ``scores`` into ``run_dir/summary.json`` (``lm_eval``) and ``run_dir/final/README.md``
     (``model-index``); the paths written."""
     written = []
@@ -149,10 +149,11 @@ def main(args) -> int:
         raise UsageError(f"--run: no such run folder: {run_dir}")
     tasks = parse_task_names(args.lm_eval)
     t0 = time.monotonic()
+    log.info("lm-evaluation-harness: %s on %s", ", ".join(tasks), model_dir)
     out = run_harness(model_dir, tasks, str(Path(include).expanduser().resolve()) if include else None,
                       getattr(args, "limit", None), int(getattr(args, "batch_size", None) or 16))
     scores = harness_scores(out.get("results") or {})
-    written = record(run_dir, scores, tasks) if run_dir is not None else []
+    written = record(run_dir, scores) if run_dir is not None else []
     seconds = round(time.monotonic() - t0, 2)
     if args.json:
         print(json.dumps({"model": str(model_dir.resolve()), "tasks": tasks, "limit": getattr(args, "limit", None),

@@ -264,11 +264,13 @@ def main(args) -> int:
         log.info("task %s: %d prompts", s.name, len(prompts[s.name]))
         ours[s.name] = evaluate_domain(tokenizer, s.task, prompts[s.name], lambda ids: greedy_generate(
             model, ids, max_new, stops, tokenizer.pad_token_id, batch_size), room)
+        log.info("task %s: model %d/%d right", s.name, ours[s.name].correct, ours[s.name].total)
         if s.name in teachers:
             try:
                 theirs[s.name] = evaluate_domain(tokenizer, s.task, prompts[s.name], teachers[s.name], room)
             except TeacherRequestError as e:
                 raise UsageError(f"--teacher: {e}") from None
+            log.info("task %s: teacher %d/%d right", s.name, theirs[s.name].correct, theirs[s.name].total)
     rows = result_rows(ours, theirs if teachers else None, {s.name: s.task.check for s in specs})
     if args.json:
         print(json.dumps({"model": str(model_dir.resolve()), "max_new_tokens": max_new, "limit": limit,
