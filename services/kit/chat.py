@@ -7,7 +7,7 @@ Domains (one user question, one assistant answer; ``answer`` is the reference fo
 =========== ====================================== ===========
 domain      user                                   assistant
 =========== ====================================== ===========
-``add``     ``What is 47 + 385?``                  ``432``
+``add``     ``What is 47 + 85?``                   ``132``
 ``sort``    ``Sort: 42 7 19 3``                    ``3 7 19 42``
 ``reverse`` ``Reverse: planet``                    ``tenalp``
 ``units``   ``Convert 37 km to m.``                ``37000``
@@ -15,11 +15,18 @@ domain      user                                   assistant
 
 Questions are unique within a domain and split into train and validation by a hash of (seed, question), so a
 validation question is never a training one. The generators are pure (``random.Random(seed)``); the build writes
-``data/<domain>/{train,val}.jsonl`` (``messages`` rows with ``answer``), ``data.yaml``, ``tokenizer/`` and, unless
-``train=False``, ``teacher/`` and ``student/`` (Llama, SFT on the assistant tokens with conversations packed by
-:mod:`ddk.data.packing`) and ``kit.json`` (written last) with the accuracies. Not yet wired: ``ddk fixtures
---chat``, a ``train.yaml`` (the trainer does not read conversation domains yet) and ``task:`` in ``data.yaml``
-(:mod:`ddk.data.domains` does not accept the key yet; the kit records the checker in ``kit.json``).
+``data/<domain>/{train,val}.jsonl`` (``messages`` rows with ``answer``), ``data.yaml`` (each domain with
+``task: {check: exact, field: answer}``), ``tokenizer/`` and, unless ``train=False``, ``teacher/`` and
+``student/`` (Llama, SFT on the assistant tokens with conversations packed by :mod:`ddk.data.packing`; safetensors,
+the tokenizer files, a generation config whose EOS is ``<|im_end|>``), ``train.yaml`` and ``kit.json`` (written
+last) with the greedy accuracies. ``ddk fixtures --chat --out DIR`` (:func:`fixtures_main`) builds it beside
+``DIR`` and renames it into place, or reuses the finished kit there (same seed and sizes).
+
+What made the teacher learn (docs/kit.md, "Chat kit"): the learning rate, 1e-3 (units alone, 4 x 128, batch 8:
+0 % after 100 steps at 3e-3, 50 % at 1e-3, 96 % after 200; all four domains at 5e-3: 0-1 % after 600), two-digit
+addition operands, 3-5 numbers to sort, 3-7 letters to reverse. Decoding, left-padded generation and packed
+attention were checked and were not the problem: the tokenizer round-trips text, batched left-padded greedy
+answers equal one-by-one ones, and a packed block's logits equal each conversation's alone (to 1e-7).
 """
 
 from __future__ import annotations
@@ -46,8 +53,11 @@ CHAT_SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END]  # ids 0..4
 CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
                  "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
                  "{% endif %}")
-UNITS = [("km", "m", 1000), ("m", "cm", 100), ("m", "mm", 1000), ("cm", "mm", 10), ("kg", "g", 1000),
-         ("l", "ml", 1000)]
+UNITS = [("km", "m", 1000), ("m", "cm", 100), ("m", "mm", 1000), ("cm", "mm", 10), ("dm", "cm", 10),
+         ("t", "kg", 1000), ("kg", "g", 1000), ("g", "mg", 1000), ("l", "ml", 1000), ("l", "cl", 100)]
+ADD_BELOW = 100  # two-digit operands (0-99): 3-digit ones, answered most significant digit first, did not train
+SORT_LENGTHS = (3, 5)  # how many numbers (0-99) a sort question lists
+WORD_LENGTHS = (3, 7)  # letters in a word to reverse
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -57,13 +67,13 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 def make_example(domain: str, rng: random.Random) -> tuple[str, str]:
     """One (question, answer) of ``domain``."""
     if domain == "add":
-        a, b = rng.randrange(0, 1000), rng.randrange(0, 1000)
+        a, b = rng.randrange(0, ADD_BELOW), rng.randrange(0, ADD_BELOW)
         return f"What is {a} + {b}?", str(a + b)
     if domain == "sort":
-        xs = [rng.randrange(0, 100) for _ in range(rng.randint(3, 6))]
+        xs = [rng.randrange(0, 100) for _ in range(rng.randint(*SORT_LENGTHS))]
         return "Sort: " + " ".join(map(str, xs)), " ".join(map(str, sorted(xs)))
     if domain == "reverse":
-        w = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 8)))
+        w = "".join(rng.choice(LETTERS) for _ in range(rng.randint(*WORD_LENGTHS)))
         return f"Reverse: {w}", w[::-1]
     if domain == "units":
         src, dst, k = rng.choice(UNITS)
@@ -141,7 +151,7 @@ class ChatModelSize:
     heads: int
     ffn: int
     steps: int
-    lr: float = 3e-3
+    lr: float = 1e-3  # at 3e-3 and 5e-3 (AdamW, these sizes) the teacher did not learn to copy (module docstring)
     batch_blocks: int = 16
 
 
@@ -150,9 +160,12 @@ class ChatKitSpec:
     seq_len: int = 128
     n_train: int = 6000
     n_val: int = 200
-    teacher: ChatModelSize = field(default_factory=lambda: ChatModelSize(4, 128, 4, 384, 1500))
-    student: ChatModelSize = field(default_factory=lambda: ChatModelSize(2, 64, 2, 192, 300))
+    teacher: ChatModelSize = field(default_factory=lambda: ChatModelSize(4, 128, 4, 384, 2000))
+    student: ChatModelSize = field(default_factory=lambda: ChatModelSize(2, 64, 2, 192, 1500))
     max_new_tokens: int = 24
+    # how many times each domain's training rows go into the SFT mixture (1 when absent): addition and sorting
+    # learn slowest (teacher, 1600 steps, uniform: add 9 %, sort 86 %, reverse and units 100 %)
+    repeat: dict[str, int] = field(default_factory=lambda: {"add": 3, "sort": 2})
     # the ready `ddk train` config (train.yaml; ddk.kit.fixtures.train_yaml reads these names)
     train_steps: int = 200
     train_batch_size: int = 8
@@ -267,14 +280,16 @@ def chat_train_yaml(spec: ChatKitSpec, seed: int) -> dict:
 
 def train_models(root: Path, data: dict, tok, spec: ChatKitSpec, seed: int,
                  on_model: Callable[[str, dict], Any] | None = None) -> dict:
-    """SFT the teacher and the student on the packed training conversations, save each (safetensors, tokenizer
-    files, generation config with ``<|im_end|>`` as EOS) and measure its greedy accuracy per domain."""
+    """SFT the teacher and the student on the packed training conversations (each domain's ``spec.repeat``
+    times), save each (safetensors, tokenizer files, generation config with ``<|im_end|>`` as EOS) and measure its
+    greedy accuracy per domain."""
     import torch
 
     from ddk.data.chat import Conversation, prepare_conversations
     from ddk.data.packing import pack, packing_efficiency
 
-    convs = [Conversation(tuple(r["messages"]), (1,)) for d in CHAT_DOMAINS for r in data[d][0]]
+    convs = [Conversation(tuple(r["messages"]), (1,)) for d in CHAT_DOMAINS for _ in range(spec.repeat.get(d, 1))
+             for r in data[d][0]]
     prepared = prepare_conversations(tok, convs, spec.seq_len, "drop")
     blocks = pack([(t.input_ids, t.assistant_mask) for t in prepared.items], spec.seq_len,
                   pad_id=tok.convert_tokens_to_ids(PAD))

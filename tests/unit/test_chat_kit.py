@@ -13,8 +13,8 @@ import pytest
 from ddk.kit.chat import (CHAT_DOMAINS, CHAT_TEMPLATE, ChatKitSpec, ChatModelSize, build_chat_kit, chat_tokenizer,
                           check_answers, ensure_chat_kit, generate_domain, make_example)
 
-FACTOR = {("km", "m"): 1000, ("m", "cm"): 100, ("m", "mm"): 1000, ("cm", "mm"): 10, ("kg", "g"): 1000,
-          ("l", "ml"): 1000}
+FACTOR = {("km", "m"): 1000, ("m", "cm"): 100, ("m", "mm"): 1000, ("cm", "mm"): 10, ("dm", "cm"): 10,
+          ("t", "kg"): 1000, ("kg", "g"): 1000, ("g", "mg"): 1000, ("l", "ml"): 1000, ("l", "cl"): 100}
 
 
 def expected(domain: str, q: str) -> str:
@@ -125,7 +125,7 @@ def test_tokenizer_round_trips_conversations():
 
 
 TINY = ChatKitSpec(seq_len=64, n_train=40, n_val=8, teacher=ChatModelSize(1, 32, 2, 64, 3, batch_blocks=4),
-                   student=ChatModelSize(1, 16, 2, 32, 2, batch_blocks=4), max_new_tokens=8)
+                   student=ChatModelSize(1, 16, 2, 32, 2, batch_blocks=4), max_new_tokens=8, repeat={"add": 2})
 
 
 def test_tiny_kit_layout_and_reuse(tmp_path, capsys):
@@ -148,7 +148,7 @@ def test_tiny_kit_layout_and_reuse(tmp_path, capsys):
     assert train["student"]["model"] == "student" and train["data"] == {"file": "data.yaml", "seq_len": 64}
     assert train["teacher"]["urls"] == ["http://127.0.0.1:8100"] and train["run_id"] == "ddk-chat"
     info = json.loads((out / "kit.json").read_text())
-    assert info["kind"] == "chat" and info["packing"]["kept"] == 4 * 40
+    assert info["kind"] == "chat" and info["packing"]["kept"] == 5 * 40  # add twice
     assert set(info["teacher"]["accuracy"]) == set(info["student"]["accuracy"]) == set(CHAT_DOMAINS)
     im_end = AutoTokenizer.from_pretrained(str(out / "tokenizer")).convert_tokens_to_ids("<|im_end|>")
     for name in ("teacher", "student"):
