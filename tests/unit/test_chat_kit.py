@@ -137,6 +137,7 @@ def test_tiny_kit_layout_and_reuse(tmp_path, capsys):
 
     from ddk.cli import main as cli_main
     from ddk.data.domains import load_domain_specs
+    from ddk.trainer.config import load_config
 
     out = ensure_chat_kit(tmp_path / "kit", seed=0, spec=TINY)
     assert sorted(p.name for p in out.iterdir()) == ["data", "data.yaml", "kit.json", "student", "teacher",
@@ -147,6 +148,8 @@ def test_tiny_kit_layout_and_reuse(tmp_path, capsys):
     train = yaml.safe_load((out / "train.yaml").read_text())
     assert train["student"]["model"] == "student" and train["data"] == {"file": "data.yaml", "seq_len": 64}
     assert train["teacher"]["urls"] == ["http://127.0.0.1:8100"] and train["run_id"] == "ddk-chat"
+    cfg = load_config(str(out / "train.yaml"))  # the trainer's own checks: paths exist, sections known
+    assert cfg.student.model == str(out / "student") and cfg.data.file == str(out / "data.yaml")
     info = json.loads((out / "kit.json").read_text())
     assert info["kind"] == "chat" and info["packing"]["kept"] == 5 * 40  # add twice
     assert set(info["teacher"]["accuracy"]) == set(info["student"]["accuracy"]) == set(CHAT_DOMAINS)
