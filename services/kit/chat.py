@@ -8,7 +8,7 @@ Domains (one user question, one assistant answer; ``answer`` is the reference fo
 domain      user                                   assistant
 =========== ====================================== ===========
 ``add``     ``What is 47 + 85?``                   ``132``
-``sort``    ``Sort: 42 7 19 3``                    ``3 7 19 42``
+``sort``    ``Sort: 42 17 93 10``                  ``10 17 42 93``
 ``reverse`` ``Reverse: planet``                    ``tenalp``
 ``units``   ``Convert 37 km to m.``                ``37000``
 =========== ====================================== ===========

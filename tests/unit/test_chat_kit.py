@@ -89,8 +89,9 @@ class Scripted:
 
 @pytest.mark.parametrize("domain,values,question,answer", [
     ("add", (47, 85), "What is 47 + 85?", "132"),
-    ("add", (9, 3), "What is 9 + 3?", "12"),
-    ("sort", (4, 42, 7, 19, 3), "Sort: 42 7 19 3", "3 7 19 42"),
+    ("add", (10, 90), "What is 10 + 90?", "100"),
+    ("sort", (4, 42, 17, 93, 10), "Sort: 42 17 93 10", "10 17 42 93"),
+    ("sort", (3, 55, 12, 55), "Sort: 55 12 55", "12 55 55"),
     ("reverse", (6, *"planet"), "Reverse: planet", "tenalp"),
     ("units", (("km", "m", 1000), 37), "Convert 37 km to m.", "37000"),
     ("units", (("cm", "mm", 10), 5), "Convert 5 cm to mm.", "50"),
