@@ -18,6 +18,10 @@ import pytest
 from ddk.runtime import PROCESS_DEFAULTS, set_process_defaults
 
 DEFAULT_SPIN, PASSIVE_SPIN = "GOMP_SPINCOUNT = '300000'", "GOMP_SPINCOUNT = '0'"
+# Each GNU OpenMP runtime a process loads prints its environment once: torch's own libgomp, and another where a
+# package bundles its own (scikit-learn's, which transformers imports when it is installed, as lm-eval's extra does).
+# So the checks below count runtimes: every one loaded before the default was set read the default, every one
+# loaded after it read PASSIVE.
 
 
 def test_set_process_defaults_fills_in_only_what_is_unset():
@@ -78,8 +82,8 @@ print(json.dumps(seen))
                     "HFEngine": "PASSIVE", "Trainer": "PASSIVE", "explicit": "ACTIVE"}
     before, _, rest = r.stderr.partition("TINY BUILD STARTS")
     build, _, after = rest.partition("TINY BUILD ENDS")
-    assert before.count(DEFAULT_SPIN) == 1 and PASSIVE_SPIN not in before  # the caller loaded torch first
-    assert build.count(PASSIVE_SPIN) == 1 and DEFAULT_SPIN not in build     # the build's own process
+    assert before.count(DEFAULT_SPIN) >= 1 and PASSIVE_SPIN not in before  # the caller loaded torch first
+    assert build.count(PASSIVE_SPIN) >= 1 and DEFAULT_SPIN not in build     # the build's own process
     assert json.loads((tmp_path / "tiny-kit" / "kit.json").read_text())["spec"]["teacher"]["hidden"] == 32
     assert "Trainer: OMP_WAIT_POLICY=PASSIVE was not set when this process imported torch" in after
     assert "HFEngine:" in after  # the same for the engine created in this process after torch loaded
@@ -87,7 +91,7 @@ print(json.dumps(seen))
 
 def test_a_caller_that_sets_nothing_before_torch_gets_passive_from_hfengine_import_order(tmp_path):
     """Where the entry point runs before torch loads (HFEngine imports torch inside), this process's own
-    OpenMP reads the default: its one GOMP_SPINCOUNT line is 0. (No model needed: the engine fails on a
+    OpenMP reads the default: every GOMP_SPINCOUNT line it prints is 0. (No model needed: the engine fails on a
     missing folder after the import.)"""
     script = r'''
 import os, sys
@@ -101,4 +105,4 @@ print(os.environ["OMP_WAIT_POLICY"])
 '''
     r = _python(script, tmp_path, str(tmp_path / "no-model"))
     assert r.stdout.strip().splitlines()[-1] == "PASSIVE"
-    assert r.stderr.count(PASSIVE_SPIN) == 1 and DEFAULT_SPIN not in r.stderr
+    assert r.stderr.count(PASSIVE_SPIN) >= 1 and DEFAULT_SPIN not in r.stderr
