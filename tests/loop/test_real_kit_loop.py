@@ -142,17 +142,20 @@ def test_fsdp_on_the_real_student_equals_ddp(real_kit, tmp_path):
 # ----------------------------------------------------------------------------- the top-k store
 
 DOCS = {"train": 2, "val": 2}
+CHARS = 1500  # of each document: about 400 SmolLM2 tokens, so a domain is a few blocks (the teacher scores them all)
 
 
 def small_config(kit: Path, d: Path) -> Path:
-    """A train config over a slice of the real kit's data (its own token cache)."""
+    """A train config over a slice of the real kit's data (its own token cache): the first documents of each
+    split, each cut to ``CHARS`` characters."""
     domains = []
     for dom in sorted(p for p in (kit / "data").iterdir() if p.is_dir()):
         files = {}
         for split, n in DOCS.items():
             target = d / "data" / dom.name / f"{split}.jsonl"
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text("\n".join((dom / f"{split}.jsonl").read_text().splitlines()[:n]) + "\n")
+            docs = [json.loads(line)["text"][:CHARS] for line in (dom / f"{split}.jsonl").read_text().splitlines()[:n]]
+            target.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
             files[split] = str(target)
         domains.append({"name": dom.name, "files": [files["train"]], "val_files": [files["val"]]})
     raw = yaml.safe_load((kit / "train.yaml").read_text())
