@@ -101,6 +101,22 @@ def model_stop_ids(model) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
+    """``(input_ids, attention_mask)`` int64 ``[B, max_len]``, each prompt right-aligned (left padding): the one
+    batching of ragged prompts for generation (this module's greedy answers and the trainer's rollouts)."""
+    import torch
+
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: need at least one prompt, and no empty prompt")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.as_tensor([int(t) for t in p], dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
 def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
                     batch_size: int = 16) -> list[tuple[list[int], str]]:
@@ -123,13 +139,8 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     try:
         for a in range(0, len(order), max(1, int(batch_size))):
             idx = order[a:a + batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), int(pad_id), dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                p = [int(t) for t in prompts[i]]
-                ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[r, width - len(p):] = 1
+            ids, mask = left_pad([prompts[i] for i in idx], pad_id)
+            width = ids.shape[1]
             with torch.no_grad():
                 gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      generation_config=cfg)

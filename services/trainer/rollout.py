@@ -32,6 +32,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ddk.teacher.generation import left_pad
+
 
 @dataclass(frozen=True)
 class Rollout:
@@ -48,19 +50,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     """A 63-bit seed from ``(seed, step, rank)``, the same in every process (unlike ``hash``)."""
     digest = hashlib.sha256(f"ddk-rollout:{int(seed)}:{int(step)}:{int(rank)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` int64 ``[B, max_len]``, each prompt right-aligned (left padding)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts: need at least one prompt, and no empty prompt")
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids, mask
 
 
 def cut_at_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> tuple[int, bool]:

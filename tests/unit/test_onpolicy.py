@@ -14,7 +14,8 @@ import torch
 
 from ddk.trainer.onpolicy_loss import (completion_labels, gkd_divergence, importance_weight, onpolicy_gap,
                                        sampled_reverse_kl, token_logprobs)
-from ddk.trainer.rollout import HFRollout, cut_at_eos, left_pad, step_seed
+from ddk.teacher.generation import left_pad
+from ddk.trainer.rollout import HFRollout, cut_at_eos, step_seed
 
 
 # ---------------------------------------------------------------------------------------------------------
