@@ -87,8 +87,11 @@ def test_unknown_run_and_unreachable_controller_are_exit_2_with_one_line(control
 def test_watch_prints_each_new_version_until_interrupted(controller):
     url, client = controller
     client.create_run("cli-watch", DOMAINS, policy="ddk", interval_steps=10)
+    # SIGINT at its default in the child, as in a user's shell: an ignored SIGINT is inherited across exec, and an
+    # earlier test's library in this worker may have left it ignored (then Python installs no Ctrl-C handler)
     proc = subprocess.Popen(DDK + ["weights", "cli-watch", "--watch", "--controller", url], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
 
@@ -112,7 +115,7 @@ def test_watch_prints_each_new_version_until_interrupted(controller):
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         try:
-            proc.wait(timeout=60)  # generous: on a loaded 2-core machine 20 s was once too little
+            proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
