@@ -176,28 +176,24 @@ class TeacherClient:
         """``GET /v1/info`` of a replica: model, backend, vocab_size, max_seq_len, max_top_k,
         tokenizer_fingerprint."""
 
-        def attempt(rep: _Replica) -> dict:
-            try:
-                r = rep.http.get("/v1/info")
-            except httpx.TransportError as e:
-                raise _Retryable(f"{type(e).__name__}: {e}", replica_down=True) from None
-            self._check_status(r)
-            return r.json()
-
-        return self._call("info", attempt)
+        return self._get_json("/v1/info", "info")
 
     def tokenizer_files(self) -> dict:
         """``GET /v1/tokenizer`` of a replica: ``{"files": {name: JSON}, "tokenizer_fingerprint"}``."""
+        return self._get_json("/v1/tokenizer", "tokenizer")
+
+    def _get_json(self, path: str, what: str) -> dict:
+        """``GET path`` of a replica (retried and failed over as every call), its JSON body."""
 
         def attempt(rep: _Replica) -> dict:
             try:
-                r = rep.http.get("/v1/tokenizer")
+                r = rep.http.get(path)
             except httpx.TransportError as e:
                 raise _Retryable(f"{type(e).__name__}: {e}", replica_down=True) from None
             self._check_status(r)
             return r.json()
 
-        return self._call("tokenizer", attempt)
+        return self._call(what, attempt)
 
     def tokenizer(self):
         """The teacher's own tokenizer, rebuilt here from ``GET /v1/tokenizer`` (a ``PreTrainedTokenizerFast``
