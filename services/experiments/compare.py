@@ -40,19 +40,26 @@ anything published. The curve is each run's mean ratio at its evaluations (the s
 Task accuracy: when every run's ``summary.json`` carries ``task_accuracy`` (``{domain: {"accuracy", "correct",
 "total"}}``, the form of ``ddk eval --tasks --json``'s ``domains``), the report adds the accuracy per domain, the
 mean and the worst domain, and pairs the mean and the worst accuracy over seeds like the ratios (higher is better
-there). Nothing in a run writes that field yet (the trainer's final evaluation will); compare reports it when present.
+there). Compare writes that field itself after each run when the data config has task domains
+(:func:`fill_task_accuracy`: the run's exported student, greedy, on each task domain's validation prompts).
+
+Arms beside the mixture baselines (ddk.experiments.arms): ``seqkd`` (SFT on the teacher's greedy answers to the
+training prompts, generated once before the runs, ddk.experiments.seqkd) and ``ARM@onpolicy`` (the arm with
+``kd.on_policy: 1``, ``rollout.engine: hf``); the report pairs each of them with ``kd`` and ``ddk``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from pathlib import Path
 
 from ddk.errors import UsageError
 from ddk.experiments.plots import plot_compare, plot_curves
-from ddk.experiments.tables import aggregate, format_report, paired_comparisons, run_accuracy
-from ddk.experiments.arms import PAPER_ARMS, arms, steered
+from ddk.experiments.tables import aggregate, format_report, format_wall, paired_comparisons, run_accuracy
+from ddk.experiments.arms import MODIFIERS, NO_TEACHER_ARMS, PAPER_ARMS, arms, split_modifier, steered
 from ddk.vocab import DIVERGENCES, ratio
 
 log = logging.getLogger("ddk.compare")
@@ -60,17 +67,21 @@ log = logging.getLogger("ddk.compare")
 
 def policy_overrides(policy: str, natural: dict[str, float], config_initial: dict | None) -> dict:
     """The config changes that turn one base config into each policy's run. Pure. An arm ``POLICY+LOSS``
-    (``ddk+jsd``) is that policy's run with ``kd.loss: LOSS`` (ddk.vocab.DIVERGENCES)."""
+    (``ddk+jsd``) is that policy's run with ``kd.loss: LOSS`` (ddk.vocab.DIVERGENCES); ``ARM@MODIFIER``
+    (``ddk@onpolicy``) adds the modifier's changes (ddk.experiments.arms.MODIFIERS)."""
+    base, modifier = split_modifier(policy)
+    if modifier:
+        return {**policy_overrides(base, natural, config_initial), **MODIFIERS[modifier]}
     if "+" in policy:
         base, _, loss = policy.partition("+")
         if loss not in DIVERGENCES:
             raise UsageError(f"--policies: unknown divergence {loss!r} in {policy!r} "
                              f"(choose from {', '.join(DIVERGENCES)})")
-        if base == "cpt":
-            raise UsageError(f"--policies: {policy!r}: cpt trains without a teacher, so it has no divergence")
+        if base in NO_TEACHER_ARMS:
+            raise UsageError(f"--policies: {policy!r}: {base} trains without a teacher, so it has no divergence")
         return {**policy_overrides(base, natural, config_initial), "kd.loss": loss}
     fixed = {"mixture.policy": "fixed", "mixture.initial_weights": config_initial or natural}
-    if policy == "cpt":
+    if policy in NO_TEACHER_ARMS:  # seqkd: also data.file, the teacher's answers (compare sets it, seqkd.py)
         return {**fixed, "kd.gamma": 0}
     if policy == "kd":
         return fixed
@@ -152,7 +163,8 @@ def main(args, runner=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = AutoTokenizer.from_pretrained(base.student.model, trust_remote_code=False)
-    domains = prepare_domains(load_domain_specs(base.data.source()), tokenizer, base.data.seq_len, default_cache_dir())
+    specs = load_domain_specs(base.data.source())
+    domains = prepare_domains(specs, tokenizer, base.data.seq_len, default_cache_dir())
     names = sorted(domains)
     natural = natural_proportions(domains)
     count = max(base.eval.sequences_per_domain, 32)
@@ -180,9 +192,10 @@ def main(args, runner=None) -> int:
         teacher_nll = _teacher_nlls(base, teacher_urls, store_sets.get("cache.dir"), tokenizer, domains, scoring)
         teacher = {n: float(teacher_nll[n].sum()) / scoring[n].predictions for n in names}
         initial = ratio(heldout_losses(Path(base.student.model), scoring, teacher_nll)[0], teacher)
+        extra = arm_data(policies, out, teacher_urls, tokenizer, specs)
         for seed in range(args.seeds):
             for policy in policies:
-                run_id = f"{base.run_id}-{policy.replace('+', '.')}-s{seed}"  # ddk+jsd -> ddk.jsd (run_id rule)
+                run_id = f"{base.run_id}-{arm_slug(policy)}-s{seed}"
                 run_dir = out / "runs" / run_id
                 if (run_dir / "summary.json").exists():
                     print(f"ddk compare: {run_id} finished before, reused", flush=True)
@@ -190,21 +203,93 @@ def main(args, runner=None) -> int:
                     sets = {"run_id": run_id, "seed": seed, "output_dir": str(run_dir),
                             "teacher.urls": json.dumps(teacher_urls), "controller.url": controller_url,
                             "eval.documents": "steer",  # the runs steer by one half, the report scores the other
-                            **store_sets, **policy_overrides(policy, natural, base.mixture.initial_weights)}
+                            **store_sets, **policy_overrides(policy, natural, base.mixture.initial_weights),
+                            **extra.get(policy, {})}
                     print(f"ddk compare: {run_id} (log {out / 'logs' / (run_id + '.log')})", flush=True)
+                    t0 = time.monotonic()
                     code = (runner or services.run)(run_id, _train_argv(args, sets))
                     if code != 0:
                         raise RuntimeError(f"run {run_id} failed with exit code {code}; see its log")
+                    record_wall(run_dir / "summary.json", time.monotonic() - t0)
+                fill_task_accuracy(run_dir, specs)  # the field the accuracy table reads (task domains only)
                 loss, se = heldout_losses(run_dir / "final", scoring, teacher_nll)
                 tokens = tokens_per_domain(run_dir / "metrics.jsonl", base.data.seq_len)
                 curve = ratio_curve(read_metrics(run_dir / "metrics.jsonl"), base.data.seq_len)
                 results[policy].append({"seed": seed, "ratio": ratio(loss, teacher), "ratio_log_se": se,
                                         "tokens": {n: tokens.get(n, 0) for n in names}, "curve": curve,
-                                        **summary_accuracy(run_dir / "summary.json")})
+                                        **summary_accuracy(run_dir / "summary.json"),
+                                        **run_wall(run_dir / "summary.json")})
 
     _write_report(args, policies, out, names, results, initial, teacher, natural,
                   _heldout_note(names, scoring))
     return 0
+
+
+def arm_slug(policy: str) -> str:
+    """The arm's part of a run id (ddk.vocab.RUN_ID_PATTERN): ``ddk+jsd`` -> ``ddk.jsd``, ``ddk@onpolicy`` ->
+    ``ddk-onpolicy``. Pure."""
+    return policy.replace("+", ".").replace("@", "-")
+
+
+def arm_data(policies: list[str], out: Path, teacher_urls: list[str], tokenizer, specs) -> dict[str, dict]:
+    """The per-arm overrides that need work before the runs: ``seqkd``'s ``data.file``, the teacher's answers to
+    the task domains' training prompts (ddk.experiments.seqkd, written once under ``out``)."""
+    from ddk.experiments.arms import base_policy
+    from ddk.experiments.seqkd import seqkd_data, teacher_generator
+
+    wanted = [p for p in policies if base_policy(p) == "seqkd"]
+    if not wanted:
+        return {}
+    if not teacher_urls:
+        raise UsageError("--policies seqkd: the teacher must answer the training prompts (give --teacher-model or "
+                         "teacher.urls; a top-k store cannot generate)")
+    generate, teacher_id = teacher_generator(teacher_urls[0], tokenizer)
+    path = seqkd_data(specs, out, tokenizer, generate, teacher_id, lambda line: print(line, flush=True))
+    return {p: {"data.file": str(path)} for p in wanted}
+
+
+def fill_task_accuracy(run_dir: Path, specs, max_new: int = 64) -> dict | None:
+    """Write ``task_accuracy`` (``{domain: {"accuracy", "correct", "total", "check"}}``, the form of ``ddk eval
+    --tasks --json``'s ``domains``) into the run's ``summary.json``: its exported student (``final/``) answers each
+    task domain's validation prompts greedily (ddk.experiments.tasks.model_accuracy, at most ``max_new`` new
+    tokens). Nothing when the data has no task domain or the summary has the field already; returns the field."""
+    from ddk.experiments.tasks import model_accuracy, result_rows, task_domains
+
+    judged, _ = task_domains(specs)
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text())
+    if not judged or "task_accuracy" in summary:
+        return summary.get("task_accuracy")
+    print(f"ddk compare: task accuracy of {run_dir.name} ({len(judged)} domains, greedy)", flush=True)
+    results = model_accuracy(run_dir / "final", judged, max_new=max_new, batch_size=64,
+                             progress=lambda line: print(f"  {line}", flush=True))
+    rows = result_rows(results, None, {s.name: s.task.check for s in judged})
+    _update_summary(path, {"task_accuracy": rows, "task_accuracy_settings": {
+        "greedy": True, "max_new_tokens": max_new, "prompts": "val_files"}})
+    return rows
+
+
+def _update_summary(path: Path, fields: dict) -> None:
+    summary = json.loads(path.read_text())
+    summary.update(fields)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(path)
+
+
+def record_wall(path: Path, seconds: float) -> None:
+    """A run's wall time under compare (its ``ddk train``) and the 1-minute load average at its end, into its
+    ``summary.json`` (``compare_wall_s``, ``compare_load_avg``): the machine may be shared."""
+    _update_summary(path, {"compare_wall_s": round(seconds, 1), "compare_load_avg": round(os.getloadavg()[0], 2)})
+
+
+def run_wall(path: Path) -> dict:
+    """``{"wall_s", "load_avg"}`` from a run's summary.json (:func:`record_wall`), ``{}`` when it has none."""
+    try:
+        s = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"wall_s": s["compare_wall_s"], "load_avg": s.get("compare_load_avg")} if "compare_wall_s" in s else {}
 
 
 def summary_accuracy(path: Path) -> dict:
@@ -292,6 +377,7 @@ def _write_report(args, policies, out: Path, names, results, initial, teacher, n
     comparisons = paired_comparisons(results, names)
     report = format_report(agg, names, initial, command, note, comparisons)
     report += _se_table(names, results)
+    report += "\n".join(format_wall(results) + [""])
     (out / "report.md").write_text(report)
     (out / "report.json").write_text(json.dumps({"policies": agg, "initial": initial, "teacher_loss": teacher,
                                                  "comparisons": comparisons, "raw": results,

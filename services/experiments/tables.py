@@ -10,7 +10,7 @@ import math
 import statistics
 
 from ddk.experiments.stats import claim, mean_curve, paired_difference, trapezoid_area
-from ddk.experiments.arms import steered
+from ddk.experiments.arms import base_policy, is_variant, steered
 from ddk.vocab import ratio
 
 
@@ -142,14 +142,20 @@ def run_metrics(run: dict, domains: list[str], acc_domains: list[str] | None = N
 
 
 def comparison_pairs(policies: list[str]) -> list[tuple[str, str]]:
-    """(policy, baseline) pairs: each controller-steered arm (ddk.experiments.arms.steered) against every
-    fixed-mixture arm, and against every steered arm listed before it."""
+    """(policy, baseline) pairs: each controller-steered arm (ddk.experiments.arms.steered, whatever its divergence
+    or modifier) against every fixed-mixture arm, and against every steered arm listed before it; then each
+    variant arm (``seqkd``, an ``@onpolicy`` arm: ddk.experiments.arms.is_variant) against ``kd`` and ``ddk`` where
+    that pair is not there yet either way round."""
     pairs, steering = [], steered()
     for i, p in enumerate(policies):
-        if p.split("+")[0] not in steering:
+        if base_policy(p) not in steering:
             continue
         for j, b in enumerate(policies):
-            if b != p and (b.split("+")[0] not in steering or j < i):
+            if b != p and (base_policy(b) not in steering or j < i):
+                pairs.append((p, b))
+    for p in policies:
+        for b in ("kd", "ddk"):
+            if is_variant(p) and b in policies and b != p and (p, b) not in pairs and (b, p) not in pairs:
                 pairs.append((p, b))
     return pairs
 
@@ -253,6 +259,25 @@ def format_accuracy(agg: dict) -> list[str]:
         lines.append(f"| {p} | " + " | ".join(cells) + f" | {a['mean_accuracy']:.3f} ± "
                      f"{a['mean_accuracy_spread']:.3f} | {a['worst_accuracy_domain']} ({a['worst_accuracy']:.3f}) |")
     return lines
+
+
+def format_wall(results: dict[str, list[dict]]) -> list[str]:
+    """Markdown lines: each arm's wall time per run (``wall_s``: its ``ddk train`` and, where compare timed it, the
+    task evaluation), mean and range over seeds, and the 1-minute load average when its run ended. Pure; [] when
+    no run was timed."""
+    rows = []
+    for p, runs in results.items():
+        walls = [r["wall_s"] for r in runs if r.get("wall_s") is not None]
+        if not walls:
+            continue
+        loads = [r["load_avg"] for r in runs if r.get("load_avg") is not None]
+        load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
+        rows.append(f"| {p} | {len(walls)} | {statistics.fmean(walls):.0f} | {min(walls):.0f}-{max(walls):.0f} | "
+                    f"{load} |")
+    if not rows:
+        return []
+    return ["", "## Wall time per run (seconds; `ddk train` under Ray, with start-up and export)", "",
+            "| policy | runs timed | mean | range | load average at the end |", "|---|---:|---:|---|---|"] + rows
 
 
 def _format_curves(agg: dict) -> list[str]:

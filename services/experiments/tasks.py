@@ -220,6 +220,46 @@ def _teacher_generators(args, domains: list[str], fingerprint: str, stops: list[
     return out
 
 
+def model_accuracy(model_dir: Path, specs: Sequence, max_new: int = 64, batch_size: int = 16,
+                   limit: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, TaskResult]:
+    """``{domain: TaskResult}`` of the model folder ``model_dir`` on the validation prompts of the task domains
+    ``specs`` (:func:`task_domains`' judged ones): greedy, at most ``max_new`` tokens, batched, on the GPU when
+    there is one. ``progress`` gets a line per domain. What ``ddk compare`` writes into each run's summary.json."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ddk.data.chat import require_chat_template
+    from ddk.teacher.generation import greedy_generate
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    require_chat_template(tokenizer)
+    prompts = {s.name: task_prompts(s.val_files, limit) for s in specs}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=False).float().to(device)
+    stops = stop_ids(tokenizer, model)
+    room = prompt_room(model, max_new)
+    out: dict[str, TaskResult] = {}
+    for s in specs:
+        t0 = time.monotonic()
+        out[s.name] = evaluate_domain(tokenizer, s.task, prompts[s.name], lambda ids: greedy_generate(
+            model, ids, max_new, stops, tokenizer.pad_token_id, batch_size), room)
+        if progress:
+            progress(f"task {s.name}: {out[s.name].correct}/{out[s.name].total} right "
+                     f"({time.monotonic() - t0:.1f} s)")
+    return out
+
+
+def prompt_room(model, max_new: int) -> int | None:
+    """How many prompt ids fit beside ``max_new`` new ones in the model's positions (None: no limit known);
+    none left is exit 2 naming --max-new-tokens."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    room = int(positions) - max_new if positions else None
+    if room is not None and room < 1:
+        raise UsageError(f"--max-new-tokens: {max_new} leaves no room for a prompt in the model's {positions} "
+                         "positions")
+    return room
+
+
 def main(args) -> int:
     """``ddk eval --tasks --model DIR --data CONFIG [--teacher URL] [--route D=URL] [--max-new-tokens N]
     [--limit N] [--batch-size N] [--json]``."""
@@ -252,11 +292,7 @@ def main(args) -> int:
     stops = stop_ids(tokenizer, model)
     teachers = (_teacher_generators(args, [s.name for s in specs], tokenizer_fingerprint(tokenizer), stops, max_new)
                 if args.teacher or getattr(args, "route", None) else {})
-    positions = getattr(model.config, "max_position_embeddings", None)
-    room = int(positions) - max_new if positions else None
-    if room is not None and room < 1:
-        raise UsageError(f"--max-new-tokens: {max_new} leaves no room for a prompt in the model's {positions} "
-                         "positions")
+    room = prompt_room(model, max_new)
     t0 = time.monotonic()
     ours: dict[str, TaskResult] = {}
     theirs: dict[str, TaskResult] = {}

@@ -186,3 +186,158 @@ def test_summary_accuracy_reads_the_runs_task_accuracy(tmp_path):
     p.write_text(json.dumps({"task_accuracy": {"add": 1.5}}))
     assert summary_accuracy(p) == {}  # not an accuracy: a warning, and no accuracy for this run
     assert summary_accuracy(tmp_path / "absent.json") == {}
+
+
+def test_seqkd_and_onpolicy_arms_and_their_pairs():
+    """``seqkd`` is cpt's run (CE only, natural mixture; compare adds data.file); ``ARM@onpolicy`` the arm with
+    kd.on_policy 1 and the hf engine; unknown modifiers and modifiers on CE-only arms are exit 2 listing the allowed
+    ones; the variants pair with kd and ddk."""
+    from ddk.experiments.compare import arm_slug
+    from ddk.experiments.tables import comparison_pairs
+
+    natural = {"a": 0.75, "b": 0.25}
+    assert policy_overrides("seqkd", natural, None) == {
+        "mixture.policy": "fixed", "mixture.initial_weights": natural, "kd.gamma": 0}
+    assert policy_overrides("ddk@onpolicy", natural, None) == {
+        "mixture.policy": "ddk", "kd.on_policy": 1, "rollout.engine": "hf"}
+    assert policy_overrides("kd_uniform@onpolicy", natural, None) == {
+        "mixture.policy": "fixed", "mixture.initial_weights": {"a": 0.5, "b": 0.5}, "kd.on_policy": 1,
+        "rollout.engine": "hf"}
+    assert policy_overrides("ddk+jsd@onpolicy", natural, None)["kd.loss"] == "jsd"
+    with pytest.raises(UsageError, match="unknown arm modifier @offpolicy .*choose from @onpolicy"):
+        policy_overrides("ddk@offpolicy", natural, None)
+    for bad in ("cpt@onpolicy", "seqkd@onpolicy", "seqkd+jsd"):
+        with pytest.raises(UsageError, match="--policies"):
+            policy_overrides(bad, natural, None)
+    with pytest.raises(UsageError, match="unknown policy 'nope'"):
+        policy_overrides("nope@onpolicy", natural, None)
+    assert arm_slug("kd_uniform@onpolicy") == "kd_uniform-onpolicy" and arm_slug("ddk+jsd") == "ddk.jsd"
+    arms = ["cpt", "kd", "kd_uniform", "ddk", "seqkd", "ddk@onpolicy", "kd_uniform@onpolicy"]
+    pairs = comparison_pairs(arms)
+    # steered ddk against every fixed arm; ddk@onpolicy (steered) against them and ddk; the fixed variants vs kd
+    for want in [("ddk", "kd"), ("ddk", "seqkd"), ("ddk", "kd_uniform@onpolicy"), ("ddk@onpolicy", "kd"),
+                 ("ddk@onpolicy", "ddk"), ("seqkd", "kd"), ("kd_uniform@onpolicy", "kd")]:
+        assert want in pairs, want
+    assert ("seqkd", "ddk") not in pairs and ("kd_uniform", "kd") not in pairs and len(pairs) == len(set(pairs))
+    assert comparison_pairs(["cpt", "kd"]) == []
+
+
+def test_wall_table_per_arm():
+    from ddk.experiments.tables import format_wall
+
+    results = {"kd": [{"wall_s": 60.0, "load_avg": 3.0}, {"wall_s": 80.0, "load_avg": 5.5}], "cpt": [{}]}
+    lines = format_wall(results)
+    assert "| kd | 2 | 70 | 60-80 | 3.0-5.5 |" in lines and not any(line.startswith("| cpt") for line in lines)
+    assert format_wall({"cpt": [{}]}) == []
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A random 2-layer Llama over the chat kit's char-level ChatML tokenizer, saved as a model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ddk.kit.chat import chat_tokenizer
+
+    root = tmp_path_factory.mktemp("chat-model")
+    tok = chat_tokenizer(256)
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(root / "final")
+    tok.save_pretrained(root / "final")
+    return root, model, tok
+
+
+def _hand_answer(model, tok, question: str, max_new: int) -> str:
+    """Greedy from its definition on a ChatML prompt written by hand: the whole sequence each step, stop at
+    <|im_end|> or eos."""
+    import torch
+
+    ids = tok(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    stops = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new):
+            nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt in stops:
+                break
+            out.append(nxt)
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def _chat_data(tmp_path, rows):
+    import yaml
+
+    for name in ("qa", "prose"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "qa" / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "qa" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "prose" / "train.jsonl").write_text('{"text": "some prose here"}\n' * 4)
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"domains": [
+        {"name": "qa", "files": ["qa/train.jsonl"], "val_files": ["qa/val.jsonl"], "task": "exact"},
+        {"name": "prose", "files": ["prose/train.jsonl"]}]}))
+    from ddk.data.domains import load_domain_specs
+
+    return load_domain_specs(tmp_path / "data.yaml")
+
+
+def test_compare_writes_task_accuracy_into_the_runs_summary(chat_model, tmp_path):
+    """A run folder (summary.json + final/): compare's step writes ``task_accuracy`` counted by hand: rows 0 and 2
+    carry the model's own greedy answers (hand loop), row 1 a wrong one -> 2/3; the text domain is not judged;
+    a summary that has the field is left alone."""
+    from ddk.experiments.compare import fill_task_accuracy, summary_accuracy
+
+    root, model, tok = chat_model
+    qs = ["What is 2 + 3?", "Sort: 4 1 3", "Reverse: cat"]
+    refs = [_hand_answer(model, tok, q, 12) for q in qs]
+    refs[1] = "certainly not this"
+    specs = _chat_data(tmp_path, [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "x"}],
+                                   "answer": a} for q, a in zip(qs, refs)])
+    (root / "summary.json").write_text(json.dumps({"steps": 3}))
+    got = fill_task_accuracy(root, specs, max_new=12)
+    assert got == {"qa": {"accuracy": pytest.approx(2 / 3), "correct": 2, "total": 3, "check": "exact"}}
+    assert summary_accuracy(root / "summary.json") == {"accuracy": {"qa": pytest.approx(2 / 3)}}
+    assert json.loads((root / "summary.json").read_text())["steps"] == 3
+    (root / "summary.json").write_text(json.dumps({"task_accuracy": {"qa": 0.25}}))
+    assert fill_task_accuracy(root, specs) == {"qa": 0.25}  # there already: not evaluated again
+
+
+def test_seqkd_data_holds_the_teachers_answers(chat_model, tmp_path):
+    """The teacher (here a function answering by the question written in the prompt ids) answers every training
+    prompt once; the rows carry its answers, an empty answer is left out and counted, the validation files and the
+    checker stay, the text domain keeps its files, and a second call reuses the data without asking again."""
+    from ddk.data.domains import load_domain_specs
+    from ddk.experiments.seqkd import seqkd_data
+
+    _, _, tok = chat_model
+    qs = ["What is 2 + 3?", "Sort: 4 1 3", "Reverse: cat"]
+    teacher = {"What is 2 + 3?": "5", "Sort: 4 1 3": "1 3 4", "Reverse: cat": ""}
+    specs = _chat_data(tmp_path, [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "x"}],
+                                   "answer": "ref"} for q in qs])
+    asked = []
+
+    def generate(ids):
+        asked.extend(ids)
+        texts = [tok.decode(x) for x in ids]
+        answers = [next(a for q, a in teacher.items() if q in t) for t in texts]
+        return [(tok(a, add_special_tokens=False)["input_ids"], "stop") for a in answers]
+
+    out = tmp_path / "cmp"
+    path = seqkd_data(specs, out, tok, generate, "teacher-1", progress=lambda line: None)
+    assert len(asked) == 3 and tok.decode(asked[0]).endswith("<|im_start|>assistant\n")
+    rows = [json.loads(line) for line in (out / "seqkd" / "data" / "qa" / "train.jsonl").read_text().splitlines()]
+    assert [r["messages"][-1] for r in rows] == [{"role": "assistant", "content": "5"},
+                                                 {"role": "assistant", "content": "1 3 4"}]
+    assert rows[0]["messages"][0] == {"role": "user", "content": qs[0]} and rows[0]["answer"] == "ref"
+    assert json.loads((out / "seqkd" / "manifest.json").read_text())["domains"]["qa"] == {"rows": 2,
+                                                                                        "empty_answers": 1}
+    new = {s.name: s for s in load_domain_specs(path)}
+    assert new["qa"].val_files == specs[0].val_files and new["qa"].task == specs[0].task
+    assert new["prose"].files == specs[1].files
+    asked.clear()
+    assert seqkd_data(specs, out, tok, generate, "teacher-1", progress=lambda line: None) == path and not asked
+    seqkd_data(specs, out, tok, generate, "teacher-2", progress=lambda line: None)  # another teacher: again
+    assert len(asked) == 3
