@@ -8,6 +8,7 @@
   them, the train config and ``ddk compare`` read the names here without importing torch);
 - **run_id**: the one rule for a run's name (it is a URL segment, a folder name and Ray Train's run name);
 - **ratio**: q = PPL_S / PPL_T per domain, the number the whole method turns on;
+- **signals**: what q measures (:data:`SIGNALS`, ``mixture.signal``): the ratio, or the accuracy or on-policy gap;
 - **weights version**: ``{version, step, weights, updated_at}``, what the controller serves and the trainer draws with;
 - **interval_steps**: K, the optimiser steps between two evaluations (one name in the config, the controller's
   run spec and the API).
@@ -25,6 +26,16 @@ from typing import TypedDict
 # The one list of divergence names: ddk.trainer.loss.LOSSES is this tuple (its functions keyed by these names),
 # the train config's kd.loss and ddk compare's POLICY+LOSS arms accept exactly these.
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd")
+
+# -- gap signals (mixture.signal) ----------------------------------------------------------------------------
+# The one list of what the controller's q per domain measures: the train config's mixture.signal, the API's
+# evaluation field ``signal`` and the page's label read these (ddk.trainer.gap_signal computes the non-ratio ones).
+#   ratio:    q = PPL_S / PPL_T on the validation blocks (the paper's signal, the default)
+#   accuracy: q = (acc_T + eps) / (acc_S + eps), greedy task accuracy on the validation prompts, eps = 1 / (2n)
+#   onpolicy: q = exp(mean over the student's own completion tokens of log p_S - log p_T)
+SIGNALS = ("ratio", "accuracy", "onpolicy")
+SIGNAL_LABELS = {"ratio": "PPL_S/PPL_T", "accuracy": "accuracy gap (acc_T+e)/(acc_S+e)",
+                 "onpolicy": "on-policy exp(reverse KL)"}
 
 # -- run ids -------------------------------------------------------------------------------------------------
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

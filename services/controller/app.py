@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ddk.controller import policies
 from ddk.controller.spec import MAX_STEPS, DomainDiagnostics, Invalid, check_run_spec
 from ddk.controller.store import Conflict, NotFound, Store
-from ddk.vocab import WeightsVersion
+from ddk.vocab import SIGNAL_LABELS, SIGNALS, WeightsVersion
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ class EvaluationIn(BaseModel):
         = None
     # per domain (any of the run's) the standard error of log(PPL_S / PPL_T), finite and >= 0 (issue 24)
     log_ratio_se: dict[str, _NonNegative] | None = None
+    # what q = exp(student_loss - teacher_loss) measures (ddk.vocab.SIGNALS; mixture.signal); absent: ratio
+    signal: Annotated[Any, WithJsonSchema({"type": "string", "enum": list(SIGNALS)})] = None
 
 
 class ProgressIn(BaseModel):
@@ -363,7 +365,9 @@ def _add_routes(app: FastAPI, store: Store, broker: Broker) -> None:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+        # the gap column's label per signal: ddk.vocab's one list, written into the page's script
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8")
+                            .replace("/*SIGNAL_LABELS*/{}", json.dumps(SIGNAL_LABELS)))
 
     @app.post("/v1/runs", status_code=201)
     async def create_run(body: RunCreate):
@@ -392,7 +396,8 @@ def _add_routes(app: FastAPI, store: Store, broker: Broker) -> None:
     @app.post("/v1/runs/{run_id}/evaluations", response_model=EvaluationOut, response_model_exclude_none=True)
     async def post_evaluation(run_id: str, body: EvaluationIn):
         weights = await run_in_threadpool(store.add_evaluation, run_id, body.step, body.student_loss,
-                                          body.teacher_loss, body.tokens, body.diagnostics, body.log_ratio_se)
+                                          body.teacher_loss, body.tokens, body.diagnostics, body.log_ratio_se,
+                                          body.signal)
         broker.publish(run_id)
         return weights
 

@@ -105,7 +105,8 @@ class ControllerClient:
 
     def post_evaluation(self, run_id, step, student_loss: dict,
                         teacher_loss: dict | None = None, tokens: dict | None = None,
-                        diagnostics: dict | None = None, log_ratio_se: dict | None = None) -> WeightsVersion:
+                        diagnostics: dict | None = None, log_ratio_se: dict | None = None,
+                        signal: str | None = None) -> WeightsVersion:
         """Record an evaluation; returns the new weights {"version", "step", "weights", "updated_at"}.
         ``tokens``: student tokens trained on each domain so far (cumulative), for policies that use them.
         ``diagnostics``: ``{domain: {"kl", "ce", "topk_mass", "tokens", "route"}}``, any of the run's domains and
@@ -121,6 +122,8 @@ class ControllerClient:
                                    for d, fields in diagnostics.items()}
         if log_ratio_se:  # {domain: SE of log(PPL_S / PPL_T)}; left out when empty (older controllers: 422)
             body["log_ratio_se"] = {k: float(v) for k, v in log_ratio_se.items()}
+        if signal is not None and signal != "ratio":  # mixture.signal; left out for ratio (older controllers: 422)
+            body["signal"] = str(signal)
 
         def conflict(after_failed_attempt: bool):
             # the one place a 409 is handled: the controller already has this step (or a later one)

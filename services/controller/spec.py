@@ -22,7 +22,7 @@ from ddk.controller.mixture import GAP_ESTIMATES, uniform
 
 # run ids appear in URLs, folder names and Ray Train's run name: the one rule is ddk.vocab's (RUN_ID_RULE),
 # checked here when a run is created; reads of an unknown id are simply 404
-from ddk.vocab import RUN_ID_RULE, is_run_id
+from ddk.vocab import RUN_ID_RULE, SIGNALS, is_run_id
 
 MAX_DOMAINS = 1024
 MAX_DOMAIN_NAME = 200
@@ -180,6 +180,15 @@ def check_log_ratio_se(se: Mapping[str, float] | None, domains: Sequence[str]) -
     return out or None
 
 
+def check_signal(signal) -> str | None:
+    """An evaluation's optional ``signal``: what its q measures, one of :data:`ddk.vocab.SIGNALS` (None: ratio)."""
+    if signal is None:
+        return None
+    if not isinstance(signal, str) or signal not in SIGNALS:
+        raise Invalid(f"signal: must be one of {list(SIGNALS)}, got {signal!r}")
+    return signal
+
+
 @dataclass(frozen=True)
 class CheckedEvaluation:
     """An evaluation after :func:`check_evaluation`: plain values, keyed by the run's domains in their order."""
@@ -190,16 +199,17 @@ class CheckedEvaluation:
     tokens: dict[str, float] | None
     diagnostics: dict[str, dict] | None
     log_ratio_se: dict[str, float] | None
+    signal: str | None = None  # what q measures (ddk.vocab.SIGNALS); None: ratio
 
 
 def check_evaluation(domains: Sequence[str], step, student_loss, teacher_loss=None, tokens=None,
-                     diagnostics=None, log_ratio_se=None) -> CheckedEvaluation:
+                     diagnostics=None, log_ratio_se=None, signal=None) -> CheckedEvaluation:
     """The one check of an evaluation against its run's domains: every field, each error naming it."""
     return CheckedEvaluation(
         check_step(step), check_losses("student_loss", student_loss, domains),
         None if teacher_loss is None else check_losses("teacher_loss", teacher_loss, domains),
         check_tokens(tokens, domains), check_diagnostics(diagnostics, domains),
-        check_log_ratio_se(log_ratio_se, domains))
+        check_log_ratio_se(log_ratio_se, domains), check_signal(signal))
 
 
 def _whole_number(v):

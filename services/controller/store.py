@@ -11,7 +11,9 @@ Each version also keeps the policy's state after it (JSON, ``ddk.controller.poli
 cumulative per-domain ``tokens``, when sent, so that a restarted controller continues a stateful policy where
 it was, and the evaluation's per-domain distillation ``diagnostics`` (issue 14) and standard errors of the
 log-ratio ``log_ratio_se`` (issue 24), when sent, for the history and the page, with the ``warning`` the
-evaluation's answer carried (the mixture steering by noise). A run keeps its ``gap_estimate`` (NULL: ``raw``).
+evaluation's answer carried (the mixture steering by noise), and the evaluation's ``signal`` (what its q measures,
+``ddk.vocab.SIGNALS``; NULL: ``ratio``). A run keeps its ``gap_estimate`` (NULL: ``raw``) and the ``signal`` of its
+last evaluation (NULL: ``ratio``).
 Files written before those columns existed get them (NULL) when opened: see :data:`MIGRATIONS`.
 
 Besides the versions, each run may have a trainer's progress (the page's "step of total" and loss curve): the
@@ -49,7 +51,8 @@ CREATE TABLE IF NOT EXISTS runs (
     initial_weights TEXT,               -- JSON object or NULL (uniform)
     created_at      TEXT NOT NULL,
     policy_params   TEXT,               -- JSON object (defaults filled in) or NULL (a policy without params)
-    gap_estimate    TEXT                -- raw | shrunk (ddk.controller.mixture.GAP_ESTIMATES); NULL: raw
+    gap_estimate    TEXT,               -- raw | shrunk (ddk.controller.mixture.GAP_ESTIMATES); NULL: raw
+    signal          TEXT                -- what its last evaluation's q measures (ddk.vocab.SIGNALS); NULL: ratio
 );
 CREATE TABLE IF NOT EXISTS versions (
     run_id        TEXT NOT NULL REFERENCES runs(run_id),
@@ -65,6 +68,7 @@ CREATE TABLE IF NOT EXISTS versions (
     diagnostics   TEXT,                 -- the evaluation's {domain: {kl, ce, topk_mass, tokens, route}} (JSON) or NULL
     log_ratio_se  TEXT,                 -- the evaluation's {domain: standard error of log q} (JSON) or NULL
     warning       TEXT,                 -- the warning the evaluation's answer carried, or NULL
+    signal        TEXT,                 -- what the evaluation's q measures (ddk.vocab.SIGNALS); NULL: ratio
     PRIMARY KEY (run_id, version)
 );
 CREATE TABLE IF NOT EXISTS progress (   -- the latest progress report of a run (none before its first)
@@ -99,6 +103,8 @@ MIGRATIONS = (
     ("runs", "gap_estimate", "TEXT"),
     ("versions", "log_ratio_se", "TEXT"),
     ("versions", "warning", "TEXT"),
+    ("runs", "signal", "TEXT"),
+    ("versions", "signal", "TEXT"),
 )
 
 LOSS_POINTS = 1024  # loss points kept per run (a chart a few hundred pixels wide needs fewer)
@@ -229,6 +235,8 @@ class Store:
             run["policy_params"] = params
         if row["gap_estimate"] is not None:  # likewise only a run that does not read the gaps raw
             run["gap_estimate"] = row["gap_estimate"]
+        if row["signal"] is not None:  # and only a run whose gaps are not PPL ratios (mixture.signal)
+            run["signal"] = row["signal"]
         return run
 
     # -- evaluations -----------------------------------------------------------------------------------
@@ -236,7 +244,7 @@ class Store:
                        teacher_loss: Mapping[str, float] | None = None,
                        tokens: Mapping[str, float] | None = None,
                        diagnostics: Mapping[str, Mapping] | None = None,
-                       log_ratio_se: Mapping[str, float] | None = None) -> dict:
+                       log_ratio_se: Mapping[str, float] | None = None, signal: str | None = None) -> dict:
         """Record one evaluation and the weights it yields, atomically; return the weights object, with a
         ``warning`` when the domains' gaps are within their standard errors (:data:`NOISE_WARNING`, for the
         policies that steer by the gaps).
@@ -248,6 +256,8 @@ class Store:
         the version for the history and the page; no policy reads them.
         ``log_ratio_se`` (optional): per domain (any of the run's) the standard error of log(PPL_S / PPL_T), which
         the run's ``gap_estimate`` uses and which says when the gaps are noise.
+        ``signal`` (optional): what the losses' q measures (``ddk.vocab.SIGNALS``: ``ratio``, the default, or the
+        ``accuracy`` / ``onpolicy`` gap mapped onto losses by the trainer); kept with the version and the run.
         Every field is checked here, once (``spec.check_evaluation``), against the run's domains.
         The weights are the run's policy's (``ddk.controller.policies``), given the state it left with the
         previous version; its new state is stored with the new version.
@@ -257,7 +267,8 @@ class Store:
             if row is None:
                 raise NotFound(f"run_id: no run {run_id!r}")
             spec = _spec(row)
-            ev = check_evaluation(spec.domains, step, student_loss, teacher_loss, tokens, diagnostics, log_ratio_se)
+            ev = check_evaluation(spec.domains, step, student_loss, teacher_loss, tokens, diagnostics, log_ratio_se,
+                                  signal)
             step, student, teacher, toks, diag = ev.step, ev.student_loss, ev.teacher_loss, ev.tokens, ev.diagnostics
             policy = policies.get(spec.policy)
 
@@ -291,13 +302,15 @@ class Store:
             ts = now()
             con.execute(
                 "INSERT INTO versions (run_id, version, step, student_loss, teacher_loss, ratio, weights, "
-                "created_at, state, tokens, diagnostics, log_ratio_se, warning) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "created_at, state, tokens, diagnostics, log_ratio_se, warning, signal) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, version, step, json.dumps(student), None if teacher is None else json.dumps(teacher),
                  None if q is None else json.dumps(q), json.dumps(weights), ts, state_text,
                  None if toks is None else json.dumps(toks),
                  None if diag is None else json.dumps(diag, allow_nan=False),
-                 None if ev.log_ratio_se is None else json.dumps(ev.log_ratio_se), warning))
+                 None if ev.log_ratio_se is None else json.dumps(ev.log_ratio_se), warning, _signal_column(ev.signal)))
+            if _signal_column(ev.signal) != row["signal"]:
+                con.execute("UPDATE runs SET signal = ? WHERE run_id = ?", (_signal_column(ev.signal), run_id))
         log.info("run %s step %d -> version %d", run_id, step, version)
         out = weights_version(version, step, weights, ts)
         if warning is not None:
@@ -391,8 +404,8 @@ class Store:
         return _weights_version(row)
 
     def history(self, run_id: str) -> list[dict]:
-        """Every version in order, with its step, losses, ratios and weights; also ``tokens``, ``diagnostics`` and
-        ``log_ratio_se`` when the evaluation carried them, ``warning`` when its answer had one and ``policy_state``
+        """Every version in order, with its step, losses, ratios and weights; also ``tokens``, ``diagnostics``,
+        ``log_ratio_se`` and ``signal`` (not ``ratio``) when the evaluation carried them, ``warning`` when its answer had one and ``policy_state``
         when the policy keeps one."""
         rows = self._connect().execute("SELECT * FROM versions WHERE run_id = ? ORDER BY version",
                                        (run_id,)).fetchall()
@@ -411,6 +424,8 @@ class Store:
                 v["log_ratio_se"] = json.loads(r["log_ratio_se"])
             if r["warning"] is not None:
                 v["warning"] = r["warning"]
+            if r["signal"] is not None:
+                v["signal"] = r["signal"]
             if r["state"] is not None:
                 v["policy_state"] = json.loads(r["state"])
             out.append(v)
@@ -448,6 +463,11 @@ class Store:
 
     def ping(self) -> None:
         self._connect().execute("SELECT 1").fetchone()
+
+
+def _signal_column(signal: str | None) -> str | None:
+    """What the signal columns hold: NULL for ``ratio`` (as rows written before the column), else the name."""
+    return None if signal in (None, "ratio") else signal
 
 
 def _weights_version(row: sqlite3.Row) -> WeightsVersion:

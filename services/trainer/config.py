@@ -31,7 +31,7 @@ from ddk.data.domains import is_train_config
 from ddk.errors import UsageError
 from ddk.controller import policies as policy_registry  # the policy names (pydantic, no torch)
 from ddk.controller.mixture import GAP_ESTIMATES
-from ddk.vocab import DIVERGENCES, RUN_ID_PATTERN, RUN_ID_RULE
+from ddk.vocab import DIVERGENCES, RUN_ID_PATTERN, RUN_ID_RULE, SIGNALS
 
 # Test hook for fault tolerance: "6,10" makes the last rank exit abruptly right after step 6 and after step 10
 # (each once per output_dir; a marker file remembers it), as a crashed worker would. ``ddk train`` reads it
@@ -168,6 +168,9 @@ class MixtureSection(_Section):
     # how the steering policies read each domain's gap: raw (as measured) or shrunk (towards the domains' mean by
     # its standard error: docs/architecture.md, "The gap estimate")
     gap_estimate: Literal[GAP_ESTIMATES] = "raw"
+    # what each domain's gap q measures (ddk.vocab.SIGNALS, ddk.trainer.gap_signal): ratio (PPL_S / PPL_T on the
+    # validation blocks), accuracy (task accuracy of greedy answers) or onpolicy (reverse KL on the student's text)
+    signal: Literal[SIGNALS] = "ratio"
 
     @field_validator("initial_weights")
     @classmethod
@@ -278,10 +281,26 @@ class TrainConfig(_Section):
                              "top-k store in cache.dir cannot)")
         if self.kd.on_policy > 0 and self.kd.gamma == 0:
             raise ValueError("kd.on_policy: needs kd.gamma > 0 (rollouts are trained on the teacher's grades)")
+        self._signal_checks()
         if self.kd.on_policy > 0 and self.train.strategy == "fsdp":
             raise ValueError("kd.on_policy: not with train.strategy fsdp yet (the rollout rows run through the "
                              "unsharded student); use ddp")
         return self
+
+    def _signal_checks(self) -> None:
+        """``mixture.signal``'s own needs (its domains' needs: ddk.trainer.gap_signal.check_signal, at launch)."""
+        signal = self.mixture.signal
+        if signal == "ratio":
+            return
+        if not self.teacher.all_urls():
+            raise ValueError(f"mixture.signal: {signal} needs teacher.urls (the teacher answers / grades the "
+                             "validation prompts through its service)")
+        if signal == "onpolicy" and self.kd.on_policy <= 0:
+            raise ValueError("mixture.signal: onpolicy needs kd.on_policy > 0 (the gap on the student's own "
+                             "completions is the on-policy run's signal)")
+        if self.train.strategy == "fsdp":
+            raise ValueError(f"mixture.signal: {signal} not with train.strategy fsdp (rank 0 generates with the "
+                             "unsharded student); use ddp")
 
 
 def check_data_section(data: DataSection) -> None:

@@ -200,6 +200,11 @@ def prepare(cfg, log_level: str | None = None) -> TrainJob:
         from ddk.trainer.onpolicy import check_on_policy
 
         check_on_policy(cfg, load_domain_specs(cfg.data.source()))
+    if cfg.mixture.signal != "ratio":  # the gap signal's domains (mixture.signal, gap_signal.py): exit 2 naming them
+        from ddk.data.domains import load_domain_specs
+        from ddk.trainer.gap_signal import check_signal
+
+        check_signal(cfg, load_domain_specs(cfg.data.source()))
     tokenizer, student_vocab = student_tokenizer(cfg)
     client = _checked_teacher(cfg, tokenizer, student_vocab)  # None without teacher.urls
     try:

@@ -402,6 +402,7 @@ class Trainer:
         self.throughput = _Throughput()
         self.t_start = time.perf_counter()
         self.onpolicy = None  # kd.on_policy > 0: ddk.trainer.onpolicy.OnPolicyStep
+        self.gap_signal = None  # mixture.signal accuracy / onpolicy, rank 0: ddk.trainer.gap_signal.GapSignal
 
     # -- setup -------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -436,6 +437,10 @@ class Trainer:
 
             self.onpolicy = OnPolicyStep(cfg, self.rank, self.domains, self.out_dir, self.job.teacher_token)
             self.distributed.register("rollout", self.onpolicy, per_rank=True)
+        if cfg.mixture.signal != "ratio" and self.rank == 0:  # the gap the controller sees (gap_signal.py)
+            from ddk.trainer.gap_signal import GapSignal
+
+            self.gap_signal = GapSignal(cfg, self.tokenizer, self.job.teacher_token)
         self.resume()
         self._setup_scale()
         if self.state.step >= self.total and self.rank == 0:
@@ -655,9 +660,14 @@ class Trainer:
             s.teacher_loss = dict(student_loss)
         diagnostics = getattr(self, "diagnostics", None)
         se = dict(ev.log_ratio_se) if ev is not None and ev.teacher_loss is not None else {}
-        self.mixture.submit(s.step, student_loss, s.teacher_loss,
+        gap = self.gap_signal.measure(self.raw_model) if self.gap_signal is not None else None
+        if gap is not None:  # mixture.signal accuracy / onpolicy: its losses go to the controller (no ratio SE)
+            posted, se = (gap["student_loss"], gap["teacher_loss"], {"signal": gap["signal"]}), {}
+        else:
+            posted = (student_loss, s.teacher_loss, {})
+        self.mixture.submit(s.step, posted[0], posted[1],
                                {n: float(s.tokens.get(n, 0.0)) for n in self.names}, diagnostics,
-                               **({"log_ratio_se": se} if se else {}))
+                               **({"log_ratio_se": se} if se else {}), **posted[2])
         answer = self.mixture.try_post(s.step)
         from ddk.trainer.xtok_teacher import eval_record
         if answer and answer.get("warning"):  # the controller: the gaps are within their standard errors
@@ -670,6 +680,7 @@ class Trainer:
                            **({"warning": answer["warning"]} if answer and answer.get("warning") else {}),
                            **({"eval_set": self._eval.fingerprint} if getattr(self, "_eval", None) else {}),
                            **({"diagnostics": diagnostics} if diagnostics else {}),
+                           **({"signal": gap} if gap is not None else {}),  # what was posted, and why
                            **eval_record(self, student_loss, s.teacher_loss)})  # cross-tokenizer: unit, bits/byte
 
     def train_step(self) -> float:
@@ -830,6 +841,9 @@ class Trainer:
                 "step_s": t.step_s, "step_cpu_s": t.step_cpu_s, "teacher_wait_s": t.wait_s}
 
     def _close_inputs(self) -> None:
+        if self.gap_signal is not None:
+            self.gap_signal.close()
+            self.gap_signal = None
         if self.onpolicy is not None:
             self.onpolicy.close()
             self.onpolicy = None

@@ -1,0 +1,145 @@
+"""mixture.signal (issues 27 item 4, 28 item 5): the accuracy and on-policy gaps mapped onto the controller's
+losses, checked against hand computations from the definitions; the config and launch refusals (exit 2 naming the
+key and the domains, before Ray)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+
+from ddk.errors import UsageError
+from ddk.trainer.gap_signal import accuracy_eps, accuracy_losses, check_signal, onpolicy_losses, prompt_turns
+from ddk.trainer.onpolicy_loss import onpolicy_gap
+from ddk.vocab import SIGNAL_LABELS, SIGNALS, ratio
+
+
+def test_one_list_of_signals_with_a_label_each():
+    assert SIGNALS[0] == "ratio" and set(SIGNALS) == {"ratio", "accuracy", "onpolicy"}
+    assert set(SIGNAL_LABELS) == set(SIGNALS)
+
+
+def test_accuracy_eps_is_half_a_prompt():
+    assert accuracy_eps(4) == 0.125 and accuracy_eps(1) == 0.5
+    with pytest.raises(ValueError):
+        accuracy_eps(0)
+
+
+@pytest.mark.parametrize("student, teacher, q", [
+    ((1, 4), (4, 4), (1 + 1 / 8) / (1 / 4 + 1 / 8)),  # = 3: the teacher all right, the student one in four
+    ((0, 4), (4, 4), (1 + 1 / 8) / (1 / 8)),          # = 9: nothing right is finite
+    ((0, 4), (0, 4), 1.0),                              # both wrong: no gap
+    ((3, 4), (2, 4), (2 / 4 + 1 / 8) / (3 / 4 + 1 / 8)),  # the student ahead: q < 1
+    ((5, 10), (9, 10), (0.9 + 0.05) / (0.5 + 0.05)),
+])
+def test_accuracies_map_onto_losses_whose_ratio_is_the_accuracy_gap(student, teacher, q):
+    s, t = accuracy_losses({"d": student}, {"d": teacher})
+    assert ratio(s, t)["d"] == pytest.approx(q, rel=1e-12)
+    assert s["d"] >= 0 and t["d"] >= 0  # the controller takes losses >= 0
+    n = student[1]
+    eps = 1 / (2 * n)  # by hand: -log((acc + eps) / (1 + eps))
+    assert s["d"] == pytest.approx(-math.log((student[0] / n + eps) / (1 + eps)), abs=1e-12)
+    assert t["d"] == pytest.approx(-math.log((teacher[0] / n + eps) / (1 + eps)), abs=1e-12)
+
+
+def test_accuracy_needs_the_same_prompts_for_both():
+    with pytest.raises(ValueError, match="same prompts"):
+        accuracy_losses({"d": (1, 4)}, {"d": (1, 5)})
+
+
+def test_onpolicy_losses_give_the_exponentiated_reverse_kl_by_hand():
+    rows = [("a", [-1.0, -2.0], [-0.5, -1.0]), ("a", [-3.0], [-1.0]), ("b", [-0.25], [-0.75])]
+    s, t, tokens = onpolicy_losses(rows)
+    # a: three completion tokens; the student side is the teacher's mean -log p_T = (0.5 + 1 + 1) / 3, the
+    # teacher side the student's mean -log p_S = (1 + 2 + 3) / 3 (KL(S || T) = CE(S, T) - H(S))
+    assert tokens == {"a": 3, "b": 1}
+    assert s["a"] == pytest.approx(2.5 / 3) and t["a"] == pytest.approx(2.0)
+    q = ratio(s, t)
+    # q = exp(mean(log p_S - log p_T)) = exp(((-1 + 0.5) + (-2 + 1) + (-3 + 1)) / 3) = exp(-3.5 / 3)
+    assert q["a"] == pytest.approx(math.exp(-3.5 / 3)) and q["b"] == pytest.approx(math.exp(0.5))
+    assert q == pytest.approx(onpolicy_gap(rows))  # the same number as the on-policy module's gap
+
+
+def test_onpolicy_domain_without_completion_tokens_has_no_gap():
+    s, t, tokens = onpolicy_losses([("a", [], [])])
+    assert tokens == {"a": 0} and ratio(s, t) == {"a": 1.0}
+    with pytest.raises(ValueError):
+        onpolicy_losses([("a", [-1.0], [])])
+
+
+def test_prompt_is_the_turns_before_the_last_assistant_turn():
+    conv = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"},
+            {"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]
+    assert prompt_turns(conv) == conv[:3]
+    assert prompt_turns(conv[1:2]) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# refusals
+
+
+def _domains(tmp_path):
+    from ddk.data.domains import DomainSpec
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                              "answer": "a"}) + "\n")
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "plain"}) + "\n")
+    from ddk.data.tasks import parse_task
+
+    return {"qa": DomainSpec(name="qa", files=[str(qa)], val_files=[str(qa)], task=parse_task("exact")),
+            "chat": DomainSpec(name="chat", files=[str(qa)], val_files=[str(qa)]),
+            "prose": DomainSpec(name="prose", files=[str(text)], val_files=[str(text)]),
+            "noval": DomainSpec(name="noval", files=[str(qa)], task=parse_task("exact"))}
+
+
+def _cfg(signal):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(mixture=SimpleNamespace(signal=signal))
+
+
+def test_check_signal_names_the_domains_it_cannot_measure(tmp_path):
+    d = _domains(tmp_path)
+    check_signal(_cfg("ratio"), list(d.values()))  # ratio: every domain will do
+    check_signal(_cfg("accuracy"), [d["qa"]])
+    check_signal(_cfg("onpolicy"), [d["qa"], d["chat"]])
+    with pytest.raises(UsageError) as e:
+        check_signal(_cfg("accuracy"), [d["qa"], d["chat"], d["noval"]])
+    msg = str(e.value)
+    assert msg.startswith("mixture.signal: accuracy") and "chat, noval" in msg and "qa" not in msg.split(";")[1]
+    with pytest.raises(UsageError) as e:
+        check_signal(_cfg("onpolicy"), [d["qa"], d["prose"]])
+    assert str(e.value).startswith("mixture.signal: onpolicy") and "prose" in str(e.value)
+
+
+def _train(kit, tmp_path, *sets: str) -> tuple[int, str]:
+    from ddk.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["train", str(kit / "train.yaml"), "--set", f"output_dir={tmp_path / 'run'}",
+                   *[x for s in sets for x in ("--set", s)]])
+    return rc, err.getvalue().strip()
+
+
+@pytest.mark.parametrize("sets, key", [
+    (["mixture.signal=perplexity"], "mixture.signal: must be 'ratio', 'accuracy' or 'onpolicy'"),
+    (["mixture.signal=onpolicy"], "mixture.signal: onpolicy needs kd.on_policy > 0"),
+    (["mixture.signal=accuracy", "train.strategy=fsdp"], "mixture.signal: accuracy not with train.strategy fsdp"),
+    (["mixture.signal=accuracy", "teacher.urls=[]", "mixture.policy=fixed", "kd.gamma=0"],
+     "mixture.signal: accuracy needs teacher.urls"),
+    # the kit's domains are plain text: no checker, no prompts (launch's check, before Ray)
+    (["mixture.signal=accuracy", "teacher.urls=http://127.0.0.1:9"], "mixture.signal: accuracy needs a task checker"),
+])
+def test_bad_signal_config_exits_2_naming_the_key(kit, tmp_path, capsys, sets, key):
+    import ray
+
+    rc, err = _train(kit, tmp_path, *sets)
+    err = err or capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and key in err, err
+    assert not ray.is_initialized()
