@@ -780,6 +780,8 @@ def test_page_shows_the_runs_and_their_domains(http, client, server, tmp_path):
         "log_ratio_se": {"code_domain": 0.9, "prose_domain": 0.6}})
     assert answer.json()["warning"] == "the mixture is steering by noise; raise eval tokens", answer.text
     assert run["run_id"] == "page-run"
+    client.create_run("page-acc", ["code_domain"], interval_steps=10)  # an accuracy-signal run: its own label
+    client.post_evaluation("page-acc", 0, {"code_domain": 1.0}, {"code_domain": 0.0}, signal="accuracy")
     r = http.get(server + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "code_domain" not in r.text  # the names come from the API, rendered by the page's script
@@ -801,6 +803,13 @@ def test_page_shows_the_runs_and_their_domains(http, client, server, tmp_path):
         lo, hi = math.exp(1 - 1.96 * 0.9), math.exp(1 + 1.96 * 0.9)
         assert cells["code_domain"] == ["code_domain", f"{math.e:.4f}", f"{lo:.4f} – {hi:.4f}", "0.9000"]
         assert cells["legal_domain"] == ["legal_domain", "1.0000", "–", "–"]
+        # the gap column's label is the run's signal's (ddk.vocab.SIGNAL_LABELS; a ratio run: PPL_S/PPL_T)
+        from ddk.vocab import SIGNAL_LABELS
+
+        page.wait_for("document.querySelector('#run-page-acc .gap-label') !== null")
+        label = "document.querySelector('#run-%s .gap thead th.gap-label').textContent"
+        assert page.js(label % "page-run") == SIGNAL_LABELS["ratio"] == "PPL_S/PPL_T"
+        assert page.js(label % "page-acc") == SIGNAL_LABELS["accuracy"]
     finally:
         page.close()
 
@@ -950,6 +959,44 @@ def test_log_ratio_se_is_optional_stored_and_warns_when_the_gaps_are_noise(http,
     assert hist[1]["log_ratio_se"] == {"code": 1.0, "prose": 1.0} and hist[1]["warning"] == NOISE
     assert "log_ratio_se" not in hist[2] and "warning" not in hist[2]
     assert client.get_run(run)["gap_estimate"] == "shrunk"
+
+
+# -- the gap signal (mixture.signal: issue 27 item 4, issue 28 item 5) -------------------------------------------
+
+
+def test_the_evaluations_signal_is_stored_with_the_run_and_returned(http, client, server):
+    run = new_run(client)
+    url = f"{server}/v1/runs/{run}/evaluations"
+    # accuracies of 4 prompts, eps 1/8: student (1/4, 1, 0), teacher (1, 1, 0), losses -log((acc + e) / (1 + e))
+    eps = 1 / 8
+    loss = {a: -math.log((a + eps) / (1 + eps)) for a in (0.0, 0.25, 1.0)}
+    student = {"code": loss[0.25], "prose": loss[1.0], "legal": loss[0.0]}
+    teacher = {"code": loss[1.0], "prose": loss[1.0], "legal": loss[0.0]}
+    r = http.post(url, json={"step": 0, "student_loss": student, "teacher_loss": teacher, "signal": "accuracy"})
+    assert r.status_code == 200, r.text
+    assert client.get_run(run)["signal"] == "accuracy"
+    assert [x["run_id"] for x in http.get(f"{server}/v1/runs").json()["runs"] if x.get("signal") == "accuracy"
+            ].count(run) == 1
+    hist = client.history(run)["versions"]
+    # the controller's q = (acc_T + eps) / (acc_S + eps), by hand
+    assert hist[1]["signal"] == "accuracy" and hist[1]["ratio"] == pytest.approx(
+        {"code": (1 + eps) / (0.25 + eps), "prose": 1.0, "legal": 1.0}, rel=1e-12)
+    # through the Python client (the trainer's path), then an evaluation without a signal: ratio again
+    client.post_evaluation(run, 10, student, signal="onpolicy")
+    assert client.get_run(run)["signal"] == "onpolicy" and client.history(run)["versions"][2]["signal"] == "onpolicy"
+    client.post_evaluation(run, 20, student)
+    assert "signal" not in client.get_run(run) and "signal" not in client.history(run)["versions"][3]
+    assert "signal" not in client.get_run(new_run(client))  # absent: ratio, as rows from before the field
+
+
+@pytest.mark.parametrize("signal", ['"perplexity"', '1', '["accuracy"]', '"Accuracy"'])
+def test_a_bad_signal_is_422_naming_the_field(http, client, server, signal):
+    run = new_run(client)
+    text = '{"step": 0, "student_loss": %s, "teacher_loss": %s, "signal": %s}' % (
+        json.dumps(TEACHER), json.dumps(TEACHER), signal)
+    r = http.post(f"{server}/v1/runs/{run}/evaluations", content=text, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("signal:"), r.text
+    assert client.get_weights(run)["version"] == 0
 
 
 @pytest.mark.parametrize("se, field", [
