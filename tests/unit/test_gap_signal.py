@@ -143,3 +143,65 @@ def test_bad_signal_config_exits_2_naming_the_key(kit, tmp_path, capsys, sets, k
     err = err or capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and key in err, err
     assert not ray.is_initialized()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one in-process run (the Trainer, LocalContext) against the session's real teacher and controller servers
+
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+            "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def _qa(i: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"what is {i} mod 7"},
+                         {"role": "assistant", "content": str(i % 7)}], "answer": str(i % 7)}
+
+
+@pytest.mark.slow
+def test_an_accuracy_run_posts_the_accuracy_gap_it_logged(kit, teacher_url, controller_url, tmp_path):
+    """mixture.signal accuracy on a one-domain conversation run: every evaluation posts losses whose controller q
+    equals (acc_T + eps) / (acc_S + eps), eps = 1 / (2n), computed here from the accuracies the run logged."""
+    import shutil
+
+    import httpx
+    import yaml
+
+    from ddk.trainer.config import load_config
+    from ddk.trainer.launch import prepare
+    from ddk.trainer.loop import LocalContext, Trainer
+
+    student = tmp_path / "student"
+    shutil.copytree(kit / "student", student)
+    (student / "chat_template.jinja").write_text(TEMPLATE)
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(_qa(i)) + "\n" for i in range(24)))
+    (tmp_path / "qa-val.jsonl").write_text("".join(json.dumps(_qa(100 + i)) + "\n" for i in range(4)))
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"domains": [
+        {"name": "qa", "files": [str(tmp_path / "qa.jsonl")], "val_files": [str(tmp_path / "qa-val.jsonl")],
+         "task": {"check": "exact", "field": "answer"}}]}))
+    out, run_id = tmp_path / "run", "gap-signal-accuracy"
+    cfg = load_config(kit / "train.yaml", [
+        f"run_id={run_id}", f"output_dir={out}", f"teacher.urls=[{teacher_url}]", f"controller.url={controller_url}",
+        f"student.model={student}", f"data.file={tmp_path / 'data.yaml'}", "data.seq_len=32",
+        f"data.cache_dir={tmp_path / 'cache'}", "eval.sequences_per_domain=3", "rollout.max_new_tokens=3",
+        "train.steps=2", "train.batch_size=2", "mixture.interval_steps=1", "checkpoint.every_steps=2",
+        "mixture.signal=accuracy"])
+    Trainer(prepare(cfg), LocalContext(cfg.output_dir)).fit()
+
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    hist = {v["step"]: v for v in httpx.get(f"{controller_url}/v1/runs/{run_id}/history", timeout=10
+                                            ).json()["versions"] if v["step"] is not None}
+    for r in evals:
+        acc = r["signal"]["accuracy"]["qa"]
+        n = acc["total"]
+        assert n == 3 and r["signal"]["signal"] == "accuracy"
+        assert acc["student"] == acc["correct"] / n and acc["teacher"] == acc["teacher_correct"] / n
+        eps = 1 / (2 * n)
+        want = (acc["teacher"] + eps) / (acc["student"] + eps)
+        assert hist[r["step"]]["signal"] == "accuracy"
+        assert hist[r["step"]]["ratio"]["qa"] == pytest.approx(want, rel=1e-12)
+        assert r["signal"]["q"]["qa"] == pytest.approx(want, rel=1e-12)
+        assert "ratio" in r and "student_loss" in r  # the evaluator's perplexity numbers stay in the record
+    assert httpx.get(f"{controller_url}/v1/runs/{run_id}", timeout=10).json()["signal"] == "accuracy"
