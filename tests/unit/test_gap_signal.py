@@ -153,19 +153,55 @@ TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
             "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
-def _qa(i: int) -> dict:
+def _qa(i: int, answer: str | None = None) -> dict:
     return {"messages": [{"role": "user", "content": f"what is {i} mod 7"},
-                         {"role": "assistant", "content": str(i % 7)}], "answer": str(i % 7)}
+                         {"role": "assistant", "content": str(i % 7)}], "answer": str(i % 7) if answer is None else answer}
+
+
+def _normal(text: str) -> str:
+    """The exact check's rule, from its definition: strip, one space per whitespace run, casefold, no final '.'."""
+    s = " ".join(text.split()).casefold()
+    return s[:-1].rstrip() if s.endswith(".") else s
+
+
+def _reference_answers(student_dir, teacher_url, tokenizer, questions, max_new):
+    """The initial student's and the teacher's greedy answers to the questions, by hand: the template's text
+    written out, the student's ``generate`` one prompt at a time, the teacher's ``/v1/generate``; both cut at eos."""
+    import httpx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompts = [tokenizer(f"user: what is {i} mod 7\nassistant: ", add_special_tokens=False)["input_ids"]
+               for i in questions]
+    stops = sorted({tokenizer.eos_token_id} | {tokenizer.get_vocab()[t] for t in ("</s>", "<|endoftext|>",
+                                                                                  "<|im_end|>")
+                                               if t in tokenizer.get_vocab()})
+    model = AutoModelForCausalLM.from_pretrained(str(student_dir)).float().eval()
+    student = []
+    for p in prompts:
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=max_new, do_sample=False, eos_token_id=stops, pad_token_id=0)
+        new = out[0, len(p):].tolist()
+        new = new[:min([new.index(t) for t in stops if t in new], default=len(new))]
+        student.append(tokenizer.decode(new, skip_special_tokens=True))
+    r = httpx.post(f"{teacher_url}/v1/generate", json={"input_ids": prompts, "max_new_tokens": max_new,
+                                                        "stop_ids": stops}, timeout=60)
+    assert r.status_code == 200, r.text
+    teacher = [tokenizer.decode(x["ids"], skip_special_tokens=True) for x in r.json()["sequences"]]
+    return student, teacher
 
 
 @pytest.mark.slow
 def test_an_accuracy_run_posts_the_accuracy_gap_it_logged(kit, teacher_url, controller_url, tmp_path):
-    """mixture.signal accuracy on a one-domain conversation run: every evaluation posts losses whose controller q
-    equals (acc_T + eps) / (acc_S + eps), eps = 1 / (2n), computed here from the accuracies the run logged."""
+    """mixture.signal accuracy on a one-domain conversation run: the first evaluation's accuracies equal a hand
+    computation (the reference answers below, judged by the exact rule), and every evaluation posts losses whose
+    controller q equals (acc_T + eps) / (acc_S + eps), eps = 1 / (2n), from the accuracies the run logged."""
     import shutil
 
     import httpx
     import yaml
+    from transformers import AutoTokenizer
 
     from ddk.trainer.config import load_config
     from ddk.trainer.launch import prepare
@@ -174,8 +210,17 @@ def test_an_accuracy_run_posts_the_accuracy_gap_it_logged(kit, teacher_url, cont
     student = tmp_path / "student"
     shutil.copytree(kit / "student", student)
     (student / "chat_template.jinja").write_text(TEMPLATE)
+    tok = AutoTokenizer.from_pretrained(str(student))
+    questions, max_new = [100, 101, 102], 3
+    s_ans, t_ans = _reference_answers(student, teacher_url, tok, questions, max_new)
+    # the rows' answers: the teacher's to the first two, the student's to the third: the accuracies by hand
+    answers = [t_ans[0], t_ans[1], s_ans[2]]
+    acc_s = sum(_normal(a) == _normal(b) for a, b in zip(s_ans, answers)) / 3
+    acc_t = sum(_normal(a) == _normal(b) for a, b in zip(t_ans, answers)) / 3
+    if all(_normal(a) != _normal(b) for a, b in zip(s_ans, t_ans)):  # (so far always: q = 5/3 at step 0)
+        assert (acc_s, acc_t) == (1 / 3, 2 / 3)
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(_qa(i)) + "\n" for i in range(24)))
-    (tmp_path / "qa-val.jsonl").write_text("".join(json.dumps(_qa(100 + i)) + "\n" for i in range(4)))
+    (tmp_path / "qa-val.jsonl").write_text("".join(json.dumps(_qa(i, a)) + "\n" for i, a in zip(questions, answers)))
     (tmp_path / "data.yaml").write_text(yaml.safe_dump({"domains": [
         {"name": "qa", "files": [str(tmp_path / "qa.jsonl")], "val_files": [str(tmp_path / "qa-val.jsonl")],
          "task": {"check": "exact", "field": "answer"}}]}))
@@ -183,7 +228,7 @@ def test_an_accuracy_run_posts_the_accuracy_gap_it_logged(kit, teacher_url, cont
     cfg = load_config(kit / "train.yaml", [
         f"run_id={run_id}", f"output_dir={out}", f"teacher.urls=[{teacher_url}]", f"controller.url={controller_url}",
         f"student.model={student}", f"data.file={tmp_path / 'data.yaml'}", "data.seq_len=32",
-        f"data.cache_dir={tmp_path / 'cache'}", "eval.sequences_per_domain=3", "rollout.max_new_tokens=3",
+        f"data.cache_dir={tmp_path / 'cache'}", "eval.sequences_per_domain=3", f"rollout.max_new_tokens={max_new}",
         "train.steps=2", "train.batch_size=2", "mixture.interval_steps=1", "checkpoint.every_steps=2",
         "mixture.signal=accuracy"])
     Trainer(prepare(cfg), LocalContext(cfg.output_dir)).fit()
@@ -191,13 +236,14 @@ def test_an_accuracy_run_posts_the_accuracy_gap_it_logged(kit, teacher_url, cont
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["event"] == "eval"]
     assert [r["step"] for r in evals] == [0, 1, 2]
+    first = evals[0]["signal"]["accuracy"]["qa"]
+    assert (first["student"], first["teacher"]) == (pytest.approx(acc_s), pytest.approx(acc_t)), (s_ans, t_ans)
     hist = {v["step"]: v for v in httpx.get(f"{controller_url}/v1/runs/{run_id}/history", timeout=10
                                             ).json()["versions"] if v["step"] is not None}
     for r in evals:
         acc = r["signal"]["accuracy"]["qa"]
         n = acc["total"]
-        assert n == 3 and r["signal"]["signal"] == "accuracy"
-        assert acc["student"] == acc["correct"] / n and acc["teacher"] == acc["teacher_correct"] / n
+        assert n == 3 and r["signal"]["signal"] == "accuracy" and acc["teacher"] == pytest.approx(acc_t)
         eps = 1 / (2 * n)
         want = (acc["teacher"] + eps) / (acc["student"] + eps)
         assert hist[r["step"]]["signal"] == "accuracy"
