@@ -251,3 +251,66 @@ def test_an_accuracy_run_posts_the_accuracy_gap_it_logged(kit, teacher_url, cont
         assert r["signal"]["q"]["qa"] == pytest.approx(want, rel=1e-12)
         assert "ratio" in r and "student_loss" in r  # the evaluator's perplexity numbers stay in the record
     assert httpx.get(f"{controller_url}/v1/runs/{run_id}", timeout=10).json()["signal"] == "accuracy"
+
+
+@pytest.mark.slow
+def test_the_onpolicy_signal_is_the_exponentiated_reverse_kl_on_the_students_text(kit, teacher_url, tmp_path):
+    """GapSignal.measure for onpolicy (greedy rollouts, rollout.temperature 0) against a hand computation: the
+    student's greedy completions one prompt at a time (eos included), log p_S from its forward pass, log p_T from the
+    teacher service's target_logprob, q = exp(mean over completion tokens of (log p_S - log p_T))."""
+    import shutil
+
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ddk.teacher.client import TeacherClient
+    from ddk.trainer.config import load_config
+    from ddk.trainer.gap_signal import GapSignal
+
+    student = tmp_path / "student"
+    shutil.copytree(kit / "student", student)
+    (student / "chat_template.jinja").write_text(TEMPLATE)
+    questions, max_new = [100, 101, 102], 4
+    (tmp_path / "qa-val.jsonl").write_text("".join(json.dumps(_qa(i)) + "\n" for i in questions))
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"domains": [
+        {"name": "qa", "files": [str(tmp_path / "qa-val.jsonl")], "val_files": [str(tmp_path / "qa-val.jsonl")]}]}))
+    cfg = load_config(kit / "train.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"teacher.urls=[{teacher_url}]", "controller.url=null",
+        "mixture.policy=fixed", f"student.model={student}", f"data.file={tmp_path / 'data.yaml'}", "data.seq_len=32",
+        "kd.on_policy=1", "mixture.signal=onpolicy", "rollout.temperature=0", f"rollout.max_new_tokens={max_new}",
+        "eval.sequences_per_domain=3"])
+    tok = AutoTokenizer.from_pretrained(str(student))
+    model = AutoModelForCausalLM.from_pretrained(str(student)).float()
+    gap = GapSignal(cfg, tok)
+    try:
+        rec = gap.measure(model)
+    finally:
+        gap.close()
+
+    eos = model.config.eos_token_id
+    diffs, seqs, prompt_lens, s_lp = [], [], [], []
+    model.eval()
+    for i in questions:
+        p = tok(f"user: what is {i} mod 7\nassistant: ", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            new = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=0)[0, len(p):]
+        new = new.tolist()
+        new = new[:new.index(eos) + 1] if eos in new else new  # the eos the student wrote is one of its tokens
+        seq = p + new
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([seq[:-1]])).logits[0].double(), -1)
+        s_lp.append([float(logp[t - 1, seq[t]]) for t in range(len(p), len(seq))])
+        seqs.append(seq)
+        prompt_lens.append(len(p))
+    with TeacherClient([teacher_url]) as teacher:
+        outs = teacher.topk_ragged(seqs, 1)
+    for s, out, P, seq in zip(s_lp, outs, prompt_lens, seqs):
+        t = out.target_logprob.double().tolist()[P - 1:len(seq) - 1]
+        diffs += [a - b for a, b in zip(s, t)]
+    want = math.exp(sum(diffs) / len(diffs))
+    assert rec["signal"] == "onpolicy" and rec["tokens"] == {"qa": len(diffs)}
+    assert rec["q"]["qa"] == pytest.approx(want, rel=1e-4)
+    assert ratio(rec["student_loss"], rec["teacher_loss"])["qa"] == pytest.approx(want, rel=1e-4)
+    assert rec["student_loss"]["qa"] > 0 and rec["teacher_loss"]["qa"] > 0
