@@ -11,7 +11,9 @@ Per step ``s`` (``s`` optimiser steps done so far, :attr:`TrainState.step`), eve
    :class:`~ddk.trainer.mixture_sync.MixtureSync`, which posts them to the controller; its answer is the next
    weights version (the DDK update). A controller that cannot be reached does not stop the run: the run keeps
    its last weights, says so in the log and retries at later steps (the sync's one retry policy) until every
-   evaluation got through, in order; the end of the run keeps trying for a bounded time.
+   evaluation got through, in order; the end of the run keeps trying for a bounded time. With
+   ``mixture.signal: accuracy | onpolicy`` rank 0 posts that signal's losses instead
+   (:class:`~ddk.trainer.gap_signal.GapSignal`), the evaluator's still logged.
 2. :meth:`Trainer.evaluate` then broadcasts rank 0's ``[version, w_1 .. w_N]`` as one float64 tensor
    (torch.distributed, no pickle); every rank now draws with the same weights.
 3. :meth:`Trainer.train_step`: the teacher feed hands out the step's batch (drawn with those weights, teacher
