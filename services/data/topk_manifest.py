@@ -3,6 +3,12 @@
 holds, and whether it is ``complete``. Written by ``ddk teacher precompute`` (:mod:`ddk.trainer.precompute`),
 checked by a run training from the store (:mod:`ddk.trainer.topk_source`). No timestamps: a run killed and
 resumed ends with the manifest an uninterrupted one writes.
+
+A store scored across tokenizers (a teacher of another tokenizer, ``ddk.trainer.xtok_teacher``) is keyed by the
+teacher's own rows of the student's blocks; its manifest's ``tokenizer_fingerprint`` is the teacher's, and
+``alignment`` (None for a same-tokenizer store) names the rule and the student's tokenizer those rows come from
+(``xtok_teacher.alignment_settings``). The folder keeps the teacher's tokenizer in ``DIR/teacher-tokenizer``, so a
+run from the store alone can re-tokenise its blocks.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from ddk.errors import UsageError
 
 MANIFEST = "manifest.json"
 STORE_FILE = "topk.sqlite"  # the service cache's name too (app.py: cache_dir/topk.sqlite)
+TEACHER_TOKENIZER = "teacher-tokenizer"  # a cross-tokenizer store's copy of the teacher's tokenizer files
 FORMAT = 1
 SPLITS = ("train", "val")
 # the manifest keys a store's entries depend on: another value in any of them is another store
 IDENTITY = ("model_fingerprint", "tokenizer_fingerprint", "k", "seq_len")
+CROSS_IDENTITY = ("alignment",)  # also compared; absent in the manifests of same-tokenizer stores (None)
 
 
 def store_path(directory: str | Path) -> Path:
@@ -49,20 +57,22 @@ def write_manifest(directory: str | Path, manifest: dict) -> None:
     os.replace(tmp, path)
 
 
-def manifest_for(info: dict, k: int, seq_len: int, encoding: str, domains: dict, complete: bool) -> dict:
+def manifest_for(info: dict, k: int, seq_len: int, encoding: str, domains: dict, complete: bool,
+                 alignment: dict | None = None) -> dict:
     """The manifest of a store of ``info``'s teacher (``/v1/info``) for ``domains`` (name -> PackedDomain, or
-    name -> {"train": n, "val": n}). Pure."""
+    name -> {"train": n, "val": n}); ``alignment``: a cross-tokenizer store's (module docstring). Pure."""
     counts = {n: ({s: int(d[s]) for s in SPLITS} if isinstance(d, dict) else
                   {"train": len(d.train), "val": len(validation_windows(d))}) for n, d in sorted(domains.items())}
     return {"format": FORMAT, "model": info.get("model"), "model_fingerprint": info.get("model_fingerprint"),
             "tokenizer_fingerprint": info.get("tokenizer_fingerprint"), "vocab_size": info.get("vocab_size"),
             "k": int(k), "seq_len": int(seq_len), "encoding": encoding, "domains": counts,
-            "blocks": sum(c["train"] + c["val"] for c in counts.values()), "complete": bool(complete)}
+            "blocks": sum(c["train"] + c["val"] for c in counts.values()), "complete": bool(complete),
+            **({"alignment": dict(alignment)} if alignment else {})}
 
 
 def identity_problem(old: dict, new: dict) -> str | None:
     """What makes ``old``'s store another store than ``new``'s (None: the same). Pure."""
-    for key in IDENTITY:
+    for key in IDENTITY + CROSS_IDENTITY:
         if old.get(key) != new.get(key):
             return f"{key} {old.get(key)!r} (the folder's) is not {new.get(key)!r}"
     return None

@@ -297,20 +297,9 @@ def _cross_checked(cfg, client, info: dict, tokenizer, where: str) -> bool:
 
     if cfg.kd.cross_tokenizer == "off" or info.get("tokenizer_fingerprint") == tokenizer_fingerprint(tokenizer):
         return False
-    from ddk.teacher.client import TeacherRequestError
-    from ddk.trainer.xtok_teacher import check_pair
+    from ddk.trainer.xtok_teacher import checked_teacher_tokenizer
 
-    try:
-        teacher_tok = client.tokenizer()
-    except TeacherRequestError as e:
-        raise UsageError(f"{where}: the teacher's tokenizer differs from the student's and it serves none to "
-                         f"distil across tokenizers ({e.detail})") from None
-    except ValueError as e:
-        raise UsageError(f"{where}: {e}") from None
-    check_pair(tokenizer, teacher_tok, where=where)
-    if cfg.cache.dir:  # the trainer's store is keyed by the student's blocks and holds one tokenizer's answers
-        raise UsageError(f"cache.dir: not available with a teacher of another tokenizer ({where}); the teacher's "
-                         "own --cache-dir (keyed by its token ids) serves repeated rows instead")
+    checked_teacher_tokenizer(client, tokenizer, where)  # cache.dir: keyed by the teacher's rows (topk_source.py)
     log.info("%s: the teacher has another tokenizer; distilling across tokenizers (kd.cross_tokenizer: auto)",
              where)
     return True

@@ -21,6 +21,14 @@ after the data grew) scores only what is not there. A SIGKILLed run loses the re
 stays consistent (SQLite WAL). A folder holding another teacher's, tokenizer's, k's or seq_len's store is
 refused (exit 2).
 
+A teacher of another tokenizer (``kd.cross_tokenizer: auto``, the handshake of ``ddk train``:
+``xtok_teacher.checked_teacher_tokenizer``): each block is re-tokenised the teacher's way
+(``xtok_teacher.StoreKeys``, what the cross-tokenizer wrapper sends) and the store is keyed by those teacher rows,
+unpadded (a batch's rows right-padded with the teacher's eos into one request, each answer stored cut to its own
+row); the manifest's ``tokenizer_fingerprint`` is the teacher's and its ``alignment`` names the rule and the
+student's tokenizer (a folder of a same-tokenizer store, or of another alignment, is exit 2 naming the key), and
+``DIR/teacher-tokenizer`` keeps the teacher's tokenizer for runs without a teacher.
+
 Training from it: ``cache.dir: DIR`` in the train config (``ddk.trainer.topk_source``). It lives in the trainer
 package, beside the train config it reads (the teacher package imports nothing of the trainer).
 """
@@ -45,6 +53,8 @@ from ddk.teacher.store import TopkStore
 from ddk.tokenfile import read_token
 from ddk.trainer.config import load_config
 from ddk.trainer.launch import check_teacher
+from ddk.trainer.topk_source import save_teacher_tokenizer
+from ddk.trainer.xtok_teacher import StoreKeys, alignment_settings, checked_teacher_tokenizer, teacher_max_len
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +73,33 @@ def main(args) -> int:
     client = TeacherClient(urls, token=token)
     try:
         info = client.info()
-        check_teacher(info, tokenizer_fingerprint(tokenizer), cfg, student_vocab)
+        student_fp = tokenizer_fingerprint(tokenizer)
+        teacher_tok = None
+        if info.get("tokenizer_fingerprint") != student_fp and cfg.kd.cross_tokenizer != "off":
+            where = "--teacher" if args.teacher else "teacher.urls"
+            teacher_tok = checked_teacher_tokenizer(client, tokenizer, where)  # exit 2 when the pair cannot work
+        check_teacher(info, student_fp, cfg, student_vocab, cross=teacher_tok is not None)
+        alignment = alignment_settings(student_fp, teacher_max_len(info)) if teacher_tok is not None else None
+        keys = StoreKeys(tokenizer, teacher_tok, teacher_max_len(info))  # teacher_tok None: the blocks themselves
         if not info.get("model_fingerprint"):
             raise UsageError(f"--teacher: {urls[0]} publishes no model_fingerprint (a store needs the teacher's "
                              "identity)")
         domains = prepare_data(cfg, tokenizer)
         old = read_manifest(out)
         encoding = args.encoding or (old or {}).get("encoding") or "float16"
-        fresh = manifest_for(info, k, seq_len, encoding, domains, complete=False)
+        fresh = manifest_for(info, k, seq_len, encoding, domains, complete=False, alignment=alignment)
         if old is not None:
             problem = identity_problem(old, fresh)
             if problem:
                 raise UsageError(f"--out: {out} holds another store ({problem}); use another folder")
             fresh["domains"] = {**old.get("domains", {}), **fresh["domains"]}  # a domain scored before stays
             fresh["blocks"] = sum(c["train"] + c["val"] for c in fresh["domains"].values())
+        if teacher_tok is not None:
+            save_teacher_tokenizer(out, teacher_tok)
         write_manifest(out, fresh)
         store = TopkStore(store_path(out), encoding=encoding, vocab_size=info.get("vocab_size"))
         try:
-            scored, seconds = _score(client, store, info["model_fingerprint"], domains, k, args)
+            scored, seconds = _score(client, store, info["model_fingerprint"], domains, k, args, keys)
         finally:
             store.close()
         write_manifest(out, {**fresh, "complete": True})
@@ -89,14 +108,15 @@ def main(args) -> int:
     n = sum(len(b) for _, _, b in blocks_of(domains))
     rate = scored * (seq_len + 1) / seconds if seconds > 0 else 0.0
     print(f"ddk teacher precompute: {n} blocks of {len(domains)} domains in {store_path(out)} "
-          f"({scored} scored now, {n - scored} there before; {rate:,.0f} tokens/s); manifest {out / MANIFEST}",
-          flush=True)
+          f"({scored} scored now, {n - scored} there before; {rate:,.0f} tokens/s); manifest {out / MANIFEST}"
+          + (" (across tokenizers: keyed by the teacher's rows)" if alignment else ""), flush=True)
     return 0
 
 
-def _score(client, store, fp: str, domains: dict, k: int, args) -> tuple[int, float]:
-    """Every block not in the store, sent in requests of ``args.batch_size`` blocks with ``args.concurrency`` in
-    flight, each answer stored as it comes. Returns (blocks scored, seconds)."""
+def _score(client, store, fp: str, domains: dict, k: int, args, keys: StoreKeys) -> tuple[int, float]:
+    """Every block whose key (``keys``: the block, or its teacher row) is not in the store, sent in requests of
+    ``args.batch_size`` keys (right-padded with ``keys.pad`` to the longest) with ``args.concurrency`` in flight,
+    each answer stored as it comes. The bar counts the student's tokens. Returns (keys scored, seconds)."""
     import torch
     from tqdm import tqdm
 
@@ -105,18 +125,24 @@ def _score(client, store, fp: str, domains: dict, k: int, args) -> tuple[int, fl
     for name, split, blocks in blocks_of(domains):
         for i in range(0, len(blocks), batch):
             rows = np.asarray(blocks[i:i + batch], dtype=np.int64)
-            have = store.has_many(fp, list(rows), k)
+            ks = keys(rows)
+            live = [j for j, key in enumerate(ks) if key is not None]
+            have = dict(zip(live, store.has_many(fp, [ks[j] for j in live], k))) if live else {}
             total_tokens += rows.size
-            present_tokens += int(sum(len(r) for r, h in zip(rows, have) if h))
-            missing = rows[[j for j, h in enumerate(have) if not h]]
-            if len(missing):
-                todo.append(missing)
+            missing = [j for j in live if not have[j]]
+            present_tokens += rows.shape[1] * (len(rows) - len(missing))
+            if missing:
+                todo.append(([ks[j] for j in missing], rows.shape[1] * len(missing)))
     bar = tqdm(total=total_tokens, initial=present_tokens, unit="tok", unit_scale=True, desc="precompute",
                dynamic_ncols=True, disable=args.quiet)
     scored, t0 = 0, time.perf_counter()
 
-    def fetch(rows):
-        return rows, client.topk(torch.from_numpy(rows), k)
+    def fetch(item):
+        rows, tokens = item
+        padded = np.full((len(rows), max(len(r) for r in rows)), keys.pad, dtype=np.int64)
+        for j, r in enumerate(rows):
+            padded[j, :len(r)] = r
+        return rows, tokens, client.topk(torch.from_numpy(padded), k)
 
     try:
         with ThreadPoolExecutor(max_workers=int(args.concurrency), thread_name_prefix="precompute") as pool:
@@ -132,8 +158,10 @@ def _score(client, store, fp: str, domains: dict, k: int, args) -> tuple[int, fl
     return scored, time.perf_counter() - t0
 
 
-def _store_answer(store, fp: str, rows: np.ndarray, out, bar) -> int:
+def _store_answer(store, fp: str, rows: list, tokens: int, out, bar) -> int:
+    """One request's answer stored, each row's entry cut to its own length (a padded teacher row)."""
     ids, lps, tgt = out.ids.numpy(), out.logprobs.numpy(), out.target_logprob.numpy()
-    store.put_many(fp, [(rows[j], ids[j], lps[j], tgt[j]) for j in range(len(rows))])
-    bar.update(int(rows.size))
+    store.put_many(fp, [(r, ids[j, :len(r) - 1], lps[j, :len(r) - 1], tgt[j, :len(r) - 1])
+                        for j, r in enumerate(rows)])
+    bar.update(int(tokens))
     return len(rows)

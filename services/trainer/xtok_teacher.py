@@ -318,6 +318,13 @@ class CrossTokenizerTeacher(RoutedTeacher):
                      k: int) -> None:
         aligned = [align_row(ids[r].tolist(), self.student, route.side, route.max_len) for r in rows]
         pad = route.side.eos_id if route.side.eos_id is not None else 0
+        if hasattr(self.base, "topk_rows"):  # the top-k store: each teacher row its own key, unpadded
+            answers = self.base.topk_rows([a.teacher_ids for a in aligned], k, pad)
+            for r, a, ans in zip(rows, aligned, answers):
+                out.xtok.family[r] = route.family
+                if ans is not None:  # None: fewer than 2 teacher ids, nothing compared
+                    fill_aligned(out, r, a, ans.ids, ans.logprobs, ans.target_logprob)
+            return
         width = max(2, max(len(a.teacher_ids) for a in aligned))
         batch = torch.full((len(rows), width), int(pad), dtype=torch.long)
         for i, a in enumerate(aligned):
@@ -342,8 +349,10 @@ def open_cross_tokenizer(cfg, base: Any, student_tok, token: str | None = None, 
     """``base`` itself when every route's teacher shares the student's tokenizer (or ``kd.cross_tokenizer:
     off``); else a :class:`CrossTokenizerTeacher` over it, each cross-family route's tokenizer fetched from its
     teacher (``TeacherClient.tokenizer()``) and its shared vocabulary computed once per teacher tokenizer."""
-    if base is None or cfg.kd.cross_tokenizer == "off" or not cfg.teacher.all_urls():
+    if base is None or cfg.kd.cross_tokenizer == "off":
         return base
+    if not cfg.teacher.all_urls():  # cache.dir alone: a store scored across tokenizers names its teacher itself
+        return store_cross_teacher(base, student_tok)
     from ddk.fingerprint import tokenizer_fingerprint
     from ddk.teacher.client import TeacherClient
 
@@ -368,7 +377,7 @@ def open_cross_tokenizer(cfg, base: Any, student_tok, token: str | None = None, 
                 families.append(pair_family(student, side, int(info.get("vocab_size", 0)), fp))
                 by_fp[fp] = (side, len(families) - 1)
         side, fam = by_fp[fp]
-        routes[name] = Route(side, fam, int(info.get("max_seq_len", 1 << 30)))
+        routes[name] = Route(side, fam, teacher_max_len(info))
     if student is None:
         return base
     families[0] = identity_family(same_vocab)
@@ -379,8 +388,84 @@ def open_cross_tokenizer(cfg, base: Any, student_tok, token: str | None = None, 
     return CrossTokenizerTeacher(base, student, cfg.teacher.routes, cfg.teacher.urls, routes, families)
 
 
+def teacher_max_len(info: dict) -> int:
+    """The longest teacher row a cross-tokenizer row is cut to: ``/v1/info``'s ``max_seq_len``."""
+    return int(info.get("max_seq_len", 1 << 30))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the top-k store across tokenizers (ddk teacher precompute, cache.dir: ddk.trainer.topk_source)
+
+ALIGNMENT = {"method": "utf8-byte-spans", "version": 1}  # a new version when align_row's teacher rows change
+
+
+def alignment_settings(student_fp: str, max_len: int) -> dict:
+    """A cross-tokenizer store's ``alignment`` (its manifest): what its keys, the teacher's rows of the student's
+    blocks, depend on beside the teacher's tokenizer: the rule (:func:`align_row`, its version), the student's
+    tokenizer and the teacher's longest row. Pure."""
+    return {**ALIGNMENT, "student_tokenizer_fingerprint": student_fp, "teacher_max_len": int(max_len)}
+
+
+class StoreKeys:
+    """The store keys of student blocks: the blocks themselves for a same-tokenizer teacher (``teacher`` None);
+    for one of another tokenizer each block's teacher row (:func:`align_row`), None where it has fewer than 2 ids
+    (nothing to score). ``pad``: the id that right-pads teacher rows into one request."""
+
+    def __init__(self, student_tok=None, teacher_tok=None, max_len: int = 0) -> None:
+        self.student = Side(student_tok) if teacher_tok is not None else None
+        self.teacher = Side(teacher_tok) if teacher_tok is not None else None
+        self.max_len = int(max_len)
+        eos = self.teacher.eos_id if self.teacher is not None else None
+        self.pad = int(eos) if eos is not None else 0
+
+    def __call__(self, blocks) -> list:
+        rows = np.asarray(blocks, dtype=np.int64)
+        if self.teacher is None:
+            return list(rows)
+        out = []
+        for row in rows:
+            t = align_row(row.tolist(), self.student, self.teacher, self.max_len).teacher_ids
+            out.append(np.asarray(t, dtype=np.int64) if len(t) >= 2 else None)
+        return out
+
+
+def store_cross_teacher(base: Any, student_tok) -> Any:
+    """``cache.dir`` without ``teacher.urls``: ``base`` (a ``topk_source.StoreTeacher``) itself for a store of the
+    student's tokenizer; a :class:`CrossTokenizerTeacher` over it for one scored across tokenizers (its manifest's
+    ``alignment``), with the teacher's tokenizer the store folder keeps."""
+    manifest = getattr(base, "manifest", None) or {}
+    alignment = manifest.get("alignment")
+    if not alignment:
+        return base
+    from ddk.trainer.topk_source import load_teacher_tokenizer
+
+    teacher_tok = load_teacher_tokenizer(base.directory, manifest["tokenizer_fingerprint"])
+    student, side = Side(student_tok), Side(teacher_tok)
+    family = pair_family(student, side, int(manifest.get("vocab_size") or 0), manifest["tokenizer_fingerprint"])
+    log.info("cross-tokenizer teacher from the top-k store %s (shared vocabulary: %d of %d)", base.directory,
+             int((family.teacher_to_student >= 0).sum()), len(family.teacher_to_student))
+    route = Route(side, 1, int(alignment["teacher_max_len"]))
+    return CrossTokenizerTeacher(base, student, {}, [], {DEFAULT_ROUTE: route}, [identity_family(len(student_tok)), family])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the handshake (ddk train's checks before Ray)
+
+def checked_teacher_tokenizer(client, student_tok, where: str):
+    """The teacher's tokenizer (``client.tokenizer()``) once :func:`check_pair` accepts the pair; UsageError
+    (exit 2) naming ``where`` when the teacher serves none or the pair cannot work."""
+    from ddk.teacher.client import TeacherRequestError
+
+    try:
+        teacher_tok = client.tokenizer()
+    except TeacherRequestError as e:
+        raise UsageError(f"{where}: the teacher's tokenizer differs from the student's and it serves none to "
+                         f"distil across tokenizers ({e.detail})") from None
+    except ValueError as e:
+        raise UsageError(f"{where}: {e}") from None
+    check_pair(student_tok, teacher_tok, where=where)
+    return teacher_tok
+
 
 def check_pair(student_tok, teacher_tok, texts: Sequence[str] = (), where: str = "teacher.urls") -> None:
     """UsageError (exit 2) naming ``where`` unless a cross-tokenizer run can work with this pair: both fast

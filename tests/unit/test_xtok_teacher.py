@@ -214,16 +214,26 @@ def test_cross_tokenizer_off_refuses_a_teacher_of_another_tokenizer(kit, real_te
         prepare(cfg)
 
 
-def test_the_trainers_top_k_store_is_refused_with_a_teacher_of_another_tokenizer(kit, real_teacher, tmp_path):
+def test_a_run_with_a_teacher_of_another_tokenizer_starts_a_store_keyed_by_the_teachers_rows(kit, real_kit,
+                                                                                          real_teacher, tmp_path):
+    """cache.dir (empty) and teacher.urls of another tokenizer: the driver writes a cross-tokenizer manifest (the
+    teacher's tokenizer fingerprint, the alignment naming the student's) and keeps the teacher's tokenizer."""
+    import httpx
     import inproc
 
-    from ddk.errors import UsageError
+    from ddk.fingerprint import tokenizer_fingerprint
     from ddk.trainer.launch import prepare
 
+    store = tmp_path / "store"
     cfg = inproc.config(kit, tmp_path / "run", "xtok-store", real_teacher, None, "mixture.policy=fixed",
-                        f"cache.dir={tmp_path / 'store'}")
-    with pytest.raises(UsageError, match=r"^cache.dir: not available with a teacher of another tokenizer"):
-        prepare(cfg)
+                        f"cache.dir={store}")
+    prepare(cfg)
+    info = httpx.get(real_teacher + "/v1/info", timeout=10).json()
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["tokenizer_fingerprint"] == info["tokenizer_fingerprint"]
+    assert manifest["alignment"]["student_tokenizer_fingerprint"] == tokenizer_fingerprint(_tok(kit / "student"))
+    assert manifest["complete"] is False
+    assert tokenizer_fingerprint(_tok(store / "teacher-tokenizer")) == info["tokenizer_fingerprint"]
 
 
 def test_a_teacher_tokenizer_that_cannot_round_trip_the_text_is_refused_naming_it(kit, tmp_path):
@@ -262,3 +272,147 @@ def test_a_teacher_that_serves_no_tokenizer_is_refused_naming_it(kit, tmp_path):
         with pytest.raises(UsageError, match=r"^teacher.urls: the teacher's tokenizer differs .* serves none.*"
                                              r"tokenizer.json"):
             prepare(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the top-k store across tokenizers: ddk teacher precompute, cache.dir
+
+@pytest.fixture(scope="module")
+def tiny(kit, tmp_path_factory) -> Path:
+    """A train config over the first training and validation documents of each domain of the quick kit (seq_len
+    64, its own token cache): a few dozen blocks, so that precomputing them through the real teacher takes seconds."""
+    import yaml
+
+    d = tmp_path_factory.mktemp("xtok-tiny")
+    domains = []
+    for dom in sorted(p for p in (kit / "data").iterdir() if p.is_dir()):
+        files = {}
+        for split in ("train", "val"):
+            target = d / "data" / dom.name / f"{split}.jsonl"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            lines, size = [], 0
+            for line in (dom / f"{split}.jsonl").read_text().splitlines():  # ~8 blocks of text (~5 for val)
+                lines.append(line)
+                size += len(line)
+                if size >= {"train": 4000, "val": 2500}[split]:
+                    break
+            target.write_text("\n".join(lines) + "\n")
+            files[split] = str(target)
+        domains.append({"name": dom.name, "files": [files["train"]], "val_files": [files["val"]]})
+    raw = yaml.safe_load((kit / "train.yaml").read_text())
+    raw.update(student={"model": str(kit / "student")}, output_dir=str(d / "runs"),
+               data={"domains": domains, "seq_len": 64, "cache_dir": str(d / "tokens")},
+               eval={"sequences_per_domain": 2}, checkpoint={"every_steps": 100},
+               ray={"num_workers": 1, "address": "", "use_gpu": False})
+    (d / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    return d / "tiny.yaml"
+
+
+def _tiny_run(tiny, out, run_id, *sets):
+    import inproc
+
+    from ddk.trainer.config import load_config
+    from ddk.trainer.launch import prepare
+    from ddk.trainer.loop import LocalContext, Trainer
+
+    cfg = load_config(str(tiny), [f"run_id={run_id}", f"output_dir={out}", "controller.url=null",
+                                  "mixture.policy=fixed", "train.steps=2", "train.batch_size=2",
+                                  "mixture.interval_steps=2", "kd.top_k=8", *sets])
+    Trainer(prepare(cfg), LocalContext(cfg.output_dir)).fit()
+    return inproc.lines(out)
+
+
+def test_precompute_across_tokenizers_keys_the_teachers_rows_and_a_run_from_it_equals_the_service_run(
+        kit, real_kit, real_teacher, tiny, tmp_path):
+    import httpx
+    import inproc
+
+    from ddk.cli import build_parser
+    from ddk.data.cache import prepare_data
+    from ddk.fingerprint import tokenizer_fingerprint
+    from ddk.teacher.store import TopkStore
+    from ddk.trainer.config import load_config
+
+    store = tmp_path / "store"
+    args = build_parser().parse_args(["teacher", "precompute", str(tiny), "--teacher", real_teacher, "--out",
+                                      str(store), "--quiet", "--set", "kd.top_k=8", "--batch-size", "8"])
+    assert args.func(args) == 0
+    st, tt = _tok(kit / "student"), _tok(real_kit / "teacher")
+    info = httpx.get(real_teacher + "/v1/info", timeout=10).json()
+    manifest = json.loads((store / "manifest.json").read_text())
+    student_fp = tokenizer_fingerprint(st)
+    assert manifest["tokenizer_fingerprint"] == info["tokenizer_fingerprint"] == tokenizer_fingerprint(tt) != student_fp
+    assert manifest["alignment"] == {"method": "utf8-byte-spans", "version": 1,
+                                     "student_tokenizer_fingerprint": student_fp,
+                                     "teacher_max_len": info["max_seq_len"]}
+    assert manifest["complete"] is True and manifest["k"] == 8
+    assert tokenizer_fingerprint(_tok(store / "teacher-tokenizer")) == info["tokenizer_fingerprint"]
+    # the key of a block without an eos or a partial character: the teacher's own ids of its text, by hand
+    domains = prepare_data(load_config(str(tiny), []), st)
+    blocks = [b for b in domains["prose"].train if st.eos_token_id not in b.tolist()]
+    texts = [st.convert_tokens_to_string(st.convert_ids_to_tokens(b.tolist())) for b in blocks]
+    block, text = next((b, t) for b, t in zip(blocks, texts) if "\ufffd" not in t)
+    key = tt(text, add_special_tokens=False)["input_ids"]
+    assert key != block.tolist()
+    with TopkStore(store / "topk.sqlite") as s:
+        assert s.has_many(info["model_fingerprint"], [key, block], 8) == [True, False]
+
+    live = _tiny_run(tiny, tmp_path / "live", "xtok-store-live", f"teacher.urls=[{real_teacher}]")
+    before = inproc.topk_requests(real_teacher)
+    offline = _tiny_run(tiny, tmp_path / "offline", "xtok-store-offline", "teacher.urls=[]", f"cache.dir={store}")
+    assert inproc.topk_requests(real_teacher) == before  # the store alone: the teacher was not asked
+    steps = [[r for r in rec if r["event"] == "step"] for rec in (live, offline)]
+    assert len(steps[0]) == len(steps[1]) == 2
+    for a, b in zip(*steps):
+        assert a["rows"] == b["rows"] and a["kl"] > 0
+        for key_ in ("loss", "ce", "kl"):
+            assert abs(a[key_] - b[key_]) < 1e-5, (a["step"], key_, a[key_], b[key_])
+    evals = [[r for r in rec if r["event"] == "eval"] for rec in (live, offline)]
+    assert [r["step"] for r in evals[1]] == [r["step"] for r in evals[0]] == [0, 2]
+    for a, b in zip(*evals):
+        assert b["ratio_unit"] == a["ratio_unit"] == "per_student_token"
+        for d in a["teacher_loss"]:
+            assert abs(a["teacher_loss"][d] - b["teacher_loss"][d]) < 1e-5, d
+            assert abs(a["student_loss"][d] - b["student_loss"][d]) < 1e-5, d
+
+
+def test_a_same_tokenizer_store_and_a_cross_tokenizer_store_are_never_confused():
+    """Pure checks of the manifests: a cross run pointed at a same-tokenizer store, a store aligned for another
+    student or by another rule version, kd.cross_tokenizer off, a live teacher of another longest row, and
+    precompute into a folder of the other kind: each exit 2 naming the key."""
+    from types import SimpleNamespace
+
+    from ddk.data.topk_manifest import identity_problem, manifest_for
+    from ddk.errors import UsageError
+    from ddk.trainer.topk_source import check_live_teacher, check_manifest
+    from ddk.trainer.xtok_teacher import alignment_settings
+
+    def cfg(cross="auto"):
+        return SimpleNamespace(kd=SimpleNamespace(cross_tokenizer=cross, gamma=0.2, top_k=8),
+                               data=SimpleNamespace(seq_len=64))
+
+    info = {"model": "t", "model_fingerprint": "m" * 16, "tokenizer_fingerprint": "T" * 16, "vocab_size": 100,
+            "max_seq_len": 2048}
+    counts = {"prose": {"train": 3, "val": 1}}
+    same = manifest_for(info, 8, 64, "float16", counts, complete=True)  # a store scored for a student of T
+    cross = manifest_for(info, 8, 64, "float16", counts, complete=True, alignment=alignment_settings("S" * 16, 2048))
+    assert "alignment" not in same and cross["alignment"]["teacher_max_len"] == 2048
+    assert identity_problem(same, cross).startswith("alignment None")
+    assert identity_problem(cross, cross) is None
+    check_manifest(cross, cfg(), "S" * 16, "/d")  # fits
+    with pytest.raises(UsageError, match=r"^cache.dir: the store's tokenizer fingerprint TTTT.* differs from "
+                                         r"student.model's SSSS"):
+        check_manifest(same, cfg(), "S" * 16, "/d")
+    with pytest.raises(UsageError, match=r"^cache.dir: the store's alignment.student_tokenizer_fingerprint SSSS"
+                                         r".* differs from student.model's TTTT"):
+        check_manifest(cross, cfg(), "T" * 16, "/d")
+    with pytest.raises(UsageError, match=r"^cache.dir: the store's alignment.version 0 .* not this version's 1"):
+        check_manifest({**cross, "alignment": {**cross["alignment"], "version": 0}}, cfg(), "S" * 16, "/d")
+    with pytest.raises(UsageError, match=r"^cache.dir: .*scored across tokenizers.*kd.cross_tokenizer is off"):
+        check_manifest(cross, cfg("off"), "S" * 16, "/d")
+    check_live_teacher(cross, info, alignment_settings("S" * 16, 2048), "/d")  # fits
+    with pytest.raises(UsageError, match=r"^cache.dir: the store's alignment .*'teacher_max_len': 2048.* is not "
+                                         r"the run's .*'teacher_max_len': 1024"):
+        check_live_teacher(cross, {**info, "max_seq_len": 1024}, alignment_settings("S" * 16, 1024), "/d")
+    with pytest.raises(UsageError, match=r"^cache.dir: the store's alignment None .* is not the run's"):
+        check_live_teacher(same, info, alignment_settings("S" * 16, 2048), "/d")
