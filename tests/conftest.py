@@ -80,6 +80,17 @@ def teacher_url(kit, server_logs) -> str:
 
 
 @pytest.fixture(scope="session")
+def real_teacher(real_kit, server_logs) -> str:
+    """`ddk teacher serve` (hf engine) on the real kit's teacher (SmolLM2-135M), 127.0.0.1: the cross-tokenizer
+    teacher of the quick kit's student and the real kit's own."""
+    from procs import service
+
+    with service(["teacher", "serve", "--model", str(real_kit / "teacher"), "--backend", "hf"],
+                 log_path=server_logs / "real-teacher.log") as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="session")
 def controller_url(server_logs) -> str:
     """`ddk controller serve` on a SQLite file of the session, 127.0.0.1, no token."""
     from procs import service

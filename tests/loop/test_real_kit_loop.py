@@ -9,7 +9,7 @@ tokens, seq_len 256): FSDP against DDP, and training from a precomputed top-k st
   to rounding: the step-1 loss (same weights, same forward) to 1e-5 relative, the step-2 loss (after one AdamW
   step at lr 1e-4 on the averaged gradient; AdamW divides by sqrt(v), so a reordered float32 gradient moves a
   weight by at most ~lr) to 1e-4 absolute.
-* The top-k store: a slice of the real kit's data (2 training and 2 validation documents per domain) precomputed
+* The top-k store: a slice of the real kit's data (2 training and 2 validation documents per domain, 700 characters each, blocks of 128 tokens) precomputed
   through ``ddk teacher serve --backend hf`` on the real teacher (``ddk teacher precompute``'s command function),
   then a batch's answers from the store (the trainer's ``checked_store_source``, no teacher) equal the service's
   (float16 both ways), and the student's loss and gradients from each answer are the same.
@@ -29,8 +29,6 @@ import pytest
 import torch
 import yaml
 
-import procs
-from procs import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -142,12 +140,13 @@ def test_fsdp_on_the_real_student_equals_ddp(real_kit, tmp_path):
 # ----------------------------------------------------------------------------- the top-k store
 
 DOCS = {"train": 2, "val": 2}
-CHARS = 1500  # of each document: about 400 SmolLM2 tokens, so a domain is a few blocks (the teacher scores them all)
+CHARS = 700  # of each document: about 190 SmolLM2 tokens, so a domain is 2-3 blocks per split (the teacher scores them all)
+SEQ = 128    # half the kit's seq_len, as the FSDP test: the store's bytes do not depend on the length
 
 
 def small_config(kit: Path, d: Path) -> Path:
     """A train config over a slice of the real kit's data (its own token cache): the first documents of each
-    split, each cut to ``CHARS`` characters."""
+    split, each cut to ``CHARS`` characters, in blocks of ``SEQ`` tokens."""
     domains = []
     for dom in sorted(p for p in (kit / "data").iterdir() if p.is_dir()):
         files = {}
@@ -160,13 +159,13 @@ def small_config(kit: Path, d: Path) -> Path:
         domains.append({"name": dom.name, "files": [files["train"]], "val_files": [files["val"]]})
     raw = yaml.safe_load((kit / "train.yaml").read_text())
     raw.update(student={"model": str(kit / "student")}, output_dir=str(d / "runs"),
-               data={"domains": domains, "seq_len": raw["data"]["seq_len"], "cache_dir": str(d / "tokens")},
+               data={"domains": domains, "seq_len": SEQ, "cache_dir": str(d / "tokens")},
                eval={"sequences_per_domain": 2}, ray={"num_workers": 1, "address": "", "use_gpu": False})
     (d / "small.yaml").write_text(yaml.safe_dump(raw))
     return d / "small.yaml"
 
 
-def test_a_step_from_the_precomputed_store_equals_one_from_the_service(real_kit, tmp_path):
+def test_a_step_from_the_precomputed_store_equals_one_from_the_service(real_kit, real_teacher, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from ddk.cli import build_parser
@@ -178,22 +177,21 @@ def test_a_step_from_the_precomputed_store_equals_one_from_the_service(real_kit,
     from ddk.trainer.topk_source import checked_store_source
 
     small = small_config(real_kit, tmp_path)
-    with procs.service(["teacher", "serve", "--model", str(real_kit / "teacher"), "--backend", "hf"],
-                       port=free_port(), log_path=tmp_path / "teacher.log") as (url, _):
-        args = build_parser().parse_args(["teacher", "precompute", str(small), "--teacher", url,
-                                          "--out", str(tmp_path / "topk"), "--quiet"])
-        with redirect_stdout(io.StringIO()) as printed:
-            assert args.func(args) == 0
-        cfg = load_config(str(small), [f"cache.dir={tmp_path / 'topk'}", "teacher.urls=[]", "controller.url=null",
-                                       "mixture.policy=fixed"])
-        tok, _ = student_tokenizer(cfg)
-        domains = prepare_data(cfg, tok)
-        rows = torch.from_numpy(np.stack([np.asarray(domains[d].train[0], dtype=np.int64) for d in domains]))
-        client = TeacherClient([url])
-        try:
-            live = client.topk(rows, K)
-        finally:
-            client.close()
+    url = real_teacher  # the session's server on the real teacher (tests/conftest.py)
+    args = build_parser().parse_args(["teacher", "precompute", str(small), "--teacher", url,
+                                      "--out", str(tmp_path / "topk"), "--quiet"])
+    with redirect_stdout(io.StringIO()) as printed:
+        assert args.func(args) == 0
+    cfg = load_config(str(small), [f"cache.dir={tmp_path / 'topk'}", "teacher.urls=[]", "controller.url=null",
+                                   "mixture.policy=fixed"])
+    tok, _ = student_tokenizer(cfg)
+    domains = prepare_data(cfg, tok)
+    rows = torch.from_numpy(np.stack([np.asarray(domains[d].train[0], dtype=np.int64) for d in domains]))
+    client = TeacherClient([url])
+    try:
+        live = client.topk(rows, K)
+    finally:
+        client.close()
     assert "blocks of 4 domains" in printed.getvalue() and "there before" in printed.getvalue()
     source = checked_store_source(cfg, tok, domains)  # no teacher: every block must be in the store
     try:

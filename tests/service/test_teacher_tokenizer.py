@@ -8,18 +8,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from procs import service
 
 TEXTS = ["The cat sat on the mat.", "def f(x):\n    return x ** 2  # naïve café ☕", "  two  spaces\n\n\nand tabs\t!",
          "Zahlen 3.14159 und Ümlaute, 日本語のテキスト."]
-
-
-@pytest.fixture(scope="module")
-def real_teacher(real_kit, tmp_path_factory):
-    log = tmp_path_factory.mktemp("xtok-teacher") / "teacher.log"
-    with service(["teacher", "serve", "--model", str(real_kit / "teacher"), "--backend", "hf"],
-                 log_path=log) as (url, _):
-        yield url
 
 
 def test_the_rebuilt_tokenizer_encodes_like_the_teachers_own(real_kit, real_teacher):
