@@ -1,21 +1,22 @@
 """What only Ray shows: DDP across two Ray Train workers (gloo), resume after a worker's death, a restarted
 driver resuming the run, FSDP2, and teachers routed by domain. Real teacher (hf) and controller servers.
 
-The `ddk train` driver runs in this process (``ddk.trainer.launch.main``, what the CLI calls) against one
-local Ray cluster that the module starts once: a Ray start costs ~30 s on 2 cores, so three `ddk train`
-processes would pay it three times. Every run of the module routes math to a specialist teacher
-(``teacher.routes``; the specialist is the kit's teacher trained further on math, built once and kept in the
-kit) and everything else to the kit's teacher, two teacher processes of the module that keep what they score
-(``--cache-dir``). The module makes four launches and checks everything on them:
+The `ddk train` drivers run against one local Ray cluster that the module starts once (a Ray start costs ~30 s
+on 2 cores): the reference and the resumed run's second launch as `ddk train` processes attached to it (their
+consoles are the console test's), the others in this process (``ddk.trainer.launch.main``, what the CLI calls).
+Every run of the module routes math to a specialist teacher (``teacher.routes``; the specialist is the kit's
+teacher trained further on math, built once and kept in the kit) and everything else to the kit's teacher, two
+teacher processes of the module that keep what they score (``--cache-dir``). The module makes four runs and
+checks everything on them:
 
-* ``reference``: a 12-step DDK run (K=4, batch 4 per worker, checkpoints every 4 steps). It is also the routed
-  run: each teacher's store says which blocks it scored, and the controller's teacher loss and diagnostics of
-  math are the specialist's. Its evaluations (split over the two workers) are checked against a one-rank
-  evaluation;
+* ``reference``: a 12-step DDK run (K=4, batch 4 per worker, checkpoints every 4 steps), its console at the
+  default log level. It is also the routed run: each teacher's store says which blocks it scored, and the
+  controller's teacher loss and diagnostics of math are the specialist's. Its evaluations (split over the two
+  workers) are checked against a one-rank evaluation;
 * ``resumed``: the same run under another run_id, accumulating (2 micro-batches of 2 per worker and step,
   ``train.grad_accum_steps=2``), where the last worker dies after step 10 with no failures allowed
   (``ray.max_failures=0``: the run stops with an error, exit 1 at the CLI); started again, it resumes from the
-  step-8 checkpoint and must end like ``reference``;
+  step-8 checkpoint (as `ddk --log-level DEBUG train`) and must end like ``reference``;
 * ``fsdp``: the reference's run under FSDP2, accumulating, where the last worker dies after step 6 and Ray
   replaces it within the run (``ray.max_failures`` left at its default): it resumes from the step-4 sharded
   checkpoint and must end like ``reference``.
@@ -78,6 +79,33 @@ def ddk_train(kit: Path, out: Path, run_id: str, teachers: "Teachers", controlle
     assert main(argparse.Namespace(config=str(kit / "train.yaml"), overrides=sets)) == 0
 
 
+def ddk_train_cli(kit: Path, out: Path, run_id: str, teachers: "Teachers", controller: str, *extra: str,
+                  level: tuple[str, ...] = ()) -> list[str]:
+    """The same run as :func:`ddk_train` through the `ddk train` process (attached to the module's cluster), so its
+    console is what a user sees: ``level`` is the CLI's ``--log-level``. Returns the console's lines (stdout and
+    stderr), also kept beside the run as ``RUN_ID.console``."""
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    sets = [f"run_id={run_id}", f"output_dir={out}", f"controller.url={controller}",
+            f"teacher.urls=[{teachers.default}]", f"teacher.routes={{math: [{teachers.math}]}}",
+            f"train.steps={STEPS}", f"train.batch_size={BATCH}", "train.lr=2e-3",
+            f"mixture.interval_steps={K}", f"checkpoint.every_steps={K}", f"ray.num_workers={WORKERS}",
+            f"ray.address={ray.get_runtime_context().gcs_address}", "eval.sequences_per_domain=8",
+            f"data.cache_dir={kit.parent / 'token-cache'}", *extra]
+    env = {k: v for k, v in os.environ.items() if k != "DDK_LOG_DETAIL"}  # a terminal's console, not a log file
+    r = subprocess.run([sys.executable, "-m", "ddk.cli", *level, "train", str(kit / "train.yaml"),
+                        *(a for s in sets for a in ("--set", s))], capture_output=True, text=True, timeout=400, env=env)
+    lines = (r.stdout + r.stderr).splitlines()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (out.parent / f"{run_id}.console").write_text("\n".join(lines))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return lines
+
+
 def _lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -124,12 +152,54 @@ def teachers(teacher_procs, ray_cluster, workdir) -> Teachers:
     return Teachers(default.url, math.url, workdir / "c-default", workdir / "c-math")
 
 
+@dataclass
+class Reference:
+    out: Path
+    history: list[dict]
+    console: list[str]  # the `ddk train` process's console, at the default log level
+
+    def __iter__(self):  # out, history = reference
+        return iter((self.out, self.history))
+
+
 @pytest.fixture(scope="module")
-def reference(kit, teachers, controller_url, workdir):
+def reference(kit, teachers, controller_url, workdir) -> Reference:
+    """The reference run, as a `ddk train` process attached to the module's cluster (its console is checked by
+    the console test)."""
     out = workdir / "reference"
-    ddk_train(kit, out, "ray-ref", teachers, controller_url)
+    console = ddk_train_cli(kit, out, "ray-ref", teachers, controller_url)
     history = httpx.get(f"{controller_url}/v1/runs/ray-ref/history", timeout=10).json()["versions"]
-    return out, history
+    return Reference(out, history, console)
+
+
+@dataclass
+class Resumed:
+    out: Path
+    failure: BaseException  # what the first launch raised (the worker's death, max_failures=0)
+    first_steps: list[int]  # the steps the first launch logged
+    fault_marked: bool      # the dying worker left its .fault-10 marker
+    console: list[str]      # the second launch's console: `ddk --log-level DEBUG train`
+
+
+@pytest.fixture(scope="module")
+def resumed(kit, ray_cluster, teachers, controller_url, workdir, reference) -> Resumed:
+    """DDP with accumulation (2 micro-batches of 2 per worker and step): the first launch (in this process) loses
+    its last worker after step 10 with ``ray.max_failures=0`` and stops with an error; the second, a `ddk --log-level
+    DEBUG train` process on the same cluster, resumes from the step-8 checkpoint."""
+    import os
+
+    out = workdir / "resumed"
+    accum = ("train.batch_size=2", "train.grad_accum_steps=2")
+    os.environ["DDK_FAULT_AT_STEPS"] = "10"
+    try:
+        with pytest.raises(Exception) as failed:  # the death exceeded max_failures: `ddk train` exits 1
+            ddk_train(kit, out, "ray-resume", teachers, controller_url, "ray.max_failures=0", *accum)
+    finally:
+        del os.environ["DDK_FAULT_AT_STEPS"]
+    done = [r["step"] for r in _lines(out) if r["event"] == "step"]
+    fault_seen = (out / ".fault-10").exists()
+    console = ddk_train_cli(kit, out, "ray-resume", teachers, controller_url, *accum, level=("--log-level", "DEBUG"))
+    return Resumed(out, failed.value, done, fault_seen, console)
 
 
 def test_ddp_run_across_two_workers_follows_the_controller(kit, reference):
@@ -158,31 +228,20 @@ def test_ddp_run_across_two_workers_follows_the_controller(kit, reference):
     assert not list(final.glob("*.bin")) and not list(final.glob("*.pt"))
 
 
-def test_resume_after_worker_death_and_driver_restart_matches_uninterrupted(kit, ray_cluster, teachers,
-                                                                          controller_url, workdir, reference,
-                                                                          monkeypatch):
+def test_resume_after_worker_death_and_driver_restart_matches_uninterrupted(ray_cluster, controller_url, reference,
+                                                                          resumed):
     """DDP with accumulation: the last worker dies after step 10 and, with ``ray.max_failures=0``, the run
     stops with an error (exit 1 at the CLI); the same command again resumes from the step-8 checkpoint (Ray
     Train reloads the run's checkpoint list from storage) and the run ends like the uninterrupted reference:
     the same rows, losses, controller versions and weights, and the same model. (When steps are fast, Ray Train
     may not have registered step 8 before the death at step 10; the worker then finds it in storage,
-    checkpoint.resume_point.)"""
+    checkpoint.resume_point.) Each rank draws the same rows per step, and DDP sums the gradient once, on the last
+    micro-batch (no_sync before it), so the resumed and accumulated run must still end like the reference."""
     ref_out, ref_history = reference
-    out = workdir / "resumed"
-    # this run also takes each worker's 4 rows a step as 2 micro-batches of 2 (train.grad_accum_steps=2): each
-    # rank draws the same rows per step, and DDP sums the gradient once, on the last micro-batch (no_sync before
-    # it), so the resumed and accumulated run must still end like the reference
-    accum = ("train.batch_size=2", "train.grad_accum_steps=2")
-    monkeypatch.setenv("DDK_FAULT_AT_STEPS", "10")
-    with pytest.raises(Exception) as failed:  # the death exceeded max_failures: `ddk train` exits 1
-        ddk_train(kit, out, "ray-resume", teachers, controller_url, "ray.max_failures=0", *accum)
-    assert not isinstance(failed.value, AssertionError), failed.value
-    assert (out / ".fault-10").exists()
-    done = [r["step"] for r in _lines(out) if r["event"] == "step"]
-    assert max(done) == 10 and 12 not in done
-
-    monkeypatch.delenv("DDK_FAULT_AT_STEPS")
-    ddk_train(kit, out, "ray-resume", teachers, controller_url, *accum)
+    out = resumed.out
+    assert not isinstance(resumed.failure, AssertionError), resumed.failure
+    assert resumed.fault_marked
+    assert max(resumed.first_steps) == 10 and 12 not in resumed.first_steps
     assert re.search(r"resumed from \S*/ray-resume/step-\d+ at step 8", worker_logs(ray_cluster))
 
     # metrics read as one uninterrupted run, with the reference's rows and losses
@@ -358,49 +417,26 @@ def test_a_route_with_another_tokenizer_is_refused_with_exit_2(kit, tmp_path, te
 
 # ------------------------------------------------------------------------------------------------ the console
 
-def test_ddk_train_console_is_quiet_across_ray_workers_and_debug_brings_the_lines_back(kit, ray_cluster, teachers,
-                                                                                      controller_url, workdir):
+def test_ddk_train_console_is_quiet_across_ray_workers_and_debug_brings_the_lines_back(reference, resumed):
     """Issue 25: `ddk train` (a process, attached to the module's cluster) with 2 Ray workers: the console has no
     per-request `HTTP Request:` line (the workers' httpx, forwarded by Ray) and none of Ray Train's per-report
     lines (`Reporting training result`, `Checkpoint successfully created`), but keeps ddk's own lines and the
-    summary table; with `ddk --log-level DEBUG train` both kinds are back. Short runs (2 steps, one checkpoint),
-    math routed as in every run of the module."""
-    import os
-    import subprocess
-    import sys
-
-    import ray
-
-    address = ray.get_runtime_context().gcs_address
-    env = {k: v for k, v in os.environ.items() if k != "DDK_LOG_DETAIL"}
-
-    def console(run_id: str, *level: str) -> list[str]:
-        out = workdir / run_id
-        sets = [f"run_id={run_id}", f"output_dir={out}", f"controller.url={controller_url}",
-                f"teacher.urls=[{teachers.default}]", f"teacher.routes={{math: [{teachers.math}]}}",
-                "train.steps=2", f"train.batch_size={BATCH}", "mixture.interval_steps=2", "checkpoint.every_steps=2",
-                f"ray.num_workers={WORKERS}", f"ray.address={address}", "eval.sequences_per_domain=8",
-                f"data.cache_dir={kit.parent / 'token-cache'}"]
-        r = subprocess.run([sys.executable, "-m", "ddk.cli", *level, "train", str(kit / "train.yaml"),
-                            *(a for s in sets for a in ("--set", s))],
-                           capture_output=True, text=True, timeout=300, env=env)
-        assert r.returncode == 0, r.stderr[-3000:]
-        lines = (r.stdout + r.stderr).splitlines()
-        (workdir / f"{run_id}.console").write_text("\n".join(lines))
-        return lines
+    summary table; with `ddk --log-level DEBUG train` both kinds are back. The consoles are the module's own
+    launches: the reference (default level) and the resumed run's second launch (DEBUG), math routed as in every
+    run of the module."""
 
     def count(lines: list[str], *marks: str) -> int:
         return sum(any(m in line for m in marks) for line in lines)
 
     http, ray_report = ("HTTP Request:",), ("Reporting training result", "Checkpoint successfully created")
-    quiet = console("ray-console")
+    quiet = reference.console
     print(f"quiet console: {len(quiet)} lines")
     shown = "\n".join(quiet)[-6000:]
     assert count(quiet, *http) == 0, shown
     assert count(quiet, *ray_report) == 0, shown
     assert count(quiet, "training finished in") == 1 and count(quiet, "RayTrainWorker") >= 1, shown  # ddk's kept
     assert count(quiet, "math") >= 1, shown  # the per-domain summary table
-    loud = console("ray-console-debug", "--log-level", "DEBUG")
+    loud = resumed.console
     print(f"--log-level DEBUG console: {len(loud)} lines")
     shown = "\n".join(loud)[-6000:]
     assert count(loud, *http) >= 1 and count([line for line in loud if "RayTrainWorker" in line], *http) >= 1, shown
