@@ -38,7 +38,7 @@ import torch
 from ddk.errors import UsageError
 from ddk.trainer.loss import IGNORE_INDEX
 from ddk.trainer.onpolicy_loss import gkd_divergence, sampled_reverse_kl, token_logprobs
-from ddk.trainer.rollout import Rollout
+from ddk.trainer.rollout import Rollout, rollout_id
 
 # ---------------------------------------------------------------------------------------------------------
 # which domains give prompts, and the checks before Ray
@@ -246,6 +246,13 @@ def pick_rows(step_rows: Sequence[Sequence[str]], conversation: set[str], share:
     return picked
 
 
+def step_rollout_ids(seed: int, calls: Sequence[tuple[int, int]], first_rank: int = 0) -> list[str]:
+    """A step's rollout ids, rank by rank and row by row: ``calls[i] = (call, rows)`` of rank ``first_rank + i``
+    (its engine's counter before the step's call, and the call's rows; no call: rows 0). Pure."""
+    return [rollout_id(seed, first_rank + i, call, row) for i, (call, rows) in enumerate(calls)
+            for row in range(int(rows))]
+
+
 def grade_by_domain(teacher, rollouts: Sequence[Rollout], domains: Sequence[str], top_k: int) -> Graded:
     """:func:`grade` through ``teacher.client(domain)`` per domain when ``teacher`` routes (``teacher.routes``),
     one request per domain; else one request. Rollout order kept."""
@@ -275,7 +282,7 @@ class OnPolicyStep:
     otherwise). No dataset token (N = 0): weight ``gamma``, no rescale."""
 
     def __init__(self, cfg, rank: int, domains: dict, out_dir: str | Path, teacher_token: str | None = None):
-        self.cfg, self.domains = cfg, domains
+        self.cfg, self.domains, self.rank = cfg, domains, int(rank)
         self.conversation = {n for n, d in domains.items() if getattr(d, "conversations", False)}
         sync_dir = Path(out_dir) / "rollout-sync" / f"rank{rank}" if cfg.rollout.engine == "vllm" else None
         self.engine = make_engine(cfg, rank, sync_dir=None if sync_dir is None else str(sync_dir))
@@ -304,12 +311,21 @@ class OnPolicyStep:
         return prompts, names
 
     def backward(self, micro, student, version: int, device, autocast, scaler) -> dict[str, Any]:
-        """The rollout rows' forward and backward (see the class); the step's on-policy record."""
+        """The rollout rows' forward and backward (see the class); the step's on-policy record, whose
+        ``rollout_ids`` are every worker's (:meth:`all_rollout_ids`, a collective: every rank calls this)."""
         prompts, names = self.take_prompts(micro)
         dataset_tokens = sum(int((b.targets() != IGNORE_INDEX).sum()) for b in micro)
         rec: dict[str, Any] = {"dataset_tokens": dataset_tokens, "rollout_tokens": 0, "rows": len(prompts)}
-        if not prompts:
-            return rec
+        call = int(self.engine.step) if prompts else -1  # the engine's counter names this call's rollouts
+        if prompts:
+            rec.update(self._train_rollouts(prompts, names, dataset_tokens, student, version, device, autocast,
+                                            scaler))
+        rec["rollout_ids"] = self.all_rollout_ids(call, len(prompts), device)
+        return rec
+
+    def _train_rollouts(self, prompts, names, dataset_tokens: int, student, version: int, device, autocast,
+                        scaler) -> dict[str, Any]:
+        """Rollout, grade, the batch's forward and backward (weighted, see the class); their record."""
         t0 = time.perf_counter()
         lag = 0
         if hasattr(self.engine, "maybe_sync"):
@@ -328,10 +344,23 @@ class OnPolicyStep:
         gamma = float(self.cfg.kd.gamma)
         weight = gamma * M / dataset_tokens if dataset_tokens else gamma
         scaler.scale(loss * weight).backward()
-        rec.update(step_record(got.rollouts, names, generation_s, graded.seconds, lag))
-        rec.update({"training_s": time.perf_counter() - t1, "loss": float(loss.detach()),
-                    **{k: float(v) for k, v in parts.items()}})
-        return rec
+        return {**step_record(got.rollouts, names, generation_s, graded.seconds, lag),
+                "training_s": time.perf_counter() - t1, "loss": float(loss.detach()),
+                **{k: float(v) for k, v in parts.items()}}
+
+    def all_rollout_ids(self, call: int, rows: int, device) -> list[str]:
+        """The ids of the rollouts every worker trained on this step (:func:`step_rollout_ids`): each rank's
+        ``(call, rows)`` all-gathered as integers (no pickle), the ids rebuilt from them."""
+        import torch.distributed as dist
+
+        mine = (int(call), int(rows))
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return step_rollout_ids(self.engine.seed, [mine], first_rank=self.rank)
+        dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.tensor(mine, dtype=torch.int64, device=dev)
+        got = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(got, t)
+        return step_rollout_ids(self.engine.seed, [tuple(int(x) for x in g.cpu().tolist()) for g in got])
 
     @staticmethod
     def rescale(parameters, dataset_tokens: float, rollout_tokens: float) -> None:

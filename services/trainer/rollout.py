@@ -20,8 +20,10 @@ a counter that each call advances and that :meth:`HFRollout.state_dict` / :meth:
 save and restore, so a resumed run repeats the same rollouts. Same seed + same weights + same prompts -> the
 same completions (on one device type; CPU and GPU kernels differ). ``temperature == 0`` is greedy (argmax).
 
-Rollout ids are ``"{seed}-{rank}-{step}-{row}"``: unique per rollout within a run, and the same after a resume,
-so counting them in metrics.jsonl shows whether a rollout was trained on twice or lost.
+Rollout ids are ``"{seed}-{rank}-{step}-{row}"`` (:func:`rollout_id`: the rollout seed, the rank, the engine's call
+counter and the row's index in that call): unique per rollout within a run, and the same after a resume, so
+counting them in metrics.jsonl (the step's ``onpolicy.rollout_ids``) shows whether a rollout was trained on twice
+or lost.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ class Rollout:
     completion_ids: list[int]
     logprobs: list[float]
     finished: bool  # ended with eos (False: stopped at max_new_tokens)
+
+
+def rollout_id(seed: int, rank: int, call: int, row: int) -> str:
+    """The id of row ``row`` of the engine's call number ``call`` (its counter before the call) on ``rank``."""
+    return f"{int(seed)}-{int(rank)}-{int(call)}-{int(row)}"
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -105,13 +112,15 @@ class HFRollout(SeededRollout):
         step = self.step
         self.step += 1
         return generate(model, prompts, self.max_new_tokens, self.temperature, self.top_p,
-                        step_seed(self.seed, step, self.rank), id_prefix=f"{self.seed}-{self.rank}-{step}",
+                        step_seed(self.seed, step, self.rank),
+                        row_id=lambda i: rollout_id(self.seed, self.rank, step, i),
                         stop_at_eos=stop_at_eos)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float,
-             seed: int, id_prefix: str = "r", stop_at_eos: bool = True) -> list[Rollout]:
-    """One batch of rollouts with ``seed`` (see :class:`HFRollout` for the resumable counter)."""
+             seed: int, row_id=lambda i: f"r-{i}", stop_at_eos: bool = True) -> list[Rollout]:
+    """One batch of rollouts with ``seed`` (see :class:`HFRollout` for the resumable counter); ``row_id(i)``
+    names row ``i``."""
     pad_id = model.config.pad_token_id
     pad_id = 0 if pad_id is None else int(pad_id)
     eos = _eos_ids(model) if stop_at_eos else []
@@ -139,5 +148,5 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     for i, p in enumerate(prompts):
         toks = new[i].tolist()
         n, finished = cut_at_eos(toks, eos)
-        rows.append(Rollout(f"{id_prefix}-{i}", [int(t) for t in p], toks[:n], lp[i, :n].tolist(), finished))
+        rows.append(Rollout(row_id(i), [int(t) for t in p], toks[:n], lp[i, :n].tolist(), finished))
     return rows
