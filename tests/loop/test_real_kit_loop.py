@@ -4,7 +4,7 @@ tokens, seq_len 256): FSDP against DDP, and training from a precomputed top-k st
 * FSDP: one spawn of 2 processes (gloo, as tests/unit/test_fsdp.py) train the real student with the Trainer's
   own placement (``ddk.trainer.parallel.Distributed.place``: DDP, then FSDP2 from the same weights) for 2 steps
   of the distillation loss (chunked path, 1 x 128 tokens per rank and step) against the real teacher's top-16
-  answers (computed here with the hf engine, before the spawn). The two strategies compute the same sums in
+  answers (from the session's real-teacher server, before the spawn). The two strategies compute the same sums in
   another order (FSDP reduce-scatters the gradients, DDP all-reduces them in buckets), so in float32 they agree
   to rounding: the step-1 loss (same weights, same forward) to 1e-5 relative, the step-2 loss (after one AdamW
   step at lr 1e-4 on the averaged gradient; AdamW divides by sqrt(v), so a reordered float32 gradient moves a
@@ -102,23 +102,20 @@ def _fsdp_worker(rank: int, port: int, kit: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_fsdp_on_the_real_student_equals_ddp(real_kit, tmp_path):
+def test_fsdp_on_the_real_student_equals_ddp(real_kit, real_teacher, tmp_path):
     import torch.multiprocessing as mp
     from safetensors.torch import save_file
 
-    from ddk.teacher.engines import load_engine
+    from ddk.teacher.client import TeacherClient
 
     seq = FSDP_SEQ
     rows = val_blocks(real_kit, STEPS * WORLD, seq + 1)
-    engine = load_engine(real_kit / "teacher", "hf")
-    try:
-        answers = engine.topk(list(rows), K)
-    finally:
-        engine.close()
+    with TeacherClient(real_teacher) as client:  # the session's server on the real teacher (tests/conftest.py)
+        answers = client.topk(torch.from_numpy(rows), K)
     shape = (STEPS, WORLD, seq)
     save_file({"ids": torch.from_numpy(rows).reshape(*shape[:2], seq + 1),
-               "t_ids": torch.from_numpy(np.stack([a.ids for a in answers]).astype(np.int64)).reshape(*shape, K),
-               "t_lp": torch.from_numpy(np.stack([a.logprobs for a in answers])).float().reshape(*shape, K)},
+               "t_ids": answers.ids.reshape(*shape, K).contiguous(),
+               "t_lp": answers.logprobs.float().reshape(*shape, K).contiguous()},
               str(tmp_path / "batches.safetensors"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
