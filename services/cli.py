@@ -203,14 +203,15 @@ def _add_eval(sub) -> None:
 
 
 def _eval(args) -> int | None:
-    """ddk eval: --lm-eval (ddk.experiments.harness), --tasks (ddk.experiments.tasks), else perplexity."""
+    """ddk eval: --lm-eval (ddk.experiments.harness), --tasks (ddk.experiments.tasks), else perplexity
+    (ddk.trainer.xtok_eval: bits per byte with a teacher of another tokenizer, else ddk.trainer.evaluate)."""
     if args.lm_eval is not None:
         if args.tasks:
             raise UsageError("--tasks and --lm-eval: one at a time")
         return _lazy("ddk.experiments.harness:main")(args)
     if args.data is None:
         raise UsageError("--data: required (a data.yaml, a kit/data directory or a train config)")
-    return _lazy("ddk.experiments.tasks:main" if args.tasks else "ddk.trainer.evaluate:main")(args)
+    return _lazy("ddk.experiments.tasks:main" if args.tasks else "ddk.trainer.xtok_eval:main")(args)
 
 
 def _add_data(sub) -> None:

@@ -133,14 +133,6 @@ def test_identity_through_the_cross_tokenizer_path_is_todays_loss_and_gradient(k
 # ---------------------------------------------------------------------------------------------------------
 # the real pair and routes, in-process against real servers
 
-@pytest.fixture(scope="module")
-def real_teacher(real_kit, tmp_path_factory):
-    log = tmp_path_factory.mktemp("xtok-real-teacher") / "teacher.log"
-    with service(["teacher", "serve", "--model", str(real_kit / "teacher"), "--backend", "hf"],
-                 log_path=log) as (url, _):
-        yield url
-
-
 def _run(kit, out, run_id, teacher, *sets):
     import inproc
 
@@ -149,8 +141,60 @@ def _run(kit, out, run_id, teacher, *sets):
                         "kd.top_k=8", "mixture.policy=fixed", *sets), inproc.lines(out)
 
 
-def test_the_real_pair_trains_with_a_finite_loss(kit, real_kit, real_teacher, tmp_path):
-    summary, records = _run(kit, tmp_path / "run", "xtok-real-pair", real_teacher)
+@pytest.fixture(scope="module")
+def tiny(kit, tmp_path_factory) -> Path:
+    """A train config over the first training and validation documents of each domain of the quick kit (seq_len
+    64, its own token cache): a few dozen blocks, so that precomputing them through the real teacher takes seconds."""
+    import yaml
+
+    d = tmp_path_factory.mktemp("xtok-tiny")
+    domains = []
+    for dom in sorted(p for p in (kit / "data").iterdir() if p.is_dir()):
+        files = {}
+        for split in ("train", "val"):
+            target = d / "data" / dom.name / f"{split}.jsonl"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            lines, size = [], 0
+            for line in (dom / f"{split}.jsonl").read_text().splitlines():  # a few blocks each
+                lines.append(line)
+                size += len(line)
+                if size >= {"train": 2500, "val": 1200}[split]:
+                    break
+            target.write_text("\n".join(lines) + "\n")
+            files[split] = str(target)
+        domains.append({"name": dom.name, "files": [files["train"]], "val_files": [files["val"]]})
+    raw = yaml.safe_load((kit / "train.yaml").read_text())
+    raw.update(student={"model": str(kit / "student")}, output_dir=str(d / "runs"),
+               data={"domains": domains, "seq_len": 64, "cache_dir": str(d / "tokens")},
+               eval={"sequences_per_domain": 2}, checkpoint={"every_steps": 100},
+               ray={"num_workers": 1, "address": "", "use_gpu": False})
+    (d / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    return d / "tiny.yaml"
+
+
+def _tiny_run(tiny, out, run_id, *sets):
+    import inproc
+
+    from ddk.trainer.config import load_config
+    from ddk.trainer.launch import prepare
+    from ddk.trainer.loop import LocalContext, Trainer
+
+    cfg = load_config(str(tiny), [f"run_id={run_id}", f"output_dir={out}", "controller.url=null",
+                                  "mixture.policy=fixed", "train.steps=2", "train.batch_size=2",
+                                  "mixture.interval_steps=2", "kd.top_k=8", *sets])
+    Trainer(prepare(cfg), LocalContext(cfg.output_dir)).fit()
+    return inproc.lines(out)
+
+
+@pytest.fixture(scope="module")
+def live_tiny(tiny, real_teacher, tmp_path_factory) -> list[dict]:
+    """The real pair's run against the served teacher on the tiny data (2 steps): its metrics records."""
+    return _tiny_run(tiny, tmp_path_factory.mktemp("xtok-live") / "live", "xtok-real-pair",
+                     f"teacher.urls=[{real_teacher}]")
+
+
+def test_the_real_pair_trains_with_a_finite_loss(live_tiny):
+    records = live_tiny
     steps = [r for r in records if r["event"] == "step"]
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) and r["kl"] > 0 for r in steps)
     evals = [r for r in records if r["event"] == "eval"]
@@ -277,53 +321,8 @@ def test_a_teacher_that_serves_no_tokenizer_is_refused_naming_it(kit, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # the top-k store across tokenizers: ddk teacher precompute, cache.dir
 
-@pytest.fixture(scope="module")
-def tiny(kit, tmp_path_factory) -> Path:
-    """A train config over the first training and validation documents of each domain of the quick kit (seq_len
-    64, its own token cache): a few dozen blocks, so that precomputing them through the real teacher takes seconds."""
-    import yaml
-
-    d = tmp_path_factory.mktemp("xtok-tiny")
-    domains = []
-    for dom in sorted(p for p in (kit / "data").iterdir() if p.is_dir()):
-        files = {}
-        for split in ("train", "val"):
-            target = d / "data" / dom.name / f"{split}.jsonl"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            lines, size = [], 0
-            for line in (dom / f"{split}.jsonl").read_text().splitlines():  # ~8 blocks of text (~5 for val)
-                lines.append(line)
-                size += len(line)
-                if size >= {"train": 4000, "val": 2500}[split]:
-                    break
-            target.write_text("\n".join(lines) + "\n")
-            files[split] = str(target)
-        domains.append({"name": dom.name, "files": [files["train"]], "val_files": [files["val"]]})
-    raw = yaml.safe_load((kit / "train.yaml").read_text())
-    raw.update(student={"model": str(kit / "student")}, output_dir=str(d / "runs"),
-               data={"domains": domains, "seq_len": 64, "cache_dir": str(d / "tokens")},
-               eval={"sequences_per_domain": 2}, checkpoint={"every_steps": 100},
-               ray={"num_workers": 1, "address": "", "use_gpu": False})
-    (d / "tiny.yaml").write_text(yaml.safe_dump(raw))
-    return d / "tiny.yaml"
-
-
-def _tiny_run(tiny, out, run_id, *sets):
-    import inproc
-
-    from ddk.trainer.config import load_config
-    from ddk.trainer.launch import prepare
-    from ddk.trainer.loop import LocalContext, Trainer
-
-    cfg = load_config(str(tiny), [f"run_id={run_id}", f"output_dir={out}", "controller.url=null",
-                                  "mixture.policy=fixed", "train.steps=2", "train.batch_size=2",
-                                  "mixture.interval_steps=2", "kd.top_k=8", *sets])
-    Trainer(prepare(cfg), LocalContext(cfg.output_dir)).fit()
-    return inproc.lines(out)
-
-
 def test_precompute_across_tokenizers_keys_the_teachers_rows_and_a_run_from_it_equals_the_service_run(
-        kit, real_kit, real_teacher, tiny, tmp_path):
+        kit, real_kit, real_teacher, tiny, live_tiny, tmp_path):
     import httpx
     import inproc
 
@@ -357,7 +356,7 @@ def test_precompute_across_tokenizers_keys_the_teachers_rows_and_a_run_from_it_e
     with TopkStore(store / "topk.sqlite") as s:
         assert s.has_many(info["model_fingerprint"], [key, block], 8) == [True, False]
 
-    live = _tiny_run(tiny, tmp_path / "live", "xtok-store-live", f"teacher.urls=[{real_teacher}]")
+    live = live_tiny  # the same run against the served teacher
     before = inproc.topk_requests(real_teacher)
     offline = _tiny_run(tiny, tmp_path / "offline", "xtok-store-offline", "teacher.urls=[]", f"cache.dir={store}")
     assert inproc.topk_requests(real_teacher) == before  # the store alone: the teacher was not asked
@@ -416,3 +415,83 @@ def test_a_same_tokenizer_store_and_a_cross_tokenizer_store_are_never_confused()
         check_live_teacher(cross, {**info, "max_seq_len": 1024}, alignment_settings("S" * 16, 1024), "/d")
     with pytest.raises(UsageError, match=r"^cache.dir: the store's alignment None .* is not the run's"):
         check_live_teacher(same, info, alignment_settings("S" * 16, 2048), "/d")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ddk eval --teacher URL across tokenizers: bits per byte
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's bytes_to_unicode), written out here: printable bytes map to
+    themselves, the other 68 to U+0100 onwards in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+def test_eval_with_a_teacher_of_another_tokenizer_reports_bits_per_byte(kit, real_kit, real_teacher, tiny):
+    """`ddk eval --teacher URL` with the SmolLM2 teacher and the quick kit's student: both in bits per byte of the
+    evaluation text (nats / ln 2 / UTF-8 bytes, computed here from the two models directly), the ratio
+    2^(bpb_S - bpb_T), and a table that says why."""
+    import io
+    from contextlib import redirect_stdout
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from ddk.cli import build_parser
+    from ddk.data.cache import prepare_domains
+    from ddk.data.domains import load_domain_specs
+    from ddk.data.evalset import evaluation_sets
+
+    def ddk_eval(*extra):
+        args = build_parser().parse_args(["eval", "--model", str(kit / "student"), "--data", str(tiny), "--teacher",
+                                          real_teacher, "--sequences", "2", "--seq-len", "64", *extra])
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            assert args.func(args) == 0
+        return buf.getvalue()
+
+    report = json.loads(ddk_eval("--json"))
+    assert report["cross_tokenizer"] is True and report["ratio_unit"] == "per_byte"
+    assert "not comparable across tokenizers" in report["note"]
+    table = ddk_eval()
+    assert "teacher bits/byte" in table and "not comparable across tokenizers" in table
+
+    st, tt = _tok(kit / "student"), _tok(real_kit / "teacher")
+    decoder = _gpt2_byte_decoder()
+    student = AutoModelForCausalLM.from_pretrained(str(kit / "student")).float().eval()
+    teacher = AutoModelForCausalLM.from_pretrained(str(real_kit / "teacher")).float().eval()
+    domains = prepare_domains(load_domain_specs(str(tiny)), st, 64)
+    sets = evaluation_sets(domains, SimpleNamespace(sequences_per_domain=2, tokens_per_domain=None, seed=0,
+                                                    documents="all"))
+    special = set(st.all_special_ids)
+    for name, es in sets.items():
+        row = report["domains"][name]
+        s_nll = t_nll = 0.0
+        n_bytes = t_bytes = 0
+        for block, length in zip(es.blocks, es.lengths):
+            ids = torch.as_tensor(block[:length], dtype=torch.long)
+            with torch.no_grad():
+                logp = torch.log_softmax(student(input_ids=ids[None, :-1]).logits[0].double(), -1)
+            s_nll -= float(logp[torch.arange(length - 1), ids[1:]].sum())
+            pieces = [b"" if int(i) in special else bytes(decoder[c] for c in st.convert_ids_to_tokens(int(i)))
+                      for i in ids]
+            n_bytes += sum(len(p) for p in pieces[1:])  # the first token is context: not scored
+            text = b"".join(pieces).decode("utf-8", errors="ignore")
+            t_ids = torch.as_tensor(tt(text, add_special_tokens=False)["input_ids"])
+            with torch.no_grad():
+                t_logp = torch.log_softmax(teacher(input_ids=t_ids[None, :-1]).logits[0].double(), -1)
+            t_nll -= float(t_logp[torch.arange(len(t_ids) - 1), t_ids[1:]].sum())
+            t_bytes += len(text.encode()) - len(tt.decode(t_ids[:1]).encode())
+        assert row["bytes"] == n_bytes, name
+        assert row["bits_per_byte"] == pytest.approx(s_nll / math.log(2) / n_bytes, rel=1e-4), name
+        # the teacher's NLL of the same text its own way: the same bytes but at a block's partial characters
+        assert row["teacher_bits_per_byte"] == pytest.approx(t_nll / math.log(2) / t_bytes, rel=3e-2), name
+        assert row["teacher_bits_per_byte"] < row["bits_per_byte"], name  # SmolLM2 135M against a 2k-vocab student
+        assert row["ratio"] == pytest.approx(2 ** (row["bits_per_byte"] - row["teacher_bits_per_byte"]), rel=1e-9)
