@@ -7,6 +7,8 @@ fault-free run (``--no-baseline`` skips that run).
 
 Run:  PYTHONPATH=tests .venv/bin/python -m chaos --steps 60 --faults 20 --seed 1          # the long schedule
       PYTHONPATH=tests .venv/bin/python -m chaos --steps 9 --faults 4 --seed 2 --no-baseline    # the suite's
+      PYTHONPATH=tests .venv/bin/python -m chaos --on-policy --steps 9 --faults 4 --seed 2 --no-baseline
+      (kd.on_policy 1: teachers killed mid-grading, workers mid-rollout, the rollout ids checked)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
+from chaos.chat import write_chat_setup
 from chaos.checks import report, run_checks
 from chaos.cluster import REPO, Cluster
 from chaos.schedule import KINDS, make_schedule
@@ -48,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="working directory (default: a temp dir, removed unless --keep)")
     p.add_argument("--keep", action="store_true", help="keep the working directory")
     p.add_argument("--json", default=None, help="write the results and checks as JSON here")
+    p.add_argument("--on-policy", action="store_true", help="kd.on_policy 1 on a small conversation domain "
+                   "(chaos/chat.py); teachers die mid-grading, workers mid-rollout; rollout ids checked")
     args = p.parse_args(argv)
     args.interval = args.interval or max(3, args.steps // 10)
     args.every = args.every or max(2, (2 * args.interval) // 3)
@@ -140,7 +145,8 @@ def main(argv=None) -> int:
     forget_own_path()
     t_all = time.monotonic()
     deadline = t_all + args.duration_limit
-    schedule = make_schedule(args.seed, args.steps, args.faults, args.interval, args.every, args.kinds, args.delay)
+    schedule = make_schedule(args.seed, args.steps, args.faults, args.interval, args.every, args.kinds, args.delay,
+                             on_policy=args.on_policy)
     print(f"schedule (seed {args.seed}): " + "; ".join(f"{f.index}: {f.kind} {f.phase} step {f.step} "
                                                         f"(+{f.delay}s)" for f in schedule), flush=True)
     kit = Path(args.kit)
@@ -150,6 +156,7 @@ def main(argv=None) -> int:
         build_kit(kit, quick=True, seed=0)
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ddk-chaos-"))
     work.mkdir(parents=True, exist_ok=True)
+    args.chat = write_chat_setup(kit, work / "chat") if args.on_policy else None
     old_term = signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(_Terminated()))
     cl = Cluster(kit, work)
     try:

@@ -8,7 +8,9 @@
   (:func:`paper_update`, written again from the paper, not imported);
 * the final student loads with transformers and gives finite logits; when the schedule killed only teachers
   and train workers, it equals the fault-free run (same seed; ``--baseline``) within float tolerance;
-* no process the harness started is left (``ray start``, gcs, raylet and workers included), no port held.
+* no process the harness started is left (``ray start``, gcs, raylet and workers included), no port held;
+* ``--on-policy``: the rollout ids of metrics.jsonl (:func:`check_rollout_ids`): each once, none missing across
+  the restarts.
 """
 
 from __future__ import annotations
@@ -100,6 +102,50 @@ def check_history(history: list[dict], records: list[dict], steps: int, interval
     return problems, worst
 
 
+def parse_rollout_id(rid: str) -> tuple[int, int, int, int] | None:
+    """``"seed-rank-call-row"`` -> its four integers (None: not such an id)."""
+    parts = str(rid).split("-")
+    return tuple(int(x) for x in parts) if len(parts) == 4 and all(x.isdigit() for x in parts) else None
+
+
+def check_rollout_ids(records: list[dict], seed: int, domain: str = "qa") -> tuple[list[str], int]:
+    """The step records' ``onpolicy.rollout_ids`` of a ``kd.on_policy: 1`` run (every conversation row of
+    ``domain`` a rollout): per step as many ids as the step's ``domain`` rows (none missing), none twice in the
+    run (none trained on twice), each of the rollout seed ``seed``; per rank the engine's calls 0, 1, 2 ... in
+    step order with no gap or repeat (a lost or a redone call), the rows of each call 0..n-1. Returns the
+    problems and the number of ids."""
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    calls: dict[int, list[int]] = {}
+    for r in (r for r in records if r.get("event") == "step"):
+        step, ids = r["step"], (r.get("onpolicy") or {}).get("rollout_ids")
+        if ids is None:
+            problems.append(f"step {step}: no onpolicy.rollout_ids")
+            continue
+        if len(ids) != int(r.get("rows", {}).get(domain, 0)):
+            problems.append(f"step {step}: {len(ids)} rollout ids for {r.get('rows', {}).get(domain, 0)} "
+                            f"{domain} rows")
+        rows: dict[tuple[int, int], list[int]] = {}
+        for rid in ids:
+            parsed = parse_rollout_id(rid)
+            if parsed is None or parsed[0] != seed:
+                problems.append(f"step {step}: rollout id {rid!r} is not {seed}-rank-call-row")
+                continue
+            if rid in seen:
+                problems.append(f"rollout {rid} trained on twice (steps {seen[rid]} and {step})")
+            seen[rid] = step
+            rows.setdefault(parsed[1:3], []).append(parsed[3])
+        for (rank, call), got in sorted(rows.items()):
+            if sorted(got) != list(range(len(got))):
+                problems.append(f"step {step}: rank {rank} call {call} has rows {sorted(got)}")
+            calls.setdefault(rank, []).append(call)
+    for rank, got in sorted(calls.items()):
+        if got != list(range(len(got))):
+            problems.append(f"rank {rank}: rollout calls {got[:20]} in step order (a gap: lost, a repeat: redone)")
+    return problems, sum(len((r.get("onpolicy") or {}).get("rollout_ids") or []) for r in records
+                         if r.get("event") == "step")
+
+
 def check_student(final: Path) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -167,6 +213,10 @@ def run_result_checks(args, schedule: list, chaos: RunResult, history: list[dict
     final = work / "chaos" / "final"
     sp = check_student(final) if (final / "config.json").is_file() else ["no final/ export"]
     checks.append(("final student loads (transformers)", not sp, "; ".join(sp)))
+    if getattr(args, "on_policy", False):
+        rp, n = check_rollout_ids(records, args.seed)
+        checks.append(("rollout ids: each once, none missing across restarts", not rp and n > 0,
+                       "; ".join(rp[:5]) or f"{n} rollouts"))
     return checks
 
 
@@ -193,7 +243,8 @@ def report(args, schedule, chaos: RunResult, base: RunResult | None, checks: lis
            say=print) -> None:
     say("")
     say(f"chaos: {args.steps} steps, {args.faults} faults, seed {args.seed}, interval {args.interval}, "
-        f"checkpoint every {args.every}, batch {args.batch_size} x 2 workers")
+        f"checkpoint every {args.every}, batch {args.batch_size} x 2 workers"
+        + (", kd.on_policy 1" if getattr(args, "on_policy", False) else ""))
     say("")
     say("| # | kind | phase | planned step | fired at step | target | at the kill | restart delay | "
         "back after | recovered after |")

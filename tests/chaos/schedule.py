@@ -9,6 +9,16 @@ The phases, as the supervisor sees them (the run's ``metrics.jsonl`` and its che
   and reported;
 * ``mid-evaluation``: at an interval boundary, after its checkpoint (when it has one) is complete and before
   the evaluation's record appears.
+
+With ``--on-policy`` (``kd.on_policy: 1``: every step starts with the workers' rollouts, then their grading by
+the teachers) teachers and workers die in two more phases, at the same steps as ``mid-request`` (neither an
+interval boundary nor a checkpoint step, so the next step starts right after the record):
+
+* ``mid-rollout`` (a worker): right after the step record, while the workers generate the next step's
+  rollouts;
+* ``mid-grading`` (a teacher): the previous step's ``onpolicy.generation_s`` after the step record, when the
+  workers' grading requests of the next step are due (the supervisor notes whether the next record was
+  already written, i.e. whether the kill came late).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from dataclasses import dataclass, field
 
 KINDS = ("teacher", "controller", "worker", "driver")
 PHASES = ("mid-request", "mid-checkpoint", "mid-evaluation")
+ON_POLICY_PHASES = {"teacher": ("mid-grading",), "worker": ("mid-rollout",)}  # --on-policy: per kind
 
 
 @dataclass
@@ -45,13 +56,22 @@ def phase_steps(steps: int, interval: int, every: int) -> dict[str, list[int]]:
     """The steps (1..N-1) where each phase can be hit."""
     boundary = {s for s in range(1, steps) if s % interval == 0}
     ckpt = {s for s in range(1, steps) if s % every == 0}
-    return {"mid-request": sorted(set(range(1, steps)) - boundary - ckpt),
-            "mid-checkpoint": sorted(ckpt), "mid-evaluation": sorted(boundary)}
+    plain = sorted(set(range(1, steps)) - boundary - ckpt)
+    return {"mid-request": plain, "mid-checkpoint": sorted(ckpt), "mid-evaluation": sorted(boundary),
+            "mid-rollout": plain, "mid-grading": plain}
+
+
+def kind_phases(kind: str, on_policy: bool = False) -> tuple[str, ...]:
+    """The phases a fault of ``kind`` may be drawn in: :data:`PHASES`; with ``on_policy`` a teacher dies
+    mid-grading and a worker mid-rollout."""
+    return ON_POLICY_PHASES.get(kind, PHASES) if on_policy else PHASES
 
 
 def make_schedule(seed: int, steps: int, faults: int, interval: int, every: int,
-                  kinds: tuple[str, ...] = KINDS, delay: tuple[float, float] = (1.0, 5.0)) -> list[Fault]:
-    """``faults`` faults, every kind at least once (when there are enough), at distinct steps in 1..N-2."""
+                  kinds: tuple[str, ...] = KINDS, delay: tuple[float, float] = (1.0, 5.0),
+                  on_policy: bool = False) -> list[Fault]:
+    """``faults`` faults, every kind at least once (when there are enough), at distinct steps in 1..N-2; each
+    in a phase of :func:`kind_phases` (``on_policy`` off: the same schedule as before the on-policy phases)."""
     rng = random.Random(seed)
     picked = list(kinds) if faults >= len(kinds) else rng.sample(list(kinds), faults)
     picked += [rng.choice(kinds) for _ in range(faults - len(picked))]
@@ -59,8 +79,11 @@ def make_schedule(seed: int, steps: int, faults: int, interval: int, every: int,
     valid = {p: [s for s in v if s <= steps - 2] for p, v in phase_steps(steps, interval, every).items()}
     used: set[int] = set()
     planned = []
+    if on_policy:  # the kinds bound to the on-policy phases draw their steps first (fewer steps suit them)
+        picked.sort(key=lambda k: k not in ON_POLICY_PHASES)
     for kind in picked:
-        phases = [p for p in PHASES if set(valid[p]) - used] or list(PHASES)
+        allowed = kind_phases(kind, on_policy)
+        phases = [p for p in allowed if set(valid[p]) - used] or list(allowed)
         phase = rng.choice(phases)
         free = sorted(set(valid[phase]) - used) or valid[phase] or list(range(1, max(2, steps - 1)))
         step = rng.choice(free)

@@ -30,6 +30,7 @@ from ddk.launcher import Child
 ALPHA = 0.5  # the kit's mixture.alpha (passed explicitly below)
 POLL_S = 0.02
 ARM_S = 15.0  # how long a mid-evaluation fault waits for its step's checkpoint to be complete
+ON_POLICY_NEW_TOKENS = 16  # --on-policy: rollout.max_new_tokens (long enough that generating takes a while)
 
 
 class MetricsTail:
@@ -103,6 +104,9 @@ def train_sets(args, cl: Cluster, run_id: str, out: Path) -> list[str]:
             "checkpoint.keep": 2, "ray.num_workers": 2, "ray.address": f"127.0.0.1:{cl.gcs}",
             "ray.max_failures": 2 * args.faults + 5, "eval.sequences_per_domain": 4, "seed": args.seed,
             "data.cache_dir": str(cl.kit.parent / "token-cache")}
+    if getattr(args, "on_policy", False):  # every conversation row a rollout of the student (chaos.chat's domain)
+        sets.update(args.chat)
+        sets.update({"kd.on_policy": 1, "rollout.max_new_tokens": ON_POLICY_NEW_TOKENS})
     out_args = []
     for k, v in sets.items():
         out_args += ["--set", f"{k}={v}"]
@@ -127,6 +131,7 @@ class Supervisor:
         self.pending = list(faults)
         self.fired: list[Fault] = []
         self.armed: tuple[Fault, int, float] | None = None  # a mid-evaluation fault waiting for its checkpoint
+        self.timed: tuple[Fault, int, float] | None = None  # a mid-grading fault waiting for the grading's moment
         self.driver_due: float | None = None
         self.step_times: list[float] = []
         self.last_fresh: float | None = None
@@ -240,7 +245,8 @@ class Supervisor:
         # a record of a group whose worker or driver was killed (written before the next attempt took over
         # metrics.jsonl) is no moment for the next fault: whatever it kills is dying already
         stale = any(f.kind in ("worker", "driver") and self.tail.rewrites == f.rewrites_at_kill for f in self.fired)
-        if self.armed is None and self.pending and not stale and self.suits(self.pending[0], s):
+        waiting = self.armed is not None or self.timed is not None
+        if not waiting and self.pending and not stale and self.suits(self.pending[0], s):
             self.next_fault(s, now)
 
     def note_recoveries(self, n_fresh: int, s: int, now: float) -> None:
@@ -271,10 +277,17 @@ class Supervisor:
                 self.pending.pop(0)
         elif f.phase == "mid-evaluation" and s % self.args.every == 0:
             self.armed = (f, s, now + ARM_S)  # wait for its checkpoint to be complete, then kill in the eval
+        elif f.phase == "mid-grading":  # the next step's grading starts after its generation: as long as s's
+            self.timed = (f, s, now + generation_s(self.tail.records, s))
         elif self.fire(f, s, now):
             self.pending.pop(0)
 
     def fire_armed(self, now: float) -> None:
+        if self.timed is not None and now >= self.timed[2]:
+            f, s, _ = self.timed
+            self.timed = None
+            if self.fire(f, s, now):
+                self.pending.pop(0)
         if self.armed is None:
             return
         f, s, give_up = self.armed
@@ -311,6 +324,11 @@ class Supervisor:
         if f.phase == "mid-evaluation":
             self.tail.poll()
             return "evaluation already recorded" if self.tail.has_eval(s) else "evaluation not yet recorded"
+        if f.phase in ("mid-rollout", "mid-grading"):
+            self.tail.poll()
+            late = any(r.get("event") == "step" and r.get("step") == s + 1 for r in self.tail.records)
+            return (f"rollouts take {generation_s(self.tail.records, s):.2f} s, grading "
+                    f"{grading_s(self.tail.records, s):.2f} s" + (f"; step {s + 1} already recorded" if late else ""))
         return ""
 
     def kill_teacher(self, f: Fault, now: float) -> bool:
@@ -353,6 +371,23 @@ class Supervisor:
         self.driver.kill()
         self.driver_due = now + f.delay
         return True
+
+
+def _onpolicy(records: list[dict], step: int) -> dict:
+    """Rank 0's ``onpolicy`` record of the latest step up to ``step`` at which it made rollouts ({}: none)."""
+    got = [r["onpolicy"] for r in records if r.get("event") == "step" and r.get("step", 0) <= step
+           and (r.get("onpolicy") or {}).get("generation_s") is not None]
+    return got[-1] if got else {}
+
+
+def generation_s(records: list[dict], step: int) -> float:
+    """How long generating rollouts takes: rank 0's ``onpolicy.generation_s`` of the latest step up to ``step``
+    that had rollouts (0 when none had)."""
+    return float(_onpolicy(records, step).get("generation_s") or 0.0)
+
+
+def grading_s(records: list[dict], step: int) -> float:
+    return float(_onpolicy(records, step).get("grading_s") or 0.0)
 
 
 def harvest_logs(log_text: str, res: RunResult) -> None:
