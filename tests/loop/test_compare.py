@@ -37,6 +37,10 @@ def test_compare_kd_vs_ddk_token_shares(kit, teacher_url, tmp_path, capsys):
 
     data = json.loads((out / "report.json").read_text())
     assert "Scoring-set ratios with standard errors" in report  # each run's ratios +- their log-ratio SE
+    # each run's wall time under compare in its summary and the report; no task domain here: no task accuracy
+    summary = json.loads((out / "runs" / "ddk-demo-kd-s0" / "summary.json").read_text())
+    assert summary["compare_wall_s"] > 0 and "task_accuracy" not in summary
+    assert "| kd | 1 |" in report.split("## Wall time per run")[1] and "## Task accuracy" not in report
     for run in data["raw"]["ddk"] + data["raw"]["kd"]:
         assert set(run["ratio_log_se"]) == set(domains) and all(v > 0 for v in run["ratio_log_se"].values())
     # the runs steered by the other half of the validation documents (eval.documents: steer)
