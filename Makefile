@@ -9,7 +9,7 @@ demo: setup
 
 test:
 	bash scripts/setup.sh --test
-	.venv/bin/python -m pytest -q --durations=20 -n 2 --dist loadfile
+	DDK_REQUIRE_EVAL=1 .venv/bin/python -m pytest -q --durations=20 -n 2 --dist loadfile
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow"
@@ -18,4 +18,4 @@ kit: setup
 	.venv/bin/ddk fixtures --out ddk-kit
 
 clean:
-	rm -rf .venv .cache ddk-demo ddk-kit
+	rm -rf .venv .venv-eval .venv-eval.log .cache ddk-demo ddk-kit

