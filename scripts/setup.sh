@@ -36,7 +36,7 @@ if [ "${1:-}" = "--test" ]; then
   # ddk[eval] (lm-evaluation-harness, for the `ddk eval --lm-eval` test) in a venv of its own, .venv-eval/, which
   # sees .venv's packages through a .pth line and adds lm-eval's. Not in .venv itself: lm-eval brings
   # scikit-learn, and transformers imports scikit-learn (and scipy.stats) in every process that loads a model when
-  # it is installed, about 1.5 s of CPU each on this VM; the suite starts over a hundred such processes.
+  # it is installed, about 1.3 s of CPU each on this VM, and the suite starts dozens of such processes.
   EVAL=.venv-eval
   ESTAMP="$EVAL/.ddk-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-12)"
   if [ ! -f "$ESTAMP" ]; then
