@@ -22,7 +22,7 @@ from ddk.argtypes import FloatRange, IntRange
 from ddk.errors import UsageError
 from ddk.logsetup import setup_logging
 from ddk.runtime import set_process_defaults
-from ddk.experiments.arms import PAPER_ARMS, arms
+from ddk.experiments.arms import MODIFIERS, PAPER_ARMS, arms
 
 
 class _Parser(argparse.ArgumentParser):
@@ -264,8 +264,9 @@ def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="the paper's comparison: the same run under several policies and seeds")
     p.add_argument("config", help="train config YAML (e.g. a kit's train.yaml)")
     p.add_argument("--policies", default=",".join(PAPER_ARMS),
-                   help=f"the arms to run, comma-separated, from {', '.join(arms())} (default: the paper's four, "
-                        f"{','.join(PAPER_ARMS)})")
+                   help=f"the arms to run, comma-separated, from {', '.join(arms())}; an arm may take a divergence "
+                        f"(ddk+jsd) and a modifier, {', '.join('@' + m for m in MODIFIERS)} (ddk@onpolicy) "
+                        f"(default: the paper's four, {','.join(PAPER_ARMS)})")
     p.add_argument("--seeds", type=argtypes.positive, default=1,
                    help="seeds per policy (default 1); the report pairs runs by seed and gives 95%% intervals "
                         "from 2, use 3 or more for a published table")
