@@ -19,6 +19,7 @@ import math
 import sys
 
 from ddk.errors import UsageError
+from ddk.vocab import SIGNAL_LABELS
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:8200"
 
@@ -85,7 +86,10 @@ def format_weights(run_id: str, weights: dict, evaluation: dict | None = None) -
         rows = [["domain", "weight"]] + [[d, f"{w[d]:.4f}"] for d in sorted(w)]
         return head + "\n" + _cells(rows, right={1})
     se = evaluation.get("log_ratio_se") or {}
-    rows = [["domain", "weight", "ratio", "95% interval", "se(log q)"]]
+    signal = evaluation.get("signal") or "ratio"
+    if signal != "ratio":  # mixture.signal: q is another gap than PPL_S / PPL_T (no standard error is sent)
+        head += f"\nq is the {SIGNAL_LABELS.get(signal, signal)} (mixture.signal: {signal})"
+    rows = [["domain", "weight", "ratio" if signal == "ratio" else "q", "95% interval", "se(log q)"]]
     for d in sorted(w):
         q = ratios.get(d)
         ci = None if q is None else ratio_interval(q, se.get(d))

@@ -29,3 +29,14 @@ def test_weights_table_with_ratios_intervals_and_the_warning():
     assert format_weights("r", WEIGHTS, None) == format_weights("r", WEIGHTS)
     assert format_weights("r", WEIGHTS).splitlines()[1].split() == ["domain", "weight"]
     assert "warning" not in format_weights("r", WEIGHTS, {**evaluation, "warning": None})
+
+
+def test_another_signal_is_named_and_its_column_is_q():
+    """A run steered by ``mixture.signal: accuracy``: the table says what q is and heads the column q, not ratio."""
+    evaluation = {"version": 2, "step": 10, "ratio": {"a": 1.5, "b": 1.0}, "signal": "accuracy"}
+    lines = format_weights("r", WEIGHTS, evaluation).splitlines()
+    assert lines[1] == "q is the accuracy gap (acc_T+e)/(acc_S+e) (mixture.signal: accuracy)"
+    assert lines[2].split()[:3] == ["domain", "weight", "q"]
+    assert lines[4].split() == ["a", "0.2500", "1.5000", "-", "-"]
+    # the ratio signal, named or not, reads as before
+    assert format_weights("r", WEIGHTS, {**evaluation, "signal": "ratio"}).splitlines()[1].split()[2] == "ratio"
