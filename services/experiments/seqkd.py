@@ -1,7 +1,7 @@
 """The ``seqkd`` arm of ``ddk compare``: SFT on the teacher's own greedy answers (sequence-level KD, Kim & Rush 2016).
 
 Before the runs, the teacher answers every training prompt of the task domains once (each row's conversation up to
-its last assistant turn, :func:`ddk.experiments.tasks.task_prompts`, rendered with the student tokenizer's chat
+its last assistant turn, :func:`ddk.data.tasks.task_prompts`, rendered with the student tokenizer's chat
 template; greedy, at most :data:`MAX_NEW_TOKENS` new tokens, through the teacher service's ``POST /v1/generate``).
 The rows are written again with the teacher's answer as their last assistant turn into ``OUT/seqkd/data/<domain>/
 train.jsonl`` and a ``OUT/seqkd/data.yaml`` that keeps every domain's validation files, task checker and overflow
@@ -61,7 +61,8 @@ def seqkd_data(specs: Sequence, out_dir: Path, tokenizer, generate: Callable[[li
     [(answer ids, finish_reason)]``, the teacher), written once and reused while the manifest matches."""
     import yaml
 
-    from ddk.experiments.tasks import render_prompt, task_domains, task_prompts
+    from ddk.data.tasks import render_prompt, task_prompts
+    from ddk.experiments.tasks import task_domains
 
     judged, _ = task_domains(specs)
     if not judged:
@@ -115,7 +116,7 @@ def teacher_generator(url: str, tokenizer, max_new: int = MAX_NEW_TOKENS) -> tup
     """``(generate(prompt ids), teacher id)`` for the teacher service at ``url``: its ``/v1/generate``, stopped at the
     student tokenizer's stop ids; exit 2 when its tokenizer is not the student's (the prompts are the student's ids
     and the answers are decoded with its tokenizer)."""
-    from ddk.experiments.tasks import stop_ids
+    from ddk.data.tasks import stop_ids
     from ddk.fingerprint import tokenizer_fingerprint
     from ddk.teacher.client import TeacherClient
     from ddk.teacher.generation import generate_remote

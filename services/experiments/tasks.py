@@ -3,12 +3,13 @@
 A domain is judged when its ``data.yaml`` entry names a ``task:`` (:mod:`ddk.data.tasks`: ``exact`` on the row's
 ``answer`` by default, a ``regex``, or the user's ``module:function``) and has ``val_files``; other domains (text
 domains, domains without a checker or without validation files) are skipped with a note. Its validation prompts are
-the rows of its ``val_files`` (:mod:`ddk.data.chat_files`, every row checked by :mod:`ddk.data.chat`) with the last
-assistant turn removed (that turn is the answer), rendered with the model tokenizer's chat template with
-``add_generation_prompt=True`` and tokenised without added special tokens (the template writes them). The model
+the rows of its ``val_files`` with the last assistant turn removed (that turn is the answer), rendered with the model
+tokenizer's chat template with ``add_generation_prompt=True`` and tokenised without added special tokens (the
+template writes them): :func:`ddk.data.tasks.task_prompts` and :func:`~ddk.data.tasks.render_prompt`. The model
 answers greedily (:func:`ddk.teacher.generation.greedy_generate`, batched, at most ``--max-new-tokens``), stopped at
-the tokenizer's eos or an end-of-turn token (:func:`stop_ids`); the answer is decoded without special tokens and
-judged by the domain's checker against the row. Accuracy = correct / total per domain.
+the tokenizer's or the model's eos or an end-of-turn token (:func:`ddk.data.tasks.stop_ids`); the answer is decoded
+without special tokens and judged by the domain's checker against the row (:func:`ddk.data.tasks.judge`).
+Accuracy = correct / total per domain.
 
 The teacher (``--teacher URL``, ``--route DOMAIN=URL``) answers the same prompt ids through the teacher service's
 ``POST /v1/generate``; its tokenizer must be the model's (the ``tokenizer_fingerprint`` of ``/v1/info``, else exit 2),
@@ -24,22 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ddk.data.tasks import TaskPrompt, fit_prompt, judge, render_prompt, stop_ids, task_prompts
 from ddk.errors import UsageError
 
 log = logging.getLogger("ddk.eval")
-
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
-
-
-@dataclass
-class TaskPrompt:
-    """One validation row of a task domain: the prompt turns (the row's conversation up to its last assistant
-    turn), the row itself (what the checker compares with) and where it came from."""
-
-    messages: list[dict]
-    row: dict
-    file: str
-    line: int
 
 
 @dataclass
@@ -54,79 +43,6 @@ class TaskResult:
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
-
-
-def prompt_messages(messages: Sequence[dict]) -> list[dict]:
-    """The turns before the last assistant turn (pure)."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise ValueError("a conversation without an assistant turn")
-    return [dict(m) for m in messages[:last]]
-
-
-def task_prompts(files: Sequence[str], limit: int | None = None) -> list[TaskPrompt]:
-    """The validation prompts of a domain's ``val_files`` (the first ``limit`` rows when given), each row checked as
-    a conversation (a bad row: exit 2 naming the file, line and field)."""
-    from ddk.data.chat import ChatRowError, row_conversation, row_form
-    from ddk.data.chat_files import read_rows
-
-    out: list[TaskPrompt] = []
-    for f in files:
-        form = None
-        for line, row in read_rows(f):
-            if limit is not None and len(out) >= limit:
-                return out
-            form = form or row_form(row)
-            conv = row_conversation(row, form or "messages", f, line)
-            msgs = prompt_messages(conv.messages)
-            if not msgs:
-                raise ChatRowError(f, line, "messages", "no turn before the last assistant turn to prompt with")
-            out.append(TaskPrompt(msgs, row, f, line))
-    return out
-
-
-def render_prompt(tokenizer, messages: list[dict], where: str = "") -> list[int]:
-    """``messages`` rendered with the generation prompt and tokenised (no special tokens added)."""
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # the template's own raise_exception or a Jinja error: the row, not a traceback
-        raise UsageError(f"{where}: the chat template fails on this prompt: {' '.join(str(e).split())}") from None
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def stop_ids(tokenizer, model=None) -> list[int]:
-    """Where an answer ends: the tokenizer's eos, the model's eos ids and the end-of-turn tokens
-    (:data:`END_OF_TURN`) the tokenizer has as single tokens."""
-    from ddk.teacher.generation import model_stop_ids
-
-    ids = set(model_stop_ids(model)) if model is not None else set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    ids.update(int(vocab[t]) for t in END_OF_TURN if t in vocab)
-    return sorted(ids)
-
-
-def judge(task, prompts: Sequence[TaskPrompt], answers: Sequence[str]) -> int:
-    """How many ``answers`` the domain's checker accepts; a row the checker cannot judge (no reference field, a
-    user function that fails) is exit 2 naming the file and line."""
-    from ddk.data.tasks import TaskError, make_checker
-
-    check = make_checker(task)
-    right = 0
-    for p, a in zip(prompts, answers):
-        try:
-            right += bool(check(a, p.row))
-        except TaskError as e:
-            raise UsageError(f"{p.file}:{p.line}: {e}") from None
-    return right
-
-
-def fit_prompt(ids: list[int], room: int | None) -> tuple[list[int], bool]:
-    """The last ``room`` ids of a prompt (its start cut) when it is longer; ``(ids, truncated)``."""
-    if room is None or len(ids) <= room:
-        return ids, False
-    return ids[-room:], True
 
 
 def evaluate_domain(tokenizer, task, prompts: Sequence[TaskPrompt], generate: Callable[[list[list[int]]], list],
@@ -229,14 +145,14 @@ def model_accuracy(model_dir: Path, specs: Sequence, max_new: int = 64, batch_si
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ddk.data.chat import require_chat_template
-    from ddk.teacher.generation import greedy_generate
+    from ddk.teacher.generation import greedy_generate, model_stop_ids
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     require_chat_template(tokenizer)
     prompts = {s.name: task_prompts(s.val_files, limit) for s in specs}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=False).float().to(device)
-    stops = stop_ids(tokenizer, model)
+    stops = stop_ids(tokenizer, model_stop_ids(model))
     room = prompt_room(model, max_new)
     out: dict[str, TaskResult] = {}
     for s in specs:
@@ -270,7 +186,7 @@ def main(args) -> int:
     from ddk.data.domains import load_domain_specs
     from ddk.fingerprint import tokenizer_fingerprint
     from ddk.teacher.client import TeacherRequestError
-    from ddk.teacher.generation import greedy_generate
+    from ddk.teacher.generation import greedy_generate, model_stop_ids
 
     model_dir = Path(args.model).expanduser()
     if not (model_dir / "config.json").is_file():
@@ -289,7 +205,7 @@ def main(args) -> int:
     prompts = {s.name: task_prompts(s.val_files, limit) for s in specs}  # bad rows: exit 2 before any model loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=False).float().to(device)
-    stops = stop_ids(tokenizer, model)
+    stops = stop_ids(tokenizer, model_stop_ids(model))
     teachers = (_teacher_generators(args, [s.name for s in specs], tokenizer_fingerprint(tokenizer), stops, max_new)
                 if args.teacher or getattr(args, "route", None) else {})
     room = prompt_room(model, max_new)

@@ -30,13 +30,13 @@ as they are.
   student's entropy, its floor. (The other assignment, student_loss = mean -log p_S, would give exp of the
   *negative* reverse KL, 1 / q: a student far from the teacher would look ahead of it.)
 
-Pure: :func:`accuracy_eps`, :func:`accuracy_losses`, :func:`onpolicy_losses`, :func:`prompt_turns`, :func:`fit_prompt`.
+Pure: :func:`accuracy_eps`, :func:`accuracy_losses`, :func:`onpolicy_losses`.
 The launch check :func:`check_signal` (every domain judged / conversational: exit 2 naming the domains) runs before
 Ray starts; :class:`GapSignal` is what rank 0's Trainer calls at an evaluation.
 
-(The prompt reading repeats a few lines of ``ddk.experiments.tasks``: the trainer cannot import ``ddk.experiments``,
-which imports the trainer; the checkers and the generation are the shared ones, ``ddk.data.tasks`` and
-``ddk.teacher.generation``.)
+The prompts, where an answer stops and the judging are ``ddk eval --tasks``'s own, from their one owner
+:mod:`ddk.data.tasks` (the trainer cannot import ``ddk.experiments``, which imports the trainer); the generation is
+``ddk.teacher.generation``'s.
 """
 
 from __future__ import annotations
@@ -46,11 +46,10 @@ import math
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
+from ddk.data.tasks import TaskPrompt, fit_prompt, judge, render_prompt, stop_ids, task_prompts
 from ddk.errors import UsageError
 
 log = logging.getLogger("ddk.trainer")
-
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,17 +99,6 @@ def onpolicy_losses(rows: Iterable[tuple[str, Sequence[float], Sequence[float]]]
     return s_loss, t_loss, count
 
 
-def prompt_turns(messages: Sequence[dict]) -> list[dict]:
-    """The turns before the last assistant turn (that turn is the answer); [] when there is none before it."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=0)
-    return [dict(m) for m in messages[:last]]
-
-
-def fit_prompt(ids: Sequence[int], room: int) -> list[int]:
-    """The last ``room`` ids of a prompt (its start cut, as the training's conversations are)."""
-    return [int(t) for t in ids[-room:]] if len(ids) > room else [int(t) for t in ids]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the launch check
 
@@ -138,51 +126,12 @@ def check_signal(cfg, specs) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # the prompts and the generation (I/O)
 
-def validation_prompts(spec, tokenizer, limit: int, room: int) -> list[tuple[list[int], dict]]:
-    """``(prompt ids, row)`` of the first ``limit`` conversations of ``spec.val_files``: the turns before the last
-    assistant turn, rendered with the tokenizer's chat template and its generation prompt, cut to ``room`` ids."""
-    from ddk.data.chat import ChatRowError, row_conversation, row_form
-    from ddk.data.chat_files import read_rows
-
-    out: list[tuple[list[int], dict]] = []
-    for f in spec.val_files:
-        form = None
-        for line, row in read_rows(f):
-            if len(out) >= limit:
-                return out
-            form = form or row_form(row)
-            turns = prompt_turns(row_conversation(row, form or "messages", f, line).messages)
-            if not turns:
-                raise ChatRowError(f, line, "messages", "no turn before the last assistant turn to prompt with")
-            try:
-                text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-            except Exception as e:  # the template's own raise_exception or a Jinja error: the row, not a traceback
-                raise UsageError(f"{f}:{line}: the chat template fails on this prompt: {' '.join(str(e).split())}"
-                                 ) from None
-            out.append((fit_prompt(tokenizer(text, add_special_tokens=False)["input_ids"], room), row))
-    return out
-
-
-def answer_stop_ids(tokenizer, model) -> list[int]:
-    """Where an answer ends: the model's eos ids, the tokenizer's eos and its single-token end-of-turn markers."""
-    from ddk.teacher.generation import model_stop_ids
-
-    ids = set(model_stop_ids(model))
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    ids.update(int(vocab[t]) for t in END_OF_TURN if t in vocab)
-    return sorted(ids)
-
-
-def judged(task, rows: Sequence[dict], answers: Sequence[str], where: str) -> int:
-    """How many answers the domain's checker (:func:`ddk.data.tasks.make_checker`) accepts."""
-    from ddk.data.tasks import TaskError, accuracy, make_checker
-
-    try:
-        return accuracy(make_checker(task), zip(answers, rows))[0]
-    except TaskError as e:
-        raise UsageError(f"{where}: {e}") from None
+def validation_prompts(spec, tokenizer, limit: int, room: int) -> list[tuple[list[int], TaskPrompt]]:
+    """``(prompt ids, prompt)`` of the first ``limit`` conversations of ``spec.val_files``
+    (:func:`ddk.data.tasks.task_prompts`), rendered with the tokenizer's chat template and its generation prompt,
+    cut to ``room`` ids."""
+    return [(fit_prompt(render_prompt(tokenizer, p.messages, f"{p.file}:{p.line}"), room)[0], p)
+            for p in task_prompts(spec.val_files, limit)]
 
 
 def teacher_generate(urls: Sequence[str], prompts: list[list[int]], max_new: int, stops: list[int],
@@ -217,11 +166,11 @@ class GapSignal:
         self.signal = cfg.mixture.signal
         self.specs = {s.name: s for s in load_domain_specs(cfg.data.source())}
         self.max_new = int(cfg.rollout.max_new_tokens)
-        self.prompts: dict[str, list[tuple[list[int], dict]]] | None = None
+        self.prompts: dict[str, list[tuple[list[int], TaskPrompt]]] | None = None
         self.teacher_correct: dict[str, int] | None = None
         self._grader = None
 
-    def _prompts(self, model) -> dict[str, list[tuple[list[int], dict]]]:
+    def _prompts(self, model) -> dict[str, list[tuple[list[int], TaskPrompt]]]:
         if self.prompts is None:
             positions = getattr(model.config, "max_position_embeddings", None)
             room = int(self.cfg.data.seq_len)
@@ -248,21 +197,21 @@ class GapSignal:
         return rec
 
     def _accuracy(self, model) -> dict[str, Any]:
-        from ddk.teacher.generation import greedy_generate
+        from ddk.teacher.generation import greedy_generate, model_stop_ids
 
-        prompts, stops = self._prompts(model), answer_stop_ids(self.tokenizer, model)
+        prompts, stops = self._prompts(model), stop_ids(self.tokenizer, model_stop_ids(model))
         batch = int(self.cfg.eval.batch_size)
         teacher_correct = self.teacher_correct if self.teacher_correct is not None else {}
         student, teacher, acc = {}, {}, {}
         for d, items in prompts.items():
-            ids, rows = [p for p, _ in items], [r for _, r in items]
+            ids, asked = [x for x, _ in items], [p for _, p in items]
             outs = greedy_generate(model, ids, self.max_new, stops, self.tokenizer.pad_token_id, batch)
-            right = judged(self.specs[d].task, rows, [self.tokenizer.decode(o[0], skip_special_tokens=True)
-                                                      for o in outs], f"domain {d}")
+            right = judge(self.specs[d].task, asked, [self.tokenizer.decode(o[0], skip_special_tokens=True)
+                                                     for o in outs])
             if d not in teacher_correct:
                 t_outs = teacher_generate(self._urls(d), ids, self.max_new, stops, self.token)
-                teacher_correct[d] = judged(self.specs[d].task, rows, [
-                    self.tokenizer.decode(o[0], skip_special_tokens=True) for o in t_outs], f"domain {d}")
+                teacher_correct[d] = judge(self.specs[d].task, asked, [
+                    self.tokenizer.decode(o[0], skip_special_tokens=True) for o in t_outs])
             n = len(items)
             student[d], teacher[d] = (right, n), (teacher_correct[d], n)
             acc[d] = {"student": right / n, "teacher": teacher_correct[d] / n, "correct": right,

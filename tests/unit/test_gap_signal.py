@@ -12,7 +12,7 @@ import math
 import pytest
 
 from ddk.errors import UsageError
-from ddk.trainer.gap_signal import accuracy_eps, accuracy_losses, check_signal, onpolicy_losses, prompt_turns
+from ddk.trainer.gap_signal import accuracy_eps, accuracy_losses, check_signal, onpolicy_losses
 from ddk.trainer.onpolicy_loss import onpolicy_gap
 from ddk.vocab import SIGNAL_LABELS, SIGNALS, ratio
 
@@ -68,13 +68,6 @@ def test_onpolicy_domain_without_completion_tokens_has_no_gap():
     assert tokens == {"a": 0} and ratio(s, t) == {"a": 1.0}
     with pytest.raises(ValueError):
         onpolicy_losses([("a", [-1.0], [])])
-
-
-def test_prompt_is_the_turns_before_the_last_assistant_turn():
-    conv = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"},
-            {"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]
-    assert prompt_turns(conv) == conv[:3]
-    assert prompt_turns(conv[1:2]) == []
 
 
 # ---------------------------------------------------------------------------------------------------------

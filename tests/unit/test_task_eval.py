@@ -1,6 +1,6 @@
 """Task accuracy (`ddk eval --tasks`, ddk.experiments.tasks) and greedy generation (ddk.teacher.generation):
-batched answers against a hand-written greedy loop, prompts without the last assistant turn, accuracy counted by
-hand, the teacher's /v1/generate body checks, exit 2 naming file and line."""
+batched answers against a hand-written greedy loop, accuracy counted by hand, the teacher's /v1/generate body checks,
+exit 2 naming file and line. (The prompts themselves, ddk.data.tasks: tests/unit/test_tasks.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from ddk.cli import main as cli_main
-from ddk.experiments.tasks import format_accuracy_table, prompt_messages, result_rows, TaskResult
+from ddk.experiments.tasks import format_accuracy_table, result_rows, TaskResult
 from ddk.teacher.generation import cut_at_stop, greedy_generate, parse_generate_request
 from ddk.teacher.validate import RequestError
 
@@ -34,16 +34,6 @@ def hand_greedy(model, ids: list[int], max_new: int, stops: set[int]) -> list[in
             out.append(nxt)
             seq.append(nxt)
     return out
-
-
-def test_prompt_is_the_conversation_before_its_last_assistant_turn():
-    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"},
-            {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
-            {"role": "assistant", "content": "a2"}]
-    assert prompt_messages(msgs) == msgs[:4]
-    assert prompt_messages(msgs[:3]) == msgs[:2]
-    with pytest.raises(ValueError):
-        prompt_messages(msgs[:2])
 
 
 def test_cut_at_stop():

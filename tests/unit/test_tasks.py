@@ -99,3 +99,91 @@ def test_bad_specs(raw, match):
     with pytest.raises(TaskError, match=match) as e:
         parse_task(raw, "domain add.task")
     assert str(e.value).startswith("domain add.task") and isinstance(e.value, UsageError)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the prompts a checker judges (ddk eval --tasks, ddk compare, seqkd and the trainer's accuracy gap share them)
+
+
+def test_prompt_is_the_conversation_before_its_last_assistant_turn():
+    from ddk.data.tasks import prompt_messages
+
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "a2"}]
+    assert prompt_messages(msgs) == msgs[:4]
+    assert prompt_messages(msgs[:3]) == msgs[:2]
+    with pytest.raises(ValueError):
+        prompt_messages(msgs[:2])
+    conv = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"},
+            {"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]
+    assert prompt_messages(conv) == conv[:3]
+    assert prompt_messages(conv[1:2]) == []
+    got = prompt_messages(conv)
+    got[0]["content"] = "changed"
+    assert conv[0]["content"] == "1+1"  # copies, not the row's own turns
+
+
+def test_fit_prompt_keeps_the_end():
+    from ddk.data.tasks import fit_prompt
+
+    assert fit_prompt([5, 6, 7, 8], 2) == ([7, 8], True)
+    assert fit_prompt([5, 6], 2) == ([5, 6], False)
+    assert fit_prompt([5, 6], None) == ([5, 6], False)
+    ids, cut = fit_prompt((9, 8, 7), 1)
+    assert ids == [7] and cut and type(ids) is list
+
+
+def _qa_rows(tmp_path, rows) -> str:
+    import json
+
+    f = tmp_path / "val.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(f)
+
+
+def _qa(q: str, a: str, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], **extra}
+
+
+def test_task_prompts_rows_limit_and_a_row_without_a_prompt(tmp_path):
+    from ddk.data.chat import ChatRowError
+    from ddk.data.tasks import task_prompts
+
+    f = _qa_rows(tmp_path, [_qa("1+1", "2", answer="2"), _qa("2+2", "4", answer="4"), _qa("3+3", "6")])
+    got = task_prompts([f])
+    assert [(p.messages, p.row.get("answer"), p.file, p.line) for p in got] == [
+        ([{"role": "user", "content": "1+1"}], "2", f, 1), ([{"role": "user", "content": "2+2"}], "4", f, 2),
+        ([{"role": "user", "content": "3+3"}], None, f, 3)]
+    assert [p.line for p in task_prompts([f, f], limit=4)] == [1, 2, 3, 1]
+    bad = _qa_rows(tmp_path, [_qa("1+1", "2"), {"messages": [{"role": "assistant", "content": "hi"}]}])
+    with pytest.raises(ChatRowError, match=r"val.jsonl:2: field 'messages'"):
+        task_prompts([bad])
+
+
+def test_judge_counts_and_names_the_row_it_cannot_judge():
+    from ddk.data.tasks import TaskPrompt, judge
+
+    prompts = [TaskPrompt([], {"answer": "4"}, "v.jsonl", 1), TaskPrompt([], {"answer": "Paris"}, "v.jsonl", 2),
+               TaskPrompt([], {"answer": "7"}, "v.jsonl", 3)]
+    assert judge(parse_task("exact"), prompts, ["4", " paris.", "8"]) == 2  # by hand: rows 1 and 2
+    with pytest.raises(TaskError, match=r"^v.jsonl:2: .*'label'"):
+        judge(parse_task({"check": "exact", "field": "label"}), prompts[1:], ["x", "y"])
+    with pytest.raises(ValueError):
+        judge(parse_task("exact"), prompts, ["4"])
+
+
+def test_render_prompt_and_stop_ids_with_the_chat_kit_tokenizer():
+    """The chat kit's ChatML tokenizer: <pad> <s> </s> <|im_start|> <|im_end|> are ids 0..4, <|im_end|> its eos."""
+    from ddk.data.tasks import render_prompt, stop_ids
+    from ddk.kit.chat import chat_tokenizer
+
+    tok = chat_tokenizer(64)
+    text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"  # ChatML with the generation prompt, by hand
+    ids = render_prompt(tok, [{"role": "user", "content": "hi"}])
+    assert ids == tok(text, add_special_tokens=False)["input_ids"] and ids[0] == 3  # no <s> added
+    assert stop_ids(tok) == [2, 4]  # </s> and <|im_end|> (also the eos)
+    assert stop_ids(tok, [9, 4]) == [2, 4, 9]  # and the model's eos ids
+    tok.chat_template = "{{ raise_exception('no user turns here') }}"
+    with pytest.raises(UsageError, match=r"^v.jsonl:7: .*no user turns here"):
+        render_prompt(tok, [{"role": "user", "content": "hi"}], "v.jsonl:7")
