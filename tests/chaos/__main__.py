@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         build_kit(kit, quick=True, seed=0)
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ddk-chaos-"))
     work.mkdir(parents=True, exist_ok=True)
-    args.chat = write_chat_setup(kit, work / "chat") if args.on_policy else None
+    args.chat = write_chat_setup(kit, work / "chat", code=False) if args.on_policy else None  # conversations only
     old_term = signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(_Terminated()))
     cl = Cluster(kit, work)
     try:

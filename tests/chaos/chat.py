@@ -1,7 +1,9 @@
 """A small conversation domain made from the quick kit, for on-policy runs (``kd.on_policy``): the kit's student
 copied with a chat template, a ``qa`` domain of 40 two-turn conversations (3 for validation) beside the kit's
-``code`` domain, and a data.yaml naming both. Used by the chaos harness's ``--on-policy`` schedule and by
-tests/loop/test_onpolicy_faults.py (the same shape as tests/unit/test_onpolicy.py's ``chat_run_setup``).
+``code`` domain (plain text), and a data.yaml naming both. Used by tests/loop/test_onpolicy_faults.py (the same
+shape as tests/unit/test_onpolicy.py's ``chat_run_setup``) and, with ``code=False`` (a second conversation domain,
+``echo``, instead of ``code``: every row of every step is a rollout), by the chaos harness's ``--on-policy``
+schedule.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
                  "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}")
 QUESTIONS = ["def add(a, b):", "what is two plus three", "name a prime", "sort 3 1 2"]
+WORDS = ["return", "import", "class", "value", "print", "while", "lambda"]
 
 
 def conversation(i: int) -> dict:
@@ -20,9 +23,21 @@ def conversation(i: int) -> dict:
                          {"role": "assistant", "content": f"answer {i}: {i % 7}"}]}
 
 
-def write_chat_setup(kit: Path, root: Path) -> dict[str, str]:
-    """Write the student (with its chat template), the qa files and data.yaml under ``root``; the overrides a
-    train config needs to use them (``student.model``, ``data.file``, ``data.seq_len``, ``data.cache_dir``)."""
+def echo(i: int) -> dict:
+    w = WORDS[i % len(WORDS)]
+    return {"messages": [{"role": "user", "content": f"repeat {w} {i % 3 + 1} times"},
+                         {"role": "assistant", "content": " ".join([w] * (i % 3 + 1))}]}
+
+
+def _jsonl(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def write_chat_setup(kit: Path, root: Path, code: bool = True) -> dict[str, str]:
+    """Write the student (with its chat template), the conversation files and data.yaml under ``root``; the
+    overrides a train config needs to use them (``student.model``, ``data.file``, ``data.seq_len``,
+    ``data.cache_dir``). ``code``: the kit's plain-text ``code`` domain beside ``qa`` (else ``echo``)."""
     import yaml
 
     root.mkdir(parents=True, exist_ok=True)
@@ -30,11 +45,12 @@ def write_chat_setup(kit: Path, root: Path) -> dict[str, str]:
     if not student.exists():
         shutil.copytree(kit / "student", student)
     (student / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    (root / "qa.jsonl").write_text("".join(json.dumps(conversation(i)) + "\n" for i in range(40)))
-    (root / "qa-val.jsonl").write_text("".join(json.dumps(conversation(100 + i)) + "\n" for i in range(3)))
-    (root / "data.yaml").write_text(yaml.safe_dump({"domains": [
-        {"name": "code", "files": [str(kit / "data/code/train.jsonl")],
-         "val_files": [str(kit / "data/code/val.jsonl")]},
-        {"name": "qa", "files": [str(root / "qa.jsonl")], "val_files": [str(root / "qa-val.jsonl")]}]}))
+    qa = {"name": "qa", "files": [_jsonl(root / "qa.jsonl", map(conversation, range(40)))],
+          "val_files": [_jsonl(root / "qa-val.jsonl", map(conversation, range(100, 103)))]}
+    other = ({"name": "code", "files": [str(kit / "data/code/train.jsonl")],
+              "val_files": [str(kit / "data/code/val.jsonl")]} if code else
+             {"name": "echo", "files": [_jsonl(root / "echo.jsonl", map(echo, range(40)))],
+              "val_files": [_jsonl(root / "echo-val.jsonl", map(echo, range(100, 103)))]})
+    (root / "data.yaml").write_text(yaml.safe_dump({"domains": [other, qa]}))
     return {"student.model": str(student), "data.file": str(root / "data.yaml"), "data.seq_len": "32",
             "data.cache_dir": str(root / "cache")}

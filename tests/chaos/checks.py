@@ -108,12 +108,12 @@ def parse_rollout_id(rid: str) -> tuple[int, int, int, int] | None:
     return tuple(int(x) for x in parts) if len(parts) == 4 and all(x.isdigit() for x in parts) else None
 
 
-def check_rollout_ids(records: list[dict], seed: int, domain: str = "qa") -> tuple[list[str], int]:
-    """The step records' ``onpolicy.rollout_ids`` of a ``kd.on_policy: 1`` run (every conversation row of
-    ``domain`` a rollout): per step as many ids as the step's ``domain`` rows (none missing), none twice in the
-    run (none trained on twice), each of the rollout seed ``seed``; per rank the engine's calls 0, 1, 2 ... in
-    step order with no gap or repeat (a lost or a redone call), the rows of each call 0..n-1. Returns the
-    problems and the number of ids."""
+def check_rollout_ids(records: list[dict], seed: int, domains=None) -> tuple[list[str], int]:
+    """The step records' ``onpolicy.rollout_ids`` of a ``kd.on_policy: 1`` run (every row of a conversation
+    domain a rollout; ``domains``: their names, None: every domain): per step as many ids as the step's rows of
+    those domains (none missing), none twice in the run (none trained on twice), each of the rollout seed
+    ``seed``; per rank the engine's calls 0, 1, 2 ... in step order with no gap or repeat (a lost or a redone
+    call), the rows of each call 0..n-1. Returns the problems and the number of ids."""
     problems: list[str] = []
     seen: dict[str, int] = {}
     calls: dict[int, list[int]] = {}
@@ -122,9 +122,9 @@ def check_rollout_ids(records: list[dict], seed: int, domain: str = "qa") -> tup
         if ids is None:
             problems.append(f"step {step}: no onpolicy.rollout_ids")
             continue
-        if len(ids) != int(r.get("rows", {}).get(domain, 0)):
-            problems.append(f"step {step}: {len(ids)} rollout ids for {r.get('rows', {}).get(domain, 0)} "
-                            f"{domain} rows")
+        want = sum(int(n) for d, n in r.get("rows", {}).items() if domains is None or d in domains)
+        if len(ids) != want:
+            problems.append(f"step {step}: {len(ids)} rollout ids for {want} conversation rows")
         rows: dict[tuple[int, int], list[int]] = {}
         for rid in ids:
             parsed = parse_rollout_id(rid)

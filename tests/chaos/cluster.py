@@ -52,6 +52,24 @@ def proc_pids(pred) -> list[int]:
     return out
 
 
+def unread_requests(port: int) -> int:
+    """Established TCP connections to local ``port`` whose receive queue holds bytes the server has not read
+    (``/proc/net/tcp`` and ``tcp6``: state 01, rx_queue > 0): requests waiting at a stopped server."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if len(f) > 4 and f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port and \
+                    int(f[4].split(":")[1], 16) > 0:
+                n += 1
+    return n
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:

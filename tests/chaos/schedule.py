@@ -16,9 +16,11 @@ interval boundary nor a checkpoint step, so the next step starts right after the
 
 * ``mid-rollout`` (a worker): right after the step record, while the workers generate the next step's
   rollouts;
-* ``mid-grading`` (a teacher): the previous step's ``onpolicy.generation_s`` after the step record, when the
-  workers' grading requests of the next step are due (the supervisor notes whether the next record was
-  already written, i.e. whether the kill came late).
+* ``mid-grading`` (a teacher): right after the step record the supervisor freezes both replicas (SIGSTOP: their
+  kernels still take connections and requests, nothing answers). The feed prefetched the next step's top-k long
+  before, so what arrives is a worker's grading request; the first replica holding an unread request (its
+  socket's receive queue, /proc/net/tcp) is SIGKILLed with the request in flight, the other thawed, and the
+  client fails over to it. Nothing within 10 s: both thawed, the fault waits for its next step.
 """
 
 from __future__ import annotations

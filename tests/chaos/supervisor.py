@@ -23,13 +23,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from chaos.cluster import REPO, Cluster, alive
+from chaos.cluster import REPO, Cluster, alive, unread_requests
 from chaos.schedule import KINDS, Fault, phase_steps
 from ddk.launcher import Child
 
 ALPHA = 0.5  # the kit's mixture.alpha (passed explicitly below)
 POLL_S = 0.02
 ARM_S = 15.0  # how long a mid-evaluation fault waits for its step's checkpoint to be complete
+FREEZE_S = 10.0  # mid-grading: how long the frozen replicas wait for a request before they are thawed
 ON_POLICY_NEW_TOKENS = 16  # --on-policy: rollout.max_new_tokens (long enough that generating takes a while)
 
 
@@ -131,7 +132,9 @@ class Supervisor:
         self.pending = list(faults)
         self.fired: list[Fault] = []
         self.armed: tuple[Fault, int, float] | None = None  # a mid-evaluation fault waiting for its checkpoint
-        self.timed: tuple[Fault, int, float] | None = None  # a mid-grading fault waiting for the grading's moment
+        self.frozen: tuple[Fault, int, list, float] | None = None  # mid-grading: (fault, step, replicas, since)
+        self.victim = None  # mid-grading: the frozen replica, handed to kill_teacher
+        self.hold_s = 0.0
         self.driver_due: float | None = None
         self.step_times: list[float] = []
         self.last_fresh: float | None = None
@@ -245,7 +248,9 @@ class Supervisor:
         # a record of a group whose worker or driver was killed (written before the next attempt took over
         # metrics.jsonl) is no moment for the next fault: whatever it kills is dying already
         stale = any(f.kind in ("worker", "driver") and self.tail.rewrites == f.rewrites_at_kill for f in self.fired)
-        waiting = self.armed is not None or self.timed is not None
+        if self.frozen is not None and s > self.frozen[1]:  # the next step went by without the frozen replica
+            self.thaw()
+        waiting = self.armed is not None or self.frozen is not None
         if not waiting and self.pending and not stale and self.suits(self.pending[0], s):
             self.next_fault(s, now)
 
@@ -271,23 +276,51 @@ class Supervisor:
         """The first pending fault at step ``s``: fired now, or armed (mid-evaluation at a checkpoint step:
         fired once that checkpoint is complete, :meth:`fire_armed`)."""
         f = self.pending[0]
-        if s not in self.valid[f.phase]:
+        if f.phase == "mid-grading":  # at any step it suits: the freeze waits for a grading request
+            self.freeze(f, s, now)
+        elif s not in self.valid[f.phase]:
             f.phase += " (window passed: next step)"
             if self.fire(f, s, now):
                 self.pending.pop(0)
         elif f.phase == "mid-evaluation" and s % self.args.every == 0:
             self.armed = (f, s, now + ARM_S)  # wait for its checkpoint to be complete, then kill in the eval
-        elif f.phase == "mid-grading":  # the next step's grading starts after its generation: as long as s's
-            self.timed = (f, s, now + generation_s(self.tail.records, s))
         elif self.fire(f, s, now):
             self.pending.pop(0)
 
-    def fire_armed(self, now: float) -> None:
-        if self.timed is not None and now >= self.timed[2]:
-            f, s, _ = self.timed
-            self.timed = None
+    def freeze(self, f: Fault, s: int, now: float) -> None:
+        """mid-grading, first half: SIGSTOP every replica that is up, right after the step-``s`` record. Their
+        kernels still accept connections and requests, nothing answers; the feed prefetched step ``s + 1``'s
+        top-k long before, so what arrives is the workers' grading of step ``s + 1``. :meth:`fire_armed` kills
+        the first replica holding an unread request (:func:`~chaos.cluster.unread_requests`) and thaws the
+        others, so the request is cut in flight and the client fails over; nothing within ``FREEZE_S``: all
+        thawed, the fault waits for its next step."""
+        up = [t for t in self.cl.teachers if t.up.is_set() and t.child.poll() is None]
+        for t in up:
+            t.child.signal_group(signal.SIGSTOP)
+        if up:
+            self.frozen = (f, s, up, now)
+
+    def thaw(self, keep=None) -> None:
+        """SIGCONT the frozen replicas (but ``keep``, about to be killed)."""
+        for t in self.frozen[2]:
+            if t is not keep:
+                t.child.signal_group(signal.SIGCONT)
+        self.frozen = None
+
+    def fire_frozen(self, now: float) -> None:
+        f, s, replicas, since = self.frozen
+        holding = [t for t in replicas if unread_requests(t.child.port)]
+        if holding:
+            self.victim, self.hold_s = holding[0], now - since
+            self.thaw(keep=holding[0])
             if self.fire(f, s, now):
                 self.pending.pop(0)
+        elif now - since > FREEZE_S:
+            self.thaw()
+
+    def fire_armed(self, now: float) -> None:
+        if self.frozen is not None:
+            self.fire_frozen(now)
         if self.armed is None:
             return
         f, s, give_up = self.armed
@@ -327,15 +360,18 @@ class Supervisor:
         if f.phase in ("mid-rollout", "mid-grading"):
             self.tail.poll()
             late = any(r.get("event") == "step" and r.get("step") == s + 1 for r in self.tail.records)
-            return (f"rollouts take {generation_s(self.tail.records, s):.2f} s, grading "
+            held = (f"a request held {self.hold_s:.2f} s after the step-{s} record, cut; " if self.victim else "")
+            return (held + f"rollouts take {generation_s(self.tail.records, s):.2f} s, grading "
                     f"{grading_s(self.tail.records, s):.2f} s" + (f"; step {s + 1} already recorded" if late else ""))
         return ""
 
     def kill_teacher(self, f: Fault, now: float) -> bool:
-        up = [t for t in self.cl.teachers if t.up.is_set() and t.child.poll() is None]
-        if not up:
-            return False
-        victim = self.rng.choice(up)
+        victim, self.victim = getattr(self, "victim", None), None  # mid-grading: the frozen replica
+        if victim is None:
+            up = [t for t in self.cl.teachers if t.up.is_set() and t.child.poll() is None]
+            if not up:
+                return False
+            victim = self.rng.choice(up)
         victim.kill()
         victim.restart_due = now + f.delay
         f.target = victim.name

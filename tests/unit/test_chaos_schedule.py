@@ -5,12 +5,14 @@
   steps where the next step starts right after the record;
 - the rollout-id check on hand-written metrics records: a clean run, a resumed step recorded twice, a lost call,
   a missing row, another seed;
-- the supervisor's reading of how long generating takes (when a mid-grading kill is due).
+- the supervisor's reading of how long generating takes, and how it sees a request held at a frozen replica
+  (a real socket that accepts and never reads).
 """
 
 from __future__ import annotations
 
 from chaos.checks import check_rollout_ids, parse_rollout_id
+from chaos.cluster import unread_requests
 from chaos.schedule import KINDS, make_schedule, phase_steps
 from chaos.supervisor import generation_s
 
@@ -59,21 +61,25 @@ def test_rollout_id_check():
     # two ranks; rank 1 has no conversation row at step 2 (its counter does not move)
     clean = [_step(1, 3, ["2-0-0-0", "2-0-0-1", "2-1-0-0"]), _step(2, 1, ["2-0-1-0"]),
              {"event": "eval", "step": 2}, _step(3, 2, ["2-0-2-0", "2-1-1-0"])]
-    assert check_rollout_ids(clean, 2) == ([], 6)
+    assert check_rollout_ids(clean, 2, ["qa"]) == ([], 6)
+    assert check_rollout_ids(clean, 2)[0][0] == "step 1: 3 rollout ids for 4 conversation rows"  # code's row too
     # a resumed step kept twice in the metrics: its rollouts trained on twice, rank 0's call 1 repeated
     twice = clean[:2] + [_step(2, 1, ["2-0-1-0"])] + clean[2:]
-    problems, _ = check_rollout_ids(twice, 2)
+    problems, _ = check_rollout_ids(twice, 2, ["qa"])
     assert any("2-0-1-0 trained on twice" in p for p in problems)
     assert any("rank 0: rollout calls [0, 1, 1, 2]" in p for p in problems)
     # a lost call: rank 0 resumed with a counter one ahead (call 2 never recorded)
     lost = clean[:1] + [_step(2, 1, ["2-0-2-0"]), _step(3, 2, ["2-0-3-0", "2-1-1-0"])]
-    problems, _ = check_rollout_ids(lost, 2)
+    problems, _ = check_rollout_ids(lost, 2, ["qa"])
     assert problems == ["rank 0: rollout calls [0, 2, 3] in step order (a gap: lost, a repeat: redone)"]
     # a conversation row without its rollout; a row index skipped; another seed; no record at all
-    assert check_rollout_ids([_step(1, 3, ["2-0-0-0", "2-1-0-0"])], 2)[0] == ["step 1: 2 rollout ids for 3 qa rows"]
-    assert check_rollout_ids([_step(1, 2, ["2-0-0-0", "2-0-0-2"])], 2)[0] == ["step 1: rank 0 call 0 has rows [0, 2]"]
-    assert check_rollout_ids([_step(1, 1, ["3-0-0-0"])], 2)[0] == ["step 1: rollout id '3-0-0-0' is not 2-rank-call-row"]
-    assert check_rollout_ids([{"event": "step", "step": 1, "rows": {}}], 2)[0] == ["step 1: no onpolicy.rollout_ids"]
+    def problems_of(records):
+        return check_rollout_ids(records, 2, ["qa"])[0]
+
+    assert problems_of([_step(1, 3, ["2-0-0-0", "2-1-0-0"])]) == ["step 1: 2 rollout ids for 3 conversation rows"]
+    assert problems_of([_step(1, 2, ["2-0-0-0", "2-0-0-2"])]) == ["step 1: rank 0 call 0 has rows [0, 2]"]
+    assert problems_of([_step(1, 1, ["3-0-0-0"])]) == ["step 1: rollout id '3-0-0-0' is not 2-rank-call-row"]
+    assert problems_of([{"event": "step", "step": 1, "rows": {}}]) == ["step 1: no onpolicy.rollout_ids"]
 
 
 def test_generation_time_of_a_step():
@@ -82,3 +88,23 @@ def test_generation_time_of_a_step():
                {"event": "step", "step": 2, "onpolicy": {"generation_s": 0.75}},  # a resumed attempt's
                {"event": "step", "step": 3, "onpolicy": {"rows": 0}}]  # rank 0 made no rollout at step 3
     assert [generation_s(records, s) for s in (0, 1, 2, 3, 4)] == [0.0, 0.5, 0.75, 0.75, 0.75]
+
+
+def test_unread_requests_sees_a_request_nobody_reads():
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)  # never accept()ed: as a SIGSTOPped server
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    try:
+        assert unread_requests(port) == 0  # connected, nothing sent
+        client.sendall(b"POST /v1/topk HTTP/1.1\r\n\r\n")
+        for _ in range(100):  # loopback delivers at once; a few ms at most
+            if unread_requests(port):
+                break
+        assert unread_requests(port) == 1
+    finally:
+        client.close()
+        server.close()
