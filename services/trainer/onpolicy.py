@@ -14,9 +14,10 @@
 Plus :func:`step_record` (what a step logs: generation / grading time, rollout tokens/s, mean completion
 length per domain, the engine's weight-version lag), the launch checks (:func:`check_on_policy`,
 :func:`prompt_domains`, :func:`check_rollout_length`) and the loop's part, :class:`OnPolicyStep` (which rows
-become rollouts, their backward, the loss weighting; ``loop.Trainer.train_step`` calls it). Pure: the layout,
-the loss, the record, :func:`pick_rows`, :func:`prompt_of`; I/O in :func:`rollout`, :func:`grade`,
-:class:`OnPolicyStep` and :func:`is_conversation_domain` (the first row of each of a domain's files).
+become rollouts, their backward, the loss weighting, the step's rollout ids of every worker;
+``loop.Trainer.train_step`` calls it). Pure: the layout, the loss, the record, :func:`pick_rows`,
+:func:`prompt_of`, :func:`step_rollout_ids`; I/O in :func:`rollout`, :func:`grade`, :class:`OnPolicyStep` and
+:func:`is_conversation_domain` (the first row of each of a domain's files).
 
 Layout of one row (prompt p_0..p_{P-1}, completion c_0..c_{n-1}; s = prompt + completion, L = P + n)::
 
