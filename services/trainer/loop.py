@@ -376,6 +376,20 @@ class _Throughput:
 # ----------------------------------------------------------------------------------------------------------
 # the loop
 
+
+def step_objective(dataset_loss: float, dataset_tokens: float, rollout_tokens: float, rollout_sum: float) -> float:
+    """An on-policy step's loss, what its gradient is the gradient of (ddk.trainer.onpolicy.OnPolicyStep): the
+    mean over the step's N dataset tokens (``dataset_loss``: CE + gamma D) and M rollout tokens (``rollout_sum``:
+    gamma M x the on-policy term, summed over the workers), ``(N dataset_loss + rollout_sum) / (N + M)``; without
+    dataset tokens the rollouts' mean alone, without rollouts the dataset loss."""
+    n, m = float(dataset_tokens), float(rollout_tokens)
+    if m <= 0:
+        return dataset_loss
+    if n <= 0:
+        return rollout_sum / m
+    return (n * dataset_loss + rollout_sum) / (n + m)
+
+
 class Trainer:
     """One rank of a distillation run: ``Trainer(job, ctx).fit()`` (the module docstring has the steps).
 
@@ -701,9 +715,11 @@ class Trainer:
         onp = None if self.onpolicy is None else self.onpolicy.backward(  # first: local gradients (its docstring)
             micro, self.raw_model, s.step, device, lambda: scale.autocast(device, self.precision), self.scaler)
         loss, ce, kl = self.backward(micro)
-        if onp is not None:  # the step's loss: the mean over dataset and rollout tokens
-            self.onpolicy.rescale(self.model.parameters(), *all_reduce_sum(
-                [onp["dataset_tokens"], onp["rollout_tokens"]], world, device))
+        onp_sums = None
+        if onp is not None:  # the step's loss: the mean over dataset and rollout tokens (N, M, gamma M x term)
+            onp_sums = all_reduce_sum([onp["dataset_tokens"], onp["rollout_tokens"],
+                                       cfg.kd.gamma * onp["rollout_tokens"] * onp.get("loss", 0.0)], world, device)
+            self.onpolicy.rescale(self.model.parameters(), onp_sums[0], onp_sums[1])
         if cfg.train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)  # fp16: clip the true gradient (a no-op otherwise)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
@@ -718,18 +734,19 @@ class Trainer:
             s.tokens[n] = s.tokens.get(n, 0.0) + float(sums[4 + i]) * cfg.data.seq_len
         dt = time.perf_counter() - t0
         self.throughput.add(self.tokens_per_step, dt, time.process_time() - c0, waited)
+        step_loss = sums[0] / world if onp_sums is None else step_objective(sums[0] / world, *onp_sums)
         if self.rank == 0:
             tps = self.tokens_per_step
-            self.writer.write({"event": "step", "step": s.step, "loss": sums[0] / world, "ce": sums[1] / world,
+            self.writer.write({"event": "step", "step": s.step, "loss": step_loss, "ce": sums[1] / world,
                                "kl": sums[2] / world, "lr": lr, "tokens": tps,
                                "tokens_per_s": tps / dt if dt > 0 else 0.0, "step_s": dt,
                                "teacher_wait_s": sums[3] / world, "version": self.mixture.version,
                                "weights": {n: self.mixture.weights[n] for n in self.names},
                                "rows": {n: int(sums[4 + i]) for i, n in enumerate(self.names)},
                                **self._mfu(tps, dt), **({"onpolicy": onp} if onp is not None else {})})
-            self.progress.progress(s.step, self.total, sums[0] / world, sums[1] / world, sums[2] / world,
+            self.progress.progress(s.step, self.total, step_loss, sums[1] / world, sums[2] / world,
                                      tps / dt if dt > 0 else None, force=is_eval_step(s.step, self.K, self.total))
-        return sums[0] / world
+        return step_loss
 
     def backward(self, micro: list) -> tuple[float, float, float]:
         """Forward and backward of each micro-batch of a step; the gradients add up to the gradient of the

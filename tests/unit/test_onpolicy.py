@@ -394,6 +394,15 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
                  "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}")
 
 
+def test_the_step_loss_is_the_mean_over_dataset_and_rollout_tokens():
+    from ddk.trainer.loop import step_objective
+
+    # N = 3 dataset tokens at 1.5, M = 1 rollout token whose gamma x term sums to 2.0: (3 x 1.5 + 2.0) / 4
+    assert step_objective(1.5, 3, 1, 2.0) == pytest.approx(1.625)
+    assert step_objective(0.0, 0, 4, 2.0) == pytest.approx(0.5)  # every row a rollout: their mean alone
+    assert step_objective(1.5, 3, 0, 0.0) == 1.5                  # no rollout: the dataset loss
+
+
 def test_pick_rows_takes_the_share_from_conversation_rows_in_order():
     from ddk.trainer.onpolicy import pick_rows
 
@@ -461,6 +470,9 @@ def test_loop_on_policy_zero_is_todays_run_and_on_policy_rows_train(kit, teacher
     assert not any("onpolicy" in r for r in zero)
     # half the rows are rollouts (conversation rows only): graded, trained, logged, the engine's counter saved
     out, half = _run(kit, root, teacher_url, "half", "kd.on_policy=0.5", "rollout.max_new_tokens=8")
+    import yaml
+
+    gamma = yaml.safe_load((kit / "train.yaml").read_text())["kd"]["gamma"]
     recs = [r for r in half if r["event"] == "step"]
     assert len(recs) == 3
     for r in recs:
@@ -470,6 +482,11 @@ def test_loop_on_policy_zero_is_todays_run_and_on_policy_rows_train(kit, teacher
         assert o["generation_s"] > 0 and o["grading_s"] > 0 and o["training_s"] > 0 and o["version_lag"] == 0
         assert o["rollout_tokens"] >= o["rows"] and math.isfinite(o["loss"]) and math.isfinite(r["loss"])
         assert r["rows"]["qa"] >= o["rows"]  # the rollouts are some of the step's conversation rows
+        # the step's loss is what its gradient is the gradient of: the mean over its N dataset tokens (CE + gamma
+        # KL) and M rollout tokens (gamma x the on-policy term), written out here from the record's own parts
+        n, m = o["dataset_tokens"], o["rollout_tokens"]
+        want = (n * (r["ce"] + gamma * r["kl"]) + gamma * m * o["loss"]) / (n + m)
+        assert r["loss"] == pytest.approx(want, rel=1e-5)
     assert [x[0] for x in steps[0]] != [r["loss"] for r in recs]  # the step's dataset loss lost those rows
     from ddk.trainer import checkpoint as ckpt
 
