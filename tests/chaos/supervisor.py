@@ -166,6 +166,11 @@ class Supervisor:
             self.res.timed_out = True
             self.say(f"  [{self.rel(now):7.1f}s] duration limit reached: stopping")
             return False
+        if self.cl.ray.poll() is not None:  # the schedule never kills the head: a head that exited ends the run now
+            self.res.timed_out = True        # (rather than the driver retrying the GCS until the duration limit)
+            self.say(f"  [{self.rel(now):7.1f}s] the Ray head exited ({self.cl.ray.returncode}): stopping; "
+                     f"{self.cl.ray.log_text()[-300:]!r}")
+            return False
         if not self.watch_driver(now):
             return False
         self.watch_services(now)
