@@ -9,7 +9,7 @@ demo: setup
 
 test:
 	bash scripts/setup.sh --test
-	DDK_REQUIRE_EVAL=1 .venv/bin/python -m pytest -q --durations=20 -n 2 --dist loadfile
+	DDK_REQUIRE_EVAL=1 .venv/bin/python -m pytest -q --durations=20 -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow"

@@ -59,7 +59,7 @@ def start_demo(out: Path, kit: Path, marker: str, steps: int) -> Proc:
 def test_demo_quick_end_to_end(kit, tmp_path):
     marker = uuid.uuid4().hex
     out = tmp_path / "demo"
-    proc = start_demo(out, kit, marker, steps=16)
+    proc = start_demo(out, kit, marker, steps=8)
     try:
         proc.wait(timeout=600)
     finally:
