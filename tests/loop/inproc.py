@@ -136,6 +136,17 @@ class Background:
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what}")
 
+    def seen_before(self, predicate, deadline: float) -> bool:
+        """Whether a metrics line matches ``predicate`` before ``deadline`` (``time.monotonic()``); fails if the
+        run ends first."""
+        while time.monotonic() < deadline:
+            if any(predicate(r) for r in self.lines()):
+                return True
+            if not self._thread.is_alive():
+                raise AssertionError(f"the run ended ({self.error!r}) while waiting")
+            time.sleep(0.1)
+        return any(predicate(r) for r in self.lines())
+
     def wait(self, timeout: float = TIMEOUT) -> dict:
         """The run's summary; re-raises what ended it."""
         self._thread.join(timeout)

@@ -130,20 +130,31 @@ def run_outage(kit: Path, logs: Path) -> dict:
         c.kill()
         events["controller_killed_after"] = max(steps_of(train.lines()), default=0)
         # The teacher dies before the feed asks for the window after step 16 (it prefetches at most 4 batches
-        # ahead, inside the window of the weights in force: steps 8..15 are fetched by now), so the run has to
-        # wait for it; in-process steps are fast enough that a later kill could find that window fetched too.
+        # ahead, inside the window of the weights in force), so the run has to wait for it; in-process steps are
+        # fast enough that a later kill could find that window fetched too.
         train.wait_for("step 15", lambda r: r["event"] == "step" and r["step"] >= 15)
         t.kill()
         killed = time.monotonic()
         events["teacher_killed_after"] = max(steps_of(train.lines()))
-        # K = 8 leaves room for the trainer's retries of the step-16 evaluation (steps 16, 17, 19, 23)
-        # before the final one at step 24 would replace it, however many batches were prefetched
-        train.wait_for("the evaluation of step 16 (controller down)",
-                       lambda r: r["event"] == "eval" and r["step"] == 16)
+        # Usually the run reaches the evaluation of step 16 on batches it fetched before the kill; under load the
+        # feed's fetch thread can lag the steps, and the run then waits for the teacher before that evaluation.
+        # Either way the teacher is back 10 s after it died, and the controller only once the evaluation of step 16
+        # was written while it was down. (K = 8 leaves room for the trainer's retries of that evaluation, at steps
+        # 16, 17, 19, 23, before the final one at step 24 would replace it.)
+        def evaluated_16(r):
+            return r["event"] == "eval" and r["step"] == 16
+
+        def teacher_back() -> None:  # 10 s after it died
+            time.sleep(max(0.0, killed + 10 - time.monotonic()))
+            t.start().wait_healthy()
+            events["teacher_down_s"] = time.monotonic() - killed
+
+        if not train.seen_before(evaluated_16, killed + 10):  # the run waits for the teacher first
+            teacher_back()
+            train.wait_for("the evaluation of step 16 (controller down)", evaluated_16)
         c.start().wait_healthy()  # the same SQLite file and port
-        time.sleep(max(0.0, killed + 10 - time.monotonic()))
-        t.start().wait_healthy()
-        events["teacher_down_s"] = time.monotonic() - killed
+        if "teacher_down_s" not in events:
+            teacher_back()
         summary = train.wait()
         history = httpx.get(f"{c.url}/v1/runs/faults-outage/history", timeout=10).json()["versions"]
     return {"summary": summary, "train": train, "lines": train.lines(), "history": history, "teacher": t.url, **events}
