@@ -193,7 +193,10 @@ class Supervisor:
             return True
         if rc == 0:
             res.rc = 0
-            return False
+            for f in self.fired:  # a killed driver's orphaned workers can write the run's last steps themselves
+                if f.kind == "driver" and f.recovered_at is None:  # (Ray ends them a moment later): its restart
+                    f.recovered_at = self.rel(now)  # then resumed, found every step done and exported, and the
+            return False                            # run recovered when it finished
         res.driver_unplanned += 1
         res.unplanned["driver"] += 1
         self.driver_due = now + 2.0
