@@ -79,6 +79,23 @@ class EvaluationIn(BaseModel):
     signal: Annotated[Any, WithJsonSchema({"type": "string", "enum": list(SIGNALS)})] = None
 
 
+_Seconds = Annotated[float | None, Field(ge=0)]
+
+
+class OnPolicyIn(BaseModel):
+    """An on-policy step's numbers (issue 28; rank 0's, the trainer's metrics.jsonl ``onpolicy``), every field
+    optional: seconds in generation, teacher grading and training the rollout rows, rollout tokens per second of
+    generation, the rollout engine's weight version lag (steps) and the mean completion length (tokens) per domain,
+    keyed by the run's domains (checked by the store, ``store.check_onpolicy``, which knows them)."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    generation_s: _Seconds = None
+    grading_s: _Seconds = None
+    training_s: _Seconds = None
+    rollout_tokens_per_s: _Seconds = None
+    version_lag: int | None = Field(default=None, strict=True, ge=0)
+    completion_len: dict[str, Annotated[float, Field(ge=0)]] | None = None
+
+
 class ProgressIn(BaseModel):
     """A trainer's progress report: the optimiser step reached, of ``total_steps``, and that step's numbers.
     The ranges are checked again by ``spec.check_progress`` (step <= total_steps, which a schema cannot say)."""
@@ -89,6 +106,7 @@ class ProgressIn(BaseModel):
     ce: float | None = None
     kl: float | None = None
     tokens_per_s: float | None = Field(default=None, ge=0)
+    onpolicy: OnPolicyIn | None = None  # an on-policy step's (kd.on_policy > 0); older trainers leave it out
 
 
 # -- answers ---------------------------------------------------------------------------------------------
@@ -102,8 +120,19 @@ WeightsOut = create_model(
 EvaluationOut = create_model("EvaluationOut", __base__=WeightsOut, warning=(str | None, None))
 
 
+class OnPolicyOut(BaseModel):
+    """The on-policy numbers as stored: the fields the report sent (null ones left out)."""
+    generation_s: float | None = None
+    grading_s: float | None = None
+    training_s: float | None = None
+    rollout_tokens_per_s: float | None = None
+    version_lag: int | None = None
+    completion_len: dict[str, float] | None = None
+
+
 class ProgressOut(BaseModel):
-    """The latest progress report of a run, with when the controller received it."""
+    """The latest progress report of a run, with when the controller received it; ``onpolicy`` only when the
+    report had it."""
     step: int
     total_steps: int
     loss: float | None
@@ -111,6 +140,7 @@ class ProgressOut(BaseModel):
     kl: float | None
     tokens_per_s: float | None
     updated_at: str
+    onpolicy: OnPolicyOut | None = None
 
 
 class LossPoint(BaseModel):
@@ -409,14 +439,18 @@ def _add_routes(app: FastAPI, store: Store, broker: Broker) -> None:
     def history(run_id: str):
         return {"versions": store.history(run_id)}
 
-    @app.post("/v1/runs/{run_id}/progress", response_model=ProgressOut,
+    # response_model_exclude_unset: ``onpolicy`` (and its fields) only where the store's answer has them
+    @app.post("/v1/runs/{run_id}/progress", response_model=ProgressOut, response_model_exclude_unset=True,
               responses={404: {"model": ErrorBody, "description": "Unknown run"}})
     async def post_progress(run_id: str, body: ProgressIn):
-        progress = await run_in_threadpool(store.add_progress, run_id, **body.model_dump())
+        report = body.model_dump()
+        if body.onpolicy is not None:  # the fields sent (the store checks them against the run's domains)
+            report["onpolicy"] = body.onpolicy.model_dump(exclude_none=True)
+        progress = await run_in_threadpool(store.add_progress, run_id, **report)
         broker.publish(None)
         return progress
 
-    @app.get("/v1/runs/{run_id}/progress", response_model=ProgressView,
+    @app.get("/v1/runs/{run_id}/progress", response_model=ProgressView, response_model_exclude_unset=True,
              responses={404: {"model": ErrorBody, "description": "Unknown run"}})
     def get_progress(run_id: str):
         return store.progress(run_id)

@@ -147,17 +147,23 @@ class ControllerClient:
                         "updated_at": v.get("created_at")}
         return self.get_weights(run_id)
 
-    def post_progress(self, run_id, step, total_steps, loss=None, ce=None, kl=None, tokens_per_s=None) -> dict:
+    def post_progress(self, run_id, step, total_steps, loss=None, ce=None, kl=None, tokens_per_s=None,
+                      onpolicy=None) -> dict:
         """Report a run's progress (the page's "step of total" and loss curve); returns the stored report.
-        Idempotent enough to retry: a repeated report for the same step replaces the first."""
+        ``onpolicy``: an on-policy step's numbers (``generation_s``, ``grading_s``, ``training_s``,
+        ``rollout_tokens_per_s``, ``version_lag``, ``completion_len`` {domain: tokens}), any of them; sent only
+        when given. Idempotent enough to retry: a repeated report for the same step replaces the first."""
         body = {"step": int(step), "total_steps": int(total_steps)}
         for name, v in (("loss", loss), ("ce", ce), ("kl", kl), ("tokens_per_s", tokens_per_s)):
             if v is not None:
                 body[name] = float(v)
+        if onpolicy is not None:
+            body["onpolicy"] = {k: v for k, v in onpolicy.items() if v is not None}
         return self._request("POST", f"/v1/runs/{run_id}/progress", body)
 
     def get_progress(self, run_id) -> dict:
-        """``{"latest": the last report or None, "points": [{"step", "loss", "ce", "kl"}, ...]}``."""
+        """``{"latest": the last report (with ``onpolicy`` when it had it) or None, "points": [{"step", "loss",
+        "ce", "kl"}, ...]}``."""
         return self._request("GET", f"/v1/runs/{run_id}/progress")
 
     def get_weights(self, run_id) -> WeightsVersion:

@@ -17,7 +17,8 @@ last evaluation (NULL: ``ratio``).
 Files written before those columns existed get them (NULL) when opened: see :data:`MIGRATIONS`.
 
 Besides the versions, each run may have a trainer's progress (the page's "step of total" and loss curve): the
-latest report in ``progress`` and a bounded loss history in ``loss_points``. At most :data:`LOSS_POINTS` points
+latest report in ``progress`` (with an on-policy step's numbers, ``onpolicy``, when it had them) and a bounded
+loss history in ``loss_points``. At most :data:`LOSS_POINTS` points
 are kept per run: when there would be more, every second one is dropped and the run's ``stride`` (the fewest
 steps between two kept points) doubles, so the curve keeps covering the whole run at an even spacing.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
@@ -81,7 +83,8 @@ CREATE TABLE IF NOT EXISTS progress (   -- the latest progress report of a run (
     tokens_per_s  REAL,
     stride        INTEGER NOT NULL,     -- fewest steps between two kept loss points (doubles on thinning)
     seq           INTEGER NOT NULL,     -- reports so far: what the all-runs event stream compares
-    updated_at    TEXT NOT NULL
+    updated_at    TEXT NOT NULL,
+    onpolicy      TEXT                  -- an on-policy step's numbers (JSON, check_onpolicy) or NULL
 );
 CREATE TABLE IF NOT EXISTS loss_points (  -- the loss curve, at most LOSS_POINTS rows per run
     run_id        TEXT NOT NULL REFERENCES runs(run_id),
@@ -105,9 +108,16 @@ MIGRATIONS = (
     ("versions", "warning", "TEXT"),
     ("runs", "signal", "TEXT"),
     ("versions", "signal", "TEXT"),
+    ("progress", "onpolicy", "TEXT"),
 )
 
 LOSS_POINTS = 1024  # loss points kept per run (a chart a few hundred pixels wide needs fewer)
+
+# An on-policy step's numbers in a progress report (issue 28; the trainer's metrics.jsonl ``onpolicy`` record, rank
+# 0's): seconds in generation, teacher grading and training the rollout rows, rollout tokens per second of
+# generation, the engine's weight version lag (steps), and the mean completion length (tokens) per domain.
+ONPOLICY_NUMBERS = ("generation_s", "grading_s", "training_s", "rollout_tokens_per_s")
+ONPOLICY_FIELDS = (*ONPOLICY_NUMBERS, "version_lag", "completion_len")
 
 
 class NotFound(LookupError):
@@ -120,6 +130,44 @@ class Conflict(Exception):
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _non_negative(name: str, v) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+        raise Invalid(f"{name}: must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
+def check_onpolicy(onpolicy, domains) -> dict | None:
+    """A progress report's ``onpolicy`` object: every field optional (:data:`ONPOLICY_FIELDS`), the numbers finite
+    and >= 0, ``version_lag`` an integer, ``completion_len`` keyed by the run's ``domains``. The plain record
+    without its null fields (None when nothing is left). Pure."""
+    if onpolicy is None:
+        return None
+    if not isinstance(onpolicy, Mapping):
+        raise Invalid(f"onpolicy: must be an object, got {onpolicy!r}")
+    unknown = sorted(set(onpolicy) - set(ONPOLICY_FIELDS))
+    if unknown:
+        raise Invalid(f"onpolicy.{unknown[0]}: unknown field (known: {', '.join(ONPOLICY_FIELDS)})")
+    out: dict = {}
+    for name in ONPOLICY_NUMBERS:
+        if onpolicy.get(name) is not None:
+            out[name] = _non_negative(f"onpolicy.{name}", onpolicy[name])
+    lag = onpolicy.get("version_lag")
+    if lag is not None:
+        if not isinstance(lag, int) or isinstance(lag, bool) or lag < 0:
+            raise Invalid(f"onpolicy.version_lag: must be an integer >= 0, got {lag!r}")
+        out["version_lag"] = lag
+    lengths = onpolicy.get("completion_len")
+    if lengths is not None:
+        if not isinstance(lengths, Mapping):
+            raise Invalid(f"onpolicy.completion_len: must be an object {{domain: tokens}}, got {lengths!r}")
+        for d in lengths:
+            if d not in domains:
+                raise Invalid(f"onpolicy.completion_len.{d}: not a domain of the run ({', '.join(domains)})")
+        out["completion_len"] = {d: _non_negative(f"onpolicy.completion_len.{d}", lengths[d]) for d in domains
+                                 if d in lengths}
+    return out or None
 
 
 def _loads(text: str | None):
@@ -321,8 +369,9 @@ class Store:
     # -- progress --------------------------------------------------------------------------------------
     def add_progress(self, run_id: str, step: int, total_steps: int, loss: float | None = None,
                      ce: float | None = None, kl: float | None = None,
-                     tokens_per_s: float | None = None) -> dict:
+                     tokens_per_s: float | None = None, onpolicy: Mapping | None = None) -> dict:
         """Record a trainer's progress report; return the progress object (:meth:`progress`'s ``latest``).
+        ``onpolicy``: an on-policy step's numbers (:func:`check_onpolicy`), kept with the latest report only.
 
         The latest report replaces the previous one. Its loss joins the curve when it is at least ``stride``
         steps after the last point (the last step of a run always does). A report for an earlier step than
@@ -331,8 +380,10 @@ class Store:
         """
         rec = check_progress(step, total_steps, loss, ce, kl, tokens_per_s)
         with self._write() as con:
-            if con.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+            run = con.execute("SELECT domains FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if run is None:
                 raise NotFound(f"run_id: no run {run_id!r}")
+            onp = check_onpolicy(onpolicy, json.loads(run["domains"]))
             prev = con.execute("SELECT stride, seq FROM progress WHERE run_id = ?", (run_id,)).fetchone()
             stride, seq = (prev["stride"], prev["seq"] + 1) if prev is not None else (1, 1)
             con.execute("DELETE FROM loss_points WHERE run_id = ? AND step > ?", (run_id, step))
@@ -350,13 +401,15 @@ class Store:
                         stride *= 2
             ts = now()
             con.execute(
-                "INSERT OR REPLACE INTO progress VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO progress (run_id, step, total_steps, loss, ce, kl, tokens_per_s, stride, "
+                "seq, updated_at, onpolicy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, step, total_steps, rec["loss"], rec["ce"], rec["kl"], rec["tokens_per_s"], stride, seq,
-                 ts))
-        return {**rec, "updated_at": ts}
+                 ts, None if onp is None else json.dumps(onp)))
+        return {**rec, "updated_at": ts, **({"onpolicy": onp} if onp is not None else {})}
 
     def progress(self, run_id: str) -> dict:
-        """``{"latest": progress object or None, "points": [{"step", "loss", "ce", "kl"}, ...]}`` in step order."""
+        """``{"latest": progress object or None, "points": [{"step", "loss", "ce", "kl"}, ...]}`` in step order;
+        the progress object has ``onpolicy`` when its report did."""
         con = self._connect()
         if con.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
             raise NotFound(f"run_id: no run {run_id!r}")
@@ -368,7 +421,10 @@ class Store:
         row = self._connect().execute("SELECT * FROM progress WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             return None
-        return {k: row[k] for k in ("step", "total_steps", "loss", "ce", "kl", "tokens_per_s", "updated_at")}
+        out = {k: row[k] for k in ("step", "total_steps", "loss", "ce", "kl", "tokens_per_s", "updated_at")}
+        if row["onpolicy"] is not None:  # an on-policy step's numbers, only when the report had them
+            out["onpolicy"] = json.loads(row["onpolicy"])
+        return out
 
     def status(self, run_id: str, weights: WeightsVersion | None = None, created_at: str | None = None) -> dict:
         """A run at a glance: ``{"state", "step", "total_steps", "loss", "tokens_per_s", "version",

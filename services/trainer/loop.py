@@ -323,6 +323,28 @@ def _finite_or_none(x: float | None) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
+def onpolicy_progress(rec: dict | None) -> dict | None:
+    """The progress report's ``onpolicy`` object from a step's on-policy record (ddk.trainer.onpolicy's, as
+    metrics.jsonl logs it): its ``ddk.controller.store.ONPOLICY_FIELDS``, non-finite numbers left out; None for
+    a step without rollouts (its record has no timings). Pure."""
+    from ddk.controller.store import ONPOLICY_FIELDS
+
+    if not rec or "generation_s" not in rec:
+        return None
+    out: dict = {}
+    for k in ONPOLICY_FIELDS:
+        v = rec.get(k)
+        if k == "completion_len":
+            v = {d: float(x) for d, x in (v or {}).items() if np.isfinite(x)} or None
+        elif k == "version_lag":
+            v = None if v is None else int(v)
+        else:
+            v = _finite_or_none(v)
+        if v is not None:
+            out[k] = v
+    return out
+
+
 class ProgressReporter:
     """Rank 0's progress reports (step of total, loss) for the controller's page, which never block or fail the
     run (the evaluations and the weights are the mixture sync's, ddk.trainer.mixture_sync)."""
@@ -337,9 +359,11 @@ class ProgressReporter:
         self._progress_at = -float("inf")
 
     def progress(self, step: int, total_steps: int, loss: float | None = None, ce: float | None = None,
-                 kl: float | None = None, tokens_per_s: float | None = None, force: bool = False) -> bool:
+                 kl: float | None = None, tokens_per_s: float | None = None, force: bool = False,
+                 onpolicy: dict | None = None) -> bool:
         """Report progress, at most every PROGRESS_EVERY_S seconds unless ``force`` (an evaluation step);
-        returns whether a report was handed to the background poster. Non-finite numbers go as null."""
+        returns whether a report was handed to the background poster. Non-finite numbers go as null.
+        ``onpolicy``: the step's on-policy numbers (:func:`onpolicy_progress`), sent when given."""
         if self._poster is None:
             return False
         now = time.monotonic()
@@ -348,7 +372,8 @@ class ProgressReporter:
         self._progress_at = now
         self._poster.offer({"step": int(step), "total_steps": int(total_steps), "loss": _finite_or_none(loss),
                             "ce": _finite_or_none(ce), "kl": _finite_or_none(kl),
-                            "tokens_per_s": _finite_or_none(tokens_per_s)})
+                            "tokens_per_s": _finite_or_none(tokens_per_s),
+                            **({"onpolicy": onpolicy} if onpolicy else {})})
         return True
 
     def close(self) -> None:
@@ -675,15 +700,17 @@ class Trainer:
         if s.teacher_loss is None:  # CPT without a teacher: ratios relative to the initial student
             s.teacher_loss = dict(student_loss)
         diagnostics = getattr(self, "diagnostics", None)
-        se = dict(ev.log_ratio_se) if ev is not None and ev.teacher_loss is not None else {}
+        se = dict(ev.log_ratio_se) if ev is not None and ev.teacher_loss is not None else {}  # the ratio's
         gap = self.gap_signal.measure(self.raw_model) if self.gap_signal is not None else None
-        if gap is not None:  # mixture.signal accuracy / onpolicy: its losses go to the controller (no ratio SE)
-            posted, se = (gap["student_loss"], gap["teacher_loss"], {"signal": gap["signal"]}), {}
+        if gap is not None:  # mixture.signal accuracy / onpolicy: its losses and log q's SEs go to the controller
+            gap_se = {d: v for d, v in ((d, _finite_or_none(v)) for d, v in gap["log_ratio_se"].items())
+                      if v is not None}  # a domain without one (one prompt) is left out, as the evaluator's
+            posted = (gap["student_loss"], gap["teacher_loss"], {"signal": gap["signal"]}, gap_se)
         else:
-            posted = (student_loss, s.teacher_loss, {})
+            posted = (student_loss, s.teacher_loss, {}, se)
         self.mixture.submit(s.step, posted[0], posted[1],
                                {n: float(s.tokens.get(n, 0.0)) for n in self.names}, diagnostics,
-                               **({"log_ratio_se": se} if se else {}), **posted[2])
+                               **({"log_ratio_se": posted[3]} if posted[3] else {}), **posted[2])
         answer = self.mixture.try_post(s.step)
         from ddk.trainer.xtok_teacher import eval_record
         if answer and answer.get("warning"):  # the controller: the gaps are within their standard errors
@@ -696,7 +723,7 @@ class Trainer:
                            **({"warning": answer["warning"]} if answer and answer.get("warning") else {}),
                            **({"eval_set": self._eval.fingerprint} if getattr(self, "_eval", None) else {}),
                            **({"diagnostics": diagnostics} if diagnostics else {}),
-                           **({"signal": gap} if gap is not None else {}),  # what was posted, and why
+                           **({"signal": gap} if gap is not None else {}),  # what was posted (its SEs), why
                            **eval_record(self, student_loss, s.teacher_loss)})  # cross-tokenizer: unit, bits/byte
 
     def train_step(self) -> float:
@@ -745,7 +772,8 @@ class Trainer:
                                "rows": {n: int(sums[4 + i]) for i, n in enumerate(self.names)},
                                **self._mfu(tps, dt), **({"onpolicy": onp} if onp is not None else {})})
             self.progress.progress(s.step, self.total, step_loss, sums[1] / world, sums[2] / world,
-                                     tps / dt if dt > 0 else None, force=is_eval_step(s.step, self.K, self.total))
+                                     tps / dt if dt > 0 else None, force=is_eval_step(s.step, self.K, self.total),
+                                     onpolicy=onpolicy_progress(onp))  # rank 0's generation, grading, lag...
         return step_loss
 
     def backward(self, micro: list) -> tuple[float, float, float]:
