@@ -545,6 +545,54 @@ def test_bad_progress_is_422_naming_the_field(http, client, server, body, field)
     assert client.get_progress(run)["latest"] is None
 
 
+ONPOLICY = {"generation_s": 3.0, "grading_s": 1.5, "training_s": 0.5, "rollout_tokens_per_s": 42.5,
+            "version_lag": 1, "completion_len": {"code": 12.5, "legal": 7}}
+
+
+def test_onpolicy_numbers_ride_along_with_the_latest_progress(http, client, server):
+    """An on-policy step's numbers (issue 28): optional, stored with the latest report and returned by GET; a report
+    without them (an older trainer, a step without rollouts) has none, and the answers keep their old keys."""
+    run = new_run(client)
+    old = client.post_progress(run, 1, 40, loss=4.0)
+    assert "onpolicy" not in old and "onpolicy" not in client.get_progress(run)["latest"]
+    p = client.post_progress(run, 2, 40, loss=3.5, onpolicy=ONPOLICY)
+    want = {**ONPOLICY, "completion_len": {"code": 12.5, "legal": 7.0}}
+    assert p["onpolicy"] == want and p["step"] == 2
+    got = client.get_progress(run)
+    assert got["latest"]["onpolicy"] == want
+    assert got["points"] == [{"step": 1, "loss": 4.0, "ce": None, "kl": None},
+                             {"step": 2, "loss": 3.5, "ce": None, "kl": None}]
+    r = http.post(f"{server}/v1/runs/{run}/progress", json={"step": 3, "total_steps": 40,
+                                                           "onpolicy": {"grading_s": 0.25}})  # any subset
+    assert r.status_code == 200 and r.json()["onpolicy"] == {"grading_s": 0.25}
+    client.post_progress(run, 4, 40, loss=3.0)  # the latest report replaces the previous one, numbers and all
+    assert "onpolicy" not in client.get_progress(run)["latest"]
+
+
+@pytest.mark.parametrize("onpolicy, field", [
+    ({"generation_s": -1.0}, "onpolicy.generation_s"),
+    ({"grading_s": "slow"}, "onpolicy.grading_s"),
+    ('{"training_s": Infinity}', "onpolicy.training_s"),
+    ({"rollout_tokens_per_s": -0.5}, "onpolicy.rollout_tokens_per_s"),
+    ({"version_lag": 1.5}, "onpolicy.version_lag"),
+    ({"version_lag": -1}, "onpolicy.version_lag"),
+    ({"completion_len": {"code": -3}}, "onpolicy.completion_len.code"),
+    ('{"completion_len": {"code": NaN}}', "onpolicy.completion_len.code"),
+    ({"completion_len": {"poetry": 3}}, "onpolicy.completion_len.poetry"),  # not one of the run's domains
+    ({"completion_len": [3]}, "onpolicy.completion_len"),
+    ({"lag": 0}, "onpolicy.lag"),
+    ([1.0], "onpolicy"),
+])
+def test_bad_onpolicy_numbers_are_422_naming_the_field(http, client, server, onpolicy, field):
+    run = new_run(client)
+    inner = onpolicy if isinstance(onpolicy, str) else json.dumps(onpolicy)
+    text = f'{{"step": 1, "total_steps": 10, "loss": 1.0, "onpolicy": {inner}}}'
+    r = http.post(f"{server}/v1/runs/{run}/progress", content=text, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].split(":")[0] == field, r.json()
+    assert client.get_progress(run) == {"latest": None, "points": []}  # refused: nothing stored
+
+
 def test_progress_of_an_unknown_run_is_404(http, server):
     r = http.post(f"{server}/v1/runs/nope/progress", json={"step": 1, "total_steps": 2})
     assert r.status_code == 404 and "nope" in r.json()["detail"]
@@ -780,6 +828,11 @@ def test_page_shows_the_runs_and_their_domains(http, client, server, tmp_path):
         "log_ratio_se": {"code_domain": 0.9, "prose_domain": 0.6}})
     assert answer.json()["warning"] == "the mixture is steering by noise; raise eval tokens", answer.text
     assert run["run_id"] == "page-run"
+    # an on-policy step: 3 s generation, 1.5 s grading, 0.5 s training -> 60 / 30 / 10 % of the 5 s
+    http.post(server + "/v1/runs/page-run/progress", json={
+        "step": 4, "total_steps": 40, "loss": 2.0, "onpolicy": {
+            "generation_s": 3.0, "grading_s": 1.5, "training_s": 0.5, "rollout_tokens_per_s": 42.5,
+            "version_lag": 1, "completion_len": {"code_domain": 12.5, "legal_domain": 7}}}).raise_for_status()
     client.create_run("page-acc", ["code_domain"], interval_steps=10)  # an accuracy-signal run: its own label
     client.post_evaluation("page-acc", 0, {"code_domain": 1.0}, {"code_domain": 0.0}, signal="accuracy")
     r = http.get(server + "/")
@@ -810,6 +863,19 @@ def test_page_shows_the_runs_and_their_domains(http, client, server, tmp_path):
         label = "document.querySelector('#run-%s .gap thead th.gap-label').textContent"
         assert page.js(label % "page-run") == SIGNAL_LABELS["ratio"] == "PPL_S/PPL_T"
         assert page.js(label % "page-acc") == SIGNAL_LABELS["accuracy"]
+        # the on-policy step: the split of its time, rollout tokens/s, lag, completion lengths (none for prose)
+        page.wait_for("document.querySelector('#run-page-run .onpolicy-wrap') !== null")
+        phases = page.js("Object.fromEntries([...document.querySelectorAll('#run-page-run .phases tbody tr')]"
+                         ".map(tr => [tr.dataset.phase, [...tr.querySelectorAll('td.num')].map(td => td.textContent)]))")
+        assert phases == {"generation": ["3.00", "60.0%"], "grading": ["1.50", "30.0%"], "training": ["0.50", "10.0%"]}
+        widths = page.js("[...document.querySelectorAll('#run-page-run .split > span')].map(e => e.style.width)")
+        assert widths == ["60%", "30%", "10%"]  # the stacked bar, in the same shares
+        assert page.js(_text("#run-page-run .onpolicy-wrap .rollout-tps")) == "rollout 42.5 tokens/s"
+        assert page.js(_text("#run-page-run .onpolicy-wrap .lag")) == "1"
+        lengths = page.js("Object.fromEntries([...document.querySelectorAll('#run-page-run .completion tbody tr')]"
+                          ".map(tr => [tr.dataset.domain, tr.querySelector('td.length').textContent]))")
+        assert lengths == {"code_domain": "12.5", "legal_domain": "7.0"}
+        assert page.js("document.querySelector('#run-page-acc .onpolicy-wrap')") is None  # no on-policy numbers
     finally:
         page.close()
 
