@@ -459,7 +459,8 @@ def _run(kit, root, teacher_url, name, *sets, fault_at: list[int] | None = None)
 
 
 @pytest.mark.slow
-def test_loop_on_policy_zero_is_todays_run_and_on_policy_rows_train(kit, teacher_url, chat_run_setup):
+def test_loop_on_policy_zero_is_todays_run_and_on_policy_rows_train(kit, teacher_url, controller_url,
+                                                                     chat_run_setup):
     root = chat_run_setup
     _, base = _run(kit, root, teacher_url, "base")
     # kd.on_policy 0 with every other rollout key changed: the same losses, bit for bit, and no on-policy record
@@ -468,8 +469,10 @@ def test_loop_on_policy_zero_is_todays_run_and_on_policy_rows_train(kit, teacher
     steps = [[(r["loss"], r["ce"], r["kl"]) for r in rs if r["event"] == "step"] for rs in (base, zero)]
     assert len(steps[0]) == 3 and steps[0] == steps[1]
     assert not any("onpolicy" in r for r in zero)
-    # half the rows are rollouts (conversation rows only): graded, trained, logged, the engine's counter saved
-    out, half = _run(kit, root, teacher_url, "half", "kd.on_policy=0.5", "rollout.max_new_tokens=8")
+    # half the rows are rollouts (conversation rows only): graded, trained, logged, the engine's counter saved,
+    # reported to the controller (the session's real one)
+    out, half = _run(kit, root, teacher_url, "half", "kd.on_policy=0.5", "rollout.max_new_tokens=8",
+                     f"controller.url={controller_url}", "run_id=onpolicy-half")
     import yaml
 
     gamma = yaml.safe_load((kit / "train.yaml").read_text())["kd"]["gamma"]
@@ -488,6 +491,15 @@ def test_loop_on_policy_zero_is_todays_run_and_on_policy_rows_train(kit, teacher
         want = (n * (r["ce"] + gamma * r["kl"]) + gamma * m * o["loss"]) / (n + m)
         assert r["loss"] == pytest.approx(want, rel=1e-5)
     assert [x[0] for x in steps[0]] != [r["loss"] for r in recs]  # the step's dataset loss lost those rows
+    # the controller's page gets the last step's on-policy numbers with its progress: metrics.jsonl's, as logged
+    from ddk.controller.client import ControllerClient
+
+    with ControllerClient(controller_url) as c:
+        latest = c.get_progress("onpolicy-half")["latest"]
+    o = recs[-1]["onpolicy"]
+    assert latest["step"] == 3 and latest["onpolicy"] == {
+        k: o[k] for k in ("generation_s", "grading_s", "training_s", "rollout_tokens_per_s", "version_lag",
+                          "completion_len")}
     from ddk.trainer import checkpoint as ckpt
 
     folders = sorted((out / "checkpoints").glob("step-*"))  # LocalContext's checkpoints
