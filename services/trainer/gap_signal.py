@@ -30,7 +30,22 @@ as they are.
   student's entropy, its floor. (The other assignment, student_loss = mean -log p_S, would give exp of the
   *negative* reverse KL, 1 / q: a student far from the teacher would look ahead of it.)
 
-Pure: :func:`accuracy_eps`, :func:`accuracy_losses`, :func:`onpolicy_losses`.
+**Error bars** (issue 24 for these signals; posted as ``log_ratio_se``, so the controller's "steering by noise"
+warning and ``gap_estimate: shrunk`` work as for ``ratio``), the standard error of log q per domain:
+
+- ``onpolicy``: log q = sum_i d_i / sum_i n_i with, per completion i, d_i = its sum of (log p_S - log p_T) and
+  n_i its tokens: the ratio of sums of :func:`ddk.data.evalset.log_ratio_se` with each completion a group
+  (``S_i`` = sum of -log p_T, ``T_i`` = sum of -log p_S): SE = sqrt(m / (m - 1) sum_i (d_i - R n_i)^2) / sum_i n_i
+  over the domain's m completions. None for one completion (no spread to measure) or no tokens.
+- ``accuracy``: per prompt i the outcomes (x_S,i, x_T,i) in {0, 1}^2 of the same n prompts (paired). With
+  a_S, a_T the accuracies, the delta method linearises log q = log(a_T + eps) - log(a_S + eps) (eps = 1 / (2n),
+  fixed by n) into the mean of z_i = x_T,i / (a_T + eps) - x_S,i / (a_S + eps), so
+  Var(log q) = Var(z) / n = [s_T^2 / (a_T + eps)^2 + s_S^2 / (a_S + eps)^2 - 2 c_ST / ((a_T + eps)(a_S + eps))] / n
+  with the sample variances and covariance (n - 1 in the denominator):
+  SE = sqrt(sum_i (z_i - mean z)^2 / (n (n - 1))). None for n = 1; 0 when every prompt has the same outcome pair
+  (all right on both sides, say: the binomial delta method sees no spread).
+
+Pure: :func:`accuracy_eps`, :func:`accuracy_log_ratio_se`, :func:`accuracy_losses`, :func:`onpolicy_losses`.
 The launch check :func:`check_signal` (every domain judged / conversational: exit 2 naming the domains) runs before
 Ray starts; :class:`GapSignal` is what rank 0's Trainer calls at an evaluation.
 
@@ -45,6 +60,8 @@ import logging
 import math
 import time
 from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
 
 from ddk.data.tasks import TaskPrompt, fit_prompt, judge, render_prompt, stop_ids, task_prompts
 from ddk.errors import UsageError
@@ -62,41 +79,62 @@ def accuracy_eps(n: int) -> float:
     return 1.0 / (2 * int(n))
 
 
-def accuracy_losses(student: Mapping[str, tuple[int, int]], teacher: Mapping[str, tuple[int, int]],
-                    ) -> tuple[dict[str, float], dict[str, float]]:
-    """``(student_loss, teacher_loss)`` per domain from ``{domain: (correct, total)}`` of both on the same
-    prompts: ``-log((correct / total + eps) / (1 + eps))``, ``eps = 1 / (2 total)``; >= 0, 0 for all right."""
-    s_loss, t_loss = {}, {}
-    for d, (c, n) in student.items():
-        tc, tn = teacher[d]
-        if tn != n:
-            raise ValueError(f"domain {d}: student judged on {n} prompts, teacher on {tn}; need the same prompts")
+def accuracy_log_ratio_se(student: Sequence[int], teacher: Sequence[int]) -> float | None:
+    """Standard error of ``log q = log(acc_T + eps) - log(acc_S + eps)`` (``eps = 1 / (2n)``) from the per-prompt
+    outcomes of both on the same ``n`` prompts, in the same order (1 right, 0 wrong): the delta method over prompts
+    with the pairing (module docstring). None for fewer than 2 prompts (no spread to measure)."""
+    x_s, x_t = (np.asarray(x, dtype=np.float64) for x in (student, teacher))
+    if x_s.shape != x_t.shape or x_s.ndim != 1:
+        raise ValueError(f"student judged on {x_s.shape} prompts, teacher on {x_t.shape}; need the same prompts")
+    if not np.isin(x_s, (0.0, 1.0)).all() or not np.isin(x_t, (0.0, 1.0)).all():
+        raise ValueError("per-prompt outcomes must be 0 (wrong) or 1 (right)")
+    n = len(x_s)
+    if n < 2:
+        return None
+    eps = accuracy_eps(n)
+    z = x_t / (x_t.mean() + eps) - x_s / (x_s.mean() + eps)  # each prompt's term of the linearised log q
+    return float(math.sqrt(float(np.sum((z - z.mean()) ** 2)) / (n * (n - 1))))
+
+
+def accuracy_losses(student: Mapping[str, Sequence[int]], teacher: Mapping[str, Sequence[int]],
+                    ) -> tuple[dict[str, float], dict[str, float], dict[str, float | None]]:
+    """``(student_loss, teacher_loss, log_ratio_se)`` per domain from the per-prompt outcomes (1 right, 0 wrong) of
+    both on the same prompts: ``-log((correct / total + eps) / (1 + eps))``, ``eps = 1 / (2 total)``, >= 0 and 0
+    for all right; the SE of log q by :func:`accuracy_log_ratio_se` (None for one prompt)."""
+    s_loss, t_loss, se = {}, {}, {}
+    for d, s in student.items():
+        s, t = list(s), list(teacher[d])
+        n = len(s)
+        if len(t) != n:
+            raise ValueError(f"domain {d}: student judged on {n} prompts, teacher on {len(t)}; need the same prompts")
         eps = accuracy_eps(n)
-        s_loss[d] = max(0.0, math.log1p(eps) - math.log(c / n + eps))
-        t_loss[d] = max(0.0, math.log1p(eps) - math.log(tc / n + eps))
-    return s_loss, t_loss
+        s_loss[d] = max(0.0, math.log1p(eps) - math.log(sum(s) / n + eps))
+        t_loss[d] = max(0.0, math.log1p(eps) - math.log(sum(t) / n + eps))
+        se[d] = accuracy_log_ratio_se(s, t)
+    return s_loss, t_loss, se
 
 
 def onpolicy_losses(rows: Iterable[tuple[str, Sequence[float], Sequence[float]]],
-                    ) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:
-    """``(student_loss, teacher_loss, tokens)`` per domain from ``(domain, student logprobs, teacher logprobs)`` of
-    each completion: ``student_loss`` the mean of ``-log p_T`` and ``teacher_loss`` the mean of ``-log p_S`` over the
-    domain's completion tokens (token-weighted), so that ``exp(student_loss - teacher_loss)`` is
-    :func:`ddk.trainer.onpolicy_loss.onpolicy_gap`'s q (module docstring). A domain without completion tokens gets
-    0 and 0 (q = 1: no evidence of a gap)."""
-    s_sum: dict[str, float] = {}
-    t_sum: dict[str, float] = {}
-    count: dict[str, int] = {}
+                    ) -> tuple[dict[str, float], dict[str, float], dict[str, int], dict[str, float | None]]:
+    """``(student_loss, teacher_loss, tokens, log_ratio_se)`` per domain from ``(domain, student logprobs, teacher
+    logprobs)`` of each completion: ``student_loss`` the mean of ``-log p_T`` and ``teacher_loss`` the mean of
+    ``-log p_S`` over the domain's completion tokens (token-weighted), so that ``exp(student_loss - teacher_loss)``
+    is :func:`ddk.trainer.onpolicy_loss.onpolicy_gap`'s q (module docstring). A domain without completion tokens gets
+    0 and 0 (q = 1: no evidence of a gap). The SE of log q: each completion a group, by
+    :func:`ddk.data.evalset.log_ratio_se` (None for one completion or no tokens)."""
+    from ddk.data.evalset import log_ratio_se
+
+    groups: dict[str, list[tuple[float, float, int]]] = {}  # per completion: sum -log p_T, sum -log p_S, tokens
     for d, s, t in rows:
         if len(s) != len(t):
             raise ValueError(f"domain {d}: {len(s)} student and {len(t)} teacher log-probabilities")
-        s_sum[d] = s_sum.get(d, 0.0) - math.fsum(float(x) for x in s)
-        t_sum[d] = t_sum.get(d, 0.0) - math.fsum(float(x) for x in t)
-        count[d] = count.get(d, 0) + len(s)
+        groups.setdefault(d, []).append((-math.fsum(float(x) for x in t), -math.fsum(float(x) for x in s), len(s)))
+    count = {d: sum(g[2] for g in gs) for d, gs in groups.items()}
     # the student side: the teacher's cross-entropy on the student's tokens; the teacher side: the student's own
-    s_loss = {d: t_sum[d] / count[d] if count[d] else 0.0 for d in count}
-    t_loss = {d: s_sum[d] / count[d] if count[d] else 0.0 for d in count}
-    return s_loss, t_loss, count
+    s_loss = {d: math.fsum(g[0] for g in gs) / count[d] if count[d] else 0.0 for d, gs in groups.items()}
+    t_loss = {d: math.fsum(g[1] for g in gs) / count[d] if count[d] else 0.0 for d, gs in groups.items()}
+    se = {d: log_ratio_se(*np.asarray(gs, dtype=np.float64).T) for d, gs in groups.items()}
+    return s_loss, t_loss, count, se
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,7 +205,7 @@ class GapSignal:
         self.specs = {s.name: s for s in load_domain_specs(cfg.data.source())}
         self.max_new = int(cfg.rollout.max_new_tokens)
         self.prompts: dict[str, list[tuple[list[int], TaskPrompt]]] | None = None
-        self.teacher_correct: dict[str, int] | None = None
+        self.teacher_right: dict[str, list[int]] | None = None  # per domain, per prompt: 1 right, 0 wrong
         self._grader = None
 
     def _prompts(self, model) -> dict[str, list[tuple[list[int], TaskPrompt]]]:
@@ -185,8 +223,9 @@ class GapSignal:
         return list(routes.get(domain) or self.cfg.teacher.urls or self.cfg.teacher.all_urls())
 
     def measure(self, model) -> dict[str, Any]:
-        """The evaluation's record: ``signal``, ``student_loss``, ``teacher_loss``, ``q`` and the numbers behind them
-        (``accuracy`` per domain, or completion ``tokens`` per domain), ``seconds``."""
+        """The evaluation's record: ``signal``, ``student_loss``, ``teacher_loss``, ``q``, ``log_ratio_se`` (per
+        domain the SE of log q, None where there is none) and the numbers behind them (``accuracy`` per domain, or
+        completion ``tokens`` per domain), ``seconds``."""
         t0 = time.perf_counter()
         rec = self._accuracy(model) if self.signal == "accuracy" else self._onpolicy(model)
         from ddk.vocab import ratio
@@ -201,24 +240,30 @@ class GapSignal:
 
         prompts, stops = self._prompts(model), stop_ids(self.tokenizer, model_stop_ids(model))
         batch = int(self.cfg.eval.batch_size)
-        teacher_correct = self.teacher_correct if self.teacher_correct is not None else {}
-        student, teacher, acc = {}, {}, {}
+        teacher_right = self.teacher_right if self.teacher_right is not None else {}
+        student, acc = {}, {}
         for d, items in prompts.items():
             ids, asked = [x for x, _ in items], [p for _, p in items]
             outs = greedy_generate(model, ids, self.max_new, stops, self.tokenizer.pad_token_id, batch)
-            right = judge(self.specs[d].task, asked, [self.tokenizer.decode(o[0], skip_special_tokens=True)
-                                                     for o in outs])
-            if d not in teacher_correct:
-                t_outs = teacher_generate(self._urls(d), ids, self.max_new, stops, self.token)
-                teacher_correct[d] = judge(self.specs[d].task, asked, [
-                    self.tokenizer.decode(o[0], skip_special_tokens=True) for o in t_outs])
-            n = len(items)
-            student[d], teacher[d] = (right, n), (teacher_correct[d], n)
-            acc[d] = {"student": right / n, "teacher": teacher_correct[d] / n, "correct": right,
-                      "teacher_correct": teacher_correct[d], "total": n, "eps": accuracy_eps(n)}
-        self.teacher_correct = teacher_correct
-        s_loss, t_loss = accuracy_losses(student, teacher)
-        return {"signal": "accuracy", "student_loss": s_loss, "teacher_loss": t_loss, "accuracy": acc}
+            student[d] = self._judged(d, asked, outs)
+            if d not in teacher_right:
+                teacher_right[d] = self._judged(d, asked, teacher_generate(self._urls(d), ids, self.max_new, stops,
+                                                                           self.token))
+            n, right, t_right = len(items), sum(student[d]), sum(teacher_right[d])
+            acc[d] = {"student": right / n, "teacher": t_right / n, "correct": right,
+                      "teacher_correct": t_right, "total": n, "eps": accuracy_eps(n)}
+        self.teacher_right = teacher_right
+        s_loss, t_loss, se = accuracy_losses(student, {d: teacher_right[d] for d in student})
+        return {"signal": "accuracy", "student_loss": s_loss, "teacher_loss": t_loss, "log_ratio_se": se,
+                "accuracy": acc}
+
+    def _judged(self, domain: str, asked: list[TaskPrompt], outs: list[tuple[list[int], str]]) -> list[int]:
+        """Per prompt 1 (the domain's checker accepts the decoded answer) or 0: :func:`ddk.data.tasks.judge` of
+        each answer alone, in order (the pairing of student and teacher is by prompt)."""
+        answers = [self.tokenizer.decode(o[0], skip_special_tokens=True) for o in outs]
+        if len(answers) != len(asked):
+            raise ValueError(f"{len(asked)} prompts but {len(answers)} answers")
+        return [judge(self.specs[domain].task, [p], [a]) for p, a in zip(asked, answers)]
 
     def _onpolicy(self, model) -> dict[str, Any]:
         import torch
@@ -252,9 +297,9 @@ class GapSignal:
                     rows.append((names[a + i], lp[i][m].tolist(), batch.teacher_token_logprobs[i][m].tolist()))
         finally:
             model.train(was_training)
-        s_loss, t_loss, tokens = onpolicy_losses(rows)
-        return {"signal": "onpolicy", "student_loss": s_loss, "teacher_loss": t_loss, "tokens": tokens,
-                "generation_s": got.seconds, "grading_s": graded.seconds}
+        s_loss, t_loss, tokens, se = onpolicy_losses(rows)
+        return {"signal": "onpolicy", "student_loss": s_loss, "teacher_loss": t_loss, "log_ratio_se": se,
+                "tokens": tokens, "generation_s": got.seconds, "grading_s": graded.seconds}
 
     def close(self) -> None:
         close = getattr(self._grader, "close", None)

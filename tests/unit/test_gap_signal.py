@@ -1,5 +1,6 @@
 """mixture.signal (issues 27 item 4, 28 item 5): the accuracy and on-policy gaps mapped onto the controller's
-losses, checked against hand computations from the definitions; the config and launch refusals (exit 2 naming the
+losses, checked against hand computations from the definitions; their standard errors of log q (issue 24 for these
+signals) against numpy references of the textbook delta method; the config and launch refusals (exit 2 naming the
 key and the domains, before Ray)."""
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ import io
 import json
 import math
 
+import numpy as np
 import pytest
 
 from ddk.errors import UsageError
-from ddk.trainer.gap_signal import accuracy_eps, accuracy_losses, check_signal, onpolicy_losses
+from ddk.trainer.gap_signal import (accuracy_eps, accuracy_log_ratio_se, accuracy_losses, check_signal,
+                                    onpolicy_losses)
 from ddk.trainer.onpolicy_loss import onpolicy_gap
 from ddk.vocab import SIGNAL_LABELS, SIGNALS, ratio
 
@@ -36,7 +39,10 @@ def test_accuracy_eps_is_half_a_prompt():
     ((5, 10), (9, 10), (0.9 + 0.05) / (0.5 + 0.05)),
 ])
 def test_accuracies_map_onto_losses_whose_ratio_is_the_accuracy_gap(student, teacher, q):
-    s, t = accuracy_losses({"d": student}, {"d": teacher})
+    def outcomes(right_total):  # the per-prompt outcomes of a count: the first `right` prompts right
+        return [1] * right_total[0] + [0] * (right_total[1] - right_total[0])
+
+    s, t, _ = accuracy_losses({"d": outcomes(student)}, {"d": outcomes(teacher)})
     assert ratio(s, t)["d"] == pytest.approx(q, rel=1e-12)
     assert s["d"] >= 0 and t["d"] >= 0  # the controller takes losses >= 0
     n = student[1]
@@ -47,12 +53,12 @@ def test_accuracies_map_onto_losses_whose_ratio_is_the_accuracy_gap(student, tea
 
 def test_accuracy_needs_the_same_prompts_for_both():
     with pytest.raises(ValueError, match="same prompts"):
-        accuracy_losses({"d": (1, 4)}, {"d": (1, 5)})
+        accuracy_losses({"d": [1, 0, 0, 0]}, {"d": [1, 0, 0, 0, 0]})
 
 
 def test_onpolicy_losses_give_the_exponentiated_reverse_kl_by_hand():
     rows = [("a", [-1.0, -2.0], [-0.5, -1.0]), ("a", [-3.0], [-1.0]), ("b", [-0.25], [-0.75])]
-    s, t, tokens = onpolicy_losses(rows)
+    s, t, tokens, _ = onpolicy_losses(rows)
     # a: three completion tokens; the student side is the teacher's mean -log p_T = (0.5 + 1 + 1) / 3, the
     # teacher side the student's mean -log p_S = (1 + 2 + 3) / 3 (KL(S || T) = CE(S, T) - H(S))
     assert tokens == {"a": 3, "b": 1}
@@ -64,10 +70,100 @@ def test_onpolicy_losses_give_the_exponentiated_reverse_kl_by_hand():
 
 
 def test_onpolicy_domain_without_completion_tokens_has_no_gap():
-    s, t, tokens = onpolicy_losses([("a", [], [])])
-    assert tokens == {"a": 0} and ratio(s, t) == {"a": 1.0}
+    s, t, tokens, se = onpolicy_losses([("a", [], [])])
+    assert tokens == {"a": 0} and ratio(s, t) == {"a": 1.0} and se == {"a": None}
     with pytest.raises(ValueError):
         onpolicy_losses([("a", [-1.0], [])])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the standard errors of log q (references: the textbook delta method, written out with numpy)
+
+
+def _accuracy_se_reference(x_s, x_t) -> float:
+    """The multivariate delta method for g(a_S, a_T) = log(a_T + eps) - log(a_S + eps) at the sample means of the
+    paired outcomes: Var(g) = grad' Sigma grad, Sigma the covariance matrix of the two means (the sample covariance
+    matrix of the pairs over n, n - 1 in its denominator), eps = 1 / (2n)."""
+    x = np.vstack([np.asarray(x_s, float), np.asarray(x_t, float)])
+    n = x.shape[1]
+    eps = 1 / (2 * n)
+    a_s, a_t = x.mean(axis=1)
+    grad = np.array([-1 / (a_s + eps), 1 / (a_t + eps)])
+    sigma = np.cov(x, ddof=1) / n
+    return math.sqrt(grad @ sigma @ grad)
+
+
+@pytest.mark.parametrize("x_s, x_t", [
+    ([0, 0, 1], [1, 1, 0]),                      # disagreeing on every prompt: negative covariance
+    ([1, 0, 1, 0, 1, 1], [1, 0, 1, 1, 1, 1]),    # agreeing mostly: the pairing shrinks the SE
+    ([0, 0, 0, 1, 0, 0, 1, 0], [1, 1, 1, 1, 0, 1, 1, 1]),
+    ([0, 1], [1, 1]),
+])
+def test_accuracy_se_is_the_paired_delta_method(x_s, x_t):
+    got = accuracy_log_ratio_se(x_s, x_t)
+    assert got == pytest.approx(_accuracy_se_reference(x_s, x_t), rel=1e-12) and got > 0
+    s, t, se = accuracy_losses({"d": x_s}, {"d": x_t})
+    assert se == {"d": got}
+
+
+def test_accuracy_se_uses_the_pairing():
+    # the same accuracies (1/2 and 3/4 of 4), paired differently: the student's right answers among the teacher's
+    # (positive covariance) give a smaller SE than the two disjoint (negative covariance)
+    together = accuracy_log_ratio_se([1, 1, 0, 0], [1, 1, 1, 0])
+    apart = accuracy_log_ratio_se([1, 1, 0, 0], [0, 1, 1, 1])
+    assert together < apart
+    # by hand, n = 4, eps = 1/8: z_i = x_T / (7/8) - x_S / (5/8)
+    z = np.array([1 / 0.875 - 1 / 0.625, 1 / 0.875 - 1 / 0.625, 1 / 0.875, 0.0])
+    assert together == pytest.approx(math.sqrt(np.sum((z - z.mean()) ** 2) / (4 * 3)), rel=1e-12)
+
+
+def test_accuracy_se_edge_cases():
+    assert accuracy_log_ratio_se([1, 1, 1], [1, 1, 1]) == 0.0   # all right on both sides: no spread
+    assert accuracy_log_ratio_se([0, 0], [1, 1]) == 0.0         # every pair alike: the binomial delta method's 0
+    assert accuracy_log_ratio_se([1], [0]) is None               # one prompt: no SE, said so
+    assert accuracy_losses({"d": [0]}, {"d": [1]})[2] == {"d": None}
+    with pytest.raises(ValueError, match="same prompts"):
+        accuracy_log_ratio_se([1, 0], [1, 0, 1])
+    with pytest.raises(ValueError, match="0 .* or 1"):
+        accuracy_log_ratio_se([1, 2], [1, 0])
+
+
+def test_accuracy_se_matches_the_spread_of_simulated_evaluations():
+    # 4000 simulated evaluations of n = 200 paired prompts (student right 0.4, teacher 0.7, correlated): the SE
+    # the formula gives matches the standard deviation of log q over the evaluations
+    rng = np.random.default_rng(0)
+    n, reps = 200, 4000
+    u = rng.random((reps, n))
+    x_t = (u < 0.7).astype(float)
+    x_s = (u < 0.4).astype(float)  # right only where the teacher is (positive covariance)
+    flip = rng.random((reps, n)) < 0.1
+    x_s = np.where(flip, 1 - x_s, x_s)
+    eps = 1 / (2 * n)
+    log_q = np.log(x_t.mean(1) + eps) - np.log(x_s.mean(1) + eps)
+    ses = [accuracy_log_ratio_se(x_s[i], x_t[i]) for i in range(200)]
+    assert float(np.mean(ses)) == pytest.approx(float(np.std(log_q, ddof=1)), rel=0.1)
+
+
+def _onpolicy_se_reference(rows) -> float:
+    """The ratio estimator R = sum d_i / sum n_i over m completions (d_i: the completion's sum of log p_S -
+    log p_T, n_i its tokens): Var(R) = (1 / (m nbar^2)) sum (d_i - R n_i)^2 / (m - 1)."""
+    d = np.array([np.sum(np.subtract(s, t)) for _, s, t in rows])
+    n = np.array([len(s) for _, s, _ in rows], float)
+    m, r = len(d), d.sum() / n.sum()
+    return math.sqrt(np.sum((d - r * n) ** 2) / (m - 1) / (m * n.mean() ** 2))
+
+
+def test_onpolicy_se_is_the_ratio_estimators_with_each_completion_a_group():
+    rows = [("a", [-1.0, -2.0], [-0.5, -1.0]), ("a", [-3.0], [-1.0]), ("a", [-0.2, -0.4, -0.1], [-0.3, -0.2, -2.0]),
+            ("b", [-0.25], [-0.75]), ("c", [-1.0, -1.0], [-0.5, -0.5]), ("c", [-1.0, -1.0], [-0.5, -0.5])]
+    s, t, tokens, se = onpolicy_losses(rows)
+    assert se["a"] == pytest.approx(_onpolicy_se_reference(rows[:3]), rel=1e-12) and se["a"] > 0
+    assert se["b"] is None                  # one completion: no SE
+    assert se["c"] == pytest.approx(0.0, abs=1e-15)  # identical completions: no spread
+    # the tokens of a completion are one group: the same tokens split into other completions give another SE
+    split = [("a", [x], [y]) for _, s_, t_ in rows[:3] for x, y in zip(s_, t_)]
+    assert onpolicy_losses(split)[3]["a"] == pytest.approx(_onpolicy_se_reference(split), rel=1e-12)
+    assert onpolicy_losses(split)[3]["a"] != pytest.approx(se["a"], rel=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -189,7 +285,9 @@ def _reference_answers(student_dir, teacher_url, tokenizer, questions, max_new):
 def test_an_accuracy_run_posts_the_accuracy_gap_it_logged(kit, teacher_url, controller_url, tmp_path):
     """mixture.signal accuracy on a one-domain conversation run: the first evaluation's accuracies equal a hand
     computation (the reference answers below, judged by the exact rule), and every evaluation posts losses whose
-    controller q equals (acc_T + eps) / (acc_S + eps), eps = 1 / (2n), from the accuracies the run logged."""
+    controller q equals (acc_T + eps) / (acc_S + eps), eps = 1 / (2n), from the accuracies the run logged, with
+    log q's standard error (the first one the paired delta method's on the reference outcomes), which the
+    controller stores."""
     import shutil
 
     import httpx
@@ -208,8 +306,9 @@ def test_an_accuracy_run_posts_the_accuracy_gap_it_logged(kit, teacher_url, cont
     s_ans, t_ans = _reference_answers(student, teacher_url, tok, questions, max_new)
     # the rows' answers: the teacher's to the first two, the student's to the third: the accuracies by hand
     answers = [t_ans[0], t_ans[1], s_ans[2]]
-    acc_s = sum(_normal(a) == _normal(b) for a, b in zip(s_ans, answers)) / 3
-    acc_t = sum(_normal(a) == _normal(b) for a, b in zip(t_ans, answers)) / 3
+    x_s = [int(_normal(a) == _normal(b)) for a, b in zip(s_ans, answers)]  # per prompt: 1 right, 0 wrong
+    x_t = [int(_normal(a) == _normal(b)) for a, b in zip(t_ans, answers)]
+    acc_s, acc_t = sum(x_s) / 3, sum(x_t) / 3
     if all(_normal(a) != _normal(b) for a, b in zip(s_ans, t_ans)):  # (so far always: q = 5/3 at step 0)
         assert (acc_s, acc_t) == (1 / 3, 2 / 3)
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(_qa(i)) + "\n" for i in range(24)))
@@ -231,6 +330,8 @@ def test_an_accuracy_run_posts_the_accuracy_gap_it_logged(kit, teacher_url, cont
     assert [r["step"] for r in evals] == [0, 1, 2]
     first = evals[0]["signal"]["accuracy"]["qa"]
     assert (first["student"], first["teacher"]) == (pytest.approx(acc_s), pytest.approx(acc_t)), (s_ans, t_ans)
+    assert evals[0]["signal"]["log_ratio_se"]["qa"] == pytest.approx(_accuracy_se_reference(x_s, x_t), rel=1e-9,
+                                                                      abs=1e-12)
     hist = {v["step"]: v for v in httpx.get(f"{controller_url}/v1/runs/{run_id}/history", timeout=10
                                             ).json()["versions"] if v["step"] is not None}
     for r in evals:
@@ -242,6 +343,9 @@ def test_an_accuracy_run_posts_the_accuracy_gap_it_logged(kit, teacher_url, cont
         assert hist[r["step"]]["signal"] == "accuracy"
         assert hist[r["step"]]["ratio"]["qa"] == pytest.approx(want, rel=1e-12)
         assert r["signal"]["q"]["qa"] == pytest.approx(want, rel=1e-12)
+        se = r["signal"]["log_ratio_se"]["qa"]  # n = 3 prompts: an SE (>= 0) every evaluation, posted and stored
+        assert se is not None and se >= 0
+        assert hist[r["step"]]["log_ratio_se"] == {"qa": pytest.approx(se, rel=1e-12)}
         assert "ratio" in r and "student_loss" in r  # the evaluator's perplexity numbers stay in the record
     assert httpx.get(f"{controller_url}/v1/runs/{run_id}", timeout=10).json()["signal"] == "accuracy"
 
