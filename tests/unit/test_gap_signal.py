@@ -403,11 +403,15 @@ def test_the_onpolicy_signal_is_the_exponentiated_reverse_kl_on_the_students_tex
         prompt_lens.append(len(p))
     with TeacherClient([teacher_url]) as teacher:
         outs = teacher.topk_ragged(seqs, 1)
+    completions = []
     for s, out, P, seq in zip(s_lp, outs, prompt_lens, seqs):
         t = out.target_logprob.double().tolist()[P - 1:len(seq) - 1]
         diffs += [a - b for a, b in zip(s, t)]
+        completions.append(("qa", s, t))
     want = math.exp(sum(diffs) / len(diffs))
     assert rec["signal"] == "onpolicy" and rec["tokens"] == {"qa": len(diffs)}
     assert rec["q"]["qa"] == pytest.approx(want, rel=1e-4)
     assert ratio(rec["student_loss"], rec["teacher_loss"])["qa"] == pytest.approx(want, rel=1e-4)
     assert rec["student_loss"]["qa"] > 0 and rec["teacher_loss"]["qa"] > 0
+    # log q's SE: the ratio estimator over the 3 completions (each a group), from the hand computation
+    assert rec["log_ratio_se"]["qa"] == pytest.approx(_onpolicy_se_reference(completions), rel=1e-3, abs=1e-6)
