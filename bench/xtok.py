@@ -18,10 +18,17 @@ this process, one rank, ``OMP_NUM_THREADS`` threads):
            the teacher's work the same), ``--repeats`` interleaved runs, medians; target cross / same >= 0.8.
            Also one run of the real pair (the real kit's SmolLM2-135M teacher) for its own tokens/s.
   pair     the real pair over ``--steps`` steps (fixed mixture, evaluations every ``--interval``): per domain
-           the ratio exp(loss_S - loss_T) with the teacher's loss per student token, at each evaluation.
+           the ratio exp(loss_S - loss_T) with the teacher's loss per student token, at each evaluation, and
+           (with a cross-tokenizer teacher) the per-byte ratio bits/byte student / teacher of the evaluation text.
+           ``--teacher DIR`` (a model folder, served by ``--backend hf``; default the real kit's teacher) and
+           ``--student DIR`` (a kit's ``student`` folder; its kit, the folder above, gives the data and
+           train.yaml; default the quick kit's): the Gemma pair is ``--student .cache/kit-real/student
+           --teacher .cache/kit-real/teacher-gemma3-270m``. ``--batch``, ``--seq-len``, ``--eval-blocks``:
+           the run's sizes (default 4, the kit's, 8).
 
     .venv/bin/python bench/xtok.py trainer [--steps 20 --repeats 3 --kit DIR --real-kit DIR]
-    .venv/bin/python bench/xtok.py pair [--steps 30 --interval 10 --kit DIR --real-kit DIR]
+    .venv/bin/python bench/xtok.py pair [--steps 30 --interval 10 --kit DIR --real-kit DIR --teacher DIR
+                                         --student DIR --batch 4 --seq-len N --eval-blocks 8]
 """
 
 from __future__ import annotations
@@ -126,7 +133,7 @@ def _job(kit: Path, out: Path, url: str, steps: int, interval: int, *sets: str):
         f"run_id={out.name}", f"output_dir={out}", f"data.cache_dir={kit.parent / 'token-cache'}",
         f"teacher.urls=[{url}]", "controller.url=null", "mixture.policy=fixed", f"train.steps={steps}",
         f"mixture.interval_steps={interval}", "train.batch_size=4", "kd.top_k=16", "checkpoint.every_steps=1000",
-        *sets])
+        *sets])  # a later ``sets`` entry of the same key wins
     return prepare(cfg)
 
 
@@ -183,28 +190,51 @@ def trainer_bench(a) -> None:
           f"(target >= 0.8); the real pair (SmolLM2-135M teacher) {real_tps:.0f} tokens/s")
 
 
+def pair_models(a) -> tuple[Path, Path]:
+    """(the student's kit, the teacher's model folder) of ``pair``: ``--student DIR``'s parent (a kit's
+    ``student`` folder) or the quick kit; ``--teacher DIR`` or the real kit's teacher."""
+    kit = Path(a.student).resolve().parent if a.student else _kit(a.kit, "quick")
+    if not (kit / "train.yaml").is_file():
+        raise SystemExit(f"--student {a.student}: no train.yaml in {kit} (pass a kit's student folder)")
+    return kit, Path(a.teacher) if a.teacher else _kit(a.real_kit, "real") / "teacher"
+
+
+def byte_ratio(e: dict, name: str) -> str:
+    """bits/byte student / teacher of one domain in an eval record (``xtok_teacher.eval_record``), or ``-``."""
+    b = (e.get("bits_per_byte") or {}).get(name)
+    return f"{b['student'] / b['teacher']:8.3f}" if b and b.get("teacher") else f"{'-':>8}"
+
+
 def pair_run(a) -> None:
     import json
     import tempfile
 
     from ddk.trainer.loop import LocalContext, Trainer
 
-    kit, real = _kit(a.kit, "quick"), _kit(a.real_kit, "real")
-    work = Path(tempfile.mkdtemp(prefix="ddk-xtok-pair-"))
-    url, proc = _serve(real / "teacher", work, "real")
+    kit, teacher = pair_models(a)
+    work = Path(tempfile.mkdtemp(prefix="ddk-xtok-pair-", dir=a.work))
+    url, proc = _serve(teacher, work, "pair")
+    sizes = [f"eval.sequences_per_domain={a.eval_blocks}", f"train.batch_size={a.batch}"]
+    if a.student:  # the student folder given: the kit's train.yaml names it relatively ("student")
+        sizes.append(f"student.model={Path(a.student).resolve()}")
+    if a.seq_len:
+        sizes.append(f"data.seq_len={a.seq_len}")
+    t0 = time.perf_counter()
     try:
-        job = _job(kit, work / "pair", url, a.steps, a.interval, "eval.sequences_per_domain=8")
+        job = _job(kit, work / "pair", url, a.steps, a.interval, *sizes)
         s = Trainer(job, LocalContext(job.config.output_dir)).fit()
     finally:
         proc.stop()
     evals = [json.loads(x) for x in (work / "pair" / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in evals if e.get("event") == "eval"]
     names = sorted(evals[0]["ratio"])
-    print(f"real pair, {a.steps} steps, {s['tokens_per_s']:.0f} tokens/s; ratio = exp(loss_S - loss_T), loss_T per "
-          "student token")
-    print("step  " + "  ".join(f"{n:>8}" for n in names))
+    print(f"pair {kit.name}/student <- {teacher}, {a.steps} steps x {a.batch} rows, {time.perf_counter() - t0:.0f} s "
+          f"wall, {s['tokens_per_s']:.0f} tokens/s; out {work / 'pair'}")
+    print("ratio = exp(loss_S - loss_T), loss_T per student token | per byte = bits/byte student / teacher")
+    print("step  " + "  ".join(f"{n:>8}" for n in names) + "  |  " + "  ".join(f"{n:>8}" for n in names))
     for e in evals:
-        print(f"{e['step']:>4}  " + "  ".join(f"{e['ratio'][n]:8.3f}" for n in names))
+        print(f"{e['step']:>4}  " + "  ".join(f"{e['ratio'][n]:8.3f}" for n in names) + "  |  "
+              + "  ".join(byte_ratio(e, n) for n in names))
     print("teacher loss per student token: " + ", ".join(f"{n} {evals[0]['teacher_loss'][n]:.3f}" for n in names))
 
 
@@ -218,6 +248,12 @@ if __name__ == "__main__":
         ap.add_argument("--repeats", type=int, default=3)
         ap.add_argument("--kit")
         ap.add_argument("--real-kit")
+        ap.add_argument("--teacher", help="pair: the teacher's model folder (default: the real kit's teacher)")
+        ap.add_argument("--student", help="pair: a kit's student folder (default: the quick kit's)")
+        ap.add_argument("--batch", type=int, default=4)
+        ap.add_argument("--seq-len", type=int)
+        ap.add_argument("--eval-blocks", type=int, default=8)
+        ap.add_argument("--work", help="pair: where its run folder goes (default: the system's temp folder)")
         args = ap.parse_args(sys.argv[2:])
         (trainer_bench if sys.argv[1] == "trainer" else pair_run)(args)
     else:

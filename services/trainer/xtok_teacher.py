@@ -17,9 +17,11 @@ Per student row (``[L + 1]`` ids of a token block):
    decode. Dropped tokens keep their CE but get no distillation term, and the teacher does not read their bytes.
 2. **Teacher tokens.** Each segment's text is encoded by the teacher's tokenizer with offsets
    (``return_offsets_mapping``); its byte spans come from ``align.byte_spans`` (pieces where they decode).
-   The teacher's row is the segments' ids in order, cut to its ``max_seq_len`` (groups past the cut are not
-   compared), right-padded to the batch's longest with its eos (a causal model's answer at a position does not
-   depend on what comes after it), and sent with the rows of the other routes through the wrapped teacher.
+   The teacher's row is the segments' ids in order (each document led by the teacher's ``<bos>`` when its
+   tokenizer puts one before a text, as Gemma's does: context, never scored), cut to its ``max_seq_len``
+   (groups past the cut are not compared), right-padded to the batch's longest with its eos (a causal model's
+   answer at a position does not depend on what comes after it), and sent with the rows of the other routes
+   through the wrapped teacher.
 3. **Alignment.** Per segment ``align.align_groups``; a group is compared where the student's last token of the
    group has a label and the teacher's has a next token in its row (``align.compared_positions``).
 
@@ -83,6 +85,7 @@ class Side:
         for i, b in vocab_bytes(self.vocab, self.scheme, self.special).items():
             self.id_bytes[i] = b
         self.eos_id = tok.eos_token_id
+        self.bos_id = leading_special(tok, self.special_ids)
 
     def __len__(self) -> int:
         return len(self.id_bytes)
@@ -97,6 +100,17 @@ class Side:
             pieces = self.tok.convert_ids_to_tokens(ids)
             out.append((list(ids), byte_spans(text, offsets, pieces, self.scheme)))
         return out
+
+
+def leading_special(tok, special_ids: set) -> int | None:
+    """The special id the tokenizer puts before a text by default (Gemma's ``<bos>``), else None. A teacher row
+    starts with it (and so does each document after an eos in it): Gemma 3 scores text without its ``<bos>``
+    far worse (on the real kit's validation text, 5.5 against 2.4 nats per token on prose)."""
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    full = tok("a")["input_ids"]
+    if len(full) > len(plain) and full[0] in special_ids and full[1:len(plain) + 1] == plain:
+        return int(full[0])
+    return None
 
 
 @dataclass
@@ -198,6 +212,9 @@ def align_row(row: Sequence[int], student: Side, teacher: Side, max_len: int) ->
         if seg.eos_before and teacher.eos_id is not None and t_ids:
             t_ids.append(int(teacher.eos_id))
             nll.append(seg.start - 2)  # the teacher's eos: with the student's prediction of its eos
+        if teacher.bos_id is not None and (not t_ids or t_ids[-1] == teacher.eos_id):
+            t_ids.append(int(teacher.bos_id))  # a document's start the teacher's way: context, never scored
+            nll.append(-1)
         placed.append((seg, len(t_ids), align_groups(seg.spans, spans)))
         t_ids.extend(int(i) for i in ids)
         nll.extend([-1] * len(ids))
@@ -217,7 +234,7 @@ def align_row(row: Sequence[int], student: Side, teacher: Side, max_len: int) ->
             p = seg.start + s1 - 2
             for j in range(off + t0, min(off + t1, n_t)):
                 nll_to[j] = p if 0 <= p < n_s else -1
-    nll_to[:1] = -1
+    nll_to[:1 + int(bool(t_ids) and t_ids[0] == teacher.bos_id)] = -1  # the row's first text token: no context
     nll_to[(nll_to < 0) | (nll_to >= n_s)] = -1
     pairs_arr = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
     return RowAlignment(t_ids, pairs_arr.astype(np.int64), nll_to)
@@ -396,7 +413,7 @@ def teacher_max_len(info: dict) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # the top-k store across tokenizers (ddk teacher precompute, cache.dir: ddk.trainer.topk_source)
 
-ALIGNMENT = {"method": "utf8-byte-spans", "version": 1}  # a new version when align_row's teacher rows change
+ALIGNMENT = {"method": "utf8-byte-spans", "version": 2}  # a new version when align_row's teacher rows change
 
 
 def alignment_settings(student_fp: str, max_len: int) -> dict:

@@ -71,6 +71,36 @@ def test_a_student_eos_becomes_the_teachers_eos_between_segments(kit, real_kit):
     assert al.nll_to[len(ta)] == len(a) - 1
 
 
+def test_a_teacher_whose_tokenizer_adds_a_bos_gets_it_before_each_document(kit):
+    """Gemma 3's tokenizer puts ``<bos>`` before a text and its model needs it: the teacher row starts with it and
+    each document after an eos does too; neither is scored. The teacher here is the student's own tokenizer with
+    a ``<s>`` template (so the alignment is the identity and the expected row is written by hand)."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    from ddk.trainer.xtok_teacher import Side, align_row
+
+    st = _tok(kit / "student")
+    raw = Tokenizer.from_file(str(kit / "student" / "tokenizer.json"))
+    bos = raw.token_to_id("<s>")
+    raw.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tt = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token=st.eos_token)
+    s_side, t_side = Side(st), Side(tt)
+    assert s_side.bos_id is None and t_side.bos_id == bos
+    a, b = st(" one two", add_special_tokens=False)["input_ids"], st(" three", add_special_tokens=False)["input_ids"]
+    row = a + [st.eos_token_id] + b
+    al = align_row(row, s_side, t_side, 1000)
+    n = len(a)
+    assert al.teacher_ids == [bos] + a + [st.eos_token_id, bos] + b
+    # by hand: bos and the row's first token are not scored; a[i] (i >= 1) goes with the student's position
+    # i - 1, the eos with n - 1, the second bos nowhere, b[j] with n + j
+    assert al.nll_to.tolist() == [-1, -1] + list(range(n - 1)) + [n - 1, -1] + [n + j for j in range(len(b))]
+    # compared: each student token with its teacher copy while both have a next token in their rows
+    want = {(i, 1 + i) for i in range(n)} | {(n + 1 + j, n + 3 + j) for j in range(len(b) - 1)}
+    assert {tuple(p) for p in al.pairs.tolist()} == want
+
+
 # ---------------------------------------------------------------------------------------------------------
 # identity: one tokenizer on both sides through the whole cross-tokenizer path
 
@@ -348,7 +378,7 @@ def test_precompute_across_tokenizers_keys_the_teachers_rows_and_a_run_from_it_e
     manifest = json.loads((store / "manifest.json").read_text())
     student_fp = tokenizer_fingerprint(st)
     assert manifest["tokenizer_fingerprint"] == info["tokenizer_fingerprint"] == tokenizer_fingerprint(tt) != student_fp
-    assert manifest["alignment"] == {"method": "utf8-byte-spans", "version": 1,
+    assert manifest["alignment"] == {"method": "utf8-byte-spans", "version": 2,
                                      "student_tokenizer_fingerprint": student_fp,
                                      "teacher_max_len": info["max_seq_len"]}
     assert manifest["complete"] is True and manifest["k"] == 8
