@@ -7,9 +7,11 @@ setup:
 demo: setup
 	.venv/bin/ddk demo --quick
 
+# PYTHONDONTWRITEBYTECODE unset: the ~80 processes a run starts (and both xdist workers' assertion rewriting of the
+# tests) reuse the checkout's compiled files instead of compiling ddk and the tests again each (docs/tests.md)
 test:
 	bash scripts/setup.sh --test
-	DDK_REQUIRE_EVAL=1 .venv/bin/python -m pytest -q --durations=20 -n 2 --dist loadfile --no-loadscope-reorder
+	env -u PYTHONDONTWRITEBYTECODE DDK_REQUIRE_EVAL=1 .venv/bin/python -m pytest -q --durations=20 -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow"

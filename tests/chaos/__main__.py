@@ -83,7 +83,8 @@ class _Terminated(KeyboardInterrupt):
 def run(args, schedule: list, cl: Cluster, work: Path, deadline: float, t_all: float) -> dict:
     """The fault-free run (unless ``--no-baseline``) and the chaos run on ``cl``; then everything stopped.
     What the checks read: ``base``, ``chaos``, ``history``, ``records``, ``error``, ``left``, ``ports``."""
-    out = {"base": None, "chaos": None, "history": [], "records": [], "error": None, "left": [], "ports": []}
+    out = {"base": None, "chaos": None, "history": [], "records": [], "error": None, "left": [], "ports": [],
+           "preload": None}
     tag = f"s{args.seed}-{uuid.uuid4().hex[:6]}"
     try:
         cl.open(timeout=max(30.0, min(300.0, deadline - time.monotonic())))
@@ -93,7 +94,10 @@ def run(args, schedule: list, cl: Cluster, work: Path, deadline: float, t_all: f
             out["base"] = supervised(args, cl, f"chaos-base-{tag}", work / "base", [], deadline)
         print("chaos run:", flush=True)
         out["chaos"] = supervised(args, cl, f"chaos-{tag}", work / "chaos", schedule, deadline)
-        threading.Thread(target=_preload, name="preload", daemon=True).start()  # while everything stops
+        # while everything stops; joined before the checks (run_checks), which import transformers too: two threads
+        # in transformers' lazy __init__ at once can see it half-built ("cannot import name AutoModelForCausalLM")
+        out["preload"] = threading.Thread(target=_preload, name="preload", daemon=True)
+        out["preload"].start()
         out["history"], out["records"] = run_outputs(cl, out["chaos"], work)
     except BaseException as e:  # noqa: BLE001 - reported as a failed check after the cleanup
         out["error"] = f"{type(e).__name__}: {e}"
@@ -163,6 +167,8 @@ def main(argv=None) -> int:
         out = run(args, schedule, cl, work, deadline, t_all)
     finally:
         signal.signal(signal.SIGTERM, old_term)
+    if out.get("preload") is not None:
+        out["preload"].join()
     checks = run_checks(args, schedule, out, work)
     if out["chaos"] is not None:
         report(args, schedule, out["chaos"], out["base"], checks)
