@@ -37,6 +37,14 @@ SIGNALS = ("ratio", "accuracy", "onpolicy")
 SIGNAL_LABELS = {"ratio": "PPL_S/PPL_T", "accuracy": "accuracy gap (acc_T+e)/(acc_S+e)",
                  "onpolicy": "on-policy exp(reverse KL)"}
 
+# -- an on-policy step's numbers (issue 28) --------------------------------------------------------------------
+# The fields of the progress report's ``onpolicy`` object, as the trainer's metrics.jsonl ``onpolicy`` record names
+# them: seconds in generation, teacher grading and training the rollout rows, rollout tokens per second of
+# generation, the engine's weight version lag (steps), and the mean completion length (tokens) per domain. The
+# trainer sends them (ddk.trainer.loop.onpolicy_progress), the controller checks and stores them.
+ONPOLICY_NUMBERS = ("generation_s", "grading_s", "training_s", "rollout_tokens_per_s")
+ONPOLICY_FIELDS = (*ONPOLICY_NUMBERS, "version_lag", "completion_len")
+
 # -- run ids -------------------------------------------------------------------------------------------------
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 RUN_ID_RULE = "1-128 characters of letters, digits and . _ - (starting with a letter or digit)"

@@ -39,7 +39,7 @@ from ddk.controller import policies
 from ddk.controller.mixture import NOISE_WARNING
 from ddk.controller.policies import State
 from ddk.controller.spec import Invalid, RunSpec, check_evaluation, check_progress
-from ddk.vocab import WeightsVersion, ratio, weights_version
+from ddk.vocab import ONPOLICY_FIELDS, ONPOLICY_NUMBERS, WeightsVersion, ratio, weights_version
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +113,6 @@ MIGRATIONS = (
 
 LOSS_POINTS = 1024  # loss points kept per run (a chart a few hundred pixels wide needs fewer)
 
-# An on-policy step's numbers in a progress report (issue 28; the trainer's metrics.jsonl ``onpolicy`` record, rank
-# 0's): seconds in generation, teacher grading and training the rollout rows, rollout tokens per second of
-# generation, the engine's weight version lag (steps), and the mean completion length (tokens) per domain.
-ONPOLICY_NUMBERS = ("generation_s", "grading_s", "training_s", "rollout_tokens_per_s")
-ONPOLICY_FIELDS = (*ONPOLICY_NUMBERS, "version_lag", "completion_len")
 
 
 class NotFound(LookupError):

@@ -325,9 +325,9 @@ def _finite_or_none(x: float | None) -> float | None:
 
 def onpolicy_progress(rec: dict | None) -> dict | None:
     """The progress report's ``onpolicy`` object from a step's on-policy record (ddk.trainer.onpolicy's, as
-    metrics.jsonl logs it): its ``ddk.controller.store.ONPOLICY_FIELDS``, non-finite numbers left out; None for
+    metrics.jsonl logs it): its ``ddk.vocab.ONPOLICY_FIELDS``, non-finite numbers left out; None for
     a step without rollouts (its record has no timings). Pure."""
-    from ddk.controller.store import ONPOLICY_FIELDS
+    from ddk.vocab import ONPOLICY_FIELDS
 
     if not rec or "generation_s" not in rec:
         return None
