@@ -743,9 +743,10 @@ class Trainer:
             micro, self.raw_model, s.step, device, lambda: scale.autocast(device, self.precision), self.scaler)
         loss, ce, kl = self.backward(micro)
         onp_sums = None
-        if onp is not None:  # the step's loss: the mean over dataset and rollout tokens (N, M, gamma M x term)
-            onp_sums = all_reduce_sum([onp["dataset_tokens"], onp["rollout_tokens"],
-                                       cfg.kd.gamma * onp["rollout_tokens"] * onp.get("loss", 0.0)], world, device)
+        if onp is not None:  # the step's loss: the mean over dataset and rollout tokens (N, M, gamma M x term);
+            # the record is already over all workers (OnPolicyStep.over_workers: N, M summed, the term M-weighted)
+            onp_sums = [onp["dataset_tokens"], onp["rollout_tokens"],
+                        cfg.kd.gamma * onp["rollout_tokens"] * onp.get("loss", 0.0)]
             self.onpolicy.rescale(self.model.parameters(), onp_sums[0], onp_sums[1])
         if cfg.train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)  # fp16: clip the true gradient (a no-op otherwise)
@@ -773,7 +774,7 @@ class Trainer:
                                **self._mfu(tps, dt), **({"onpolicy": onp} if onp is not None else {})})
             self.progress.progress(s.step, self.total, step_loss, sums[1] / world, sums[2] / world,
                                      tps / dt if dt > 0 else None, force=is_eval_step(s.step, self.K, self.total),
-                                     onpolicy=onpolicy_progress(onp))  # rank 0's generation, grading, lag...
+                                     onpolicy=onpolicy_progress(onp))  # the step's, over all workers
         return step_loss
 
     def backward(self, micro: list) -> tuple[float, float, float]:

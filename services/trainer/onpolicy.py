@@ -29,6 +29,7 @@ Layout of one row (prompt p_0..p_{P-1}, completion c_0..c_{n-1}; s = prompt + co
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +218,59 @@ def step_record(rollouts: Sequence[Rollout], domains: Sequence[str], generation_
             "version_lag": int(version_lag)}
 
 
+# the step's record over the workers: which of a rank's numbers add up, which take the slowest rank's
+_COUNTS = ("rows", "dataset_tokens", "rollout_tokens", "finished")  # summed (finished: rows that ended with eos)
+_TIMES = ("generation_s", "grading_s", "training_s", "version_lag")  # max: the step waits for the slowest rank
+_MEANS = ("loss", "kl", "weight", "clipped")  # means over completion tokens: weighted by each rank's tokens
+
+
+def record_vector(rec: dict[str, Any], names: Sequence[str], domains: Sequence[str], call: int) -> list[float]:
+    """One rank's step record as numbers (pure): ``[call] + counts + times + means + (length sum, rows) per
+    domain``; ``names`` are its rollout rows' domains, ``domains`` every worker's list (the same on each).
+    A rank without rollouts: times 0, means NaN, no rows."""
+    rows = int(rec.get("rows", 0))
+    finished = round(rec["finished"] * rows) if rows else 0
+    counts = [rows, int(rec.get("dataset_tokens", 0)), int(rec.get("rollout_tokens", 0)), finished]
+    times = [float(rec.get(k, 0.0)) for k in _TIMES] if rows else [0.0] * len(_TIMES)
+    means = [float(rec.get(k, float("nan"))) if rows else float("nan") for k in _MEANS]
+    per: list[float] = []
+    lens = rec.get("completion_len") or {}
+    for d in domains:
+        n = sum(1 for x in names if x == d) if rows else 0
+        per += [round(lens[d] * n) if n else 0, n]
+    return [int(call)] + counts + times + means + per
+
+
+def combine_records(vectors: Sequence[Sequence[float]], domains: Sequence[str], seed: int,
+                    first_rank: int = 0) -> dict[str, Any]:
+    """The step's on-policy record over the workers from their :func:`record_vector` rows (rank order;
+    ``first_rank``: the first row's rank). Pure. Counts and tokens are sums; the times and the version lag the
+    slowest rank's (the ranks generate, grade and train in parallel and the step waits for the last);
+    ``rollout_tokens_per_s`` all tokens over that slowest generation; ``completion_len`` per domain the sum of
+    lengths over the count of rows; ``loss``, ``kl`` (``weight``, ``clipped``) the completion-token-weighted
+    mean of the ranks' (exactly the rank's own when one rank has rollouts); ``rollout_ids`` every rank's. No
+    rollouts on any rank: only the counts and the ids ([]), as a step without rollouts logs."""
+    c, t, m = 1, 1 + len(_COUNTS), 1 + len(_COUNTS) + len(_TIMES)
+    d0 = m + len(_MEANS)
+    sums = [int(sum(v[c + i] for v in vectors)) for i in range(len(_COUNTS))]
+    rows, dataset_tokens, tokens, finished = sums
+    rec: dict[str, Any] = {"dataset_tokens": dataset_tokens, "rollout_tokens": tokens, "rows": rows}
+    if rows:
+        gen, grading, training, lag = (max(float(v[t + i]) for v in vectors) for i in range(len(_TIMES)))
+        lens = {d: (sum(v[d0 + 2 * j] for v in vectors), sum(v[d0 + 2 * j + 1] for v in vectors))
+                for j, d in enumerate(domains)}
+        rec.update({"generation_s": gen, "grading_s": grading,
+                    "rollout_tokens_per_s": tokens / gen if gen > 0 else None,
+                    "completion_len": {d: int(s) / int(n) for d, (s, n) in sorted(lens.items()) if n},
+                    "finished": finished / rows, "version_lag": int(lag), "training_s": training})
+        has = [v for v in vectors if v[c] > 0]  # the ranks with rollouts (their completion tokens M_r > 0)
+        for i, k in enumerate(_MEANS):
+            if not any(math.isnan(v[m + i]) for v in has):
+                rec[k] = sum((v[c + 2] / tokens) * v[m + i] for v in has)
+    rec["rollout_ids"] = step_rollout_ids(seed, [(int(v[0]), int(v[c])) for v in vectors], first_rank)
+    return rec
+
+
 def make_engine(cfg, rank: int = 0, student_dir: str | None = None, sync_dir: str | None = None):
     """The configured rollout engine of one worker (``rollout.*``; seed ``rollout.seed`` or the run's)."""
     r = cfg.rollout
@@ -312,8 +366,8 @@ class OnPolicyStep:
         return prompts, names
 
     def backward(self, micro, student, version: int, device, autocast, scaler) -> dict[str, Any]:
-        """The rollout rows' forward and backward (see the class); the step's on-policy record, whose
-        ``rollout_ids`` are every worker's (:meth:`all_rollout_ids`, a collective: every rank calls this)."""
+        """The rollout rows' forward and backward (see the class); the step's on-policy record over every
+        worker (:meth:`over_workers`, a collective: every rank calls this)."""
         prompts, names = self.take_prompts(micro)
         dataset_tokens = sum(int((b.targets() != IGNORE_INDEX).sum()) for b in micro)
         rec: dict[str, Any] = {"dataset_tokens": dataset_tokens, "rollout_tokens": 0, "rows": len(prompts)}
@@ -321,8 +375,7 @@ class OnPolicyStep:
         if prompts:
             rec.update(self._train_rollouts(prompts, names, dataset_tokens, student, version, device, autocast,
                                             scaler))
-        rec["rollout_ids"] = self.all_rollout_ids(call, len(prompts), device)
-        return rec
+        return self.over_workers(rec, names, call, device)
 
     def _train_rollouts(self, prompts, names, dataset_tokens: int, student, version: int, device, autocast,
                         scaler) -> dict[str, Any]:
@@ -349,19 +402,20 @@ class OnPolicyStep:
                 "training_s": time.perf_counter() - t1, "loss": float(loss.detach()),
                 **{k: float(v) for k, v in parts.items()}}
 
-    def all_rollout_ids(self, call: int, rows: int, device) -> list[str]:
-        """The ids of the rollouts every worker trained on this step (:func:`step_rollout_ids`): each rank's
-        ``(call, rows)`` all-gathered as integers (no pickle), the ids rebuilt from them."""
+    def over_workers(self, rec: dict[str, Any], names: Sequence[str], call: int, device) -> dict[str, Any]:
+        """The step's record over every worker (:func:`combine_records`): each rank's numbers
+        (:func:`record_vector`, with its engine's ``call`` for the rollout ids) all-gathered as one float64 row
+        (no pickle); every rank gets the same record."""
         import torch.distributed as dist
 
-        mine = (int(call), int(rows))
+        mine = record_vector(rec, names, sorted(self.conversation), call)
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return step_rollout_ids(self.engine.seed, [mine], first_rank=self.rank)
+            return combine_records([mine], sorted(self.conversation), self.engine.seed, first_rank=self.rank)
         dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        t = torch.tensor(mine, dtype=torch.int64, device=dev)
+        t = torch.tensor(mine, dtype=torch.float64, device=dev)
         got = [torch.empty_like(t) for _ in range(dist.get_world_size())]
         dist.all_gather(got, t)
-        return step_rollout_ids(self.engine.seed, [tuple(int(x) for x in g.cpu().tolist()) for g in got])
+        return combine_records([g.cpu().tolist() for g in got], sorted(self.conversation), self.engine.seed)
 
     @staticmethod
     def rescale(parameters, dataset_tokens: float, rollout_tokens: float) -> None:

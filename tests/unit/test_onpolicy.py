@@ -403,6 +403,64 @@ def test_the_step_loss_is_the_mean_over_dataset_and_rollout_tokens():
     assert step_objective(1.5, 3, 0, 0.0) == 1.5                  # no rollout: the dataset loss
 
 
+def _rollouts(lengths, finished):
+    from ddk.trainer.rollout import Rollout
+
+    return [Rollout(f"r{i}", [1, 2], list(range(3, 3 + n)), [-0.5] * n, f) for i, (n, f) in
+            enumerate(zip(lengths, finished))]
+
+
+def test_one_ranks_record_over_the_workers_is_its_own_record_exactly():
+    from ddk.trainer.onpolicy import combine_records, record_vector, step_record
+
+    # what a rank's OnPolicyStep.backward built before 2026-12-07 (rank 0's record), written out by hand
+    rows, names = _rollouts([3, 5, 2], [True, False, True]), ["sort", "add", "sort"]
+    own = {"dataset_tokens": 41, "rollout_tokens": 0, "rows": 3}
+    own.update({**step_record(rows, names, 0.7, 0.3, version_lag=1), "training_s": 0.2, "loss": 0.1,
+                "kl": 0.1, "weight": 0.97, "clipped": 0.1})
+    assert own["completion_len"] == {"add": 5.0, "sort": 2.5} and own["finished"] == 2 / 3  # hand: (3 + 2) / 2
+    own["rollout_ids"] = ["7-0-4-0", "7-0-4-1", "7-0-4-2"]  # seed 7, rank 0, call 4, rows 0..2
+    domains = ["add", "reverse", "sort"]
+    got = combine_records([record_vector(own, names, domains, call=4)], domains, seed=7)
+    assert got == own and list(got) == list(own)  # equal values (==, not approx) in the same order
+    # a rank other than 0 alone (world 1 is rank 0, but the ids carry the rank they are given)
+    assert combine_records([record_vector(own, names, domains, 4)], domains, 7, first_rank=2)["rollout_ids"] == [
+        "7-2-4-0", "7-2-4-1", "7-2-4-2"]
+    # a step without rollouts: the counts and no ids, as before
+    none = {"dataset_tokens": 50, "rollout_tokens": 0, "rows": 0}
+    assert combine_records([record_vector(none, [], domains, -1)], domains, 7) == {**none, "rollout_ids": []}
+
+
+def test_the_record_over_two_workers_sums_tokens_and_lengths_and_takes_the_slowest_times():
+    from ddk.trainer.onpolicy import combine_records, record_vector, step_record
+
+    domains = ["add", "sort"]
+    r0 = {"dataset_tokens": 40, "rollout_tokens": 0, "rows": 2}
+    r0.update({**step_record(_rollouts([4, 6], [True, True]), ["add", "sort"], 2.0, 0.5, 0), "training_s": 0.3,
+               "loss": 1.0, "kl": 2.0})
+    r1 = {"dataset_tokens": 30, "rollout_tokens": 0, "rows": 3}
+    r1.update({**step_record(_rollouts([2, 8, 10], [False, True, False]), ["sort", "sort", "sort"], 1.0, 0.9, 0),
+               "training_s": 0.1, "loss": 4.0, "kl": 1.0})
+    v = [record_vector(r0, ["add", "sort"], domains, 3), record_vector(r1, ["sort"] * 3, domains, 5)]
+    got = combine_records(v, domains, seed=0)
+    # by hand: 10 + 20 = 30 tokens over the slower generation (2.0 s); sort's lengths 6, 2, 8, 10 over 4 rows;
+    # the loss the mean over all 30 completion tokens: (10 x 1.0 + 20 x 4.0) / 30 = 3.0, kl (10 x 2 + 20 x 1) / 30
+    assert {k: got[k] for k in ("dataset_tokens", "rollout_tokens", "rows", "version_lag")} == {
+        "dataset_tokens": 70, "rollout_tokens": 30, "rows": 5, "version_lag": 0}
+    assert (got["generation_s"], got["grading_s"], got["training_s"]) == (2.0, 0.9, 0.3)
+    assert got["rollout_tokens_per_s"] == 15.0 and got["finished"] == 3 / 5
+    assert got["completion_len"] == {"add": 4.0, "sort": 6.5}
+    assert got["loss"] == pytest.approx(3.0) and got["kl"] == pytest.approx(40 / 30)
+    assert "weight" not in got  # gkd: no importance weight on any rank
+    assert got["rollout_ids"] == ["0-0-3-0", "0-0-3-1", "0-1-5-0", "0-1-5-1", "0-1-5-2"]
+    # rank 0 without rollouts this step: the record is rank 1's numbers (before: rank 0's, without timings)
+    empty = {"dataset_tokens": 60, "rollout_tokens": 0, "rows": 0}
+    got = combine_records([record_vector(empty, [], domains, -1), v[1]], domains, seed=0)
+    assert got["rows"] == 3 and got["dataset_tokens"] == 90 and got["rollout_tokens"] == 20
+    assert (got["generation_s"], got["loss"], got["kl"]) == (1.0, 4.0, 1.0)
+    assert got["completion_len"] == {"sort": 20 / 3} and got["rollout_ids"] == ["0-1-5-0", "0-1-5-1", "0-1-5-2"]
+
+
 def test_pick_rows_takes_the_share_from_conversation_rows_in_order():
     from ddk.trainer.onpolicy import pick_rows
 
@@ -484,6 +542,9 @@ def test_loop_on_policy_zero_is_todays_run_and_on_policy_rows_train(kit, teacher
         assert set(o["completion_len"]) == {"qa"} and 1 <= o["completion_len"]["qa"] <= 8
         assert o["generation_s"] > 0 and o["grading_s"] > 0 and o["training_s"] > 0 and o["version_lag"] == 0
         assert o["rollout_tokens"] >= o["rows"] and math.isfinite(o["loss"]) and math.isfinite(r["loss"])
+        # one worker: the record over the workers is its own (combine_records), numbers as step_record makes them
+        assert o["rollout_tokens_per_s"] == o["rollout_tokens"] / o["generation_s"]
+        assert o["rollout_ids"] == [f"0-0-{r['step'] - 1}-{i}" for i in range(o["rows"])]
         assert r["rows"]["qa"] >= o["rows"]  # the rollouts are some of the step's conversation rows
         # the step's loss is what its gradient is the gradient of: the mean over its N dataset tokens (CE + gamma
         # KL) and M rollout tokens (gamma x the on-policy term), written out here from the record's own parts
