@@ -238,10 +238,116 @@ def pair_run(a) -> None:
     print("teacher loss per student token: " + ", ".join(f"{n} {evals[0]['teacher_loss'][n]:.3f}" for n in names))
 
 
+def _controller(work: Path):
+    import sys as _sys
+
+    from common import start_server
+
+    return start_server([_sys.executable, "-m", "ddk.cli", "controller", "serve", "--db",
+                         str(work / "controller.sqlite")], work / "controller.log", timeout=120)
+
+
+def final_byte_ratios(metrics: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """(per domain bits/byte student / teacher, the student's loss in nats per token) at a run's last evaluation.
+    The first is NLL_S / NLL_T of the same text, i.e. ``student_loss / teacher_loss`` (both per student token,
+    over the same predictions); equal to the ``bits_per_byte`` record's ratio where there is one (checked)."""
+    import json
+
+    evals = [e for e in map(json.loads, metrics.read_text().splitlines()) if e.get("event") == "eval"]
+    last = evals[-1]
+    out = {n: last["student_loss"][n] / last["teacher_loss"][n] for n in sorted(last["teacher_loss"])}
+    for n, b in (last.get("bits_per_byte") or {}).items():
+        assert abs(b["student"] / b["teacher"] - out[n]) < 1e-6, (n, b, out[n])
+    return out, {n: last["student_loss"][n] for n in out}
+
+
+def routes_run(a) -> None:
+    """A cross-family teacher for one domain (``--cross-teacher`` on ``--domain``, the other domains on
+    ``--teacher``) against the same runs with ``--teacher`` on every domain; policies kd and ddk, ``--seeds``."""
+    import json
+    import statistics
+
+    from ddk.data.cache import prepare_domains
+    from ddk.data.domains import load_domain_specs, natural_proportions
+    from ddk.experiments.compare import policy_overrides
+    from ddk.trainer.config import load_config
+    from ddk.trainer.loop import LocalContext, Trainer
+    from transformers import AutoTokenizer
+
+    kit, same = pair_models(a)
+    work = Path(a.work or "/tmp") / "xtok-routes"
+    work.mkdir(parents=True, exist_ok=True)
+    base = load_config(kit / "train.yaml", [f"data.seq_len={a.seq_len}"] if a.seq_len else [])
+    tok = AutoTokenizer.from_pretrained(str(Path(a.student).resolve() if a.student else kit / "student"))
+    natural = natural_proportions(prepare_domains(load_domain_specs(base.data.source()), tok, base.data.seq_len,
+                                                  kit.parent / "token-cache"))
+    (s_url, s_proc), (c_url, c_proc) = _serve(same, work, "same"), _serve(Path(a.cross_teacher), work, "cross")
+    ctl_url, ctl = _controller(work)
+    ratios: dict[tuple, dict] = {}
+    try:
+        for seed in range(a.seeds):
+            for arm in ("same", "cross"):
+                for policy in a.policies.split(","):
+                    name = f"{arm}-{policy}-s{seed}"
+                    out = work / name
+                    if not (out / "summary.json").exists():
+                        sets = [f"{k}={json.dumps(v)}" for k, v in policy_overrides(policy, natural, None).items()]
+                        sets += [f"seed={seed}", f"controller.url={ctl_url}", f"train.batch_size={a.batch}",
+                                 f"eval.sequences_per_domain={a.eval_blocks}"]
+                        sets += [f"student.model={Path(a.student).resolve()}"] if a.student else []
+                        sets += [f"data.seq_len={a.seq_len}"] if a.seq_len else []
+                        sets += [f"teacher.routes={json.dumps({a.domain: [c_url]})}"] if arm == "cross" else []
+                        t0 = time.perf_counter()
+                        job = _job(kit, out, s_url, a.steps, a.interval, *sets)
+                        Trainer(job, LocalContext(job.config.output_dir)).fit()
+                        print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+                    ratios[(arm, policy, seed)] = final_byte_ratios(out / "metrics.jsonl")
+    finally:
+        for p in (s_proc, c_proc, ctl):
+            p.stop()
+    routes_table(a, ratios)
+
+
+def routes_table(a, runs: dict[tuple, tuple]) -> None:
+    """Markdown, per-domain byte ratios then the student's loss: each arm's value per seed and the paired
+    differences ddk - kd and cross - same with their 95 % t-intervals (``ddk.experiments.stats``)."""
+    for i, what in enumerate(("per-byte ratio (bits/byte student / teacher)", "student loss (nats/token)")):
+        print(f"\n{what} at the last evaluation; {a.domain} on the cross teacher in the cross arms")
+        _routes_table(a, {k: v[i] for k, v in runs.items()})
+
+
+def _routes_table(a, ratios: dict[tuple, dict]) -> None:
+    from ddk.experiments.stats import paired_difference
+
+    seeds = sorted({k[2] for k in ratios})
+    names = sorted(next(iter(ratios.values())))
+    print("| arm | policy | " + " | ".join(names) + " |")
+    print("|---|---|" + "---:|" * len(names))
+    for arm in ("same", "cross"):
+        for policy in a.policies.split(","):
+            cells = [" / ".join(f"{ratios[(arm, policy, s)][n]:.4f}" for s in seeds) for n in names]
+            print(f"| {arm} | {policy} | " + " | ".join(cells) + " |")
+    pairs = [(f"ddk - kd, {arm}", [(arm, "ddk", s) for s in seeds], [(arm, "kd", s) for s in seeds])
+             for arm in ("same", "cross")]
+    pairs += [(f"cross - same, {p}", [("cross", p, s) for s in seeds], [("same", p, s) for s in seeds])
+              for p in a.policies.split(",")]
+    print("\n| paired difference | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for label, xs, ys in pairs:
+        if not all(k in ratios for k in xs + ys):
+            continue
+        cells = []
+        for n in names:
+            d = paired_difference([ratios[k][n] for k in xs], [ratios[k][n] for k in ys])
+            cells.append(f"{d['mean']:+.4f}" + (f" [{d['low']:+.4f}, {d['high']:+.4f}]" if d["low"] is not None
+                                                 else ""))
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) > 1 and sys.argv[1] in ("trainer", "pair"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("trainer", "pair", "routes"):
         ap = argparse.ArgumentParser(description="bench/xtok.py " + sys.argv[1])
         ap.add_argument("--steps", type=int, default=20 if sys.argv[1] == "trainer" else 30)
         ap.add_argument("--interval", type=int, default=10)
@@ -254,7 +360,11 @@ if __name__ == "__main__":
         ap.add_argument("--seq-len", type=int)
         ap.add_argument("--eval-blocks", type=int, default=8)
         ap.add_argument("--work", help="pair: where its run folder goes (default: the system's temp folder)")
+        ap.add_argument("--cross-teacher", help="routes: the teacher of another family for --domain")
+        ap.add_argument("--domain", default="code", help="routes: the domain routed to --cross-teacher")
+        ap.add_argument("--policies", default="kd,ddk")
+        ap.add_argument("--seeds", type=int, default=2)
         args = ap.parse_args(sys.argv[2:])
-        (trainer_bench if sys.argv[1] == "trainer" else pair_run)(args)
+        {"trainer": trainer_bench, "pair": pair_run, "routes": routes_run}[sys.argv[1]](args)
     else:
         main()
