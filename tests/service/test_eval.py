@@ -188,6 +188,7 @@ def test_ddk_eval_on_the_kit(kit, capsys):
     assert [ln.split()[0] for ln in lines[2:]] == domains
 
 
+@pytest.mark.slow
 def test_ddk_eval_routes_a_domain_to_its_own_teacher(kit, teacher_url, capsys):
     """--route DOMAIN=URL: that domain's teacher loss from that teacher, the others from --teacher. Routing math to
     the same teacher as everything else changes nothing; routing it alone, without --teacher, is exit 2."""

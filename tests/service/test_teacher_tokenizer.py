@@ -13,6 +13,7 @@ TEXTS = ["The cat sat on the mat.", "def f(x):\n    return x ** 2  # naïve caf�
          "Zahlen 3.14159 und Ümlaute, 日本語のテキスト."]
 
 
+@pytest.mark.slow
 def test_the_rebuilt_tokenizer_encodes_like_the_teachers_own(real_kit, real_teacher):
     from transformers import AutoTokenizer
 
@@ -33,6 +34,7 @@ def test_the_rebuilt_tokenizer_encodes_like_the_teachers_own(real_kit, real_teac
     assert rebuilt.eos_token == own.eos_token
 
 
+@pytest.mark.slow
 def test_the_route_answers_the_files_as_json_and_is_open(real_kit, real_teacher):
     import json
 

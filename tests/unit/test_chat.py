@@ -99,6 +99,7 @@ def test_masks_match_the_hand_reference(tok, name):
     check_template(tok, template, head, eot)
 
 
+@pytest.mark.slow
 def test_masks_on_the_real_kits_tokenizer_chatml(real_kit):
     from transformers import AutoTokenizer
 

@@ -242,6 +242,7 @@ def test_hf_greedy_equals_a_hand_argmax_loop_and_its_logprobs_are_the_trainers(s
 # ---------------------------------------------------------------------------------------------------------
 # rollout -> grade -> train batch (ddk.trainer.onpolicy) against the quick kit's teacher service
 
+@pytest.mark.slow
 def test_rollout_grade_train_batch_against_the_teacher(kit, student, prompts, teacher_url):
     from transformers import AutoModelForCausalLM
 
@@ -347,6 +348,7 @@ def test_on_policy_without_conversation_domains_exits_2_before_ray(kit, tmp_path
     assert not ray.is_initialized()
 
 
+@pytest.mark.slow
 def test_on_policy_prompts_plus_new_tokens_beyond_the_teachers_max_seq_len_exit_2(kit, tmp_path, capsys,
                                                                                  teacher_url):
     import json

@@ -52,6 +52,7 @@ def test_a_row_that_starts_and_ends_inside_a_character_is_cut_to_whole_character
     assert seg.spans[-1, 1] == len(" a cup ".encode())
 
 
+@pytest.mark.slow
 def test_a_student_eos_becomes_the_teachers_eos_between_segments(kit, real_kit):
     from ddk.trainer.xtok_teacher import Side, align_row
 
@@ -115,6 +116,7 @@ def _word_rows(tok, texts, length):
     return rows
 
 
+@pytest.mark.slow
 def test_identity_through_the_cross_tokenizer_path_is_todays_loss_and_gradient(kit, teacher_url):
     from transformers import AutoModelForCausalLM
 
@@ -223,6 +225,7 @@ def live_tiny(tiny, real_teacher, tmp_path_factory) -> list[dict]:
                      f"teacher.urls=[{real_teacher}]")
 
 
+@pytest.mark.slow
 def test_the_real_pair_trains_with_a_finite_loss(live_tiny):
     records = live_tiny
     steps = [r for r in records if r["event"] == "step"]
@@ -265,6 +268,7 @@ def test_scored_bytes_are_the_bytes_of_the_scored_tokens_text(kit):
     assert scored_bytes(es, lengths) == expected
 
 
+@pytest.mark.slow
 def test_a_route_to_a_teacher_of_another_family_beside_a_same_family_teacher(kit, real_teacher, teacher_url,
                                                                           tmp_path):
     import inproc
@@ -283,6 +287,7 @@ def test_a_route_to_a_teacher_of_another_family_beside_a_same_family_teacher(kit
 # ---------------------------------------------------------------------------------------------------------
 # the handshake
 
+@pytest.mark.slow
 def test_cross_tokenizer_off_refuses_a_teacher_of_another_tokenizer(kit, real_teacher, tmp_path):
     import inproc
 
@@ -295,6 +300,7 @@ def test_cross_tokenizer_off_refuses_a_teacher_of_another_tokenizer(kit, real_te
         prepare(cfg)
 
 
+@pytest.mark.slow
 def test_a_run_with_a_teacher_of_another_tokenizer_starts_a_store_keyed_by_the_teachers_rows(kit, real_kit,
                                                                                           real_teacher, tmp_path):
     """cache.dir (empty) and teacher.urls of another tokenizer: the driver writes a cross-tokenizer manifest (the
@@ -317,6 +323,7 @@ def test_a_run_with_a_teacher_of_another_tokenizer_starts_a_store_keyed_by_the_t
     assert tokenizer_fingerprint(_tok(store / "teacher-tokenizer")) == info["tokenizer_fingerprint"]
 
 
+@pytest.mark.slow
 def test_a_teacher_tokenizer_that_cannot_round_trip_the_text_is_refused_naming_it(kit, tmp_path):
     import inproc
 
@@ -337,6 +344,7 @@ def test_a_teacher_tokenizer_that_cannot_round_trip_the_text_is_refused_naming_i
             prepare(cfg)
 
 
+@pytest.mark.slow
 def test_a_teacher_that_serves_no_tokenizer_is_refused_naming_it(kit, tmp_path):
     """A teacher whose folder has no tokenizer.json (so no offsets to align by): exit 2 naming teacher.urls."""
     import inproc
@@ -358,6 +366,7 @@ def test_a_teacher_that_serves_no_tokenizer_is_refused_naming_it(kit, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # the top-k store across tokenizers: ddk teacher precompute, cache.dir
 
+@pytest.mark.slow
 def test_precompute_across_tokenizers_keys_the_teachers_rows_and_a_run_from_it_equals_the_service_run(
         kit, real_kit, real_teacher, tiny, live_tiny, tmp_path):
     import httpx
@@ -471,6 +480,7 @@ def _gpt2_byte_decoder() -> dict[str, int]:
     return chars
 
 
+@pytest.mark.slow
 def test_eval_with_a_teacher_of_another_tokenizer_reports_bits_per_byte(kit, real_kit, real_teacher, tiny):
     """`ddk eval --teacher URL` with the SmolLM2 teacher and the quick kit's student: both in bits per byte of the
     evaluation text (nats / ln 2 / UTF-8 bytes, computed here from the two models directly), the ratio
