@@ -149,7 +149,7 @@ class Progress(threading.Thread):
             self._bar = tqdm(total=self.total, initial=step - 1, desc=self.desc, unit="step", dynamic_ncols=True)
             self._bar.start_t -= float(r.get("step_s") or 0.0)
         self._bar.n = step
-        onp = r.get("onpolicy") or {}  # kd.on_policy > 0: rank 0's generation and grading seconds, rollout tokens/s
+        onp = r.get("onpolicy") or {}  # kd.on_policy > 0: the step's generation and grading seconds, rollout tokens/s
         extra = {"gen_s": f"{onp['generation_s']:.2f}", "grade_s": f"{onp['grading_s']:.2f}",
                  "roll_tok_s": f"{onp['rollout_tokens_per_s'] or 0:.0f}"} if "generation_s" in onp else {}
         self._bar.set_postfix(loss=f"{r['loss']:.3f}", v=r.get("version"), tok_s=f"{r['tokens_per_s']:.0f}",

