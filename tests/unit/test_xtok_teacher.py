@@ -451,7 +451,7 @@ def test_a_same_tokenizer_store_and_a_cross_tokenizer_store_are_never_confused()
     with pytest.raises(UsageError, match=r"^cache.dir: the store's alignment.student_tokenizer_fingerprint SSSS"
                                          r".* differs from student.model's TTTT"):
         check_manifest(cross, cfg(), "T" * 16, "/d")
-    with pytest.raises(UsageError, match=r"^cache.dir: the store's alignment.version 0 .* not this version's 1"):
+    with pytest.raises(UsageError, match=r"^cache.dir: the store's alignment.version 0 .* not this version's 2"):
         check_manifest({**cross, "alignment": {**cross["alignment"], "version": 0}}, cfg(), "S" * 16, "/d")
     with pytest.raises(UsageError, match=r"^cache.dir: .*scored across tokenizers.*kd.cross_tokenizer is off"):
         check_manifest(cross, cfg("off"), "S" * 16, "/d")
