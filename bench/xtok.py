@@ -26,9 +26,18 @@ this process, one rank, ``OMP_NUM_THREADS`` threads):
            --teacher .cache/kit-real/teacher-gemma3-270m``. ``--batch``, ``--seq-len``, ``--eval-blocks``:
            the run's sizes (default 4, the kit's, 8).
 
+  routes   a teacher of another family on one domain (``--cross-teacher`` on ``--domain``, the others on
+           ``--teacher``) against the same runs with ``--teacher`` on every domain, ``--policies`` (kd,ddk) x
+           ``--seeds`` (2), in-process with a controller; per domain the last evaluation's per-byte ratio
+           (NLL_S / NLL_T of the same text) and the student's loss, with the paired differences ddk - kd and
+           cross - same (95 % t-intervals). ``ddk compare`` cannot do this: its held-out scoring sends the
+           student's ids to every route's teacher.
+
     .venv/bin/python bench/xtok.py trainer [--steps 20 --repeats 3 --kit DIR --real-kit DIR]
     .venv/bin/python bench/xtok.py pair [--steps 30 --interval 10 --kit DIR --real-kit DIR --teacher DIR
                                          --student DIR --batch 4 --seq-len N --eval-blocks 8]
+    .venv/bin/python bench/xtok.py routes --student DIR --teacher DIR --cross-teacher DIR [--domain code
+                                           --policies kd,ddk --seeds 2 --steps 30 --interval 10 --batch 4 ...]
 """
 
 from __future__ import annotations
