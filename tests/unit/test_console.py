@@ -73,12 +73,17 @@ def test_a_quiet_cli_keeps_the_requests_off_the_console_and_debug_brings_them_ba
 
 def test_add_log_file_takes_every_record_and_comes_off_again(tmp_path):
     logger = logging.getLogger("ddk.test-console")
+    # a record must pass its own logger's level first: vLLM's logging set-up (an in-process engine of an earlier
+    # test in this worker) sets httpx's to WARNING (vllm/logger.py), which no handler can undo; here it has none
+    httpx_logger = logging.getLogger("httpx")
+    httpx_level, httpx_logger.level = httpx_logger.level, logging.NOTSET
     handler = add_log_file(tmp_path / "x.log")
     try:
-        logging.getLogger("httpx").info("a request")
+        httpx_logger.info("a request")
         logger.info("a ddk line")
     finally:
         remove_log_file(handler)
+        httpx_logger.setLevel(httpx_level)
     logger.info("after")
     text = (tmp_path / "x.log").read_text()
     assert "INFO httpx: a request" in text and "INFO ddk.test-console: a ddk line" in text and "after" not in text

@@ -32,6 +32,9 @@ def _tok(path):
 # ---------------------------------------------------------------------------------------------------------
 # a row cut into whole characters (byte-level BPE splits a character the student has no token for)
 
+# The quick kit's natural-language domains: where the real SmolLM2 teacher is ahead of the kit's 2k-vocab student
+NATURAL = ("code", "legal", "prose")
+
 def test_a_row_that_starts_and_ends_inside_a_character_is_cut_to_whole_characters(kit):
     from ddk.trainer.xtok_teacher import Side, student_segments
 
@@ -232,12 +235,15 @@ def test_the_real_pair_trains_with_a_finite_loss(live_tiny):
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) and r["kl"] > 0 for r in steps)
     evals = [r for r in records if r["event"] == "eval"]
     assert evals and all(math.isfinite(v) and v > 0 for v in evals[0]["teacher_loss"].values())
-    # the teacher's per-student-token loss is the 135M teacher's: below the 2k student's on every domain
-    assert all(evals[0]["teacher_loss"][d] < evals[0]["student_loss"][d] for d in evals[0]["student_loss"])
+    # the teacher's per-student-token loss is the 135M teacher's: below the 2k student's on every natural-language
+    # domain (NATURAL: math is the kit's generated arithmetic, which SmolLM2 never saw and the kit's student was
+    # trained on; which of them is ahead there differs between kit builds)
+    assert all(evals[0]["teacher_loss"][d] < evals[0]["student_loss"][d] for d in NATURAL)
     # the run records its unit, and bits per byte beside it (the teacher's below the student's too)
     assert evals[0]["ratio_unit"] == "per_student_token"
     bpb = evals[0]["bits_per_byte"]
-    assert set(bpb) == set(evals[0]["ratio"]) and all(0 < v["teacher"] < v["student"] for v in bpb.values())
+    assert set(bpb) == set(evals[0]["ratio"]) and all(0 < v["teacher"] for v in bpb.values())
+    assert all(bpb[d]["teacher"] < bpb[d]["student"] for d in NATURAL)
     # issue 29 item 3: what the controller gets is not per-token against per-token of two tokenizations: both
     # losses are NLL sums of the same text over the same count (the student's predictions), so their quotient is
     # the quotient of the bits per byte (NLL / ln 2 / the same bytes), and the ratio is exp(loss_S - loss_T)
@@ -538,5 +544,6 @@ def test_eval_with_a_teacher_of_another_tokenizer_reports_bits_per_byte(kit, rea
         assert row["bits_per_byte"] == pytest.approx(s_nll / math.log(2) / n_bytes, rel=1e-4), name
         # the teacher's NLL of the same text its own way: the same bytes but at a block's partial characters
         assert row["teacher_bits_per_byte"] == pytest.approx(t_nll / math.log(2) / t_bytes, rel=3e-2), name
-        assert row["teacher_bits_per_byte"] < row["bits_per_byte"], name  # SmolLM2 135M against a 2k-vocab student
+        if name in NATURAL:  # SmolLM2 135M against a 2k-vocab student (math: see the real pair's test)
+            assert row["teacher_bits_per_byte"] < row["bits_per_byte"], name
         assert row["ratio"] == pytest.approx(2 ** (row["bits_per_byte"] - row["teacher_bits_per_byte"]), rel=1e-9)
