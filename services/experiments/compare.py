@@ -340,6 +340,12 @@ def _teacher_nlls(base, urls: list[str], store_dir: str | None, tokenizer, domai
         tc = RoutedTeacher(urls, base.teacher.routes)
     else:
         tc = TeacherClient(urls) if urls else None
+    try:
+        if tc is not None:
+            check_same_tokenizer(tc, tokenizer, urls)
+    except BaseException:
+        tc.close()
+        raise
     if (store_dir or base.cache.dir) and not base.teacher.routes:
         from ddk.trainer.topk_source import checked_store_source
 
@@ -355,6 +361,31 @@ def _teacher_nlls(base, urls: list[str], store_dir: str | None, tokenizer, domai
         return teacher_nlls(tc, sets)
     finally:
         tc.close()
+
+
+def check_same_tokenizer(teacher, tokenizer, urls: list[str]) -> None:
+    """compare scores every arm in the student's tokens against its teachers' losses on the same blocks, so every
+    teacher it asks (``teacher.urls`` = ``urls``, and each ``teacher.routes`` entry of a RoutedTeacher) must share the
+    student's tokenizer: one of another tokenizer would be sent the student's ids and answer losses of the wrong
+    text. UsageError (exit 2) naming the key and URL; a cross-tokenizer teacher is compared by
+    ``bench/xtok.py routes`` in bits per byte (docs/training.md)."""
+    from ddk.fingerprint import tokenizer_fingerprint
+    from ddk.teacher.routes import RoutedTeacher
+
+    mine = tokenizer_fingerprint(tokenizer)
+    if isinstance(teacher, RoutedTeacher):
+        places = [(f"teacher.routes.{d}", teacher.client(d), teacher.urls_of(d)) for d in sorted(teacher.routes)]
+        if urls:  # the default teacher, for the unrouted domains
+            places.insert(0, ("teacher.urls", teacher.client(None), list(urls)))
+    else:
+        places = [("teacher.urls", teacher, list(urls))]
+    for where, client, served_by in places:
+        theirs = client.info().get("tokenizer_fingerprint")
+        if theirs != mine:
+            raise UsageError(f"{where} ({','.join(served_by)}): the teacher's tokenizer fingerprint {theirs} differs from "
+                             f"student.model's {mine}; ddk compare scores every arm in the student's tokens, so its "
+                             f"teachers must share the student's tokenizer (compare a teacher of another tokenizer "
+                             f"with bench/xtok.py routes, in bits per byte)")
 
 
 def _heldout_note(names: list[str], sets: dict) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -547,3 +548,30 @@ def test_eval_with_a_teacher_of_another_tokenizer_reports_bits_per_byte(kit, rea
         if name in NATURAL:  # SmolLM2 135M against a 2k-vocab student (math: see the real pair's test)
             assert row["teacher_bits_per_byte"] < row["bits_per_byte"], name
         assert row["ratio"] == pytest.approx(2 ** (row["bits_per_byte"] - row["teacher_bits_per_byte"]), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_compare_refuses_a_route_to_a_teacher_of_another_tokenizer(kit, teacher_url, real_teacher):
+    """`ddk compare` scores every arm in the student's tokens against its teachers' losses on the same blocks: a
+    route to the real SmolLM2 teacher beside the quick kit's teacher is refused naming the route and its URL (it
+    would have been sent the quick student's ids); the same-tokenizer teacher alone, and as a route, is accepted."""
+    from transformers import AutoTokenizer
+
+    from ddk.errors import UsageError
+    from ddk.experiments.compare import check_same_tokenizer
+    from ddk.teacher.client import TeacherClient
+    from ddk.teacher.routes import RoutedTeacher
+
+    tok = AutoTokenizer.from_pretrained(kit / "student")
+    with TeacherClient([teacher_url]) as same:
+        check_same_tokenizer(same, tok, [teacher_url])
+    routed = RoutedTeacher([teacher_url], {"math": [teacher_url], "code": [real_teacher]})
+    try:
+        with pytest.raises(UsageError, match=rf"^teacher.routes.code \({re.escape(real_teacher)}\): the teacher's "
+                                             r"tokenizer fingerprint \w+ differs from student.model's \w+; ddk compare"):
+            check_same_tokenizer(routed, tok, [teacher_url])
+    finally:
+        routed.close()
+    with TeacherClient([real_teacher]) as other:
+        with pytest.raises(UsageError, match=r"^teacher.urls \("):
+            check_same_tokenizer(other, tok, [real_teacher])
