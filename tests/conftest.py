@@ -20,28 +20,6 @@ KIT_CODE = {"quick": ["kit/__init__.py", "kit/fixtures.py", "kit/corpus.py", "fi
 KIT_CODE["real"] = KIT_CODE["quick"] + ["kit/real.py", "kit/prune.py"]
 
 
-# The seconds each test file took in a measured run (scripts/test_durations.py writes it from a JUnit report).
-DURATIONS = REPO / "tests" / "durations.json"
-
-
-def pytest_collection_modifyitems(config, items):
-    """Test files longest first, by tests/durations.json (a file it does not know counts as 0 s; the order within a
-    file and among equals stays the collection's). `make test` hands whole files to two xdist workers in this
-    order (``--dist loadfile --no-loadscope-reorder``): longest-processing-time-first keeps one worker from
-    finishing a long file alone at the end while the other has nothing left (docs/tests.md)."""
-    import json
-
-    try:
-        seconds = json.loads(DURATIONS.read_text())
-    except (OSError, ValueError):
-        return
-    rank = {}
-    for item in items:
-        rank.setdefault(item.nodeid.split("::", 1)[0], len(rank))
-    items.sort(key=lambda item: (-float(seconds.get(item.nodeid.split("::", 1)[0], 0.0)),
-                                 rank[item.nodeid.split("::", 1)[0]]))
-
-
 def kit_cache(kind: str = "quick") -> Path:
     """Where a test kit lives: a per-machine cache keyed by the kit builder's code (DDK_TEST_KIT_CACHE, default
     ~/.cache/ddk/test-kits/<kind>-<sha256 of KIT_CODE[kind], 12 hex>), so that a fresh clone on a machine that
