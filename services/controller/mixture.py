@@ -124,7 +124,7 @@ def estimate_gaps(gaps: Sequence[float], se: Sequence[float | None] | None = Non
     """
     x = [float(g) for g in gaps]
     n = len(x)
-    mean = math.fsum(x) / n if n else 0.0
+    mean = math.fsum(v / n for v in x) if n else 0.0  # divided first: finite gaps near the float limit cannot overflow
     s = [0.0 if v is None else float(v) for v in se] if se is not None else [0.0] * n
     if se is None or not any(v > 0.0 for v in s):
         return GapEstimate(x, mean, None if se is None or n < 2 else _tau2(x, s, mean), False)
@@ -132,7 +132,7 @@ def estimate_gaps(gaps: Sequence[float], se: Sequence[float | None] | None = Non
         return GapEstimate(x, mean, None, False)
     tau2 = _tau2(x, s, mean)
     noise = tau2 == 0.0
-    if how == "raw":
+    if how == "raw" or math.isinf(tau2):  # gaps spread beyond the float range: nothing to shrink toward
         return GapEstimate(x, mean, tau2, noise)
     if how != "shrunk":
         raise ValueError(f"how: must be one of {list(GAP_ESTIMATES)}, got {how!r}")
@@ -148,6 +148,11 @@ def estimate_gaps(gaps: Sequence[float], se: Sequence[float | None] | None = Non
 
 
 def _tau2(x: list[float], s: list[float], mean: float) -> float:
+    """max(0, s^2 - mean(se^2)); inf when the gaps' spread is beyond the float range (finite gaps of ~1e308: the
+    squares overflow), which is a spread and not noise."""
     n = len(x)
-    sample_var = math.fsum((v - mean) ** 2 for v in x) / (n - 1)
-    return max(0.0, sample_var - math.fsum(v * v for v in s) / n)
+    try:
+        sample_var = math.fsum((v - mean) * (v - mean) for v in x) / (n - 1)
+        return max(0.0, sample_var - math.fsum(v * v for v in s) / n)
+    except OverflowError:  # math.fsum's intermediate overflow
+        return math.inf

@@ -321,3 +321,18 @@ def test_shrinkage_moves_each_gap_towards_the_mean_and_no_further(pairs):
         if not s:
             assert y == x  # no standard error: kept as measured
     assert est.noise == (est.tau2 == 0.0 and any(s for s in se))
+
+
+def test_gap_estimate_of_gaps_near_the_float_limit_does_not_overflow():
+    """Finite losses near 1e308 (the fuzzer's case: student 0, teacher 5.99e307 on three domains, a 500 before):
+    the mean is taken without overflow, and a spread beyond the float range is inf (not noise, nothing shrunk)."""
+    from ddk.controller.mixture import estimate_gaps
+
+    g = -5.992310449541053e+307
+    est = estimate_gaps([g, g, g], None, "raw")
+    assert est.gaps == [g, g, g] and est.mean == g and est.tau2 is None and est.noise is False
+    est = estimate_gaps([g, g, g], [0.1, 0.1, 0.1], "shrunk")
+    assert est.gaps == [g, g, g] and est.tau2 == 0.0 and est.noise is True  # identical gaps: within their errors
+    est = estimate_gaps([1.7e308, -1.7e308, 0.0], [0.1, 0.1, 0.1], "shrunk")
+    assert est.gaps == [1.7e308, -1.7e308, 0.0] and est.mean == 0.0 and est.tau2 == float("inf")
+    assert est.noise is False
