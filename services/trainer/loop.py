@@ -702,15 +702,14 @@ class Trainer:
         diagnostics = getattr(self, "diagnostics", None)
         se = dict(ev.log_ratio_se) if ev is not None and ev.teacher_loss is not None else {}  # the ratio's
         gap = self.gap_signal.measure(self.raw_model) if self.gap_signal is not None else None
-        if gap is not None:  # mixture.signal accuracy / onpolicy: its losses and log q's SEs go to the controller
-            gap_se = {d: v for d, v in ((d, _finite_or_none(v)) for d, v in gap["log_ratio_se"].items())
-                      if v is not None}  # a domain without one (one prompt) is left out, as the evaluator's
-            posted = (gap["student_loss"], gap["teacher_loss"], {"signal": gap["signal"]}, gap_se)
-        else:
-            posted = (student_loss, s.teacher_loss, {}, se)
-        self.mixture.submit(s.step, posted[0], posted[1],
-                               {n: float(s.tokens.get(n, 0.0)) for n in self.names}, diagnostics,
-                               **({"log_ratio_se": posted[3]} if posted[3] else {}), **posted[2])
+        # what the controller gets: the ratio's losses and SEs, or (mixture.signal accuracy / onpolicy) the signal's
+        post_s, post_t, post_se, signal = student_loss, s.teacher_loss, se, {}
+        if gap is not None:  # a domain without an SE (one prompt) is left out, as the evaluator's
+            post_s, post_t, signal = gap["student_loss"], gap["teacher_loss"], {"signal": gap["signal"]}
+            post_se = {d: v for d, v in ((d, _finite_or_none(v)) for d, v in gap["log_ratio_se"].items())
+                       if v is not None}
+        self.mixture.submit(s.step, post_s, post_t, {n: float(s.tokens.get(n, 0.0)) for n in self.names},
+                            diagnostics, **({"log_ratio_se": post_se} if post_se else {}), **signal)
         answer = self.mixture.try_post(s.step)
         from ddk.trainer.xtok_teacher import eval_record
         if answer and answer.get("warning"):  # the controller: the gaps are within their standard errors
