@@ -1,6 +1,8 @@
 """The deployment's topology for real, without containers: a two-node Ray cluster (`ray start --head` +
 `ray start --address`), the teacher and the controller as processes, and a short `ddk train` submitted as
-a Ray Job with deploy/ray/submit.sh, which ships the checkout's code to the nodes.
+a Ray Job with deploy/ray/submit.sh, which ships the checkout's code to the nodes. The run is the real kit's
+(``ddk fixtures --real``: the SmolLM2-135M teacher and its 20-layer student, 49,152 tokens): a 4-step DDK run
+across 2 Ray workers whose export transformers loads and generates from (issue 26).
 
 The deployment files themselves (compose, Dockerfiles, k8s, the cluster config) are checked in
 tests/unit/test_deploy_files.py.
@@ -9,6 +11,7 @@ tests/unit/test_deploy_files.py.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -29,6 +32,24 @@ VENV_BIN = Path(sys.executable).parent
 
 
 # ----------------------------------------------------------------------------- the topology, for real
+
+def _export_loads_and_generates(final: Path, kit: Path) -> None:
+    """The exported student: transformers loads it (float32), its tokenizer is the kit's (fingerprint), it keeps
+    the real vocabulary and tied embeddings, and greedy decoding of a code prompt gives non-empty text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ddk.fingerprint import tokenizer_fingerprint
+
+    tok = AutoTokenizer.from_pretrained(final)
+    assert tokenizer_fingerprint(tok) == json.loads((kit / "kit.json").read_text())["tokenizer_fingerprint"]
+    model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    assert model.config.vocab_size == 49152 and model.config.tie_word_embeddings
+    prompt = tok("def add(a, b):\n    return", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    text = tok.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert generated.shape[1] > prompt["input_ids"].shape[1] and text.strip(), text
+
 
 class RayNode:
     """``ray start ... --block`` in its own session; stopping it ends every process of that session.
@@ -105,15 +126,18 @@ def _wait_for(predicate, what: str, timeout: float, procs=()):
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)
-def test_two_node_ray_cluster_runs_a_ray_job_against_teacher_and_controller(kit, tmp_path):
+def test_two_node_ray_cluster_runs_a_ray_job_against_teacher_and_controller(real_kit, tmp_path):
     """The deployment's topology without containers: Ray head + a second Ray node, teacher and
     controller as separate processes, and `ddk train` submitted as a Ray Job by deploy/ray/submit.sh
     (the command docs/deploy.md gives). The run completes, the controller holds its weights, and the
-    Ray Train workers ran on both nodes.
+    Ray Train workers ran on both nodes. The kit is the real one: the export loads with transformers, keeps the
+    kit's tokenizer and generates text.
 
     Everything uses ports of its own and Ray keeps its files in a temp dir of its own, so other Ray
     clusters on the machine are neither seen nor touched. About 2 minutes on 2 idle cores."""
     from procs import DDK, free_port, kill_group, wait_healthy
+
+    kit = real_kit
 
     temp_dir = tempfile.mkdtemp(prefix="ddkray-", dir="/tmp")  # short: Ray's socket paths have a limit
     gcs, dashboard = free_port(), free_port()
@@ -173,8 +197,10 @@ def test_two_node_ray_cluster_runs_a_ray_job_against_teacher_and_controller(kit,
              "--set", f"teacher.urls=[\"{teacher_url}\"]",
              "--set", f"controller.url={controller_url}",
              "--set", f"controller.token_file={token_file}",
-             "--set", "train.steps=4", "--set", "mixture.interval_steps=2", "--set", "train.batch_size=2",
-             "--set", "ray.num_workers=2", "--set", "ray.use_gpu=false", "--set", "eval.sequences_per_domain=4",
+             "--set", "train.steps=4", "--set", "mixture.interval_steps=2", "--set", "train.batch_size=1",
+             "--set", "ray.num_workers=2", "--set", "ray.use_gpu=false", "--set", "eval.sequences_per_domain=2",
+             # a quarter of the kit's seq_len: what is checked is the path (Ray Job, real model, export), not the size
+             "--set", "checkpoint.every_steps=4", "--set", "data.seq_len=64",
              "--set", f"data.cache_dir={kit.parent / 'token-cache'}",
              "--set", f"output_dir={tmp_path / 'out'}"],
             cwd=REPO, env={**env, "RAY_ADDRESS": dash, "DDK_RUNTIME_ENV_JSON": pin_cluster}, capture_output=True,
@@ -198,7 +224,11 @@ def test_two_node_ray_cluster_runs_a_ray_job_against_teacher_and_controller(kit,
     # one Ray Job (the `ddk train` driver on the cluster), and it succeeded
     (job,) = [j for j in jobs if j.get("type") == "SUBMISSION"]
     assert job["status"] == "SUCCEEDED" and job["entrypoint"].startswith("ddk train "), job
-    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r.get("event") == "step"]  # distillation: a teacher term in every step
+    assert [r["step"] for r in steps] == [1, 2, 3, 4], steps
+    assert all(math.isfinite(r["loss"]) and r["kl"] > 0 for r in steps), steps
+    _export_loads_and_generates(tmp_path / "out" / "final", kit)
     domains = {d["name"] for d in yaml.safe_load((kit / "data.yaml").read_text())["domains"]}
     assert set(weights["weights"]) == domains
     assert abs(sum(weights["weights"].values()) - 1) < 1e-6

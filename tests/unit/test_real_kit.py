@@ -232,29 +232,6 @@ def test_sha_of_the_installed_gguf_is_the_pinned_one():
 
 
 @pytest.mark.slow
-def test_four_steps_on_the_real_kit_export_a_student_that_generates(real_kit, tmp_path):
-    """The in-process Trainer (as tests/loop does) on the real student: 4 steps of continued pre-training (no
-    teacher, no controller: the hf engine test above covers the teacher), then transformers loads the export."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ddk.fingerprint import tokenizer_fingerprint
-    from loop.inproc import train
-
-    out = tmp_path / "real-cpt"
-    train(real_kit, out, "real-cpt", None, None, "kd.gamma=0", "mixture.policy=fixed", "train.steps=4",
-          "mixture.interval_steps=4", "train.batch_size=2", "eval.sequences_per_domain=2",
-          "checkpoint.every_steps=4", "ray.num_workers=1", "data.seq_len=128")  # half the kit's: the path, not the size
-    tok = AutoTokenizer.from_pretrained(out / "final")
-    assert tokenizer_fingerprint(tok) == json.loads((real_kit / "kit.json").read_text())["tokenizer_fingerprint"]
-    model = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
-    assert model.config.vocab_size == 49152 and model.config.tie_word_embeddings
-    prompt = tok("def add(a, b):\n    return", return_tensors="pt")
-    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
-    text = tok.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert generated.shape[1] > prompt["input_ids"].shape[1] and text.strip(), text
-
-
-@pytest.mark.slow
 def test_cli_reuses_the_finished_real_kit_and_prints_its_table(real_kit):
     import time
 
