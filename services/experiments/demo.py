@@ -4,7 +4,8 @@
 2. start the teacher and the controller as child processes on free loopback ports;
 3. run a DDK distillation with 2 Ray workers (``ddk train`` on the kit's ``train.yaml``);
 4. stop the services (also on Ctrl-C or failure: no orphan processes, no ports left bound);
-5. measure teacher, student-before and student-after perplexity per domain, and write ``report.md``.
+5. write ``report.md``: teacher, student-before and student-after perplexity per domain, from the run's own first
+   and last evaluations (``metrics.jsonl``; the demo does not score the models again).
 
 Outputs in DIR (default ``./ddk-demo``): ``report.md``, ``weights.png``, ``ratios.png``, ``final/`` (the
 distilled student, Hugging Face format, with its model card ``final/README.md``), ``metrics.jsonl``, ``logs/``
@@ -30,34 +31,20 @@ DEFAULT_RUN = {"train.steps": 600, "mixture.interval_steps": 100, "checkpoint.ev
 REAL_RUN = {"train.steps": 40, "mixture.interval_steps": 10, "checkpoint.every_steps": 20}
 
 
-def per_domain_losses(model_path: Path, data_yaml: Path, seq_len: int, sequences: int,
-                      teacher_url: str | None = None) -> tuple[dict, dict | None]:
-    """(student loss per domain, teacher loss per domain or None) on the validation blocks."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ddk.data.cache import prepare_domains
-    from ddk.data.domains import default_cache_dir, load_domain_specs
-    from ddk.data.evalset import evaluation_set
-    from ddk.trainer.evaluate import score_sets
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
-    domains = prepare_domains(load_domain_specs(str(data_yaml)), tokenizer, seq_len, default_cache_dir())
-    model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=False, dtype=torch.float32)
-    sets = {n: evaluation_set(d, sequences) for n, d in domains.items()}  # the runs' evaluation sets (eval.*)
-    client = None
-    if teacher_url:
-        from ddk.teacher.client import TeacherClient
-
-        client = TeacherClient([teacher_url])
-    try:
-        results = score_sets(model, sets, 16, "cpu", client)
-    finally:
-        if client is not None:
-            client.close()
-    student = {n: r.loss for n, r in results.items()}
-    teacher = {n: r.teacher_loss for n, r in results.items()} if client is not None else None
-    return student, teacher
+def evaluated_losses(metrics: Path) -> tuple[dict, dict, dict]:
+    """(teacher, student before, student after) loss per domain from the run's own evaluations in ``metrics``
+    (metrics.jsonl): the first evaluation (step 0, before any training) and the last (the trained student, the
+    weights ``final/`` holds). A step evaluated twice (a run started again after a kill) counts once, its last
+    record. Pure reading: the demo does not score the models a second time."""
+    evals = {}
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "eval":
+            evals[record["step"]] = record
+    if not evals:
+        raise RuntimeError(f"{metrics}: the run wrote no evaluation")
+    first, last = evals[min(evals)], evals[max(evals)]
+    return first["teacher_loss"], first["student_loss"], last["student_loss"]
 
 
 def run_demo(out: Path, quick: bool, kit: Path | None = None, steps: int | None = None, real: bool = False) -> Path:
@@ -103,9 +90,6 @@ def _run_demo(out: Path, quick: bool, kit: Path | None, steps: int | None, real:
         tsvc.wait_healthy()
         teacher_url, controller_url = tsvc.url, csvc.url
 
-        log.info("measuring the teacher and the initial student")
-        before, teacher = per_domain_losses(kit / "student", kit / "data.yaml", seq_len, sequences, teacher_url)
-
         overrides = {"run_id": run_id, "teacher.urls": json.dumps([teacher_url]), "controller.url": controller_url,
                      "output_dir": str(out.resolve()), "ray.num_workers": 2, **run}
         argv = ["train", str(kit / "train.yaml")]
@@ -126,7 +110,7 @@ def _run_demo(out: Path, quick: bool, kit: Path | None, steps: int | None, real:
             raise RuntimeError(f"ddk train exited with {code}; log tail:\n{tail}")
         history = httpx.get(f"{controller_url}/v1/runs/{run_id}/history", timeout=10).json()
 
-    after, _ = per_domain_losses(out / "final", kit / "data.yaml", seq_len, sequences)
+    teacher, before, after = evaluated_losses(out / METRICS)
     rows = report_table(teacher, before, after)
     table = format_markdown(rows)
     mean_before = sum(r["ratio_before"] for r in rows) / len(rows)

@@ -107,6 +107,27 @@ def test_demo_report_rows():
     assert "| 1 | 0 | 0.250 | 0.750 |" in format_weights_history(hist)
 
 
+def test_demo_reads_before_and_after_from_the_runs_own_evaluations(tmp_path):
+    """The demo's table comes from metrics.jsonl: the first evaluation's teacher and student losses, the last
+    evaluation's student loss; a step evaluated again by a rerun after a kill counts once (its last record)."""
+    from ddk.experiments.demo import evaluated_losses
+
+    records = [
+        {"event": "eval", "step": 0, "student_loss": {"a": 9.0}, "teacher_loss": {"a": 9.5}},  # killed attempt
+        {"event": "eval", "step": 0, "student_loss": {"a": 3.0}, "teacher_loss": {"a": 1.0}},  # the rerun's
+        {"event": "step", "step": 1, "loss": 2.5},
+        {"event": "eval", "step": 4, "student_loss": {"a": 2.5}, "teacher_loss": {"a": 1.0}},
+        {"event": "eval", "step": 8, "student_loss": {"a": 2.0}, "teacher_loss": {"a": 1.0}},
+        {"event": "end", "step": 8},
+    ]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert evaluated_losses(metrics) == ({"a": 1.0}, {"a": 3.0}, {"a": 2.0})
+    metrics.write_text(json.dumps({"event": "step", "step": 1, "loss": 2.5}) + "\n")
+    with pytest.raises(RuntimeError, match="no evaluation"):
+        evaluated_losses(metrics)
+
+
 def _acc_results():
     """Two policies, three seeds, task accuracy on add and sort (hand-made summaries)."""
     kd = [{"add": 0.50, "sort": 0.20}, {"add": 0.60, "sort": 0.30}, {"add": 0.55, "sort": 0.10}]
