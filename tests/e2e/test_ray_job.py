@@ -225,9 +225,9 @@ def test_two_node_ray_cluster_runs_a_ray_job_against_teacher_and_controller(real
     (job,) = [j for j in jobs if j.get("type") == "SUBMISSION"]
     assert job["status"] == "SUCCEEDED" and job["entrypoint"].startswith("ddk train "), job
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if r.get("event") == "step"]  # distillation: a teacher term in every step
-    assert [r["step"] for r in steps] == [1, 2, 3, 4], steps
-    assert all(math.isfinite(r["loss"]) and r["kl"] > 0 for r in steps), steps
+    step_records = [r for r in records if r.get("event") == "step"]  # distillation: a teacher term in every step
+    assert [r["step"] for r in step_records] == [1, 2, 3, 4], step_records
+    assert all(math.isfinite(r["loss"]) and r["kl"] > 0 for r in step_records), step_records
     _export_loads_and_generates(tmp_path / "out" / "final", kit)
     domains = {d["name"] for d in yaml.safe_load((kit / "data.yaml").read_text())["domains"]}
     assert set(weights["weights"]) == domains
