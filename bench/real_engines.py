@@ -4,8 +4,9 @@
 
 Scores a ragged batch (4 sequences of 6 to 57 tokens, one with the vocabulary's highest ids) with each engine and
 prints, per engine, its start-up time and the largest |difference| of its top-16 and target logprobs from
-``log_softmax`` of a transformers forward on each sequence alone. The hf engine's check is also a test
-(tests/unit/test_real_kit.py); vLLM's is here because its CPU start-up (about 100 s) is too slow for the suite.
+``log_softmax`` of a transformers forward on each sequence alone. Both checks are also tests: the hf engine's in
+tests/unit/test_real_kit.py, vLLM's (since 2026-12-07, eager mode, the module's one vLLM server serving this teacher)
+in tests/service/test_teacher_vllm.py; this bench adds vLLM with graph compilation and the start-up times.
 """
 
 from __future__ import annotations

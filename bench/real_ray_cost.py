@@ -1,4 +1,6 @@
-"""What 2 Ray workers cost the real kit's 4-step test over the in-process run (tests/unit/test_real_kit.py).
+"""What 2 Ray workers cost the real kit's 4-step test over the in-process run (the run tests/unit/test_real_kit.py
+made until 2026-12-07; since then the two-node Ray Job test, tests/e2e/test_ray_job.py, runs a 4-step DDK run of the
+real kit on its 2 Ray workers instead, with no launch of its own).
 
     .venv/bin/python bench/real_ray_cost.py inproc|ray [--kit DIR]
 
