@@ -373,10 +373,9 @@ def check_same_tokenizer(teacher, tokenizer, urls: list[str]) -> None:
     from ddk.teacher.routes import RoutedTeacher
 
     mine = tokenizer_fingerprint(tokenizer)
-    if isinstance(teacher, RoutedTeacher):
-        places = [(f"teacher.routes.{d}", teacher.client(d), teacher.urls_of(d)) for d in sorted(teacher.routes)]
-        if urls:  # the default teacher, for the unrouted domains
-            places.insert(0, ("teacher.urls", teacher.client(None), list(urls)))
+    if isinstance(teacher, RoutedTeacher):  # the default teacher (for the unrouted domains), then each route
+        places = [("teacher.urls" if d is None else f"teacher.routes.{d}", teacher.client(d), teacher.urls_of(d))
+                  for d in teacher.route_domains()]
     else:
         places = [("teacher.urls", teacher, list(urls))]
     for where, client, served_by in places:

@@ -84,6 +84,11 @@ class RoutedTeacher:
         name = route_of(domain, self.routes)
         return self.routes[name] if name else self.urls
 
+    def route_domains(self) -> list[str | None]:
+        """One domain per configured teacher, to check each once (its /v1/info) and name it in an error: None for
+        the default replicas when there are any, then every routed domain in name order."""
+        return ([None] if self.urls else []) + sorted(self.routes)
+
     def client(self, domain: str | None = None) -> TeacherClient:
         """The client that serves ``domain`` (the default route's for None or an unrouted domain)."""
         name = route_of(domain, self.routes)

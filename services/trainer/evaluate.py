@@ -343,9 +343,7 @@ def _routed_teacher(url: str | None, routes: dict[str, str], fingerprint: str):
     client = RoutedTeacher([url] if url else [], {d: [u] for d, u in routes.items()},
                            make_client=lambda urls: TeacherClient(urls))
     try:
-        for domain in [None, *sorted(routes)]:
-            if domain is None and not url:
-                continue
+        for domain in client.route_domains():
             flag = "--teacher" if domain is None else f"--route {domain}"
             theirs = client.client(domain).info().get("tokenizer_fingerprint")
             if theirs != fingerprint:

@@ -269,9 +269,7 @@ def _checked_teacher(cfg, tokenizer, student_vocab: int):
                            make_client=lambda urls: TeacherClient(urls, token=token, retry_for=30.0))
     fingerprint = tokenizer_fingerprint(tokenizer)
     try:
-        for domain in [None, *sorted(cfg.teacher.routes)]:
-            if domain is None and not cfg.teacher.urls:
-                continue
+        for domain in routed.route_domains():
             where = "teacher.urls" if domain is None else f"teacher.routes.{domain}"
             urls = ",".join(routed.urls_of(domain))
             try:
