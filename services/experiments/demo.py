@@ -31,11 +31,12 @@ DEFAULT_RUN = {"train.steps": 600, "mixture.interval_steps": 100, "checkpoint.ev
 REAL_RUN = {"train.steps": 40, "mixture.interval_steps": 10, "checkpoint.every_steps": 20}
 
 
-def evaluated_losses(metrics: Path) -> tuple[dict, dict, dict]:
+def evaluated_losses(metrics: Path) -> tuple[dict, dict, dict, dict, dict]:
     """(teacher, student before, student after) loss per domain from the run's own evaluations in ``metrics``
     (metrics.jsonl): the first evaluation (step 0, before any training) and the last (the trained student, the
-    weights ``final/`` holds). A step evaluated twice (a run started again after a kill) counts once, its last
-    record. Pure reading: the demo does not score the models a second time."""
+    weights ``final/`` holds); then the standard error of each one's log-ratio per domain (``log_ratio_se``,
+    grouped by document; a domain without one is absent). A step evaluated twice (a run started again after a
+    kill) counts once, its last record. Pure reading: the demo does not score the models a second time."""
     evals = {}
     for line in metrics.read_text().splitlines():
         record = json.loads(line)
@@ -44,7 +45,8 @@ def evaluated_losses(metrics: Path) -> tuple[dict, dict, dict]:
     if not evals:
         raise RuntimeError(f"{metrics}: the run wrote no evaluation")
     first, last = evals[min(evals)], evals[max(evals)]
-    return first["teacher_loss"], first["student_loss"], last["student_loss"]
+    se = [{d: v for d, v in (r.get("log_ratio_se") or {}).items() if v is not None} for r in (first, last)]
+    return first["teacher_loss"], first["student_loss"], last["student_loss"], se[0], se[1]
 
 
 def run_demo(out: Path, quick: bool, kit: Path | None = None, steps: int | None = None, real: bool = False) -> Path:
@@ -110,22 +112,23 @@ def _run_demo(out: Path, quick: bool, kit: Path | None, steps: int | None, real:
             raise RuntimeError(f"ddk train exited with {code}; log tail:\n{tail}")
         history = httpx.get(f"{controller_url}/v1/runs/{run_id}/history", timeout=10).json()
 
-    teacher, before, after = evaluated_losses(out / METRICS)
-    rows = report_table(teacher, before, after)
+    teacher, before, after, se_before, se_after = evaluated_losses(out / METRICS)
+    rows = report_table(teacher, before, after, se_before, se_after)
     table = format_markdown(rows)
     mean_before = sum(r["ratio_before"] for r in rows) / len(rows)
     mean_after = sum(r["ratio_after"] for r in rows) / len(rows)
     report = (f"# ddk demo ({'real' if real else 'quick' if quick else 'default'})\n\n"
               f"Kit: `{kit}`; run `{run_id}`: {run['train.steps']} steps, DDK every "
               f"{run['mixture.interval_steps']} steps, 2 Ray workers.\n"
-              f"Validation perplexity per domain ({sequences} sequences of {seq_len} tokens each):\n\n{table}\n"
+              f"Validation perplexity per domain ({sequences} sequences of {seq_len} tokens each; a ratio's +- is "
+              f"the standard error of log(PPL_S / PPL_T), grouped by document):\n\n{table}\n"
               f"Mean student/teacher ratio: {mean_before:.3f} before, {mean_after:.3f} after.\n\n"
               f"## Domain weights per version (controller history)\n\n{format_weights_history(history)}\n"
               f"Plots: `weights.png` (weights over steps), `ratios.png` (ratio over steps). "
               f"Final student: `final/`.\n")
     (out / "report.md").write_text(report)
     (out / "report.json").write_text(json.dumps({"rows": rows, "history": history}, indent=1))
-    print("\n" + table)
+    print("\n" + table + "(+-: the standard error of log(PPL_S / PPL_T), grouped by document)")
     print(f"mean ratio {mean_before:.3f} -> {mean_after:.3f}")
     print(f"report: {out / 'report.md'}\nplots: {out / 'weights.png'}, {out / 'ratios.png'}\n"
           f"final model: {out / 'final'}")

@@ -16,19 +16,29 @@ from ddk.vocab import ratio
 
 # ----------------------------------------------------------------------------- ddk demo
 
-def report_table(teacher: dict, before: dict, after: dict) -> list[dict]:
-    """One row per domain: perplexities and student/teacher ratios before and after. Pure."""
+def report_table(teacher: dict, before: dict, after: dict, se_before: dict | None = None,
+                 se_after: dict | None = None) -> list[dict]:
+    """One row per domain: perplexities and student/teacher ratios before and after, with the standard error of
+    each log-ratio where one is given (``se_*``: domain -> SE of log(PPL_S / PPL_T); None where missing). Pure."""
     q_before, q_after = ratio(before, teacher), ratio(after, teacher)
     return [{"domain": d, "teacher_ppl": math.exp(teacher[d]),
              "student_ppl_before": math.exp(before[d]), "student_ppl_after": math.exp(after[d]),
-             "ratio_before": q_before[d], "ratio_after": q_after[d]} for d in sorted(teacher)]
+             "ratio_before": q_before[d], "ratio_after": q_after[d],
+             "log_se_before": (se_before or {}).get(d), "log_se_after": (se_after or {}).get(d)}
+            for d in sorted(teacher)]
+
+
+def _ratio_cell(q: float, log_se: float | None) -> str:
+    """``q``, and ``+- SE`` of its log when known (compare's tables write it the same way)."""
+    return f"{q:.3f}" if log_se is None else f"{q:.3f} +- {log_se:.3f}"
 
 
 def format_markdown(rows: list[dict]) -> str:
     head = ("| domain | teacher PPL | student PPL before | student PPL after | ratio before | ratio after |\n"
             "|---|---:|---:|---:|---:|---:|\n")
     body = "".join(f"| {r['domain']} | {r['teacher_ppl']:.2f} | {r['student_ppl_before']:.2f} | "
-                   f"{r['student_ppl_after']:.2f} | {r['ratio_before']:.3f} | {r['ratio_after']:.3f} |\n"
+                   f"{r['student_ppl_after']:.2f} | {_ratio_cell(r['ratio_before'], r.get('log_se_before'))} | "
+                   f"{_ratio_cell(r['ratio_after'], r.get('log_se_after'))} |\n"
                    for r in rows)
     return head + body
 

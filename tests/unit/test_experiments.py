@@ -102,6 +102,11 @@ def test_demo_report_rows():
     assert r["teacher_ppl"] == pytest.approx(math.e)
     assert r["ratio_before"] == pytest.approx(math.e) and r["ratio_after"] == pytest.approx(math.exp(0.5))
     assert "| a | 2.72 | 7.39 | 4.48 | 2.718 | 1.649 |" in format_markdown(rows)
+    # with the log-ratios' standard errors where the run had them: "ratio +- SE of its log", as compare writes it
+    with_se = report_table({"a": 1.0, "b": 1.0}, {"a": 2.0, "b": 1.0}, {"a": 1.5, "b": 1.0}, {"a": 0.1}, {"b": 0.05})
+    table = format_markdown(with_se)
+    assert "| a | 2.72 | 7.39 | 4.48 | 2.718 +- 0.100 | 1.649 |" in table
+    assert "| b | 2.72 | 2.72 | 2.72 | 1.000 | 1.000 +- 0.050 |" in table
     hist = {"versions": [{"version": 0, "step": 0, "weights": {"a": 0.5, "b": 0.5}},
                          {"version": 1, "step": 0, "weights": {"a": 0.25, "b": 0.75}}]}
     assert "| 1 | 0 | 0.250 | 0.750 |" in format_weights_history(hist)
@@ -114,15 +119,17 @@ def test_demo_reads_before_and_after_from_the_runs_own_evaluations(tmp_path):
 
     records = [
         {"event": "eval", "step": 0, "student_loss": {"a": 9.0}, "teacher_loss": {"a": 9.5}},  # killed attempt
-        {"event": "eval", "step": 0, "student_loss": {"a": 3.0}, "teacher_loss": {"a": 1.0}},  # the rerun's
+        {"event": "eval", "step": 0, "student_loss": {"a": 3.0}, "teacher_loss": {"a": 1.0},  # the rerun's
+         "log_ratio_se": {"a": 0.25}},
         {"event": "step", "step": 1, "loss": 2.5},
         {"event": "eval", "step": 4, "student_loss": {"a": 2.5}, "teacher_loss": {"a": 1.0}},
-        {"event": "eval", "step": 8, "student_loss": {"a": 2.0}, "teacher_loss": {"a": 1.0}},
+        {"event": "eval", "step": 8, "student_loss": {"a": 2.0}, "teacher_loss": {"a": 1.0},
+         "log_ratio_se": {"a": None}},  # one document: no SE
         {"event": "end", "step": 8},
     ]
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert evaluated_losses(metrics) == ({"a": 1.0}, {"a": 3.0}, {"a": 2.0})
+    assert evaluated_losses(metrics) == ({"a": 1.0}, {"a": 3.0}, {"a": 2.0}, {"a": 0.25}, {})
     metrics.write_text(json.dumps({"event": "step", "step": 1, "loss": 2.5}) + "\n")
     with pytest.raises(RuntimeError, match="no evaluation"):
         evaluated_losses(metrics)
