@@ -569,7 +569,11 @@ def test_loop_on_policy_zero_is_todays_run_and_on_policy_rows_train(kit, teacher
     assert folders
     _, own = ckpt.load_checkpoint(folders[-1], rank=0)
     assert own["entries"]["rollout"] == {"seed": 0, "step": 3}  # three rollout calls, seed = the run's seed
-    # the same run stopped after step 2 and resumed: step 3 repeats, its rollouts (hence the on-policy loss) too
+    # the same run stopped after step 2 and resumed: step 3 repeats, its rollouts (the same ids and tokens) and its
+    # losses. To float32 rounding, not bit for bit: the teacher server batches concurrent requests (here the grading
+    # and the feed's next block), and a sequence scored beside a longer one, padded, gets logprobs that differ in the
+    # last bits (~1e-6, measured); which requests meet in a batch depends on timing. Other rollouts would move the
+    # losses by orders of magnitude more.
     from ddk.trainer.loop import InjectedFault
 
     sets = ("kd.on_policy=0.5", "rollout.max_new_tokens=8", "checkpoint.every_steps=1")
@@ -578,5 +582,7 @@ def test_loop_on_policy_zero_is_todays_run_and_on_policy_rows_train(kit, teacher
     _, resumed = _run(kit, root, teacher_url, "crash", *sets)
     again = [r for r in resumed if r["event"] == "step"]
     assert [r["step"] for r in again] == [1, 2, 3]  # the first attempt's lines up to its checkpoint, then step 3
-    assert (again[2]["loss"], again[2]["onpolicy"]["loss"]) == (recs[2]["loss"], recs[2]["onpolicy"]["loss"])
+    assert again[2]["onpolicy"]["rollout_ids"] == recs[2]["onpolicy"]["rollout_ids"]
     assert again[2]["onpolicy"]["rollout_tokens"] == recs[2]["onpolicy"]["rollout_tokens"]
+    assert again[2]["loss"] == pytest.approx(recs[2]["loss"], rel=1e-6)
+    assert again[2]["onpolicy"]["loss"] == pytest.approx(recs[2]["onpolicy"]["loss"], rel=1e-6, abs=1e-7)
