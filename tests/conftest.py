@@ -34,18 +34,6 @@ def pytest_collection_modifyitems(config, items):
         return (not e2e, 0.0 if e2e else -seconds.get(module, 0.0), first_seen[module])
 
     items.sort(key=key)  # stable: a module's tests stay in their order
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "2"))
-    if workers > 2:  # never more than two Ray runs at once: of every `workers` modules handed out, two are e2e
-        modules: dict[str, list] = {}
-        for item in items:
-            modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-        e2e = [m for m in modules if m.startswith("tests/e2e/")]
-        rest = [m for m in modules if not m.startswith("tests/e2e/")]
-        order = []
-        while e2e or rest:
-            order += [e2e.pop(0) for _ in range(min(2, len(e2e)))]
-            order += [rest.pop(0) for _ in range(min(workers - 2, len(rest)))]
-        items[:] = [item for m in order for item in modules[m]]
 
 # The code each kit's contents depend on: a change to one of its files builds that kit anew (and only that kit).
 KIT_CODE = {"quick": ["kit/__init__.py", "kit/fixtures.py", "kit/corpus.py", "fingerprint.py", "vocab.py",
