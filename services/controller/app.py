@@ -203,7 +203,10 @@ def sse_named(event: str, data: dict) -> str:
 
 def changes(store: Store, before: dict[str, tuple[int, int]]) -> tuple[list[str], dict[str, tuple[int, int]]]:
     """The all-runs stream's messages for what changed since the marks ``before`` (``Store.marks``), and the
-    new marks: ``run`` for a new run, ``weights`` per new version, ``progress`` for a new report."""
+    new marks: ``run`` for a new run, ``weights`` per new version, ``progress`` for a new report. The store keeps
+    only a run's latest report, so when more than one came since the marks (a trainer reporting faster than the
+    stream reads, as under load) the progress message also carries the loss curve as the store keeps it
+    (``points``), which a client takes instead of adding the one report's point to its own."""
     after, out = store.marks(), []
     for run_id, (version, seq) in after.items():
         old = before.get(run_id)
@@ -218,7 +221,10 @@ def changes(store: Store, before: dict[str, tuple[int, int]]) -> tuple[list[str]
             for w in store.weights_since(run_id, old[0]):
                 out.append(sse_named("weights", {"run_id": run_id, **w, "status": status}))
         if seq > old[1]:
-            out.append(sse_named("progress", {"run_id": run_id, **store.latest_progress(run_id), "status": status}))
+            msg = {"run_id": run_id, **store.latest_progress(run_id), "status": status}
+            if seq > old[1] + 1:  # reports this stream never sent: their points are only in the stored curve
+                msg["points"] = store.progress(run_id)["points"]
+            out.append(sse_named("progress", msg))
     return out, after
 
 

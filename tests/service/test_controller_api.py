@@ -929,6 +929,17 @@ def test_page_updates_live_and_rides_out_a_controller_restart(tmp_path):
         assert page.js("window.__same_page") == 1  # never reloaded
         assert page.js("document.querySelectorAll('#overview-body tr').length") == 2
         page.wait_for(f"{LOSS_PATH_POINTS} === 3")
+        # reports faster than the stream reads: two written to the controller's file by another process (nothing
+        # wakes the stream), then one through the API. The stream sends one progress message, and it carries the
+        # stored curve, so the chart has every point (with the report's point alone it had 4: seen under load)
+        from ddk.controller.store import Store
+
+        other = Store(tmp_path / "c.sqlite")
+        other.add_progress("live", 14, 40, loss=2.8)
+        other.add_progress("live", 16, 40, loss=2.6)
+        c.post_progress("live", 18, 40, loss=2.5)
+        page.wait_for(f"({_text('#status-live .steps')}) === 'step 18 of 40'")
+        page.wait_for(f"{LOSS_PATH_POINTS} === 6")
         # pushed, not polled: the page never asks for /weights (the old page polled it every 5 s)
         urls = page.js("performance.getEntriesByType('resource').map(e => new URL(e.name).pathname)")
         assert not [u for u in urls if u.endswith("/weights")], urls

@@ -202,6 +202,35 @@ def test_progress_survives_reopening_and_marks_see_changes(tmp_path):
     assert again.progress("a") == before and again.marks() == store.marks()
 
 
+def test_the_event_stream_sends_the_curve_when_reports_came_faster_than_it_read(tmp_path):
+    """The all-runs stream (``ddk.controller.app.changes``) reads the store when woken: one report since its last
+    read is one progress message with that report's numbers; two (a trainer reporting faster than the stream
+    reads, seen on a loaded machine: the page's loss chart then lacked the first) also carry the stored curve,
+    both points."""
+    import json
+
+    from ddk.controller.app import changes
+
+    def progress_messages(text: list[str]) -> list[dict]:
+        return [json.loads(m.split("data: ", 1)[1]) for m in text if m.startswith("event: progress")]
+
+    store = Store(tmp_path / "c.sqlite")
+    store.create_run(check_run_spec("a", DOMAINS))
+    _, marks = changes(store, {})
+    store.add_progress("a", 3, 40, loss=5.0, ce=4.0, kl=1.0)
+    out, marks = changes(store, marks)
+    (one,) = progress_messages(out)
+    assert one["step"] == 3 and one["loss"] == 5.0 and "points" not in one
+    store.add_progress("a", 6, 40, loss=4.0, ce=3.0, kl=1.0)
+    store.add_progress("a", 9, 40, loss=3.5, ce=2.5, kl=1.0)
+    out, marks = changes(store, marks)
+    (two,) = progress_messages(out)
+    assert two["step"] == 9 and two["loss"] == 3.5
+    assert two["points"] == [{"step": 3, "loss": 5.0, "ce": 4.0, "kl": 1.0}, {"step": 6, "loss": 4.0, "ce": 3.0, "kl": 1.0},
+                             {"step": 9, "loss": 3.5, "ce": 2.5, "kl": 1.0}]
+    assert changes(store, marks)[0] == []  # nothing new: no message
+
+
 def test_a_file_from_before_progress_gets_its_tables(tmp_path):
     """An existing controller file without the progress tables: opening it adds them, the runs stay."""
     path = tmp_path / "c.sqlite"
