@@ -15,25 +15,23 @@ set_process_defaults()  # as `ddk` does at start: the tests' own torch work and 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     """The order `make test` hands the modules out in (pytest-xdist's loadfile with --no-loadscope-reorder gives
     each worker the next module in this order): tests/e2e/ first, in collection order (its four Ray runs, two
     at a time), then every other module longest first by tests/durations.json, so that the modules handed out last
     are the short ones and the two workers end together (in collection order the last is one of the longest,
-    unit/test_xtok_teacher.py). A module the table lacks counts as 0 s. The tests of a module keep their order."""
+    unit/test_xtok_teacher.py). A module the table lacks counts as 0 s. The sort is stable, so modules of equal
+    keys keep their collection order and a module's tests stay together, in their order."""
     import json
 
     seconds = json.loads((Path(__file__).with_name("durations.json")).read_text())["seconds"]
-    first_seen: dict[str, int] = {}
-    for item in items:
-        first_seen.setdefault(item.nodeid.split("::")[0], len(first_seen))
 
     def key(item):
         module = item.nodeid.split("::")[0]
         e2e = module.startswith("tests/e2e/")
-        return (not e2e, 0.0 if e2e else -seconds.get(module, 0.0), first_seen[module])
+        return (not e2e, 0.0 if e2e else -seconds.get(module, 0.0))
 
-    items.sort(key=key)  # stable: a module's tests stay in their order
+    items.sort(key=key)
 
 # The code each kit's contents depend on: a change to one of its files builds that kit anew (and only that kit).
 KIT_CODE = {"quick": ["kit/__init__.py", "kit/fixtures.py", "kit/corpus.py", "fingerprint.py", "vocab.py",

@@ -220,11 +220,12 @@ def changes(store: Store, before: dict[str, tuple[int, int]]) -> tuple[list[str]
         if version > old[0]:
             for w in store.weights_since(run_id, old[0]):
                 out.append(sse_named("weights", {"run_id": run_id, **w, "status": status}))
-        if seq > old[1]:
-            msg = {"run_id": run_id, **store.latest_progress(run_id), "status": status}
-            if seq > old[1] + 1:  # reports this stream never sent: their points are only in the stored curve
-                msg["points"] = store.progress(run_id)["points"]
-            out.append(sse_named("progress", msg))
+        if seq == old[1] + 1:
+            out.append(sse_named("progress", {"run_id": run_id, **store.latest_progress(run_id), "status": status}))
+        elif seq > old[1]:  # reports this stream never sent: their points are only in the stored curve
+            progress = store.progress(run_id)
+            out.append(sse_named("progress", {"run_id": run_id, **progress["latest"], "status": status,
+                                              "points": progress["points"]}))
     return out, after
 
 

@@ -226,7 +226,8 @@ def test_the_event_stream_sends_the_curve_when_reports_came_faster_than_it_read(
     out, marks = changes(store, marks)
     (two,) = progress_messages(out)
     assert two["step"] == 9 and two["loss"] == 3.5
-    assert two["points"] == [{"step": 3, "loss": 5.0, "ce": 4.0, "kl": 1.0}, {"step": 6, "loss": 4.0, "ce": 3.0, "kl": 1.0},
+    assert two["points"] == [{"step": 3, "loss": 5.0, "ce": 4.0, "kl": 1.0},
+                             {"step": 6, "loss": 4.0, "ce": 3.0, "kl": 1.0},
                              {"step": 9, "loss": 3.5, "ce": 2.5, "kl": 1.0}]
     assert changes(store, marks)[0] == []  # nothing new: no message
 
